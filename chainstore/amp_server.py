@@ -1,0 +1,68 @@
+"""The AMP side of a KVServer: one responder per command of L{chainstore.protocol}."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
+from twisted.protocols import amp
+
+from chainstore import protocol
+from chainstore.node import KVNode
+
+
+class KVServerProtocol(amp.AMP):
+    """Answers clients' commands from a L{KVNode}; errors cross as the declared AMP errors."""
+
+    def __init__(self, node: KVNode) -> None:
+        super().__init__()
+        self.node = node
+
+    @protocol.Put.responder
+    def put(self, key: bytes, value: bytes) -> Deferred[dict[str, Any]]:
+        return self.node.put(key, value).addCallback(lambda updated: {"updated": updated})
+
+    @protocol.Get.responder
+    def get(self, key: bytes) -> dict[str, Any]:
+        return {"value": self.node.get(key)}
+
+    @protocol.Delete.responder
+    def delete(self, key: bytes) -> Deferred[dict[str, Any]]:
+        return self.node.delete(key).addCallback(lambda _: {})
+
+    @protocol.KeyRange.responder
+    def keyrange(self) -> dict[str, Any]:
+        return {"ranges": self.node.ring.keyrange_text()}
+
+    @protocol.KeyRangeRead.responder
+    def keyrange_read(self) -> dict[str, Any]:
+        return {"ranges": self.node.ring.keyrange_read_text()}
+
+    @protocol.GetMetadata.responder
+    def get_metadata(self) -> dict[str, Any]:
+        ring = self.node.ring
+        return {
+            "epoch": ring.epoch,
+            "replication": ring.replication,
+            "nodes": [
+                {"name": n.name, "host": n.host, "console_port": n.console_port,
+                 "amp_port": n.amp_port}
+                for n in ring.nodes
+            ],
+        }
+
+    @protocol.Stats.responder
+    def stats(self) -> dict[str, Any]:
+        return {"stats": json.dumps(self.node.stats(), sort_keys=True)}
+
+
+class KVServerFactory(Factory):
+    noisy = False
+
+    def __init__(self, node: KVNode) -> None:
+        self.node = node
+
+    def buildProtocol(self, addr: Any) -> KVServerProtocol:
+        return KVServerProtocol(self.node)

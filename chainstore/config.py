@@ -1,0 +1,144 @@
+"""KVServer configuration: embedded defaults, overridden by a YAML file, overridden by flags.
+
+Every option has the same name in YAML as on the command line (``cache-size`` and ``--cache-size``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import yaml
+
+from chainstore.cache import STRATEGIES
+from chainstore.logs import LEVELS
+from chainstore.storage import BACKENDS
+from chainstore.storage.sqlitedbm import DURABILITY
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message says which."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    name: str = "kvserver"
+    listen: str = "tcp:51000:interface=127.0.0.1"
+    console: str = "tcp:50000:interface=127.0.0.1"
+    host: str | None = None
+    data_dir: str = "data/kvserver"
+    cache_size: int = 1000
+    cache_strategy: str = "LRU"
+    log_level: str = "info"
+    backend: str = "sqlite"
+    durability: str = "crash"
+
+    def validated(self) -> ServerConfig:
+        if not self.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ConfigError(f"name {self.name!r}: use letters, digits, '_', '.' or '-'")
+        if self.cache_size < 0:
+            raise ConfigError(f"cache-size must be 0 or more, not {self.cache_size}")
+        strategy = self.cache_strategy.upper()
+        if strategy not in STRATEGIES:
+            raise ConfigError(
+                f"cache-strategy {self.cache_strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.log_level.lower() not in LEVELS:
+            raise ConfigError(f"log-level {self.log_level!r}: choose one of {', '.join(LEVELS)}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+        if self.durability not in DURABILITY:
+            raise ConfigError(
+                f"durability {self.durability!r}: choose one of {', '.join(DURABILITY)}")
+        for option in ("listen", "console"):
+            endpoint_port(getattr(self, option), option)
+        return replace(self, cache_strategy=strategy, log_level=self.log_level.lower())
+
+    @property
+    def advertised_host(self) -> str:
+        if self.host:
+            return self.host
+        interface = endpoint_option(self.console, "interface")
+        if interface in (None, "", "0.0.0.0", "::"):
+            return "127.0.0.1"
+        return interface
+
+    @property
+    def console_port(self) -> int:
+        return endpoint_port(self.console, "console")
+
+    @property
+    def amp_port(self) -> int:
+        return endpoint_port(self.listen, "listen")
+
+
+OPTION_NAMES = {f.name.replace("_", "-"): f for f in fields(ServerConfig)}
+
+
+def _split_endpoint(description: str) -> list[str]:
+    # Endpoint strings escape colons with a backslash (IPv6 interfaces).
+    return [part.replace("\\:", ":") for part in re.split(r"(?<!\\):", description)]
+
+
+def endpoint_option(description: str, option: str) -> str | None:
+    for part in _split_endpoint(description)[1:]:
+        key, sep, value = part.partition("=")
+        if sep and key == option:
+            return value
+    return None
+
+
+def endpoint_port(description: str, option: str) -> int:
+    """The TCP port of a ``tcp:`` or ``ssl:`` server endpoint string (its ring address)."""
+    parts = _split_endpoint(description)
+    if parts[0] not in ("tcp", "ssl") or len(parts) < 2:
+        raise ConfigError(
+            f"{option} {description!r}: give a tcp: or ssl: endpoint, such as "
+            "tcp:50000:interface=127.0.0.1")
+    port = endpoint_option(description, "port") or parts[1]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{option} {description!r}: the port must be 1-65535")
+    return int(port)
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """The options of a YAML config file, keyed by option name; errors name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    unknown = sorted(set(map(str, data)) - set(OPTION_NAMES))
+    if unknown:
+        raise ConfigError(
+            f"config file {path}: unknown option(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(OPTION_NAMES))}")
+    return data
+
+
+def build_config(yaml_options: dict[str, Any], flags: dict[str, Any]) -> ServerConfig:
+    """Defaults, then the YAML options, then the flags that were given (not None)."""
+    values: dict[str, Any] = {}
+    for source in (yaml_options, {k: v for k, v in flags.items() if v is not None}):
+        for option, raw in source.items():
+            field = OPTION_NAMES[option]
+            values[field.name] = _convert(option, field.type, raw)
+    return ServerConfig(**values).validated()
+
+
+def _convert(option: str, kind: Any, raw: Any) -> Any:
+    if raw is None:
+        return None
+    if kind in ("int", int):
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{option} must be a whole number, not {raw!r}") from None
+    return os.fspath(raw) if isinstance(raw, os.PathLike) else str(raw)

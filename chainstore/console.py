@@ -1,0 +1,238 @@
+"""The telnet-style text console: the classic course protocol, exactly (docs/DESIGN.md).
+
+One request per line (``\\r\\n`` or ``\\n``), ISO-8859-1, at most 128 KiB; one reply line per
+request, in request order even when a write completes later than the read behind it. Anything
+malformed gets ``error <description>`` and the connection goes on serving.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+
+from chainstore.errors import (
+    InvalidKey,
+    KeyNotFound,
+    KVError,
+    NotResponsible,
+    ServerStopped,
+    ValueTooLarge,
+    WriteLocked,
+)
+from chainstore.limits import MAX_LINE_BYTES, check_key, check_value
+from chainstore.logs import get_logger
+from chainstore.node import KVNode
+
+log = get_logger("chainstore.console")
+
+HELP = (
+    "help commands: put <key> <value> | get <key> | delete <key> | keyrange | keyrange_read"
+    " | stats | help; keys: 1-20 printable ASCII bytes without spaces;"
+    " values: the rest of the line, up to 120000 bytes"
+)
+
+# Replies that a state error turns a put/get/delete into: they carry no payload.
+STATE_REPLIES: dict[type[KVError], bytes] = {
+    ServerStopped: b"server_stopped",
+    WriteLocked: b"server_write_lock",
+    NotResponsible: b"server_not_responsible",
+}
+
+# How many requests of one connection may wait for their replies before we stop reading from
+# it: a client pipelining without bound must not grow our memory without bound.
+MAX_PENDING = 256
+
+
+class ConsoleError(Exception):
+    """A request that cannot be parsed; its text becomes ``error <text>``."""
+
+
+@dataclass(frozen=True)
+class Request:
+    command: str
+    key: bytes = b""
+    value: bytes = b""
+
+
+_NO_ARGS = ("keyrange", "keyrange_read", "help", "stats")
+
+
+def parse_line(line: bytes) -> Request:
+    """Turn one line (without its line end) into a L{Request} or raise L{ConsoleError}."""
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    word, _, rest = line.lstrip(b" \t").partition(b" ")
+    if not word.strip():
+        raise ConsoleError("empty request; try help")
+    if not word.isascii():
+        raise ConsoleError("requests must be ASCII text; try help")
+    command = word.decode("ascii").strip().lower()
+    if command in _NO_ARGS:
+        if rest.strip():
+            raise ConsoleError(f"{command} takes no arguments")
+        return Request(command)
+    if command not in ("put", "get", "delete"):
+        shown = command if command.isprintable() else command.encode("unicode_escape").decode()
+        raise ConsoleError(f"unknown command {shown[:40]!r}; try help")
+    if command == "put":
+        key, sep, value = rest.lstrip(b" ").partition(b" ")
+        if not key:
+            raise ConsoleError("put needs a key and a value: put <key> <value>")
+        if not sep or not value.strip():
+            raise ConsoleError("put needs a value after the key: put <key> <value>")
+    else:
+        key, value = rest.strip(b" \t"), b""
+        if not key:
+            raise ConsoleError(f"{command} needs a key: {command} <key>")
+    try:
+        check_key(key)
+        check_value(value)
+    except (InvalidKey, ValueTooLarge) as e:
+        raise ConsoleError(str(e)) from None
+    return Request(command, key, value)
+
+
+class ConsoleProtocol(Protocol):
+    """One console connection: frames lines, runs requests on the node, orders the replies."""
+
+    def __init__(self, node: KVNode) -> None:
+        self.node = node
+        self._buffer = b""
+        self._discarding = False
+        # One entry per request still waiting for its reply, oldest first; an entry is None
+        # until its reply is known.
+        self._pending: deque[list[bytes | None]] = deque()
+        self._paused = False
+        self._lost = False
+
+    def connectionMade(self) -> None:
+        me = self.node.me
+        self._send(
+            f"chainstore KVServer {me.name} at {me.console_address} ready; type help".encode()
+        )
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._lost = True
+        self._pending.clear()
+
+    def dataReceived(self, data: bytes) -> None:
+        buffer = self._buffer + data
+        start = 0
+        while not self._lost:
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                break
+            line = buffer[start:end]
+            start = end + 1
+            if self._discarding:
+                self._discarding = False
+                continue
+            if len(line) > MAX_LINE_BYTES:
+                self._reply_now(b"error message too long: the limit is 131072 bytes per line")
+                continue
+            self._handle(line)
+        rest = buffer[start:]
+        if len(rest) > MAX_LINE_BYTES and not self._discarding:
+            # Refuse now rather than buffer an endless line; skip up to its newline.
+            self._discarding = True
+            self._reply_now(b"error message too long: the limit is 131072 bytes per line")
+        self._buffer = b"" if self._discarding else rest
+
+    def _handle(self, line: bytes) -> None:
+        try:
+            request = parse_line(line)
+        except ConsoleError as e:
+            self._reply_now(b"error " + str(e).encode("latin-1", "replace"))
+            return
+        try:
+            result = self._dispatch(request)
+        except KVError as e:
+            self._reply_now(self._error_reply(request, e))
+            return
+        except Exception:
+            log.failure("console request {command} failed", command=request.command)
+            self._reply_now(self._error_reply(request, None))
+            return
+        if isinstance(result, Deferred):
+            slot: list[bytes | None] = [None]
+            self._pending.append(slot)
+            result.addCallbacks(self._fill, self._fail, (slot,), None, (slot, request))
+            if len(self._pending) >= MAX_PENDING and not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
+        else:
+            self._reply_now(result)
+
+    def _dispatch(self, req: Request) -> bytes | Deferred[bytes]:
+        node, key = self.node, req.key
+        if req.command == "get":
+            return b"get_success %s %s" % (key, node.get(key))
+        if req.command == "put":
+            return node.put(key, req.value).addCallback(
+                lambda updated: (b"put_update %s" if updated else b"put_success %s") % key
+            )
+        if req.command == "delete":
+            return node.delete(key).addCallback(lambda _: b"delete_success %s" % key)
+        if req.command == "keyrange":
+            return b"keyrange_success " + node.ring.keyrange_text().encode("ascii")
+        if req.command == "keyrange_read":
+            return b"keyrange_read_success " + node.ring.keyrange_read_text().encode("ascii")
+        if req.command == "stats":
+            return b"stats " + json.dumps(node.stats(), sort_keys=True).encode("ascii")
+        return HELP.encode("ascii")
+
+    @staticmethod
+    def _error_reply(req: Request, error: KVError | None) -> bytes:
+        if error is not None:
+            state = STATE_REPLIES.get(type(error))
+            if state is not None:
+                return state
+        if req.command == "put":
+            return b"put_error %s %s" % (req.key, req.value)
+        if req.command in ("get", "delete"):
+            return b"%s_error %s" % (req.command.encode(), req.key)
+        return b"error " + str(error).encode("latin-1", "replace")
+
+    def _fill(self, reply: bytes, slot: list[bytes | None]) -> None:
+        slot[0] = reply
+        self._flush()
+
+    def _fail(self, failure: Failure, slot: list[bytes | None], req: Request) -> None:
+        if not failure.check(KVError):
+            log.failure("console request {command} failed", failure, command=req.command)
+        error = failure.value if isinstance(failure.value, KVError) else None
+        self._fill(self._error_reply(req, error), slot)
+
+    def _reply_now(self, reply: bytes) -> None:
+        if self._pending:
+            self._pending.append([reply])
+        else:
+            self._send(reply)
+
+    def _flush(self) -> None:
+        pending = self._pending
+        while pending and pending[0][0] is not None:
+            self._send(pending.popleft()[0])  # type: ignore[arg-type]
+        if self._paused and len(pending) < MAX_PENDING // 2:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def _send(self, reply: bytes) -> None:
+        if not self._lost:
+            self.transport.write(reply + b"\r\n")
+
+
+class ConsoleFactory(Factory):
+    noisy = False
+
+    def __init__(self, node: KVNode) -> None:
+        self.node = node
+
+    def buildProtocol(self, addr: Any) -> ConsoleProtocol:
+        return ConsoleProtocol(self.node)

@@ -1,0 +1,118 @@
+"""The AMP commands between clients and KVServers, declared once.
+
+Who sends what:
+
+- A client (the ``client.KVStore`` library, ``kvclient``) sends C{Put} and C{Delete} to the head
+  of a key's chain, C{Get} to its tail, and C{GetMetadata} to any server to learn the ring (which
+  server is head and tail of which range, and their AMP ports). C{KeyRange} and C{KeyRangeRead}
+  return the classic text rendering of the same ring, C{Stats} a server's counters.
+- A server answers each with the response below or with one of the errors of
+  L{chainstore.errors}, declared on every command so that they arrive typed.
+
+AMP limits one value to 64 KiB; values travel as L{BigBytes}, split over several box keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.protocols import amp
+
+from chainstore.errors import ALL_ERRORS
+
+
+class BigBytes(amp.Argument):
+    """Bytes of any length: split into 65,535-byte chunks under ``name``, ``name.1``, ...
+
+    A whole AMP box has no size limit, only each key's value does, so a 120,000-byte value
+    travels as two chunks of one box.
+    """
+
+    def toBox(self, name: bytes, strings: Any, objects: dict[str, Any], proto: Any) -> None:
+        value = self.retrieve(objects, name.decode("ascii"), proto)
+        if self.optional and value is None:
+            return
+        if not isinstance(value, bytes):
+            raise TypeError(f"{name!r} must be bytes, not {type(value).__name__}")
+        step = amp.MAX_VALUE_LENGTH
+        strings[name] = value[:step]
+        for i, start in enumerate(range(step, len(value), step), 1):
+            strings[b"%s.%d" % (name, i)] = value[start:start + step]
+
+    def fromBox(self, name: bytes, strings: Any, objects: dict[str, Any], proto: Any) -> None:
+        first = self.retrieve(strings, name, proto)
+        if first is None:
+            objects[name.decode("ascii")] = None
+            return
+        parts = [first]
+        i = 1
+        while (part := strings.pop(b"%s.%d" % (name, i), None)) is not None:
+            parts.append(part)
+            i += 1
+        objects[name.decode("ascii")] = b"".join(parts)
+
+
+class _KVCommand(amp.Command):
+    errors = ALL_ERRORS
+    fatalErrors: dict[type[Exception], bytes] = {}
+
+
+class Put(_KVCommand):
+    """Store C{value} under C{key}; C{updated} says the key already held a value."""
+
+    arguments = [(b"key", amp.String()), (b"value", BigBytes())]
+    response = [(b"updated", amp.Boolean())]
+
+
+class Get(_KVCommand):
+    """The value stored under C{key}, or L{KeyNotFound}."""
+
+    arguments = [(b"key", amp.String())]
+    response = [(b"value", BigBytes())]
+
+
+class Delete(_KVCommand):
+    """Remove C{key}, or L{KeyNotFound} if it held no value."""
+
+    arguments = [(b"key", amp.String())]
+    response: list[tuple[bytes, amp.Argument]] = []
+
+
+class KeyRange(_KVCommand):
+    """The classic C{keyrange} payload: every range with its head's console address."""
+
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response = [(b"ranges", amp.Unicode())]
+
+
+class KeyRangeRead(_KVCommand):
+    """The classic C{keyrange_read} payload: every range with its tail's console address."""
+
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response = [(b"ranges", amp.Unicode())]
+
+
+NODE_FIELDS = [
+    (b"name", amp.Unicode()),
+    (b"host", amp.Unicode()),
+    (b"console_port", amp.Integer()),
+    (b"amp_port", amp.Integer()),
+]
+
+
+class GetMetadata(_KVCommand):
+    """The ring as this server knows it: epoch, chain length and every server's addresses."""
+
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response = [
+        (b"epoch", amp.Integer()),
+        (b"replication", amp.Integer()),
+        (b"nodes", amp.AmpList(NODE_FIELDS)),
+    ]
+
+
+class Stats(_KVCommand):
+    """A server's counters and settings, as a JSON object (for humans and monitoring)."""
+
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response = [(b"stats", amp.Unicode())]

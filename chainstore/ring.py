@@ -1,0 +1,175 @@
+"""The consistent-hashing ring: who is responsible for which key, in which epoch.
+
+A server's position is the MD5 of its console address ``"host:port"``; a key's position is the
+MD5 of the key. Positions are 128-bit integers. Server i owns the range (predecessor, i] and, with
+chain replication, is the head of that range's chain; the next servers clockwise are its middle
+and tail. With one server, predecessor == self and it owns the whole ring.
+
+Server, ECS and client library all use this one module, so all three agree on ownership.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from dataclasses import dataclass, field
+
+RING_BITS = 128
+
+
+def position(data: bytes) -> int:
+    """The ring position of C{data}: its MD5 as a 128-bit integer."""
+    return int.from_bytes(hashlib.md5(data).digest(), "big")
+
+
+def render_position(pos: int) -> str:
+    """A position as the classic protocol writes it: 32 uppercase hex digits."""
+    return f"{pos:032X}"
+
+
+def parse_position(text: str) -> int:
+    """Parse a position written in hex (any case)."""
+    value = int(text, 16)
+    if not 0 <= value < 1 << RING_BITS:
+        raise ValueError(f"{text!r} is not a 128-bit ring position")
+    return value
+
+
+@dataclass(frozen=True, order=True)
+class NodeInfo:
+    """Where one server is reached.
+
+    C{host} and C{console_port} are the address of the text console, which fixes the ring
+    position (classic clients connect there). C{amp_port} is where the AMP protocol listens, on
+    the same host.
+    """
+
+    name: str
+    host: str
+    console_port: int
+    amp_port: int
+
+    @property
+    def console_address(self) -> str:
+        return f"{self.host}:{self.console_port}"
+
+    @property
+    def position(self) -> int:
+        return position(self.console_address.encode("ascii"))
+
+
+@dataclass(frozen=True)
+class KeyRange:
+    """The range (start, end] of the ring, wrapping past zero; start == end is the whole ring."""
+
+    start: int
+    end: int
+
+    def __contains__(self, pos: int) -> bool:
+        if self.start == self.end:
+            return True
+        if self.start < self.end:
+            return self.start < pos <= self.end
+        return pos > self.start or pos <= self.end
+
+    def contains_key(self, key: bytes) -> bool:
+        return position(key) in self
+
+
+@dataclass(frozen=True)
+class Ring:
+    """An immutable view of the membership in one epoch.
+
+    C{replication} is the configured chain length; chains are shorter when fewer servers exist.
+    """
+
+    nodes: tuple[NodeInfo, ...]
+    epoch: int = 0
+    replication: int = 3
+    _positions: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ordered = tuple(sorted(self.nodes, key=lambda n: (n.position, n.name)))
+        positions = tuple(n.position for n in ordered)
+        if len(set(positions)) != len(positions):
+            raise ValueError("two servers share one ring position (same console address?)")
+        if len({n.name for n in ordered}) != len(ordered):
+            raise ValueError("two servers share one name")
+        object.__setattr__(self, "nodes", ordered)
+        object.__setattr__(self, "_positions", positions)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def chain_length(self) -> int:
+        return min(self.replication, len(self.nodes))
+
+    def node(self, name: str) -> NodeInfo:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def index_of(self, name: str) -> int:
+        for i, n in enumerate(self.nodes):
+            if n.name == name:
+                return i
+        raise KeyError(name)
+
+    def owner_index(self, pos: int) -> int:
+        """Index of the server whose range holds C{pos}: the first at or after it, wrapping."""
+        if not self.nodes:
+            raise LookupError("the ring is empty")
+        i = bisect.bisect_left(self._positions, pos)
+        return i % len(self.nodes)
+
+    def range_of(self, index: int) -> KeyRange:
+        """The range (predecessor, node] that server C{index} is the head of."""
+        n = len(self.nodes)
+        return KeyRange(self._positions[(index - 1) % n], self._positions[index])
+
+    def chain_for_index(self, index: int) -> tuple[NodeInfo, ...]:
+        """Head, middle, ..., tail of the chain of the range headed by server C{index}."""
+        n = len(self.nodes)
+        return tuple(self.nodes[(index + k) % n] for k in range(self.chain_length))
+
+    def chain(self, key: bytes) -> tuple[NodeInfo, ...]:
+        return self.chain_for_index(self.owner_index(position(key)))
+
+    def head(self, key: bytes) -> NodeInfo:
+        return self.chain(key)[0]
+
+    def tail(self, key: bytes) -> NodeInfo:
+        return self.chain(key)[-1]
+
+    def keyrange_text(self) -> str:
+        """The payload of C{keyrange_success}: every range with its head."""
+        return "".join(
+            f"{render_position(r.start)},{render_position(r.end)},{node.console_address};"
+            for r, node in self._ranges_with(0)
+        )
+
+    def keyrange_read_text(self) -> str:
+        """The payload of C{keyrange_read_success}: every range with its tail."""
+        return "".join(
+            f"{render_position(r.start)},{render_position(r.end)},{node.console_address};"
+            for r, node in self._ranges_with(self.chain_length - 1)
+        )
+
+    def _ranges_with(self, hop: int) -> list[tuple[KeyRange, NodeInfo]]:
+        n = len(self.nodes)
+        return [(self.range_of(i), self.nodes[(i + hop) % n]) for i in range(n)]
+
+
+def parse_keyrange(text: str) -> list[tuple[KeyRange, str, int]]:
+    """Parse a classic C{keyrange} payload into (range, host, port) triples."""
+    result = []
+    for triple in text.split(";"):
+        triple = triple.strip()
+        if not triple:
+            continue
+        start, end, address = triple.split(",")
+        host, _, port = address.rpartition(":")
+        result.append((KeyRange(parse_position(start), parse_position(end)), host, int(port)))
+    return result

@@ -1,0 +1,68 @@
+"""The KVServer as a Twisted service: open the stores, then listen; stop listening, then close.
+
+The listeners are child services; the stores belong to the parent, which opens them before
+starting its children and closes them only after every child has stopped, so no request can
+reach a closed store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+
+from chainstore.amp_server import KVServerFactory
+from chainstore.cache import make_cache
+from chainstore.config import ServerConfig
+from chainstore.console import ConsoleFactory
+from chainstore.logs import get_logger
+from chainstore.node import STOPPED, KVNode
+from chainstore.ring import NodeInfo
+from chainstore.storage import StoreSet
+
+log = get_logger("chainstore.service")
+
+
+class KVServerService(MultiService):
+    def __init__(self, config: ServerConfig, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        me = NodeInfo(config.name, config.advertised_host, config.console_port, config.amp_port)
+        self.node = KVNode(me, make_cache(config.cache_strategy, config.cache_size), reactor)
+        _listener(reactor, config.listen, KVServerFactory(self.node)).setServiceParent(self)
+        _listener(reactor, config.console, ConsoleFactory(self.node)).setServiceParent(self)
+
+    def startService(self) -> None:
+        cfg, me = self.config, self.node.me
+        self.node.stores = StoreSet.open(cfg.data_dir, cfg.backend, cfg.durability)
+        counts = {name: len(s) for name, s in self.node.stores.stores.items()}
+        log.info("opened stores in {data_dir} ({backend}, durability {durability}): {counts}",
+                 data_dir=cfg.data_dir, backend=cfg.backend, durability=cfg.durability,
+                 counts=counts)
+        super().startService()
+        log.info("kvserver {name}: AMP on {listen}, console on {console}, "
+                 "ring position {pos:032X}", name=me.name, listen=cfg.listen,
+                 console=cfg.console, pos=me.position)
+
+    def stopService(self) -> Deferred[None]:
+        self.node.state = STOPPED
+        d: Deferred[Any] = super().stopService()  # type: ignore[assignment]
+        d.addBoth(self._close_stores)
+        return d
+
+    def _close_stores(self, result: Any) -> Any:
+        stores, self.node.stores = self.node.stores, None
+        if stores is not None:
+            stores.close()
+            log.info("closed stores in {data_dir}", data_dir=self.config.data_dir)
+        return result
+
+
+def _listener(reactor: Any, description: str, factory: Any) -> StreamServerEndpointService:
+    service = StreamServerEndpointService(serverFromString(reactor, description), factory)
+    # Fail the start (and so twistd) on a port in use, instead of only logging it.
+    service._raiseSynchronously = True
+    return service

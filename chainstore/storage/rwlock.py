@@ -1,0 +1,90 @@
+"""A readers/writer lock for Deferred-based code (one reactor thread, no OS locks).
+
+Readers share the lock, a writer holds it alone. Waiters are served in arrival order, and a
+waiting writer holds back readers that arrive after it, so a stream of readers cannot starve a
+writer. Client writes never wait on it: they call L{ReadWriteLock.try_acquire_write} and, when
+that fails, the server answers ``server_write_lock`` at once (the classic protocol's promise).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from twisted.internet.defer import Deferred, succeed
+
+
+class ReadWriteLock:
+    def __init__(self) -> None:
+        self.readers = 0
+        self.writer = False
+        self._waiting: deque[tuple[bool, Deferred[None]]] = deque()
+
+    @property
+    def locked(self) -> bool:
+        """True while anyone holds the lock or waits for it."""
+        return self.writer or self.readers > 0 or bool(self._waiting)
+
+    def acquire_read(self) -> Deferred[None]:
+        if not self.writer and not self._waiting:
+            self.readers += 1
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append((False, d))
+        return d
+
+    def acquire_write(self) -> Deferred[None]:
+        if self.try_acquire_write():
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append((True, d))
+        return d
+
+    def try_acquire_write(self) -> bool:
+        if self.locked:
+            return False
+        self.writer = True
+        return True
+
+    def release_read(self) -> None:
+        if self.readers <= 0:
+            raise RuntimeError("release_read() without a read lock held")
+        self.readers -= 1
+        self._wake()
+
+    def release_write(self) -> None:
+        if not self.writer:
+            raise RuntimeError("release_write() without the write lock held")
+        self.writer = False
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiting and not self.writer:
+            exclusive, d = self._waiting[0]
+            if exclusive:
+                if self.readers:
+                    return
+                self._waiting.popleft()
+                self.writer = True
+                d.callback(None)
+                return
+            self._waiting.popleft()
+            self.readers += 1
+            d.callback(None)
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[None]:
+        await self.acquire_read()
+        try:
+            yield
+        finally:
+            self.release_read()
+
+    @asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        await self.acquire_write()
+        try:
+            yield
+        finally:
+            self.release_write()

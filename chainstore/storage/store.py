@@ -1,0 +1,107 @@
+"""The three named stores of a server, each a dbm file with its own readers/writer lock.
+
+A server is the head of its own range (``coordinator``), the middle of its predecessor's
+(``replica1``) and the tail of its predecessor's predecessor's (``replica2``). A standalone server
+keeps its data in ``coordinator`` only.
+"""
+
+from __future__ import annotations
+
+import dbm.dumb
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from chainstore.errors import WriteLocked
+from chainstore.storage import sqlitedbm
+from chainstore.storage.rwlock import ReadWriteLock
+
+STORE_NAMES = ("coordinator", "replica1", "replica2")
+
+
+def _open_sqlite(path: str, durability: str) -> Any:
+    return sqlitedbm.open(path + ".sqlite", "c", durability=durability)
+
+
+def _open_dumb(path: str, durability: str) -> Any:
+    # Kept for comparison and for users who need a plain dbm file: it loses its index on
+    # kill -9 (see docs/DESIGN.md), so it is never the default.
+    return dbm.dumb.open(path, "c")
+
+
+#: Backend name -> opener(path without suffix, durability) returning a dbm-like mapping.
+BACKENDS: dict[str, Callable[[str, str], Any]] = {"sqlite": _open_sqlite, "dumb": _open_dumb}
+
+
+class Store:
+    """One named dbm mapping of bytes to bytes, and the lock that guards moving it."""
+
+    def __init__(self, name: str, db: Any) -> None:
+        self.name = name
+        self.db = db
+        self.lock = ReadWriteLock()
+
+    def check_writable(self) -> None:
+        """Raise L{WriteLocked} while a migration or rechain holds this store's lock."""
+        if self.lock.locked:
+            raise WriteLocked(f"the {self.name} store is being moved; writes are refused")
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.db.get(key)
+
+    def put(self, key: bytes, value: bytes) -> bool:
+        """Store C{value}; return True if the key already held a value."""
+        existed = key in self.db
+        self.db[key] = value
+        return existed
+
+    def delete(self, key: bytes) -> bool:
+        """Remove C{key}; return False if it held no value."""
+        try:
+            del self.db[key]
+        except KeyError:
+            return False
+        return True
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        if isinstance(self.db, sqlitedbm.SQLiteDBM):
+            return self.db.items()
+        return ((k, self.db[k]) for k in self.db.keys())
+
+    def __len__(self) -> int:
+        return len(self.db)
+
+    def sync(self) -> None:
+        self.db.sync()
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class StoreSet:
+    """The coordinator, replica1 and replica2 stores of one server, opened in one directory."""
+
+    def __init__(self, stores: dict[str, Store]) -> None:
+        self.stores = stores
+
+    @classmethod
+    def open(cls, directory: str, backend: str = "sqlite", durability: str = "crash") -> StoreSet:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown storage backend {backend!r}; known: {sorted(BACKENDS)}")
+        os.makedirs(directory, exist_ok=True)
+        opener = BACKENDS[backend]
+        return cls({
+            name: Store(name, opener(os.path.join(directory, name), durability))
+            for name in STORE_NAMES
+        })
+
+    def __getitem__(self, name: str) -> Store:
+        return self.stores[name]
+
+    @property
+    def coordinator(self) -> Store:
+        return self.stores["coordinator"]
+
+    def close(self) -> None:
+        for store in self.stores.values():
+            store.close()

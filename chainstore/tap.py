@@ -1,0 +1,75 @@
+"""``twistd kvserver``: options and service construction (the plugin loads this lazily)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from chainstore import logs
+from chainstore.config import ConfigError, ServerConfig, build_config, load_yaml
+
+DEFAULT_CONFIG = os.path.join("etc", "kvserver.yaml")
+_D = ServerConfig()
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a chainstore KVServer: AMP for the client library, a telnet-style text console for "
+        "humans and classic clients. Options come from built-in defaults, then the YAML file "
+        "given by --config (etc/kvserver.yaml if present), then the command line."
+    )
+    optParameters = [
+        ["config", "c", None,
+         f"YAML configuration file [default: {DEFAULT_CONFIG} if it exists]"],
+        ["name", None, None, f"this server's name [default: {_D.name}]"],
+        ["listen", None, None, f"AMP endpoint to listen on [default: {_D.listen}]"],
+        ["console", None, None,
+         f"text console endpoint; its host:port is the server's ring address "
+         f"[default: {_D.console}]"],
+        ["host", None, None,
+         "host clients use to reach this server [default: the console's interface]"],
+        ["data-dir", "d", None, f"directory of the three stores [default: {_D.data_dir}]"],
+        ["cache-size", None, None, f"cache entries, 0 disables [default: {_D.cache_size}]"],
+        ["cache-strategy", None, None,
+         f"cache eviction: FIFO, LRU or LFU [default: {_D.cache_strategy}]"],
+        ["log-level", None, None,
+         f"debug, info, warn, error or critical [default: {_D.log_level}]"],
+        ["backend", None, None, f"store backend: sqlite or dumb [default: {_D.backend}]"],
+        ["durability", None, None,
+         "crash: writes survive kill -9 of the server; power: fsync each write, survive a "
+         f"power cut [default: {_D.durability}]"],
+    ]
+
+    def postOptions(self) -> None:
+        path = self["config"]
+        if path is None:
+            yaml_options = load_yaml(DEFAULT_CONFIG) if os.path.exists(DEFAULT_CONFIG) else {}
+        else:
+            yaml_options = self._load(path)
+        flags = {k: self[k] for k in
+                 ("name", "listen", "console", "host", "data-dir", "cache-size",
+                  "cache-strategy", "log-level", "backend", "durability")}
+        try:
+            self.config = build_config(yaml_options, flags)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+    @staticmethod
+    def _load(path: str) -> dict[str, Any]:
+        try:
+            return load_yaml(path)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    from chainstore.service import KVServerService
+
+    logs.set_level(options.config.log_level)
+    return KVServerService(options.config, reactor)

@@ -1,0 +1,29 @@
+"""Shared fixtures: the reactor for pytest-twisted tests, and real server processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from chainstore.testing.processes import ProcessGroup
+
+
+@pytest.fixture
+def reactor():
+    """The global reactor, for the few tests that need real sockets (integration tests).
+
+    Unit tests do not use it: they pass a twisted.internet.task.Clock and use iosim or
+    StringTransport instead.
+    """
+    from twisted.internet import reactor as global_reactor
+
+    return global_reactor
+
+
+@pytest.fixture
+def processes(tmp_path):
+    """A L{ProcessGroup} in a fresh directory; every process it started is stopped after the test."""
+    group = ProcessGroup(tmp_path)
+    try:
+        yield group
+    finally:
+        group.stop_all()

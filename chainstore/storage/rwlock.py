@@ -16,6 +16,11 @@ from twisted.internet.defer import Deferred, succeed
 
 
 class ReadWriteLock:
+    """Shared read, exclusive write, granted in arrival order; see the module docstring.
+
+    A waiter that cancels its Deferred leaves the queue (and so can unblock those behind it).
+    """
+
     def __init__(self) -> None:
         self.readers = 0
         self.writer = False
@@ -27,21 +32,35 @@ class ReadWriteLock:
         return self.writer or self.readers > 0 or bool(self._waiting)
 
     def acquire_read(self) -> Deferred[None]:
+        """Fires once a read lock is held; release it with L{release_read}."""
         if not self.writer and not self._waiting:
             self.readers += 1
             return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._waiting.append((False, d))
-        return d
+        return self._enqueue(False)
 
     def acquire_write(self) -> Deferred[None]:
+        """Fires once the write lock is held; release it with L{release_write}."""
         if self.try_acquire_write():
             return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._waiting.append((True, d))
+        return self._enqueue(True)
+
+    def _enqueue(self, exclusive: bool) -> Deferred[None]:
+        # Without a canceller a cancelled waiter would stay queued: _wake would then call back
+        # an already-fired Deferred (AlreadyCalledError) and grant the lock to nobody, forever.
+        d: Deferred[None] = Deferred(self._cancel)
+        self._waiting.append((exclusive, d))
         return d
 
+    def _cancel(self, d: Deferred[None]) -> None:
+        for entry in self._waiting:
+            if entry[1] is d:
+                self._waiting.remove(entry)
+                break
+        # A cancelled writer may have been holding back readers queued behind it.
+        self._wake()
+
     def try_acquire_write(self) -> bool:
+        """Take the write lock now if nobody holds or waits for the lock; never queues."""
         if self.locked:
             return False
         self.writer = True

@@ -63,10 +63,27 @@ class Store:
             return False
         return True
 
-    def items(self) -> Iterator[tuple[bytes, bytes]]:
+    def items(self, after: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """All pairs in byte order of the keys, strictly after C{after} if given.
+
+        Whatever the backend: a migration streams a range in this order. Writes while the
+        iteration runs are allowed; a key deleted meanwhile may still be yielded (with its old
+        value) or skipped, but it is never an error.
+        """
         if isinstance(self.db, sqlitedbm.SQLiteDBM):
-            return self.db.items()
-        return ((k, self.db[k]) for k in self.db.keys())
+            return self.db.items(after)
+        # dbm.dumb lists its keys in insertion order, and its items() would read every value
+        # at once; sort the keys (they are in memory anyway) and read the values lazily.
+        keys = sorted(self.db.keys())
+        if after is not None:
+            keys = [k for k in keys if k > after]
+        return self._dumb_items(keys)
+
+    def _dumb_items(self, keys: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
+        for key in keys:
+            value = self.db.get(key)
+            if value is not None:
+                yield key, value
 
     def __len__(self) -> int:
         return len(self.db)

@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
-from chainstore import protocol
+from chainstore import control, migration, protocol
 from chainstore.node import KVNode
 
 
@@ -52,6 +52,18 @@ class KVServerProtocol(amp.AMP):
                 for n in ring.nodes
             ],
         }
+
+    @control.ReceiveRange.responder
+    def receive_range(self, epoch: int, store: str, items: bytes) -> dict[str, Any]:
+        # Copies are made for a configuration the ECS is preparing, always newer than ours; an
+        # older one is a leftover of an aborted attempt and must not overwrite anything.
+        if epoch <= self.node.ring.epoch:
+            raise control.StaleEpoch(
+                f"copy for epoch {epoch}, but this server is at {self.node.ring.epoch}")
+        if self.node.stores is None:
+            raise control.ControlFailed("the stores are not open")
+        migration.receive_range(migration.store_named(self.node.stores, store), items)
+        return {}
 
     @protocol.Stats.responder
     def stats(self) -> dict[str, Any]:

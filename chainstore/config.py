@@ -31,6 +31,7 @@ class ServerConfig:
     data_dir: str = "data/kvserver"
     cache_size: int = 1000
     cache_strategy: str = "LRU"
+    ecs: str | None = None
     log_level: str = "info"
     backend: str = "sqlite"
     durability: str = "crash"
@@ -124,21 +125,29 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 
 def build_config(yaml_options: dict[str, Any], flags: dict[str, Any]) -> ServerConfig:
-    """Defaults, then the YAML options, then the flags that were given (not None)."""
+    """Defaults, then the YAML options, then the flags that were given (not None).
+
+    An option left empty in the YAML file (``host:``) keeps its default, as an absent flag does.
+    """
     values: dict[str, Any] = {}
-    for source in (yaml_options, {k: v for k, v in flags.items() if v is not None}):
+    for source in (yaml_options, flags):
         for option, raw in source.items():
+            if raw is None:
+                continue
             field = OPTION_NAMES[option]
             values[field.name] = _convert(option, field.type, raw)
     return ServerConfig(**values).validated()
 
 
 def _convert(option: str, kind: Any, raw: Any) -> Any:
-    if raw is None:
-        return None
     if kind in ("int", int):
+        # int() would quietly take True as 1 and 2.5 as 2; only whole numbers are meant.
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ConfigError(f"{option} must be a whole number, not {raw!r}")
         try:
             return int(raw)
         except (TypeError, ValueError):
             raise ConfigError(f"{option} must be a whole number, not {raw!r}") from None
+    if isinstance(raw, (dict, list)):
+        raise ConfigError(f"{option} must be a single value, not {raw!r}")
     return os.fspath(raw) if isinstance(raw, os.PathLike) else str(raw)

@@ -15,10 +15,11 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from chainstore.cache import Cache
-from chainstore.errors import KeyNotFound, NotResponsible, ServerStopped
+from chainstore.control import StaleEpoch
+from chainstore.errors import KeyNotFound, NotResponsible, ServerStopped, WriteLocked
 from chainstore.limits import check_key, check_value
 from chainstore.logs import get_logger
-from chainstore.ring import NodeInfo, Ring
+from chainstore.ring import KeyRange, NodeInfo, Ring, position
 from chainstore.storage import STORE_NAMES, Store, StoreSet
 
 log = get_logger("chainstore.node")
@@ -43,6 +44,11 @@ class KVNode:
         # Alone (no ECS) a server owns the whole ring: a chain of one, head and tail at once.
         self.ring = ring if ring is not None else Ring((me,), epoch=0, replication=1)
         self.state = state
+        # Ranges being moved by the ECS: writes to their keys are refused, reads go on.
+        self.write_locks: list[KeyRange] = []
+        # Ranges whose tail role is being handed over: reads are refused for the moment of the
+        # switch, so an old tail never answers after a new one has committed a write.
+        self.read_locks: list[KeyRange] = []
         self.counts: Counter[str] = Counter()
         self.started_at = clock.seconds()
 
@@ -53,7 +59,6 @@ class KVNode:
         check_key(key)
         check_value(value)
         store = self._head_store(key)
-        store.check_writable()
         updated = store.put(key, value)
         if self.cache.capacity:
             self.cache.put(key, value)
@@ -64,7 +69,6 @@ class KVNode:
         """Remove C{key}; fails with L{KeyNotFound} if it held no value."""
         check_key(key)
         store = self._head_store(key)
-        store.check_writable()
         self.cache.discard(key)
         self.counts["delete"] += 1
         if not store.delete(key):
@@ -74,16 +78,36 @@ class KVNode:
     def get(self, key: bytes) -> bytes:
         """The value of C{key}, served only by the tail of its chain."""
         check_key(key)
+        store = self._tail_store(key)
         self.counts["get"] += 1
         value = self.cache.get(key)
         if value is None:
-            value = self._tail_store(key).get(key)
+            value = store.get(key)
             if value is None:
                 raise KeyNotFound(f"no value is stored under {key!r}")
             self.cache.put(key, value)
         return value
 
     # -- the ring -------------------------------------------------------------------------------
+
+    def set_ring(self, ring: Ring) -> bool:
+        """Adopt C{ring} if it is newer than ours; return whether anything changed.
+
+        The ECS never issues two rings with one epoch, so an equal epoch is the ring we have.
+        The cache is dropped on every change: the ranges this server is the tail of may have
+        changed, and a cache must never outlive the tail role it was filled under.
+        """
+        if ring.epoch < self.ring.epoch:
+            raise StaleEpoch(f"epoch {ring.epoch} is older than this server's {self.ring.epoch}")
+        if ring.epoch == self.ring.epoch:
+            return False
+        self.ring = ring
+        self.cache.clear()
+        # Locks belong to the reconfiguration that the new ring completes (or supersedes).
+        self.write_locks.clear()
+        self.read_locks.clear()
+        log.info("epoch {epoch}: {count} servers in the ring", epoch=ring.epoch, count=len(ring))
+        return True
 
     def _serving(self) -> StoreSet:
         if self.state != RUNNING or self.stores is None:
@@ -92,16 +116,25 @@ class KVNode:
 
     def _head_store(self, key: bytes) -> Store:
         stores = self._serving()
-        chain = self.ring.chain(key)
-        if chain[0] != self.me:
+        pos = position(key)
+        ring = self.ring
+        if ring.nodes[ring.owner_index(pos)] != self.me:
             raise NotResponsible(f"{self.me.name} is not the head of this key's chain")
+        for locked in self.write_locks:
+            if pos in locked:
+                raise WriteLocked("this key's range is being moved; writes are refused")
         return stores[STORE_NAMES[0]]
 
     def _tail_store(self, key: bytes) -> Store:
         stores = self._serving()
-        chain = self.ring.chain(key)
+        pos = position(key)
+        ring = self.ring
+        chain = ring.chain_for_index(ring.owner_index(pos))
         if chain[-1] != self.me:
             raise NotResponsible(f"{self.me.name} is not the tail of this key's chain")
+        for locked in self.read_locks:
+            if pos in locked:
+                raise NotResponsible("this key's range is being handed to another server")
         return stores[STORE_NAMES[len(chain) - 1]]
 
     def stats(self) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from chainstore.cache import make_cache
 from chainstore.config import ServerConfig
 from chainstore.console import ConsoleFactory
 from chainstore.logs import get_logger
-from chainstore.node import STOPPED, KVNode
+from chainstore.ecs_link import make_ecs_link
+from chainstore.node import RUNNING, STOPPED, KVNode
 from chainstore.ring import NodeInfo
 from chainstore.storage import StoreSet
 
@@ -31,9 +32,13 @@ class KVServerService(MultiService):
         super().__init__()
         self.config = config
         me = NodeInfo(config.name, config.advertised_host, config.console_port, config.amp_port)
-        self.node = KVNode(me, make_cache(config.cache_strategy, config.cache_size), reactor)
+        # Under an ECS a server waits, answering server_stopped, until the ECS starts it.
+        self.node = KVNode(me, make_cache(config.cache_strategy, config.cache_size), reactor,
+                           state=STOPPED if config.ecs else RUNNING)
         _listener(reactor, config.listen, KVServerFactory(self.node)).setServiceParent(self)
         _listener(reactor, config.console, ConsoleFactory(self.node)).setServiceParent(self)
+        if config.ecs:
+            make_ecs_link(self.node, config.ecs, reactor, reactor.stop).setServiceParent(self)
 
     def startService(self) -> None:
         cfg, me = self.config, self.node.me

@@ -20,7 +20,8 @@ class Options(usage.Options):
     longdesc = (
         "Run a chainstore KVServer: AMP for the client library, a telnet-style text console for "
         "humans and classic clients. Options come from built-in defaults, then the YAML file "
-        "given by --config (etc/kvserver.yaml if present), then the command line."
+        "given by --config (etc/kvserver.yaml if present), then the command line. Without "
+        "--ecs the server runs alone and owns the whole ring."
     )
     optParameters = [
         ["config", "c", None,
@@ -36,6 +37,9 @@ class Options(usage.Options):
         ["cache-size", None, None, f"cache entries, 0 disables [default: {_D.cache_size}]"],
         ["cache-strategy", None, None,
          f"cache eviction: FIFO, LRU or LFU [default: {_D.cache_strategy}]"],
+        ["ecs", None, None,
+         "client endpoint of the ECS, such as tcp:127.0.0.1:49999; the server registers there "
+         "and serves once the ECS starts it [default: none, run standalone]"],
         ["log-level", None, None,
          f"debug, info, warn, error or critical [default: {_D.log_level}]"],
         ["backend", None, None, f"store backend: sqlite or dumb [default: {_D.backend}]"],
@@ -47,12 +51,13 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         path = self["config"]
         if path is None:
-            yaml_options = load_yaml(DEFAULT_CONFIG) if os.path.exists(DEFAULT_CONFIG) else {}
+            # The default file is optional, but when it exists its errors are usage errors too.
+            yaml_options = self._load(DEFAULT_CONFIG) if os.path.exists(DEFAULT_CONFIG) else {}
         else:
             yaml_options = self._load(path)
         flags = {k: self[k] for k in
                  ("name", "listen", "console", "host", "data-dir", "cache-size",
-                  "cache-strategy", "log-level", "backend", "durability")}
+                  "cache-strategy", "ecs", "log-level", "backend", "durability")}
         try:
             self.config = build_config(yaml_options, flags)
         except ConfigError as e:

@@ -1,0 +1,190 @@
+"""The control plane: AMP commands between the ECS and the KVServers, and between servers.
+
+Who sends what:
+
+- A KVServer started with ``--ecs`` connects to the ECS and sends C{Register} on every
+  (re)connection. The ECS then drives the server over that same connection (AMP is symmetric):
+  C{Heartbeat} every interval, C{SetMetadata} after every ring change, C{SetState} to start or stop
+  serving, C{LockRanges}/C{UnlockRanges} around data movement, C{CopyRange} to make a server stream
+  part of one of its stores to another server, C{MoveLocal} and C{DropRange} to reshape its own
+  stores, C{ClearStores} before a fresh join, C{Shutdown} to end its process.
+- While a server executes C{CopyRange} it sends C{ReceiveRange} batches to the target server's AMP
+  port (the server-to-server link), one batch in flight at a time, so memory stays bounded by the
+  batch size whatever the range size, and reports C{CopyProgress} to the ECS.
+
+Ranges are (start, end] of the ring as 128-bit integers (see L{chainstore.ring.KeyRange}).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+
+from twisted.protocols import amp
+
+from chainstore.errors import ALL_ERRORS
+from chainstore.protocol import NODE_FIELDS, BigBytes
+
+
+class StaleEpoch(Exception):
+    """The message belongs to an older configuration than the receiver's; it was ignored."""
+
+
+class RegistrationRefused(Exception):
+    """The ECS will not accept this server (its name is taken by another address, ...)."""
+
+
+class ControlFailed(Exception):
+    """A control command could not be carried out; the message says why."""
+
+
+CONTROL_ERRORS = {
+    **ALL_ERRORS,
+    StaleEpoch: b"STALE_EPOCH",
+    RegistrationRefused: b"REGISTRATION_REFUSED",
+    ControlFailed: b"CONTROL_FAILED",
+}
+
+RANGE_FIELDS = [(b"start", amp.Integer()), (b"end", amp.Integer())]
+
+
+class _ControlCommand(amp.Command):
+    errors = CONTROL_ERRORS
+    fatalErrors: dict[type[Exception], bytes] = {}
+
+
+# -- server -> ECS -------------------------------------------------------------------------------
+
+class Register(_ControlCommand):
+    """A server announces itself; the answer says whether it is in the ring and serving."""
+
+    arguments = [(b"name", amp.Unicode()), (b"host", amp.Unicode()),
+                 (b"console_port", amp.Integer()), (b"amp_port", amp.Integer()),
+                 (b"epoch", amp.Integer())]
+    response = [(b"message", amp.Unicode())]
+
+
+class CopyProgress(_ControlCommand):
+    """How far a C{CopyRange} has come (sent by the source server, for the admin's display)."""
+
+    arguments = [(b"operation", amp.Integer()), (b"keys", amp.Integer()),
+                 (b"bytes", amp.Integer())]
+    response: list[tuple[bytes, amp.Argument]] = []
+    requiresAnswer = False
+
+
+# -- ECS -> server -------------------------------------------------------------------------------
+
+class Heartbeat(_ControlCommand):
+    arguments = [(b"epoch", amp.Integer())]
+    response = [(b"epoch", amp.Integer()), (b"state", amp.Unicode())]
+
+
+class SetMetadata(_ControlCommand):
+    """Adopt this ring; refused with L{StaleEpoch} if the server already has a newer one."""
+
+    arguments = [(b"epoch", amp.Integer()), (b"replication", amp.Integer()),
+                 (b"nodes", amp.AmpList(NODE_FIELDS))]
+    response: list[tuple[bytes, amp.Argument]] = []
+
+
+class SetState(_ControlCommand):
+    """``running`` serves clients; ``stopped`` answers them ``server_stopped``."""
+
+    arguments = [(b"state", amp.Unicode())]
+    response: list[tuple[bytes, amp.Argument]] = []
+
+
+class LockRanges(_ControlCommand):
+    """Refuse client requests to keys in these ranges until C{UnlockRanges}.
+
+    Without C{reads}: writes are refused (``server_write_lock``), reads go on, while a range is
+    copied. With C{reads}: reads are refused (``server_not_responsible``) for the moment of a
+    switch, so the old tail never answers once the new chain may commit writes.
+    """
+
+    arguments = [(b"ranges", amp.AmpList(RANGE_FIELDS)), (b"reads", amp.Boolean())]
+    response: list[tuple[bytes, amp.Argument]] = []
+
+
+class UnlockRanges(_ControlCommand):
+    arguments = [(b"ranges", amp.AmpList(RANGE_FIELDS)), (b"reads", amp.Boolean())]
+    response: list[tuple[bytes, amp.Argument]] = []
+
+
+class CopyRange(_ControlCommand):
+    """Stream the keys of C{store} in (start, end] to C{target_store} of another server."""
+
+    arguments = [(b"operation", amp.Integer()), (b"store", amp.Unicode()),
+                 (b"start", amp.Integer()), (b"end", amp.Integer()),
+                 (b"target_host", amp.Unicode()), (b"target_port", amp.Integer()),
+                 (b"target_store", amp.Unicode()), (b"epoch", amp.Integer())]
+    response = [(b"keys", amp.Integer()), (b"bytes", amp.Integer())]
+
+
+class MoveLocal(_ControlCommand):
+    """Copy the keys in (start, end] from one of the server's stores into another."""
+
+    arguments = [(b"source", amp.Unicode()), (b"target", amp.Unicode()),
+                 (b"start", amp.Integer()), (b"end", amp.Integer())]
+    response = [(b"keys", amp.Integer())]
+
+
+class DropRange(_ControlCommand):
+    """Delete the keys in (start, end] from C{store} (data the server no longer holds)."""
+
+    arguments = [(b"store", amp.Unicode()), (b"start", amp.Integer()), (b"end", amp.Integer())]
+    response = [(b"keys", amp.Integer())]
+
+
+class ClearStores(_ControlCommand):
+    """Empty all three stores: a joining server must not serve leftovers of an earlier life."""
+
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response: list[tuple[bytes, amp.Argument]] = []
+
+
+class Shutdown(_ControlCommand):
+    """Stop serving, close the stores and end the process."""
+
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response: list[tuple[bytes, amp.Argument]] = []
+
+
+# -- server -> server ----------------------------------------------------------------------------
+
+class ReceiveRange(_ControlCommand):
+    """One batch of a C{CopyRange}: write these pairs into C{store}, atomically."""
+
+    arguments = [(b"epoch", amp.Integer()), (b"store", amp.Unicode()),
+                 (b"items", BigBytes())]
+    response: list[tuple[bytes, amp.Argument]] = []
+
+
+# A batch is a run of (key length, value length, key, value); AmpList cannot carry it because
+# it packs all items into one 64 KiB value.
+_PAIR_HEADER = struct.Struct(">BI")
+
+
+def pack_items(items: Iterable[tuple[bytes, bytes]]) -> bytes:
+    out = bytearray()
+    for key, value in items:
+        out += _PAIR_HEADER.pack(len(key), len(value))
+        out += key
+        out += value
+    return bytes(out)
+
+
+def unpack_items(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    view = memoryview(data)
+    offset, size = 0, _PAIR_HEADER.size
+    while offset < len(view):
+        key_len, value_len = _PAIR_HEADER.unpack_from(view, offset)
+        offset += size
+        key = bytes(view[offset:offset + key_len])
+        offset += key_len
+        value = bytes(view[offset:offset + value_len])
+        offset += value_len
+        if len(value) != value_len:
+            raise ValueError("truncated batch")
+        yield key, value

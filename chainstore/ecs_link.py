@@ -1,0 +1,182 @@
+"""A KVServer's link to the ECS: register, then obey the ECS's control commands.
+
+The server dials the ECS (``--ecs``) and keeps that connection up with reconnect and back-off
+(``ClientService``). On every connection it sends C{Register}; the ECS then drives the server over
+the same connection. While the ECS is unreachable the server keeps serving on the ring it last
+received.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, clientFromString, connectProtocol
+from twisted.internet.protocol import Factory
+from twisted.protocols import amp
+
+from chainstore import control, migration
+from chainstore.logs import get_logger
+from chainstore.node import RUNNING, STOPPED, KVNode
+from chainstore.ring import KeyRange, NodeInfo, Ring
+
+log = get_logger("chainstore.ecs_link")
+
+
+def ring_from_wire(epoch: int, replication: int, nodes: list[dict[str, Any]]) -> Ring:
+    return Ring(
+        tuple(NodeInfo(n["name"], n["host"], n["console_port"], n["amp_port"]) for n in nodes),
+        epoch=epoch, replication=replication,
+    )
+
+
+class ServerControlProtocol(amp.AMP):
+    """The server's end of the ECS connection."""
+
+    def __init__(self, node: KVNode, reactor: Any, shutdown: Callable[[], None]) -> None:
+        super().__init__()
+        self.node = node
+        self.reactor = reactor
+        self.shutdown = shutdown
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        me = self.node.me
+        d = self.callRemote(control.Register, name=me.name, host=me.host,
+                            console_port=me.console_port, amp_port=me.amp_port,
+                            epoch=self.node.ring.epoch)
+        d.addCallbacks(self._registered, self._refused)
+
+    def _registered(self, result: dict[str, Any]) -> None:
+        log.info("registered with the ECS: {message}", message=result["message"])
+
+    def _refused(self, failure: Any) -> None:
+        log.error("the ECS refused this server: {error}", error=failure.getErrorMessage())
+        self.transport.loseConnection()
+
+    @control.Heartbeat.responder
+    def heartbeat(self, epoch: int) -> dict[str, Any]:
+        return {"epoch": self.node.ring.epoch, "state": self.node.state}
+
+    @control.SetMetadata.responder
+    def set_metadata(self, epoch: int, replication: int,
+                     nodes: list[dict[str, Any]]) -> dict[str, Any]:
+        self.node.set_ring(ring_from_wire(epoch, replication, nodes))
+        return {}
+
+    @control.SetState.responder
+    def set_state(self, state: str) -> dict[str, Any]:
+        if state not in (RUNNING, STOPPED):
+            raise control.ControlFailed(f"unknown state {state!r}")
+        if state != self.node.state:
+            log.info("now {state}", state=state)
+        self.node.state = state
+        return {}
+
+    @control.LockRanges.responder
+    def lock_ranges(self, ranges: list[dict[str, int]], reads: bool) -> dict[str, Any]:
+        locks = self.node.read_locks if reads else self.node.write_locks
+        locks.extend(KeyRange(r["start"], r["end"]) for r in ranges)
+        return {}
+
+    @control.UnlockRanges.responder
+    def unlock_ranges(self, ranges: list[dict[str, int]], reads: bool) -> dict[str, Any]:
+        locks = self.node.read_locks if reads else self.node.write_locks
+        for r in ranges:
+            rng = KeyRange(r["start"], r["end"])
+            if rng in locks:
+                locks.remove(rng)
+        return {}
+
+    @control.CopyRange.responder
+    def copy_range(self, operation: int, store: str, start: int, end: int, target_host: str,
+                   target_port: int, target_store: str, epoch: int) -> Deferred[dict[str, Any]]:
+        return Deferred.fromCoroutine(self._copy_range(
+            operation, store, KeyRange(start, end), target_host, target_port, target_store,
+            epoch))
+
+    async def _copy_range(self, operation: int, store: str, rng: KeyRange, host: str,
+                          port: int, target_store: str, epoch: int) -> dict[str, Any]:
+        source = migration.store_named(self._stores(), store)
+        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=10)
+        try:
+            target = await connectProtocol(endpoint, amp.AMP())
+        except Exception as e:
+            raise control.ControlFailed(f"cannot reach {host}:{port}: {e}") from None
+
+        def progress(keys: int, nbytes: int) -> None:
+            self.callRemote(control.CopyProgress, operation=operation, keys=keys, bytes=nbytes)
+
+        try:
+            keys, nbytes = await migration.copy_range(source, rng, target, target_store, epoch,
+                                                      progress)
+        finally:
+            target.transport.loseConnection()
+        log.info("copied {keys} keys ({nbytes} bytes) of {store} to {host}:{port}",
+                 keys=keys, nbytes=nbytes, store=store, host=host, port=port)
+        return {"keys": keys, "bytes": nbytes}
+
+    @control.MoveLocal.responder
+    def move_local(self, source: str, target: str, start: int,
+                   end: int) -> Deferred[dict[str, Any]]:
+        stores = self._stores()
+
+        async def move() -> dict[str, Any]:
+            keys = await migration.move_local(
+                migration.store_named(stores, source), migration.store_named(stores, target),
+                KeyRange(start, end), self.reactor)
+            return {"keys": keys}
+
+        return Deferred.fromCoroutine(move())
+
+    @control.DropRange.responder
+    def drop_range(self, store: str, start: int, end: int) -> Deferred[dict[str, Any]]:
+        target = migration.store_named(self._stores(), store)
+
+        async def drop() -> dict[str, Any]:
+            keys = await migration.drop_range(target, KeyRange(start, end), self.reactor)
+            return {"keys": keys}
+
+        return Deferred.fromCoroutine(drop())
+
+    @control.ClearStores.responder
+    def clear_stores(self) -> dict[str, Any]:
+        for store in self._stores().stores.values():
+            store.db.clear()
+        self.node.cache.clear()
+        return {}
+
+    @control.Shutdown.responder
+    def shutdown_server(self) -> dict[str, Any]:
+        log.info("shutting down at the ECS's request")
+        self.node.state = STOPPED
+        self.reactor.callLater(0.1, self.shutdown)
+        return {}
+
+    def _stores(self) -> Any:
+        if self.node.stores is None:
+            raise control.ControlFailed("the stores are not open")
+        return self.node.stores
+
+
+class _LinkFactory(Factory):
+    noisy = False
+
+    def __init__(self, node: KVNode, reactor: Any, shutdown: Callable[[], None]) -> None:
+        self.node, self.reactor, self.shutdown = node, reactor, shutdown
+
+    def buildProtocol(self, addr: Any) -> ServerControlProtocol:
+        return ServerControlProtocol(self.node, self.reactor, self.shutdown)
+
+
+def make_ecs_link(node: KVNode, description: str, reactor: Any,
+                  shutdown: Callable[[], None]) -> ClientService:
+    """A service that keeps this server connected and registered to the ECS at C{description}."""
+    return ClientService(
+        clientFromString(reactor, description),
+        _LinkFactory(node, reactor, shutdown),
+        retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=2.0),
+        clock=reactor,
+    )

@@ -1,0 +1,164 @@
+"""ECS configuration: embedded defaults, overridden by ``etc/ecs.yaml``, overridden by flags.
+
+The node pool lists the server slots the ECS may launch itself (the classic ``ecs.config`` lists
+eight); servers started by an operator with ``--ecs`` register themselves and need no slot.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import yaml
+
+from chainstore.cache import STRATEGIES
+from chainstore.logs import LEVELS
+
+
+class ECSConfigError(ValueError):
+    """The ECS configuration is wrong; the message names the option and the fix."""
+
+
+@dataclass(frozen=True)
+class NodeSlot:
+    name: str
+    host: str
+    console_port: int
+    amp_port: int
+    data_dir: str
+
+
+def default_pool() -> tuple[NodeSlot, ...]:
+    return tuple(
+        NodeSlot(f"server{i}", "127.0.0.1", 50000 + i, 51000 + i, f"data/server{i}")
+        for i in range(1, 9)
+    )
+
+
+@dataclass(frozen=True)
+class ECSConfig:
+    listen: str = "tcp:49999:interface=127.0.0.1"
+    #: the endpoint servers dial to reach this ECS (given to the servers it launches)
+    advertise: str = "tcp:127.0.0.1:49999"
+    state_file: str = "data/ecs/state.json"
+    log_dir: str = "data/logs"
+    heartbeat_interval: float = 1.0
+    failure_timeout: float = 3.0
+    replication: int = 1
+    initial_nodes: int = 3
+    cache_strategy: str = "LRU"
+    cache_size: int = 1000
+    launcher: str = "local"
+    ssh_command: str = (
+        "ssh {host} twistd --pidfile= -n --logfile {log} kvserver --name {name}"
+        " --listen tcp:{amp_port}:interface={host} --console tcp:{console_port}:interface={host}"
+        " --data-dir {data_dir} --cache-strategy {cache_strategy} --cache-size {cache_size}"
+        " --ecs {ecs}"
+    )
+    register_timeout: float = 20.0
+    log_level: str = "info"
+    nodes: tuple[NodeSlot, ...] = field(default_factory=default_pool)
+
+    def validated(self) -> ECSConfig:
+        if self.heartbeat_interval <= 0:
+            raise ECSConfigError("heartbeat-interval must be more than 0 seconds")
+        if self.failure_timeout <= self.heartbeat_interval:
+            raise ECSConfigError(
+                f"failure-timeout ({self.failure_timeout}s) must be longer than "
+                f"heartbeat-interval ({self.heartbeat_interval}s)")
+        if self.replication < 1:
+            raise ECSConfigError("replication must be at least 1")
+        if self.initial_nodes < 0:
+            raise ECSConfigError("initial-nodes must be 0 or more")
+        if self.initial_nodes > len(self.nodes):
+            raise ECSConfigError(
+                f"initial-nodes is {self.initial_nodes} but the pool has only "
+                f"{len(self.nodes)} node slots")
+        if self.cache_strategy.upper() not in STRATEGIES:
+            raise ECSConfigError(
+                f"cache-strategy {self.cache_strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.launcher not in ("local", "ssh", "none"):
+            raise ECSConfigError(f"launcher {self.launcher!r}: choose local, ssh or none")
+        if self.log_level.lower() not in LEVELS:
+            raise ECSConfigError(f"log-level {self.log_level!r}: choose one of {', '.join(LEVELS)}")
+        names = [n.name for n in self.nodes]
+        if len(set(names)) != len(names):
+            raise ECSConfigError("two node slots share a name")
+        addresses = [(n.host, n.console_port) for n in self.nodes]
+        if len(set(addresses)) != len(addresses):
+            raise ECSConfigError("two node slots share a console address")
+        return replace(self, cache_strategy=self.cache_strategy.upper(),
+                       log_level=self.log_level.lower())
+
+    def slot(self, name: str) -> NodeSlot | None:
+        for slot in self.nodes:
+            if slot.name == name:
+                return slot
+        return None
+
+
+_SCALARS = {
+    "listen": str, "advertise": str, "state-file": str, "log-dir": str,
+    "heartbeat-interval": float, "failure-timeout": float, "replication": int,
+    "initial-nodes": int, "cache-strategy": str, "cache-size": int, "launcher": str,
+    "ssh-command": str, "register-timeout": float, "log-level": str,
+}
+OPTION_NAMES = set(_SCALARS) | {"nodes"}
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ECSConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ECSConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ECSConfigError(f"config file {path} must hold a mapping of option: value")
+    unknown = sorted(set(map(str, data)) - OPTION_NAMES)
+    if unknown:
+        raise ECSConfigError(f"config file {path}: unknown option(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(OPTION_NAMES))}")
+    return data
+
+
+def _slot(index: int, raw: Any) -> NodeSlot:
+    where = f"nodes[{index}]"
+    if not isinstance(raw, dict):
+        raise ECSConfigError(f"{where} must be a mapping with name, host, console-port, amp-port")
+    try:
+        name = str(raw["name"])
+        host = str(raw.get("host", "127.0.0.1"))
+        console_port = int(raw["console-port"])
+        amp_port = int(raw["amp-port"])
+    except KeyError as e:
+        raise ECSConfigError(f"{where} lacks {e.args[0]}") from None
+    except (TypeError, ValueError):
+        raise ECSConfigError(f"{where}: ports must be whole numbers") from None
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ECSConfigError(f"{where}: name {name!r} may hold letters, digits, '_', '.', '-'")
+    for port in (console_port, amp_port):
+        if not 0 < port < 65536:
+            raise ECSConfigError(f"{where}: port {port} is not in 1-65535")
+    return NodeSlot(name, host, console_port, amp_port, str(raw.get("data-dir", f"data/{name}")))
+
+
+def build_config(yaml_options: dict[str, Any], flags: dict[str, Any]) -> ECSConfig:
+    values: dict[str, Any] = {}
+    for source in (yaml_options, {k: v for k, v in flags.items() if v is not None}):
+        for option, raw in source.items():
+            if option == "nodes":
+                if not isinstance(raw, list) or not raw:
+                    raise ECSConfigError("nodes must be a non-empty list of node slots")
+                values["nodes"] = tuple(_slot(i, r) for i, r in enumerate(raw))
+                continue
+            kind = _SCALARS[option]
+            try:
+                values[option.replace("-", "_")] = kind(raw)
+            except (TypeError, ValueError):
+                raise ECSConfigError(f"{option} must be a {kind.__name__}, not {raw!r}") from None
+    return ECSConfig(**values).validated()

@@ -1,0 +1,548 @@
+"""The ECS's brain: membership, heartbeats and reconfiguration, free of sockets.
+
+Servers reach it through links (their control connections, L{ecs.server.ECSProtocol}); admins
+through the admin commands. Time comes from an injected clock, so the state machine is tested
+with ``Clock`` and iosim.
+
+Reconfiguration (join, leave, failure) follows one sequence, for any replication factor:
+
+1. plan the data movement from the old ring to the new one (L{ecs.planner});
+2. lock writes to every changing range at its old head (reads go on);
+3. copy: for each target store, first drop the range there (a clean slate: leftovers of an
+   aborted attempt must not survive), then stream or copy it locally, batch by batch;
+4. lock reads of every changing range at its old tail, so no old tail can answer once the new
+   chain accepts writes;
+5. commit: save the new ring with a new epoch, then send it to every server (adopting a ring
+   clears a server's locks); from here on the change is redone, never undone, after an ECS crash;
+6. drop the data every server holds but no longer should.
+
+A failure before step 5 aborts: the locks are released and the ring stays as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredLock, gatherResults, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.protocols import amp
+
+from chainstore import control
+from chainstore.logs import get_logger
+from chainstore.ring import KeyRange, Ring
+from ecs import planner
+from ecs.config import ECSConfig
+from ecs.protocol import AdminError
+from ecs.state import ACTIVE, FAILED, IDLE, LAUNCHING, REMOVED, ClusterState, Member, StateFile
+
+log = get_logger("ecs.coordinator")
+
+CONTROL_TIMEOUT = 10.0
+
+
+@dataclass
+class Operation:
+    """The reconfiguration in progress, for C{status}."""
+
+    number: int
+    description: str
+    started: float
+    keys: int = 0
+    bytes: int = 0
+    step: str = "planning"
+    # per copy in flight: (keys, bytes) reported so far
+    copies: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+class ECS:
+    def __init__(self, config: ECSConfig, clock: IReactorTime, launcher: Any,
+                 state_file: StateFile, exit: Callable[[], None] = lambda: None) -> None:
+        self.config = config
+        self.clock = clock
+        self.launcher = launcher
+        self.state_file = state_file
+        self.exit = exit
+        loaded = state_file.load()
+        self.resumed = loaded is not None
+        self.state = loaded or ClusterState(replication=config.replication)
+        self.links: dict[str, amp.AMP] = {}
+        self.last_seen: dict[str, float] = {}
+        self._waiting: dict[str, list[Deferred[None]]] = {}
+        self._failing: set[str] = set()
+        self.busy = DeferredLock()
+        self.operation: Operation | None = None
+        self.last_reconfiguration: dict[str, Any] | None = None
+        self._operations = 0
+        self._started_at = clock.seconds()
+        self.heartbeats = LoopingCall(self._heartbeat_tick)
+        self.heartbeats.clock = clock
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """Start heartbeats and bring the ring back (or up, on a first start)."""
+        self._started_at = self.clock.seconds()
+        for name in self.state.ring_members:
+            self.last_seen[name] = self._started_at
+        self.heartbeats.start(self.config.heartbeat_interval, now=False)
+        return Deferred.fromCoroutine(self._bring_up())
+
+    async def _bring_up(self) -> None:
+        try:
+            if self.resumed:
+                await self._resume()
+            elif self.config.initial_nodes:
+                await self.add_nodes(self.config.initial_nodes, self.config.cache_strategy,
+                                     self.config.cache_size, start=True)
+        except Exception as e:
+            log.error("could not bring the ring up: {error}", error=e)
+
+    async def _resume(self) -> None:
+        # A fresh epoch for the same ring: every server that reconnects adopts it, which also
+        # clears any lock an interrupted reconfiguration left behind.
+        self.state.epoch = self.state.allocate_epoch()
+        self._save()
+        log.info("resumed epoch {epoch} with ring {ring}", epoch=self.state.epoch,
+                 ring=self.state.ring_members)
+        for name in self.state.ring_members:
+            member = self.state.members[name]
+            slot = self.config.slot(name)
+            if member.origin == "pool" and slot is not None and name not in self.links:
+                try:
+                    self.launcher.launch(slot, member.cache_strategy, member.cache_size)
+                except Exception as e:
+                    log.warn("not relaunching {name}: {error}", name=name, error=e)
+        for name in list(self.links):
+            await self._sync(name)
+
+    def stop(self) -> Deferred[Any]:
+        if self.heartbeats.running:
+            self.heartbeats.stop()
+        return self.launcher.stop_all()
+
+    # -- servers ---------------------------------------------------------------------------------
+
+    def register(self, link: amp.AMP, name: str, host: str, console_port: int, amp_port: int,
+                 epoch: int) -> str:
+        address = (host, console_port, amp_port)
+        for other in self.state.members.values():
+            if other.name != name and (other.host, other.console_port) == (host, console_port) \
+                    and other.status in (ACTIVE, IDLE, LAUNCHING):
+                raise control.RegistrationRefused(
+                    f"console address {host}:{console_port} belongs to {other.name}")
+        member = self.state.members.get(name)
+        if member is not None and (member.host, member.console_port, member.amp_port) != address:
+            if member.status in (ACTIVE, LAUNCHING) or name in self.links:
+                raise control.RegistrationRefused(
+                    f"{name} is registered at {member.host}:{member.console_port}")
+            member.host, member.console_port, member.amp_port = address
+        if member is None:
+            member = Member(name, host, console_port, amp_port, IDLE, "operator")
+            self.state.members[name] = member
+        if epoch > self.state.last_epoch:
+            # Only if our state file was lost: never hand out an epoch a server has seen.
+            self.state.last_epoch = epoch
+        if name not in self.state.ring_members and member.status != IDLE:
+            member.status = IDLE
+        self._save()
+        self.links[name] = link
+        link.server_name = name  # type: ignore[attr-defined]
+        self.last_seen[name] = self.clock.seconds()
+        for d in self._waiting.pop(name, []):
+            d.callback(None)
+        self._spawn(self._sync(name))
+        in_ring = name in self.state.ring_members
+        log.info("{name} registered ({where})", name=name,
+                 where="in the ring" if in_ring else "idle")
+        return "in the ring" if in_ring else "registered; waiting to be added to the ring"
+
+    def link_lost(self, link: amp.AMP) -> None:
+        name = getattr(link, "server_name", None)
+        if name is not None and self.links.get(name) is link:
+            del self.links[name]
+            log.info("{name} disconnected", name=name)
+
+    async def _sync(self, name: str) -> None:
+        """Bring one server up to date: the current ring and whether to serve."""
+        link = self.links.get(name)
+        if link is None:
+            return
+        try:
+            if self.state.ring_members:
+                await self._call(name, control.SetMetadata, **self._metadata())
+            serving = self.state.serving and name in self.state.ring_members
+            await self._call(name, control.SetState, state="running" if serving else "stopped")
+        except Exception as e:
+            log.warn("could not update {name}: {error}", name=name, error=e)
+
+    def copy_progress(self, operation: int, keys: int, nbytes: int, source: str) -> None:
+        op = self.operation
+        if op is None or op.number != operation:
+            return
+        op.copies[source] = (keys, nbytes)
+
+    # -- heartbeats and failures -----------------------------------------------------------------
+
+    def _heartbeat_tick(self) -> None:
+        try:
+            now = self.clock.seconds()
+            for name, link in list(self.links.items()):
+                d = self._call(name, control.Heartbeat, timeout=self.config.heartbeat_interval,
+                               epoch=self.state.epoch)
+                d.addCallbacks(self._heard, lambda f: None, (name,))
+            for name in list(self.state.ring_members):
+                silent = now - self.last_seen.get(name, self._started_at)
+                if silent > self.config.failure_timeout and name not in self._failing:
+                    self._failing.add(name)
+                    log.warn("{name} missed heartbeats for {silent:.1f}s: treating it as failed",
+                             name=name, silent=silent)
+                    self._spawn(self._fail(name))
+        except Exception:
+            log.failure("heartbeat round failed")
+
+    def _heard(self, reply: dict[str, Any], name: str) -> None:
+        self.last_seen[name] = self.clock.seconds()
+        if name in self.state.ring_members and reply["epoch"] < self.state.epoch \
+                and not self.busy.locked:
+            self._spawn(self._sync(name))
+
+    async def _fail(self, name: str) -> None:
+        try:
+            await self.busy.acquire()
+            try:
+                if name not in self.state.ring_members:
+                    return
+                remaining = [n for n in self.state.ring_members if n != name]
+                await self._reconfigure(remaining, f"failure of {name}", dead={name})
+                self.state.members[name].status = FAILED
+                self._save()
+                link = self.links.pop(name, None)
+                if link is not None:
+                    link.transport.loseConnection()
+            finally:
+                self.busy.release()
+        except Exception as e:
+            log.error("handling the failure of {name} failed: {error}", name=name, error=e)
+        finally:
+            self._failing.discard(name)
+
+    # -- admin commands --------------------------------------------------------------------------
+
+    def _claim(self) -> None:
+        if self.busy.locked:
+            op = self.operation
+            raise AdminError(
+                f"busy: {op.description if op else 'another operation'} is in progress; "
+                "try again when it is done (see status)")
+
+    async def add_nodes(self, count: int, cache_strategy: str, cache_size: int,
+                        start: bool = False) -> list[str]:
+        if count < 1:
+            raise AdminError("count must be at least 1")
+        from chainstore.cache import STRATEGIES
+        if cache_strategy.upper() not in STRATEGIES:
+            raise AdminError(f"unknown cache strategy {cache_strategy!r}: use FIFO, LRU or LFU")
+        if cache_size < 0:
+            raise AdminError("cache size must be 0 or more")
+        self._claim()
+        await self.busy.acquire()
+        try:
+            names = await self._bring_in(count, cache_strategy.upper(), cache_size)
+            await self._reconfigure(self.state.ring_members + names,
+                                    f"adding {', '.join(names)}")
+            for name in names:
+                self.state.members[name].status = ACTIVE
+            if start:
+                self.state.serving = True
+            self._save()
+            await self._set_states()
+            return names
+        finally:
+            self.busy.release()
+
+    async def _bring_in(self, count: int, cache_strategy: str, cache_size: int) -> list[str]:
+        """Pick C{count} servers (idle registered ones, then pool slots), launched and empty."""
+        idle = [m.name for m in self.state.members.values()
+                if m.status == IDLE and m.name in self.links]
+        chosen = idle[:count]
+        free_slots = [s for s in self.config.nodes
+                      if s.name not in self.links and s.name not in self.state.ring_members
+                      and self.state.members.get(s.name, Member(s.name, "", 0, 0, REMOVED)).status
+                      in (REMOVED, FAILED)]
+        needed = count - len(chosen)
+        if needed > len(free_slots):
+            raise AdminError(
+                f"cannot add {count}: {len(idle)} idle registered server(s) and "
+                f"{len(free_slots)} free node slot(s) in the pool")
+        launched = []
+        for slot in free_slots[:needed]:
+            self.state.members[slot.name] = Member(
+                slot.name, slot.host, slot.console_port, slot.amp_port, LAUNCHING, "pool",
+                cache_strategy, cache_size)
+            try:
+                self.launcher.launch(slot, cache_strategy, cache_size)
+            except Exception as e:
+                self.state.members[slot.name].status = FAILED
+                raise AdminError(f"could not launch {slot.name}: {e}") from None
+            launched.append(slot.name)
+        self._save()
+        try:
+            await gatherResults([self._registered(n) for n in launched], consumeErrors=True)
+        except Exception:
+            for name in launched:
+                if name not in self.links:
+                    self.state.members[name].status = FAILED
+                    self.launcher.stop(name)
+            self._save()
+            missing = [n for n in launched if n not in self.links]
+            raise AdminError(
+                f"{', '.join(missing)} did not register within {self.config.register_timeout}s;"
+                f" see {self.config.log_dir}/") from None
+        chosen += launched
+        for name in chosen:
+            await self._call(name, control.ClearStores)
+        return chosen
+
+    def _registered(self, name: str) -> Deferred[None]:
+        if name in self.links:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.setdefault(name, []).append(d)
+        d.addTimeout(self.config.register_timeout, self.clock)
+        return d
+
+    async def remove_node(self, name: str, force: bool = False) -> str:
+        member = self.state.members.get(name)
+        if member is None:
+            known = ", ".join(sorted(self.state.members)) or "none"
+            raise AdminError(f"unknown server {name!r}; known servers: {known}")
+        if name not in self.state.ring_members:
+            raise AdminError(f"{name} is not in the ring (it is {member.status})")
+        remaining = [n for n in self.state.ring_members if n != name]
+        if not remaining:
+            raise AdminError(f"{name} is the last server in the ring; use shutDown instead")
+        if len(remaining) < self.state.replication and not force:
+            raise AdminError(
+                f"removing {name} leaves {len(remaining)} servers, fewer than the replication "
+                f"factor {self.state.replication}; add --force to remove it and stop the service")
+        self._claim()
+        await self.busy.acquire()
+        try:
+            await self._reconfigure(remaining, f"removing {name}")
+            member.status = REMOVED
+            if len(remaining) < self.state.replication:
+                self.state.serving = False
+            self._save()
+            if name in self.links:
+                try:
+                    await self._call(name, control.Shutdown)
+                except Exception as e:
+                    log.warn("{name} did not take its shutdown: {error}", name=name, error=e)
+            self.links.pop(name, None)
+            await self._set_states()
+            return f"{name} removed; {len(remaining)} servers in the ring"
+        finally:
+            self.busy.release()
+
+    async def set_serving(self, serving: bool) -> str:
+        if serving and not self.state.ring_members:
+            raise AdminError("there are no servers in the ring; add some with addNode")
+        if serving and len(self.state.ring_members) < self.state.replication:
+            raise AdminError(
+                f"{len(self.state.ring_members)} servers in the ring, fewer than the replication "
+                f"factor {self.state.replication}: add servers first")
+        self._claim()
+        self.state.serving = serving
+        self._save()
+        await self._set_states()
+        return f"{len(self.state.ring_members)} servers {'started' if serving else 'stopped'}"
+
+    async def shut_down(self) -> str:
+        self._claim()
+        names = list(self.links)
+        for name in names:
+            try:
+                await self._call(name, control.Shutdown)
+            except Exception as e:
+                log.warn("{name} did not take its shutdown: {error}", name=name, error=e)
+        self.state.serving = False
+        self._save()
+        self.clock.callLater(0.2, self.exit)
+        return f"shut down {len(names)} servers and the ECS"
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock.seconds()
+        ring = self.state.ring()
+        ranges = {n.name: ring.range_of(i) for i, n in enumerate(ring.nodes)}
+        members = []
+        for m in sorted(self.state.members.values(), key=lambda m: m.name):
+            entry: dict[str, Any] = {
+                "name": m.name, "status": m.status, "origin": m.origin,
+                "console": f"{m.host}:{m.console_port}", "amp": f"{m.host}:{m.amp_port}",
+                "connected": m.name in self.links,
+            }
+            if m.name in self.last_seen:
+                entry["last_heartbeat_s"] = round(now - self.last_seen[m.name], 2)
+            if m.name in ranges:
+                entry["range"] = [f"{ranges[m.name].start:032X}", f"{ranges[m.name].end:032X}"]
+            members.append(entry)
+        op = self.operation
+        return {
+            "epoch": self.state.epoch,
+            "serving": self.state.serving,
+            "replication": self.state.replication,
+            "degraded": 0 < len(self.state.ring_members) < self.state.replication,
+            "ring": [n.name for n in ring.nodes],
+            "members": members,
+            "operation": None if op is None else {
+                "description": op.description, "step": op.step,
+                "keys_moved": op.keys + sum(k for k, _ in op.copies.values()),
+                "bytes_moved": op.bytes + sum(b for _, b in op.copies.values()),
+                "seconds": round(now - op.started, 2),
+            },
+        }
+
+    # -- reconfiguration -------------------------------------------------------------------------
+
+    async def _reconfigure(self, new_members: list[str], description: str,
+                           dead: Iterable[str] = ()) -> None:
+        dead = set(dead)
+        old = self.state.ring()
+        epoch = self.state.allocate_epoch()
+        new = Ring(tuple(self.state.members[n].info for n in new_members), epoch=epoch,
+                   replication=self.state.replication)
+        plan = planner.plan(old, new, dead)
+        self._operations += 1
+        op = self.operation = Operation(self._operations, description, self.clock.seconds())
+        # Save the allocation first: even if we crash now, the epoch is never handed out twice.
+        self._save()
+        log.info("epoch {epoch}: {description}: {copies} copies, {moves} local moves, "
+                 "{drops} drops", epoch=epoch, description=description,
+                 copies=len(plan.copies), moves=len(plan.moves), drops=len(plan.drops))
+        for rng in plan.lost:
+            log.error("range {start:032X}-{end:032X} had no surviving replica: its data is lost",
+                      start=rng.start, end=rng.end)
+        locked: list[tuple[str, list[KeyRange], bool]] = []
+        try:
+            op.step = "locking writes"
+            for server, ranges in plan.write_locks.items():
+                await self._call(server, control.LockRanges, ranges=_wire(ranges), reads=False)
+                locked.append((server, ranges, False))
+            op.step = "copying"
+            for move in plan.moves:
+                await self._call(move.server, control.DropRange, store=move.target_store,
+                                 start=move.range.start, end=move.range.end)
+                await self._call(move.server, control.MoveLocal, timeout=None,
+                                 source=move.source_store, target=move.target_store,
+                                 start=move.range.start, end=move.range.end)
+            for copy in plan.copies:
+                target = self.state.members[copy.target]
+                await self._call(copy.target, control.DropRange, store=copy.target_store,
+                                 start=copy.range.start, end=copy.range.end)
+                result = await self._call(
+                    copy.source, control.CopyRange, timeout=None, operation=op.number,
+                    store=copy.source_store, start=copy.range.start, end=copy.range.end,
+                    target_host=target.host, target_port=target.amp_port,
+                    target_store=copy.target_store, epoch=epoch)
+                op.copies.clear()
+                op.keys += result["keys"]
+                op.bytes += result["bytes"]
+            op.step = "switching"
+            for server, ranges in plan.read_locks.items():
+                await self._call(server, control.LockRanges, ranges=_wire(ranges), reads=True)
+                locked.append((server, ranges, True))
+        except Exception as e:
+            log.error("{description} aborted at {step}: {error}", description=description,
+                      step=op.step, error=e)
+            await self._unlock(locked)
+            self.operation = None
+            raise AdminError(f"{description} failed while {op.step}: {e}") from None
+        # Commit point.
+        self.state.epoch = epoch
+        self.state.ring_members = list(new_members)
+        self._save()
+        metadata = self._metadata()
+        results = await gatherResults(
+            [self._call(n, control.SetMetadata, **metadata).addErrback(_warn, n)
+             for n in set(new_members) | (set(old_members(old)) - dead)],
+        )
+        del results
+        op.step = "dropping moved data"
+        for drop in plan.drops:
+            try:
+                await self._call(drop.server, control.DropRange, timeout=None, store=drop.store,
+                                 start=drop.range.start, end=drop.range.end)
+            except Exception as e:
+                log.warn("could not drop {store} data on {server}: {error}", store=drop.store,
+                         server=drop.server, error=e)
+        elapsed = self.clock.seconds() - op.started
+        log.info("epoch {epoch}: {description} done in {elapsed:.2f}s, moved {keys} keys "
+                 "({nbytes} bytes)", epoch=epoch, description=description, elapsed=elapsed,
+                 keys=op.keys, nbytes=op.bytes)
+        self.last_reconfiguration = {"description": description, "seconds": elapsed,
+                                     "keys": op.keys, "bytes": op.bytes}
+        self.operation = None
+
+    async def _unlock(self, locked: list[tuple[str, list[KeyRange], bool]]) -> None:
+        for server, ranges, reads in locked:
+            try:
+                await self._call(server, control.UnlockRanges, ranges=_wire(ranges), reads=reads)
+            except Exception as e:
+                log.warn("could not unlock {server}: {error}", server=server, error=e)
+
+    async def _set_states(self) -> None:
+        await gatherResults([Deferred.fromCoroutine(self._sync(n)) for n in list(self.links)])
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    def _metadata(self) -> dict[str, Any]:
+        ring = self.state.ring()
+        return {
+            "epoch": ring.epoch, "replication": ring.replication,
+            "nodes": [{"name": n.name, "host": n.host, "console_port": n.console_port,
+                       "amp_port": n.amp_port} for n in ring.nodes],
+        }
+
+    def _call(self, name: str, command: type[amp.Command], timeout: float | None = CONTROL_TIMEOUT,
+              **kwargs: Any) -> Deferred[Any]:
+        link = self.links.get(name)
+        if link is None:
+            return _failed(control.ControlFailed(f"{name} is not connected to the ECS"))
+        d = link.callRemote(command, **kwargs)
+        if timeout is not None:
+            d.addTimeout(timeout, self.clock)
+        return d
+
+    def _save(self) -> None:
+        self.state_file.save(self.state)
+
+    def _spawn(self, coroutine: Any) -> None:
+        Deferred.fromCoroutine(coroutine).addErrback(
+            lambda f: log.failure("background task failed", f))
+
+
+def old_members(ring: Ring) -> list[str]:
+    return [n.name for n in ring.nodes]
+
+
+def _wire(ranges: list[KeyRange]) -> list[dict[str, int]]:
+    return [{"start": r.start, "end": r.end} for r in ranges]
+
+
+def _warn(failure: Any, name: str) -> None:
+    log.warn("could not send the new ring to {name}: {error}", name=name,
+             error=failure.getErrorMessage())
+
+
+def _failed(error: Exception) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
+    d.errback(error)
+    return d
+
+
+def status_json(ecs: ECS) -> str:
+    return json.dumps(ecs.status(), sort_keys=True)

@@ -1,0 +1,64 @@
+"""The admin protocol: AMP commands from ``ecsclient`` (or any admin tool) to the ECS.
+
+Long commands (C{AddNodes}, C{RemoveNode}) answer when the change is complete; meanwhile the
+admin may poll C{Status}, whose ``operation`` field shows the keys and bytes moved so far.
+"""
+
+from __future__ import annotations
+
+from twisted.protocols import amp
+
+
+class AdminError(Exception):
+    """The ECS refused or could not finish the command; the message says why."""
+
+
+class _AdminCommand(amp.Command):
+    errors = {AdminError: b"ADMIN_ERROR"}
+    fatalErrors: dict[type[Exception], bytes] = {}
+
+
+_NONE: list[tuple[bytes, amp.Argument]] = []
+
+
+class Start(_AdminCommand):
+    """Every server in the ring starts answering clients."""
+
+    arguments = _NONE
+    response = [(b"message", amp.Unicode())]
+
+
+class Stop(_AdminCommand):
+    """Every server in the ring answers ``server_stopped`` (the processes keep running)."""
+
+    arguments = _NONE
+    response = [(b"message", amp.Unicode())]
+
+
+class ShutDown(_AdminCommand):
+    """End every server process and then the ECS itself."""
+
+    arguments = _NONE
+    response = [(b"message", amp.Unicode())]
+
+
+class AddNodes(_AdminCommand):
+    """Add C{count} servers (registered idle ones first, then pool slots) to the ring."""
+
+    arguments = [(b"count", amp.Integer()), (b"cache_strategy", amp.Unicode()),
+                 (b"cache_size", amp.Integer())]
+    response = [(b"names", amp.ListOf(amp.Unicode())), (b"message", amp.Unicode())]
+
+
+class RemoveNode(_AdminCommand):
+    """Move a server's data to the others, take it out of the ring and end it."""
+
+    arguments = [(b"name", amp.Unicode()), (b"force", amp.Boolean())]
+    response = [(b"message", amp.Unicode())]
+
+
+class Status(_AdminCommand):
+    """The ring, every member's state and last heartbeat, and the running operation (JSON)."""
+
+    arguments = _NONE
+    response = [(b"status", amp.Unicode())]

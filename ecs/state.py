@@ -1,0 +1,104 @@
+"""The ECS's durable state: membership, the ring's members and the epoch.
+
+Saved atomically (write to a temporary file, fsync, rename) after every change, so a restarted
+ECS resumes the same ring and never hands out an epoch it has handed out before: every epoch is
+allocated and saved *before* it is sent to any server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from chainstore.ring import NodeInfo, Ring
+
+# Member status: launching (spawned, not yet registered), idle (registered, not in the ring),
+# active (in the ring), failed (missed its heartbeats; out of the ring), removed (left cleanly).
+LAUNCHING, IDLE, ACTIVE, FAILED, REMOVED = "launching", "idle", "active", "failed", "removed"
+
+
+@dataclass
+class Member:
+    name: str
+    host: str
+    console_port: int
+    amp_port: int
+    status: str = IDLE
+    #: "pool" if the ECS launched it from a node slot, "operator" if it registered by itself
+    origin: str = "operator"
+    cache_strategy: str = ""
+    cache_size: int = 0
+
+    @property
+    def info(self) -> NodeInfo:
+        return NodeInfo(self.name, self.host, self.console_port, self.amp_port)
+
+
+@dataclass
+class ClusterState:
+    #: the epoch of the committed ring below
+    epoch: int = 0
+    #: the highest epoch ever allocated (>= epoch): an aborted change burns its epoch
+    last_epoch: int = 0
+    members: dict[str, Member] = field(default_factory=dict)
+    #: names of the servers in the ring, in the order they joined
+    ring_members: list[str] = field(default_factory=list)
+    #: whether the service as a whole is started (servers answer clients)
+    serving: bool = False
+    replication: int = 1
+
+    def allocate_epoch(self) -> int:
+        self.last_epoch = max(self.last_epoch, self.epoch) + 1
+        return self.last_epoch
+
+    def ring(self) -> Ring:
+        return Ring(tuple(self.members[n].info for n in self.ring_members),
+                    epoch=self.epoch, replication=self.replication)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "last_epoch": self.last_epoch,
+            "serving": self.serving,
+            "replication": self.replication,
+            "ring_members": list(self.ring_members),
+            "members": [asdict(m) for m in self.members.values()],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ClusterState:
+        members = {m["name"]: Member(**m) for m in data.get("members", [])}
+        return cls(epoch=int(data["epoch"]), last_epoch=int(data.get("last_epoch", data["epoch"])),
+                   members=members,
+                   ring_members=list(data.get("ring_members", [])),
+                   serving=bool(data.get("serving", False)),
+                   replication=int(data.get("replication", 1)))
+
+
+class StateFile:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def load(self) -> ClusterState | None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return ClusterState.from_json(json.load(f))
+        except FileNotFoundError:
+            return None
+
+    def save(self, state: ClusterState) -> None:
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(state.to_json(), f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -1,0 +1,99 @@
+"""``twistd ecs``: the External Configuration Service (the plugin loads this lazily)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from chainstore import logs
+from ecs.config import ECSConfig, ECSConfigError, build_config, load_yaml
+
+DEFAULT_CONFIG = os.path.join("etc", "ecs.yaml")
+_D = ECSConfig()
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the chainstore ECS: it owns the ring, launches servers from its node pool (or "
+        "accepts servers started with --ecs), moves data when servers join or leave, and "
+        "detects failures by heartbeat. Options come from built-in defaults, then the YAML "
+        "file (--config, etc/ecs.yaml if present), then the command line. The node pool is "
+        "configured in the YAML file only."
+    )
+    optParameters = [
+        ["config", "c", None, f"YAML configuration file [default: {DEFAULT_CONFIG} if it exists]"],
+        ["listen", None, None, f"endpoint for servers and admins [default: {_D.listen}]"],
+        ["advertise", None, None,
+         f"client endpoint servers dial to reach this ECS [default: {_D.advertise}]"],
+        ["state-file", None, None, f"where membership and epoch persist [default: {_D.state_file}]"],
+        ["log-dir", None, None, f"where launched servers log [default: {_D.log_dir}]"],
+        ["heartbeat-interval", None, None,
+         f"seconds between heartbeats [default: {_D.heartbeat_interval}]"],
+        ["failure-timeout", None, None,
+         f"seconds of silence before a server counts as failed [default: {_D.failure_timeout}]"],
+        ["replication", None, None, f"chain length [default: {_D.replication}]"],
+        ["initial-nodes", None, None,
+         f"servers to launch and start on a first start [default: {_D.initial_nodes}]"],
+        ["cache-strategy", None, None,
+         f"cache of the initial servers [default: {_D.cache_strategy}]"],
+        ["cache-size", None, None, f"cache of the initial servers [default: {_D.cache_size}]"],
+        ["launcher", None, None, f"local, ssh or none [default: {_D.launcher}]"],
+        ["register-timeout", None, None,
+         f"seconds a launched server has to register [default: {_D.register_timeout}]"],
+        ["log-level", None, None, f"debug, info, warn, error, critical [default: {_D.log_level}]"],
+    ]
+
+    def postOptions(self) -> None:
+        path = self["config"]
+        try:
+            if path is None:
+                yaml_options = load_yaml(DEFAULT_CONFIG) if os.path.exists(DEFAULT_CONFIG) else {}
+            else:
+                yaml_options = load_yaml(path)
+            flags = {name: self[name] for name, *_ in self.optParameters if name != "config"}
+            self.config = build_config(yaml_options, flags)
+        except ECSConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class ECSService(Service):
+    """Runs the coordinator: heartbeats from start, the launched servers ended on stop."""
+
+    def __init__(self, ecs: Any) -> None:
+        self.ecs = ecs
+
+    def startService(self) -> None:
+        super().startService()
+        self.ecs.start()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.ecs.stop()
+
+
+def makeService(options: Options) -> IService:
+    from twisted.application.service import MultiService
+    from twisted.internet import reactor
+
+    from ecs.coordinator import ECS
+    from ecs.launcher import make_launcher
+    from ecs.server import ECSFactory
+    from ecs.state import StateFile
+
+    config: ECSConfig = options.config
+    logs.set_level(config.log_level)
+    coordinator = ECS(config, reactor, make_launcher(reactor, config), StateFile(config.state_file),
+                      exit=reactor.stop)
+    top = MultiService()
+    listener = StreamServerEndpointService(serverFromString(reactor, config.listen),
+                                           ECSFactory(coordinator))
+    listener._raiseSynchronously = True
+    listener.setServiceParent(top)
+    ECSService(coordinator).setServiceParent(top)
+    return top

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench venv clean
+.PHONY: run run-standalone test bench venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The ECS launches three KVServers from its pool (etc/ecs.yaml) and stops them on exit.
 run: $(STAMP)
+	$(BIN)/twistd --pidfile= -n ecs
+
+run-standalone: $(STAMP)
 	$(BIN)/twistd --pidfile= -n kvserver
 
 test: $(STAMP)

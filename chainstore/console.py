@@ -48,6 +48,11 @@ STATE_REPLIES: dict[type[KVError], bytes] = {
 # it: a client pipelining without bound must not grow our memory without bound.
 MAX_PENDING = 256
 
+TOO_LONG = b"error message too long: the limit is %d bytes per line" % MAX_LINE_BYTES
+
+
+LINE_BREAK = "values may not hold a carriage return: a reply must fit on one line"
+
 
 class ConsoleError(Exception):
     """A request that cannot be parsed; its text becomes ``error <text>``."""
@@ -95,6 +100,9 @@ def parse_line(line: bytes) -> Request:
         check_value(value)
     except (InvalidKey, ValueTooLarge) as e:
         raise ConsoleError(str(e)) from None
+    if b"\r" in value:
+        # A value that could not be sent back in one reply line is refused up front.
+        raise ConsoleError(LINE_BREAK)
     return Request(command, key, value)
 
 
@@ -103,8 +111,14 @@ class ConsoleProtocol(Protocol):
 
     def __init__(self, node: KVNode) -> None:
         self.node = node
-        self._buffer = b""
+        # Received bytes not yet handled: complete lines held back while paused, then the start
+        # of the next line. A bytearray, because appending to it and cutting lines off its front
+        # are amortised O(1): a line arriving a byte at a time costs O(length), not O(length^2).
+        self._buffer = bytearray()
+        # How far the buffer is known to hold no newline, so each byte is searched once.
+        self._scanned = 0
         self._discarding = False
+        self._processing = False
         # One entry per request still waiting for its reply, oldest first; an entry is None
         # until its reply is known.
         self._pending: deque[list[bytes | None]] = deque()
@@ -120,29 +134,57 @@ class ConsoleProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._lost = True
         self._pending.clear()
+        self._buffer.clear()
 
     def dataReceived(self, data: bytes) -> None:
-        buffer = self._buffer + data
-        start = 0
-        while not self._lost:
-            end = buffer.find(b"\n", start)
+        if self._lost:
+            return
+        if self._discarding:
+            # The rest of an over-long line: drop it up to its newline.
+            end = data.find(b"\n")
             if end < 0:
-                break
-            line = buffer[start:end]
-            start = end + 1
-            if self._discarding:
-                self._discarding = False
-                continue
-            if len(line) > MAX_LINE_BYTES:
-                self._reply_now(b"error message too long: the limit is 131072 bytes per line")
-                continue
-            self._handle(line)
-        rest = buffer[start:]
-        if len(rest) > MAX_LINE_BYTES and not self._discarding:
-            # Refuse now rather than buffer an endless line; skip up to its newline.
-            self._discarding = True
-            self._reply_now(b"error message too long: the limit is 131072 bytes per line")
-        self._buffer = b"" if self._discarding else rest
+                return
+            self._discarding = False
+            data = data[end + 1:]
+        self._buffer += data
+        self._process()
+
+    def _process(self) -> None:
+        """Handle every complete line in the buffer, unless paused or already doing so.
+
+        Re-entry happens when a reply completes synchronously and resumes the transport while a
+        line is being handled; the loop that is already running picks up the rest.
+        """
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            buffer = self._buffer
+            while not self._lost and not self._paused:
+                end = buffer.find(b"\n", self._scanned)
+                if end < 0:
+                    self._scanned = len(buffer)
+                    if len(buffer) > MAX_LINE_BYTES:
+                        # Refuse now rather than buffer an endless line; skip to its newline.
+                        buffer.clear()
+                        self._scanned = 0
+                        self._discarding = True
+                        self._reply_now(TOO_LONG)
+                    break
+                line = bytes(buffer[:end])
+                del buffer[:end + 1]
+                self._scanned = 0
+                if len(line) > MAX_LINE_BYTES:
+                    self._reply_now(TOO_LONG)
+                else:
+                    self._handle(line)
+                if len(self._pending) >= MAX_PENDING and not self._paused and not self._lost:
+                    # Stop reading until the replies drain; lines already received wait in the
+                    # buffer, so at most MAX_PENDING requests of a connection are in flight.
+                    self._paused = True
+                    self.transport.pauseProducing()
+        finally:
+            self._processing = False
 
     def _handle(self, line: bytes) -> None:
         try:
@@ -163,16 +205,19 @@ class ConsoleProtocol(Protocol):
             slot: list[bytes | None] = [None]
             self._pending.append(slot)
             result.addCallbacks(self._fill, self._fail, (slot,), None, (slot, request))
-            if len(self._pending) >= MAX_PENDING and not self._paused:
-                self._paused = True
-                self.transport.pauseProducing()
         else:
             self._reply_now(result)
 
     def _dispatch(self, req: Request) -> bytes | Deferred[bytes]:
         node, key = self.node, req.key
         if req.command == "get":
-            return b"get_success %s %s" % (key, node.get(key))
+            value = node.get(key)
+            if b"\n" in value or b"\r" in value:
+                # Written over AMP, which carries any bytes. Sent as is, the line break would
+                # split the reply and desynchronise the client (Java's readLine ends a line at
+                # a bare \r too).
+                return b"error the value of %s holds a line break; read it over AMP" % key
+            return b"get_success %s %s" % (key, value)
         if req.command == "put":
             return node.put(key, req.value).addCallback(
                 lambda updated: (b"put_update %s" if updated else b"put_success %s") % key
@@ -219,9 +264,10 @@ class ConsoleProtocol(Protocol):
         pending = self._pending
         while pending and pending[0][0] is not None:
             self._send(pending.popleft()[0])  # type: ignore[arg-type]
-        if self._paused and len(pending) < MAX_PENDING // 2:
+        if self._paused and len(pending) < MAX_PENDING // 2 and not self._lost:
             self._paused = False
             self.transport.resumeProducing()
+            self._process()
 
     def _send(self, reply: bytes) -> None:
         if not self._lost:

@@ -1,4 +1,5 @@
-"""Run real ``twistd kvserver`` processes on loopback, for integration tests and benchmarks.
+"""Run real ``twistd kvserver`` and ``twistd ecs`` processes on loopback, for integration tests
+and benchmarks.
 
 Blocking on purpose: test fixtures and the benchmark driver call these from plain code. Every
 process started here is tracked by PID and stopped by L{ProcessGroup.stop_all}, also when a
@@ -7,7 +8,9 @@ test fails.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +18,9 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
@@ -150,3 +156,256 @@ class ProcessGroup:
     def stop_all(self) -> None:
         for server in reversed(self.servers):
             server.stop()
+
+
+# -- the ECS ---------------------------------------------------------------------------------------
+
+
+def write_ecs_config(workdir: str | os.PathLike[str], *, slots: int = 4, initial_nodes: int = 2,
+                     heartbeat_interval: float = 0.3, failure_timeout: float = 1.5,
+                     host: str = "127.0.0.1", **options: object) -> Path:
+    """Write C{workdir}/ecs.yaml: an ECS on a free port with a pool of C{slots} free-port slots.
+
+    The state file (C{workdir}/ecs/state.json), the servers' logs (C{workdir}/logs) and their
+    data directories (C{workdir}/<name>) all stay inside C{workdir}. Further YAML options may be
+    given as keyword arguments with underscores (C{register_timeout=10}, C{replication=3}).
+    Returns the path of the file.
+    """
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port(host)
+    config: dict[str, object] = {
+        "listen": f"tcp:{port}:interface={host}",
+        "advertise": f"tcp:{host}:{port}",
+        "state-file": str(workdir / "ecs" / "state.json"),
+        "log-dir": str(workdir / "logs"),
+        "heartbeat-interval": heartbeat_interval,
+        "failure-timeout": failure_timeout,
+        "initial-nodes": initial_nodes,
+        "nodes": [
+            {"name": f"server{i}", "host": host, "console-port": free_port(host),
+             "amp-port": free_port(host), "data-dir": str(workdir / f"server{i}")}
+            for i in range(1, slots + 1)
+        ],
+    }
+    config.update({name.replace("_", "-"): value for name, value in options.items()})
+    path = workdir / "ecs.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+class ECSError(RuntimeError):
+    """The ECS answered an admin command with an error (the message is the ECS's)."""
+
+
+class ECSProcess:
+    """One ``twistd -n ecs`` process and the servers it launches, tracked by PID.
+
+    Run from C{workdir} (so no C{etc/ecs.yaml} of the caller's cwd is picked up) with the config
+    at C{config_path} (written by L{write_ecs_config} with C{config_options} when not given); it
+    logs to C{workdir}/ecs.log. L{status} and L{call} speak AMP to it over a plain blocking socket,
+    so tests and benchmark drivers need no reactor. L{stop} ends the ECS and then, by PID, every
+    server process it ever launched that is still alive (the PIDs come from its launcher's log
+    lines), also when the ECS itself was killed.
+
+        ecs = ECSProcess(tmp_path).start()
+        try:
+            ecs.wait_ready(ring_size=2)
+            ...
+        finally:
+            ecs.stop()
+    """
+
+    def __init__(self, workdir: str | os.PathLike[str],
+                 config_path: str | os.PathLike[str] | None = None,
+                 **config_options: object) -> None:
+        self.workdir = Path(workdir).resolve()
+        if config_path is None:
+            config_path = write_ecs_config(self.workdir, **config_options)  # type: ignore[arg-type]
+        self.config_path = Path(config_path).resolve()
+        self.config = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+        listen = str(self.config["listen"])  # tcp:PORT:interface=HOST
+        fields = listen.split(":")
+        self.port = int(fields[1])
+        self.host = "127.0.0.1"
+        for field in fields[2:]:
+            if field.startswith("interface="):
+                self.host = field.split("=", 1)[1]
+        self.log_path = self.workdir / "ecs.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        #: every server PID the ECS reported launching, read from its log: name -> pids
+        self.launched: dict[str, list[int]] = {}
+
+    @property
+    def address(self) -> str:
+        """C{HOST:PORT}, as C{ecsclient --ecs} takes it."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def slots(self) -> list[dict[str, object]]:
+        """The node pool of the config: dicts with name, host, console-port, amp-port."""
+        return list(self.config.get("nodes", []))
+
+    def argv(self) -> list[str]:
+        return TWISTD + ["--pidfile=", "-n", "--logfile", str(self.log_path),
+                         "ecs", "--config", str(self.config_path)]
+
+    def start(self) -> ECSProcess:
+        """Start the process and return at once (see L{wait_ready})."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(self.argv(), cwd=self.workdir, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, ring_size: int | None = None, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until the ECS answers C{Status} and (if given) C{ring_size} servers are in its
+        ring, every one of them connected; return that status. Raise if the ECS dies first."""
+        deadline = time.monotonic() + timeout
+        last: object = "no answer yet"
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise ProcessFailed(f"the ECS exited:\n{self.diagnostics()}")
+            try:
+                status = self.status(timeout=2.0)
+            except (OSError, ECSError) as e:
+                last = e
+            else:
+                last = status
+                connected = {m["name"] for m in status["members"] if m["connected"]}
+                if ring_size is None or (len(status["ring"]) == ring_size
+                                         and set(status["ring"]) <= connected):
+                    return status
+            time.sleep(0.1)
+        raise ProcessFailed(f"the ECS was not ready after {timeout}s (last: {last}):\n"
+                            f"{self.diagnostics()}")
+
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The ECS's C{Status}, decoded from JSON."""
+        from ecs.protocol import Status
+
+        return json.loads(self.call(Status, timeout=timeout)["status"])
+
+    def call(self, command: Any, timeout: float = 60.0, **arguments: Any) -> dict[str, Any]:
+        """Send one admin AMP command on a fresh blocking connection and return its answer.
+
+        Raises L{ECSError} with the ECS's message if it answers with an error, OSError if it
+        cannot be reached or does not answer within C{timeout} seconds.
+        """
+        box = command.makeArguments(arguments, None)
+        box[b"_command"] = command.commandName
+        box[b"_ask"] = b"1"
+        with socket.create_connection((self.host, self.port), timeout=timeout) as s:
+            s.sendall(box.serialize())
+            reply = _read_amp_box(s.makefile("rb"))
+        if b"_error" in reply:
+            raise ECSError(reply.get(b"_error_description", b"").decode(errors="replace"))
+        return command.parseResponse(reply, None)
+
+    def server_pids(self) -> dict[str, list[int]]:
+        """Every server PID the ECS has logged launching so far: name -> pids (oldest first)."""
+        if self.log_path.exists():
+            for match in _LAUNCHED.finditer(self.log_path.read_text(errors="replace")):
+                pids = self.launched.setdefault(match["name"], [])
+                if int(match["pid"]) not in pids:
+                    pids.append(int(match["pid"]))
+        return self.launched
+
+    def live_server_pids(self) -> list[int]:
+        """The launched server processes that are still alive."""
+        return [pid for pids in self.server_pids().values() for pid in pids if pid_alive(pid)]
+
+    def wait_exit(self, timeout: float = 20.0) -> int:
+        """Wait for the ECS to exit by itself (after C{ShutDown}); its exit code."""
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the ECS (its servers go on running; L{stop} ends them)."""
+        if self.running:
+            assert self.proc is not None
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """End the ECS (SIGTERM, SIGKILL after C{timeout}) and every server it launched."""
+        self.server_pids()
+        code = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                os.kill(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.kill()
+            code = self.proc.returncode
+            if self.proc.stderr:
+                self.proc.stderr.close()
+        self.kill_servers()
+        return code
+
+    def kill_servers(self, timeout: float = 10.0) -> None:
+        """SIGKILL every launched server still alive and wait (bounded) until they are gone."""
+        pids = self.live_server_pids()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def diagnostics(self) -> str:
+        err = b""
+        if self.proc is not None and self.proc.poll() is not None and self.proc.stderr:
+            err = self.proc.stderr.read() or b""
+        log = self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+        return f"stderr: {err.decode(errors='replace')[-2000:]}\nlog tail:\n{log}"
+
+
+# The launcher's line "launched server1 (pid 1234): ..." (ecs/launcher.py).
+_LAUNCHED = re.compile(r"launched (?P<name>\S+) \(pid (?P<pid>\d+)\)")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process C{pid} exists and is not a zombie (an exited child not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            # The state follows the parenthesised command name, which may hold spaces.
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def _read_amp_box(stream: Any) -> dict[bytes, bytes]:
+    """Read one AMP box (2-byte length, key, 2-byte length, value, ..., empty key)."""
+    box: dict[bytes, bytes] = {}
+    while True:
+        key = _read_exact(stream, int.from_bytes(_read_exact(stream, 2), "big"))
+        if not key:
+            return box
+        box[key] = _read_exact(stream, int.from_bytes(_read_exact(stream, 2), "big"))
+
+
+def _read_exact(stream: Any, n: int) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise ConnectionError("the ECS closed the connection before answering")
+    return data

@@ -78,6 +78,10 @@ class ECSConfig:
         if self.cache_strategy.upper() not in STRATEGIES:
             raise ECSConfigError(
                 f"cache-strategy {self.cache_strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.cache_size < 0:
+            raise ECSConfigError(f"cache-size must be 0 or more, not {self.cache_size}")
+        if self.register_timeout <= 0:
+            raise ECSConfigError("register-timeout must be more than 0 seconds")
         if self.launcher not in ("local", "ssh", "none"):
             raise ECSConfigError(f"launcher {self.launcher!r}: choose local, ssh or none")
         if self.log_level.lower() not in LEVELS:
@@ -88,6 +92,16 @@ class ECSConfig:
         addresses = [(n.host, n.console_port) for n in self.nodes]
         if len(set(addresses)) != len(addresses):
             raise ECSConfigError("two node slots share a console address")
+        # Each slot listens on two ports; a port taken twice on one host fails the later launch.
+        seen: dict[tuple[str, int], str] = {}
+        for n in self.nodes:
+            for port in (n.console_port, n.amp_port):
+                other = seen.setdefault((n.host, port), n.name)
+                if other != n.name or n.console_port == n.amp_port:
+                    raise ECSConfigError(
+                        f"port {n.host}:{port} is used by both {other} and {n.name}"
+                        if other != n.name else
+                        f"{n.name}: console-port and amp-port are both {port}")
         return replace(self, cache_strategy=self.cache_strategy.upper(),
                        log_level=self.log_level.lower())
 

@@ -7,9 +7,11 @@ pumps them and time only when it advances the Clock. Each test names the behavio
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from typing import Any
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
@@ -22,9 +24,20 @@ from zope.interface import implementer
 from chainstore.amp_server import KVServerProtocol
 from chainstore.cache import make_cache
 from chainstore.console import ConsoleProtocol
-from chainstore.node import KVNode
+from chainstore.errors import (
+    InvalidKey,
+    KeyNotFound,
+    NotResponsible,
+    ServerStopped,
+    ValueTooLarge,
+    WriteLocked,
+)
+from chainstore.limits import MAX_VALUE_BYTES
+from chainstore.node import RUNNING, STOPPED, KVNode
 from chainstore.ring import NodeInfo, Ring
-from chainstore.storage import StoreSet
+from chainstore.storage import STORE_NAMES, StoreSet
+from client.errors import ClientClosed, RequestTimedOut, WrongProtocol
+from client.kvstore import KVStore
 
 Address = tuple[str, int]
 
@@ -148,24 +161,6 @@ def result_of(d: Deferred[Any]) -> Any:
 
 # -- the tests ----------------------------------------------------------------------------------
 
-import random  # noqa: E402
-
-import pytest  # noqa: E402
-
-from chainstore.errors import (  # noqa: E402
-    InvalidKey,
-    KeyNotFound,
-    NotResponsible,
-    ServerStopped,
-    ValueTooLarge,
-    WriteLocked,
-)
-from chainstore.limits import MAX_VALUE_BYTES  # noqa: E402
-from chainstore.node import RUNNING, STOPPED  # noqa: E402
-from chainstore.storage import STORE_NAMES  # noqa: E402
-from client.errors import ClientClosed, RequestTimedOut, WrongProtocol  # noqa: E402
-from client.kvstore import KVStore  # noqa: E402
-
 HOST = "127.0.0.1"
 
 
@@ -212,11 +207,11 @@ def standalone(net: FakeNetwork) -> tuple[KVNode, Address]:
     return node, amp(node.me)
 
 
-def key_headed_by(ring: Ring, name: str, avoid: set[str] = frozenset()) -> bytes:  # type: ignore[assignment]
+def key_headed_by(ring: Ring, name: str) -> bytes:
     """A key whose chain in C{ring} starts at C{name}."""
     for i in range(10_000):
         key = b"k%d" % i
-        if ring.head(key).name == name and key not in avoid:
+        if ring.head(key).name == name:
             return key
     raise AssertionError(f"no key is headed by {name}")
 

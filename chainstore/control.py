@@ -179,12 +179,16 @@ def unpack_items(data: bytes) -> Iterator[tuple[bytes, bytes]]:
     view = memoryview(data)
     offset, size = 0, _PAIR_HEADER.size
     while offset < len(view):
+        # Check the whole pair fits before reading it: a cut inside a header or a key (even one
+        # followed by an empty value) must not yield a shortened key.
+        if offset + size > len(view):
+            raise ValueError("truncated batch")
         key_len, value_len = _PAIR_HEADER.unpack_from(view, offset)
         offset += size
+        if offset + key_len + value_len > len(view):
+            raise ValueError("truncated batch")
         key = bytes(view[offset:offset + key_len])
         offset += key_len
         value = bytes(view[offset:offset + value_len])
         offset += value_len
-        if len(value) != value_len:
-            raise ValueError("truncated batch")
         yield key, value

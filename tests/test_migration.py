@@ -1,0 +1,294 @@
+"""Range migration without sockets: the batch encoding, bounded batches, a copy streamed over
+iosim into a real KVServerProtocol (epoch-checked), and the local move/drop with a Clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.protocols import amp
+from twisted.test import iosim
+
+from chainstore import migration
+from chainstore.amp_server import KVServerProtocol
+from chainstore.cache import make_cache
+from chainstore.control import ControlFailed, ReceiveRange, StaleEpoch, pack_items, unpack_items
+from chainstore.limits import MAX_VALUE_BYTES
+from chainstore.node import KVNode
+from chainstore.ring import KeyRange, NodeInfo, Ring, position
+from chainstore.storage import StoreSet
+
+HALF = 1 << 127
+# Two halves of the ring: (0, 2^127] and (2^127, 0], wrapping.
+LOW, HIGH = KeyRange(0, HALF), KeyRange(HALF, 0)
+
+
+def keys(n: int, prefix: str = "k") -> list[bytes]:
+    return [f"{prefix}{i:05d}".encode() for i in range(n)]
+
+
+@pytest.fixture
+def stores(tmp_path):
+    s = StoreSet.open(str(tmp_path / "src"))
+    yield s
+    s.close()
+
+
+def fill(store: Any, items: dict[bytes, bytes]) -> None:
+    migration.write_batch(store, list(items.items()))
+
+
+def contents(store: Any) -> dict[bytes, bytes]:
+    return dict(store.items())
+
+
+def run(d: Deferred[Any], step: Any, limit: int = 100_000) -> Any:
+    """Drive C{step} until C{d} fires; return its result or raise its failure."""
+    # Collect the outcome before any answer can arrive: AMP hands an error that finds no
+    # errback to its own handler, which drops the connection and swallows the error.
+    results: list[Any] = []
+    d.addBoth(results.append)
+    for _ in range(limit):
+        if results:
+            break
+        step()
+    assert results, "the operation never finished"
+    result = results[0]
+    if hasattr(result, "raiseException"):
+        result.raiseException()
+    return result
+
+
+# -- the batch encoding ---------------------------------------------------------------------------
+
+pairs = st.lists(st.tuples(st.binary(min_size=1, max_size=20),
+                           st.binary(max_size=300)), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pairs)
+def test_pack_unpack_round_trip(items):
+    assert list(unpack_items(pack_items(items))) == items
+
+
+def test_pack_unpack_round_trip_of_the_largest_values():
+    items = [(b"a", b"x" * MAX_VALUE_BYTES), (b"b" * 20, bytes(range(256)) * 468),
+             (b"c", b""), (b"d", b"\x00" * MAX_VALUE_BYTES)]
+    assert list(unpack_items(pack_items(items))) == items
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.binary(min_size=1, max_size=20), st.binary(max_size=40)),
+                min_size=1, max_size=5), st.data())
+def test_every_truncated_batch_is_refused(items, data):
+    payload = pack_items(items)
+    ends, offset = set(), 0
+    for key, value in items:
+        offset += 5 + len(key) + len(value)
+        ends.add(offset)
+    # any cut except at a pair boundary (that is a shorter, valid batch)
+    cut = data.draw(st.integers(1, len(payload) - 1).filter(lambda c: c not in ends))
+    # Whatever the cut (inside a header, a key or a value, even with an empty value), the
+    # receiver must refuse the batch rather than write a shortened key.
+    with pytest.raises(ValueError, match="truncated"):
+        list(unpack_items(payload[:cut]))
+
+
+def test_truncated_key_before_an_empty_value_is_refused():
+    payload = pack_items([(b"abcdef", b"")])
+    with pytest.raises(ValueError, match="truncated"):
+        list(unpack_items(payload[:-2]))
+
+
+# -- batches --------------------------------------------------------------------------------------
+
+def test_batches_hold_exactly_the_range_in_bounded_batches(stores, monkeypatch):
+    monkeypatch.setattr(migration, "BATCH_KEYS", 50)
+    monkeypatch.setattr(migration, "BATCH_BYTES", 4000)
+    store = stores["coordinator"]
+    items = {k: bytes([i % 251]) * (i % 300) for i, k in enumerate(keys(600))}
+    fill(store, items)
+    for rng in (LOW, HIGH, KeyRange(5, 5)):
+        got: dict[bytes, bytes] = {}
+        sizes = []
+        for batch in migration.batches(store, rng):
+            assert 1 <= len(batch) <= 50
+            size = sum(len(k) + len(v) for k, v in batch)
+            # a batch closes as soon as it reaches the byte bound: only its last pair may cross it
+            assert size - len(batch[-1][0]) - len(batch[-1][1]) < 4000
+            sizes.append(size)
+            got.update(batch)
+        expected = {k: v for k, v in items.items() if position(k) in rng}
+        assert got == expected
+        assert max(sizes) >= 3000  # the byte bound, not only the key bound, was exercised
+
+
+def test_the_default_bounds_cut_large_values_into_small_batches(stores):
+    store = stores["coordinator"]
+    fill(store, {k: b"v" * MAX_VALUE_BYTES for k in keys(12)})
+    batches = list(migration.batches(store, KeyRange(7, 7)))
+    assert sum(len(b) for b in batches) == 12
+    per_batch = -(-migration.BATCH_BYTES // (MAX_VALUE_BYTES + 6))
+    assert all(len(b) <= per_batch for b in batches)
+    assert len(batches) == -(-12 // per_batch)
+
+
+# -- copy_range over the wire ---------------------------------------------------------------------
+
+class CountingClient(amp.AMP):
+    """Notes how many commands are awaiting an answer at once (flow control)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.calls = 0
+
+    def callRemote(self, command: Any, **kwargs: Any) -> Deferred[Any]:
+        self.in_flight += 1
+        self.calls += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+        def done(result: Any) -> Any:
+            self.in_flight -= 1
+            return result
+
+        return super().callRemote(command, **kwargs).addBoth(done)
+
+
+@pytest.fixture
+def target(tmp_path):
+    clock = Clock()
+    me = NodeInfo("t", "127.0.0.1", 6001, 7001)
+    node = KVNode(me, make_cache("LRU", 10), clock, ring=Ring((me,), epoch=3, replication=1))
+    node.stores = StoreSet.open(str(tmp_path / "target"))
+    yield node
+    node.stores.close()
+
+
+def connect(node: KVNode) -> tuple[CountingClient, iosim.IOPump]:
+    client, _server, pump = iosim.connectedServerAndClient(
+        lambda: KVServerProtocol(node), CountingClient, greet=False, clock=node.clock)
+    return client, pump
+
+
+def test_copy_range_streams_the_range_into_the_target_store(stores, target, monkeypatch):
+    monkeypatch.setattr(migration, "BATCH_KEYS", 40)
+    source = stores["coordinator"]
+    items = {k: (b"%d" % i) * (1 + i % 7) for i, k in enumerate(keys(500))}
+    items[b"big"] = b"B" * MAX_VALUE_BYTES  # crosses as a multi-chunk BigBytes
+    fill(source, items)
+    target.stores["replica1"].put(b"other", b"stays")
+    client, pump = connect(target)
+    progress: list[tuple[int, int]] = []
+    d = Deferred.fromCoroutine(migration.copy_range(
+        source, HIGH, client, "replica1", 4, lambda k, b: progress.append((k, b))))
+    sent_keys, sent_bytes = run(d, pump.pump)
+    expected = {k: v for k, v in items.items() if position(k) in HIGH}
+    assert sent_keys == len(expected)
+    assert contents(target.stores["replica1"]) == {**expected, b"other": b"stays"}
+    assert contents(target.stores["coordinator"]) == {}
+    # one batch in flight at a time, and the progress reports climb to the totals
+    assert client.max_in_flight == 1
+    assert client.calls == len(progress) >= len(expected) // 40
+    assert progress[-1] == (sent_keys, sent_bytes)
+    assert [k for k, _ in progress] == sorted(k for k, _ in progress)
+    # the source keeps everything: only the ECS decides when to drop
+    assert contents(source) == items
+
+
+@pytest.mark.parametrize("epoch", [3, 2])
+def test_a_copy_for_an_old_epoch_is_refused_and_writes_nothing(stores, target, epoch):
+    fill(stores["coordinator"], {k: b"v" for k in keys(30)})
+    client, pump = connect(target)
+    d = Deferred.fromCoroutine(migration.copy_range(
+        stores["coordinator"], KeyRange(1, 1), client, "coordinator", epoch))
+    with pytest.raises(StaleEpoch, match=f"epoch {epoch}"):
+        run(d, pump.pump)
+    assert len(target.stores["coordinator"]) == 0
+
+
+def test_receive_range_needs_open_stores(target):
+    stores, target.stores = target.stores, None
+    try:
+        client, pump = connect(target)
+        d = client.callRemote(ReceiveRange, epoch=9, store="coordinator",
+                              items=pack_items([(b"k", b"v")]))
+        with pytest.raises(ControlFailed, match="not open"):
+            run(d, pump.pump)
+    finally:
+        target.stores = stores
+
+
+def test_an_unknown_store_name_is_refused(stores):
+    with pytest.raises(ValueError, match="unknown store 'replica3'"):
+        migration.store_named(stores, "replica3")
+
+
+# -- local moves and drops ------------------------------------------------------------------------
+
+def test_move_local_copies_the_range_and_yields_between_batches(stores, monkeypatch):
+    monkeypatch.setattr(migration, "BATCH_KEYS", 25)
+    clock = Clock()
+    src, dst = stores["replica1"], stores["coordinator"]
+    items = {k: k * 3 for k in keys(300)}
+    fill(src, items)
+    fill(dst, {b"dst-only": b"1"})
+    d = Deferred.fromCoroutine(migration.move_local(src, dst, LOW, clock))
+    expected = {k: v for k, v in items.items() if position(k) in LOW}
+    # It does not run to completion in one go: it waits for the reactor after each batch.
+    assert not d.called
+    assert len(dst) == 1 + 25
+    moved = run(d, lambda: clock.advance(0))
+    assert moved == len(expected)
+    assert contents(dst) == {**expected, b"dst-only": b"1"}
+    assert contents(src) == items  # a move copies; the drop comes later
+
+
+def test_move_local_holds_a_read_lock_on_the_source(stores):
+    clock = Clock()
+    src = stores["replica1"]
+    fill(src, {k: b"v" for k in keys(10)})
+    d = Deferred.fromCoroutine(migration.move_local(src, stores["replica2"], KeyRange(0, 0),
+                                                    clock))
+    assert src.lock.readers == 1
+    run(d, lambda: clock.advance(0))
+    assert not src.lock.locked
+
+
+def test_drop_range_deletes_only_the_range_under_the_write_lock(stores, monkeypatch):
+    monkeypatch.setattr(migration, "BATCH_KEYS", 30)
+    clock = Clock()
+    store = stores["coordinator"]
+    items = {k: b"v" + k for k in keys(400)}
+    fill(store, items)
+    d = Deferred.fromCoroutine(migration.drop_range(store, HIGH, clock))
+    assert not d.called
+    # client writes are refused while the drop holds the store's lock
+    assert store.lock.writer
+    dropped = run(d, lambda: clock.advance(0))
+    expected_left = {k: v for k, v in items.items() if position(k) in LOW}
+    assert dropped == len(items) - len(expected_left)
+    assert contents(store) == expected_left
+    assert not store.lock.locked
+
+
+def test_drop_range_of_an_empty_range_is_a_no_op(stores):
+    clock = Clock()
+    d = Deferred.fromCoroutine(migration.drop_range(stores["replica2"], LOW, clock))
+    assert run(d, lambda: clock.advance(0)) == 0
+
+
+def test_write_batch_on_the_dumb_backend(tmp_path):
+    dumb = StoreSet.open(str(tmp_path / "dumb"), backend="dumb")
+    try:
+        store = dumb["coordinator"]
+        migration.write_batch(store, [(b"a", b"1"), (b"b", b"2")])
+        migration.write_batch(store, [(b"c", b"3")], [b"a", b"missing"])
+        assert contents(store) == {b"b": b"2", b"c": b"3"}
+    finally:
+        dumb.close()

@@ -118,24 +118,27 @@ class KVNode:
         stores = self._serving()
         pos = position(key)
         ring = self.ring
-        if ring.nodes[ring.owner_index(pos)] != self.me:
+        index = ring.owner_index(pos)
+        chain = ring.chain_for_index(index)
+        if not chain or chain[0] != self.me:
             raise NotResponsible(f"{self.me.name} is not the head of this key's chain")
         for locked in self.write_locks:
             if pos in locked:
                 raise WriteLocked("this key's range is being moved; writes are refused")
-        return stores[STORE_NAMES[0]]
+        return stores[STORE_NAMES[ring.ring_chain(index).index(self.me)]]
 
     def _tail_store(self, key: bytes) -> Store:
         stores = self._serving()
         pos = position(key)
         ring = self.ring
-        chain = ring.chain_for_index(ring.owner_index(pos))
-        if chain[-1] != self.me:
+        index = ring.owner_index(pos)
+        chain = ring.chain_for_index(index)
+        if not chain or chain[-1] != self.me:
             raise NotResponsible(f"{self.me.name} is not the tail of this key's chain")
         for locked in self.read_locks:
             if pos in locked:
                 raise NotResponsible("this key's range is being handed to another server")
-        return stores[STORE_NAMES[len(chain) - 1]]
+        return stores[STORE_NAMES[ring.ring_chain(index).index(self.me)]]
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {

@@ -81,11 +81,14 @@ class Ring:
     """An immutable view of the membership in one epoch.
 
     C{replication} is the configured chain length; chains are shorter when fewer servers exist.
+    C{dead} names members that failed and have not been taken out yet: they keep their ring
+    positions (so every survivor keeps the store of its position) but are skipped in chains.
     """
 
     nodes: tuple[NodeInfo, ...]
     epoch: int = 0
     replication: int = 3
+    dead: frozenset[str] = frozenset()
     _positions: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -95,7 +98,11 @@ class Ring:
             raise ValueError("two servers share one ring position (same console address?)")
         if len({n.name for n in ordered}) != len(ordered):
             raise ValueError("two servers share one name")
+        unknown = set(self.dead) - {n.name for n in ordered}
+        if unknown:
+            raise ValueError(f"dead members {sorted(unknown)} are not in the ring")
         object.__setattr__(self, "nodes", ordered)
+        object.__setattr__(self, "dead", frozenset(self.dead))
         object.__setattr__(self, "_positions", positions)
 
     def __len__(self) -> int:
@@ -129,13 +136,27 @@ class Ring:
         n = len(self.nodes)
         return KeyRange(self._positions[(index - 1) % n], self._positions[index])
 
-    def chain_for_index(self, index: int) -> tuple[NodeInfo, ...]:
-        """Head, middle, ..., tail of the chain of the range headed by server C{index}."""
+    def ring_chain(self, index: int) -> tuple[NodeInfo, ...]:
+        """The ring positions of the chain of range C{index}, dead members included.
+
+        A member's place in this tuple fixes the store it keeps the range in.
+        """
         n = len(self.nodes)
         return tuple(self.nodes[(index + k) % n] for k in range(self.chain_length))
 
+    def chain_for_index(self, index: int) -> tuple[NodeInfo, ...]:
+        """Head, middle, ..., tail of the live chain of the range owned by server C{index}."""
+        chain = self.ring_chain(index)
+        if not self.dead:
+            return chain
+        return tuple(n for n in chain if n.name not in self.dead)
+
     def chain(self, key: bytes) -> tuple[NodeInfo, ...]:
         return self.chain_for_index(self.owner_index(position(key)))
+
+    @property
+    def live_nodes(self) -> tuple[NodeInfo, ...]:
+        return tuple(n for n in self.nodes if n.name not in self.dead)
 
     def head(self, key: bytes) -> NodeInfo:
         return self.chain(key)[0]
@@ -154,12 +175,17 @@ class Ring:
         """The payload of C{keyrange_read_success}: every range with its tail."""
         return "".join(
             f"{render_position(r.start)},{render_position(r.end)},{node.console_address};"
-            for r, node in self._ranges_with(self.chain_length - 1)
+            for r, node in self._ranges_with(-1)
         )
 
-    def _ranges_with(self, hop: int) -> list[tuple[KeyRange, NodeInfo]]:
-        n = len(self.nodes)
-        return [(self.range_of(i), self.nodes[(i + hop) % n]) for i in range(n)]
+    def _ranges_with(self, end: int) -> list[tuple[KeyRange, NodeInfo]]:
+        """Every range with the live member at C{end} of its chain (0 head, -1 tail)."""
+        result = []
+        for i in range(len(self.nodes)):
+            chain = self.chain_for_index(i)
+            if chain:  # a range whose every replica is dead has nobody to list
+                result.append((self.range_of(i), chain[end]))
+        return result
 
 
 def parse_keyrange(text: str) -> list[tuple[KeyRange, str, int]]:

@@ -35,11 +35,17 @@ def ring_from_wire(epoch: int, replication: int, nodes: list[dict[str, Any]]) ->
 class ServerControlProtocol(amp.AMP):
     """The server's end of the ECS connection."""
 
-    def __init__(self, node: KVNode, reactor: Any, shutdown: Callable[[], None]) -> None:
+    def __init__(self, node: KVNode, reactor: Any, shutdown: Callable[[], None],
+                 connect_peer: Callable[[str, int], Deferred[amp.AMP]] | None = None) -> None:
         super().__init__()
         self.node = node
         self.reactor = reactor
         self.shutdown = shutdown
+        # How a copy reaches the target server's AMP port; tests pass an in-memory connector.
+        self.connect_peer = connect_peer or self._dial
+
+    def _dial(self, host: str, port: int) -> Deferred[amp.AMP]:
+        return connectProtocol(HostnameEndpoint(self.reactor, host, port, timeout=10), amp.AMP())
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -99,10 +105,9 @@ class ServerControlProtocol(amp.AMP):
 
     async def _copy_range(self, operation: int, store: str, rng: KeyRange, host: str,
                           port: int, target_store: str, epoch: int) -> dict[str, Any]:
-        source = migration.store_named(self._stores(), store)
-        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=10)
+        source = self._store(store)
         try:
-            target = await connectProtocol(endpoint, amp.AMP())
+            target = await self.connect_peer(host, port)
         except Exception as e:
             raise control.ControlFailed(f"cannot reach {host}:{port}: {e}") from None
 
@@ -112,6 +117,12 @@ class ServerControlProtocol(amp.AMP):
         try:
             keys, nbytes = await migration.copy_range(source, rng, target, target_store, epoch,
                                                       progress)
+        except Exception as e:
+            if type(e) in control.CONTROL_ERRORS:
+                raise
+            # An undeclared error would make AMP drop this link, and with it the ECS's way to
+            # unlock this server; a lost target connection is an ordinary failed copy.
+            raise control.ControlFailed(f"copy to {host}:{port} failed: {e!r}") from None
         finally:
             target.transport.loseConnection()
         log.info("copied {keys} keys ({nbytes} bytes) of {store} to {host}:{port}",
@@ -121,19 +132,18 @@ class ServerControlProtocol(amp.AMP):
     @control.MoveLocal.responder
     def move_local(self, source: str, target: str, start: int,
                    end: int) -> Deferred[dict[str, Any]]:
-        stores = self._stores()
+        from_store, to_store = self._store(source), self._store(target)
 
         async def move() -> dict[str, Any]:
-            keys = await migration.move_local(
-                migration.store_named(stores, source), migration.store_named(stores, target),
-                KeyRange(start, end), self.reactor)
+            keys = await migration.move_local(from_store, to_store, KeyRange(start, end),
+                                              self.reactor)
             return {"keys": keys}
 
         return Deferred.fromCoroutine(move())
 
     @control.DropRange.responder
     def drop_range(self, store: str, start: int, end: int) -> Deferred[dict[str, Any]]:
-        target = migration.store_named(self._stores(), store)
+        target = self._store(store)
 
         async def drop() -> dict[str, Any]:
             keys = await migration.drop_range(target, KeyRange(start, end), self.reactor)
@@ -159,6 +169,13 @@ class ServerControlProtocol(amp.AMP):
         if self.node.stores is None:
             raise control.ControlFailed("the stores are not open")
         return self.node.stores
+
+    def _store(self, name: str) -> Any:
+        try:
+            return migration.store_named(self._stores(), name)
+        except ValueError as e:
+            # declared, so the link survives a bad store name
+            raise control.ControlFailed(str(e)) from None
 
 
 class _LinkFactory(Factory):

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine
@@ -94,6 +95,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -141,9 +149,16 @@ def run_reactor(main: Callable[[Any], Coroutine[Any, Any, Any]]) -> tuple[bool, 
     return True, outcome[0]
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM while the servers start (before the reactor's own handler) must still stop them.
+    signal.signal(signal.SIGTERM, _interrupt)
     settings, workload = args.settings, args.workload
+    load_before = _load_average()
     with tempfile.TemporaryDirectory(prefix="chainstore-bench-") as workdir:
         systems: list[SystemUnderTest] = [EchoSystem(workdir), KVServerSystem(workdir)]
         try:
@@ -159,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                 lambda reactor: run_session(reactor, systems, workload, settings, _progress))
             described = [s.describe() for s in systems]
         except KeyboardInterrupt:
-            # Ctrl-C before the reactor runs (while starting the servers); once it runs, the
-            # reactor's own handler stops it and run_reactor reports that instead.
+            # Ctrl-C or SIGTERM before the reactor runs (while starting the servers); once it
+            # runs, the reactor's own handlers stop it and run_reactor reports that instead.
             done = False
         finally:
             for system in reversed(systems):
@@ -169,12 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         _log("interrupted: every server process was stopped")
         return INTERRUPTED
 
+    load_after = _load_average()
     baseline = next(s.name for s in systems if s.baseline)
     rows = summarize(measurements, baseline)
     print(f"chainstore benchmark: {settings.repeat} repetitions of {settings.ops} ops "
           f"(cap {settings.seconds}s each), {settings.connections} AMP connection(s) per system, "
           f"{workload.key_size}-byte keys, {workload.value_size}-byte values; load generator "
-          f"and servers share {os.cpu_count()} CPUs")
+          f"and servers share {os.cpu_count()} CPUs (1-minute load average {load_before} "
+          f"before, {load_after} after: other work on the machine skews every figure)")
     print(format_table(rows, baseline))
     verdict = goal_verdict(rows)
     if verdict:
@@ -187,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             "environment": {
                 "python": platform.python_version(), "twisted": twisted.__version__,
                 "platform": platform.platform(), "cpus": os.cpu_count(),
+                "load_average_before": load_before, "load_average_after": load_after,
             },
             "systems": described,
             "baseline": baseline,

@@ -24,6 +24,9 @@ from chainstore.ring import KeyRange, NodeInfo, Ring
 
 log = get_logger("chainstore.ecs_link")
 
+#: Seconds a copy's target has to confirm one batch before the copy fails.
+COPY_BATCH_TIMEOUT = 30.0
+
 
 def ring_from_wire(epoch: int, replication: int, nodes: list[dict[str, Any]]) -> Ring:
     return Ring(
@@ -116,7 +119,8 @@ class ServerControlProtocol(amp.AMP):
 
         try:
             keys, nbytes = await migration.copy_range(source, rng, target, target_store, epoch,
-                                                      progress)
+                                                      progress, self.reactor,
+                                                      COPY_BATCH_TIMEOUT)
         except Exception as e:
             if type(e) in control.CONTROL_ERRORS:
                 raise

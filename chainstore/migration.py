@@ -68,14 +68,22 @@ def write_batch(store: Store, puts: list[tuple[bytes, bytes]],
 async def copy_range(
     source: Store, rng: KeyRange, target: amp.AMP, target_store: str, epoch: int,
     progress: Callable[[int, int], None] = lambda keys, nbytes: None,
+    clock: IReactorTime | None = None, batch_timeout: float | None = None,
 ) -> tuple[int, int]:
-    """Stream C{source}'s keys in C{rng} to C{target_store} over C{target}; (keys, bytes) sent."""
+    """Stream C{source}'s keys in C{rng} to C{target_store} over C{target}; (keys, bytes) sent.
+
+    With C{clock} and C{batch_timeout}, a batch the target does not confirm in time fails the
+    copy (a hung target must not hold the source's lock, and the ECS's operation, forever).
+    """
     keys = nbytes = 0
     async with source.lock.reading():
         for batch in batches(source, rng):
             payload = pack_items(batch)
-            await target.callRemote(ReceiveRange, epoch=epoch, store=target_store,
-                                    items=payload)
+            sent = target.callRemote(ReceiveRange, epoch=epoch, store=target_store,
+                                     items=payload)
+            if clock is not None and batch_timeout is not None:
+                sent.addTimeout(batch_timeout, clock)
+            await sent
             keys += len(batch)
             nbytes += len(payload)
             progress(keys, nbytes)

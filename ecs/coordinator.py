@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredLock, gatherResults, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.protocols import amp
@@ -73,6 +73,7 @@ class ECS:
         self.last_seen: dict[str, float] = {}
         self._waiting: dict[str, list[Deferred[None]]] = {}
         self._failing: set[str] = set()
+        self._returning: set[str] = set()
         self.busy = DeferredLock()
         self.operation: Operation | None = None
         self.last_reconfiguration: dict[str, Any] | None = None
@@ -88,6 +89,10 @@ class ECS:
         self._started_at = self.clock.seconds()
         for name in self.state.ring_members:
             self.last_seen[name] = self._started_at
+        # After a restart the servers come back at their reconnect back-off's pace (or must be
+        # relaunched): they get register-timeout, not failure-timeout, before counting as
+        # failed; without replicas a failure would hand their data to nobody.
+        self._returning = set(self.state.ring_members) if self.resumed else set()
         self.heartbeats.start(self.config.heartbeat_interval, now=False)
         return Deferred.fromCoroutine(self._bring_up())
 
@@ -108,12 +113,19 @@ class ECS:
         self._save()
         log.info("resumed epoch {epoch} with ring {ring}", epoch=self.state.epoch,
                  ring=self.state.ring_members)
-        for name in self.state.ring_members:
+        # Servers that outlived the ECS reconnect by themselves: relaunching them at once
+        # would start a second process on the same stores and ports. Wait for them first.
+        absent = [n for n in self.state.ring_members if n not in self.links
+                  and self.state.members[n].origin == "pool" and self.config.slot(n)]
+        if absent:
+            await DeferredList([self._registered(n) for n in absent], consumeErrors=True)
+        for name in absent:
             member = self.state.members[name]
             slot = self.config.slot(name)
-            if member.origin == "pool" and slot is not None and name not in self.links:
+            if name not in self.links and slot is not None:
                 try:
                     self.launcher.launch(slot, member.cache_strategy, member.cache_size)
+                    self.last_seen[name] = self.clock.seconds()
                 except Exception as e:
                     log.warn("not relaunching {name}: {error}", name=name, error=e)
         for name in list(self.links):
@@ -150,6 +162,7 @@ class ECS:
             member.status = IDLE
         self._save()
         self.links[name] = link
+        self._returning.discard(name)
         link.server_name = name  # type: ignore[attr-defined]
         self.last_seen[name] = self.clock.seconds()
         for d in self._waiting.pop(name, []):
@@ -196,7 +209,10 @@ class ECS:
                 d.addCallbacks(self._heard, lambda f: None, (name,))
             for name in list(self.state.ring_members):
                 silent = now - self.last_seen.get(name, self._started_at)
-                if silent > self.config.failure_timeout and name not in self._failing:
+                limit = self.config.failure_timeout
+                if name in self._returning:
+                    limit += self.config.register_timeout
+                if silent > limit and name not in self._failing:
                     self._failing.add(name)
                     log.warn("{name} missed heartbeats for {silent:.1f}s: treating it as failed",
                              name=name, silent=silent)

@@ -1,0 +1,671 @@
+"""The ECS state machine with real server-side objects and no sockets.
+
+A L{Cluster} holds a real L{ECS} (a Clock, a StateFile in tmp_path, a fake launcher that "starts"
+a server by building it in memory) and, per server, a real KVNode on SQLite stores with a
+ServerControlProtocol connected to the ECS's ECSProtocol through iosim. Server-to-server copies
+go through iosim too, into a real KVServerProtocol. Bytes move only when the test pumps and time
+only when it advances the Clock, so heartbeats, timeouts and the steps of a reconfiguration are
+deterministic. A "hung" server's connections are no longer pumped (a SIGSTOP or a partition); a
+"dropped" one loses its connection (a SIGKILL, as the ECS sees it).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.protocols import amp
+from twisted.test import iosim
+
+from chainstore import control
+from chainstore.amp_server import KVServerProtocol
+from chainstore.cache import make_cache
+from chainstore.ecs_link import COPY_BATCH_TIMEOUT, ServerControlProtocol
+from chainstore.errors import WriteLocked
+from chainstore.node import RUNNING, STOPPED, KVNode
+from chainstore.ring import NodeInfo, Ring, position
+from chainstore.storage import STORE_NAMES, StoreSet
+from ecs.config import ECSConfig, NodeSlot
+from ecs.coordinator import ECS
+from ecs.protocol import AdminError
+from ecs.server import ECSProtocol
+from ecs.state import ACTIVE, FAILED, REMOVED, StateFile
+
+INTERVAL, TIMEOUT = 1.0, 3.0
+
+
+def pool(count: int) -> tuple[NodeSlot, ...]:
+    return tuple(NodeSlot(f"s{i}", "127.0.0.1", 6000 + i, 7000 + i, f"data/s{i}")
+                 for i in range(1, count + 1))
+
+
+class Server:
+    """One in-memory KVServer: a KVNode on real stores and its control link's protocol."""
+
+    def __init__(self, cluster: Cluster, slot: NodeSlot) -> None:
+        self.slot = slot
+        self.name = slot.name
+        me = NodeInfo(slot.name, slot.host, slot.console_port, slot.amp_port)
+        self.node = KVNode(me, make_cache("LRU", 50), cluster.clock, state=STOPPED)
+        self.node.stores = StoreSet.open(str(cluster.tmp_path / slot.name))
+        self.shutdowns = 0
+        self.control: ServerControlProtocol | None = None
+
+    def keys(self, store: str = "coordinator") -> set[bytes]:
+        return {k for k, _ in self.node.stores[store].items()}
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+class FakeLauncher:
+    """Records launches; with C{auto_start} a launched slot comes up at once (in memory)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.auto_start = True
+        self.launched: list[str] = []
+        self.stopped: list[str] = []
+
+    def launch(self, slot: NodeSlot, cache_strategy: str, cache_size: int) -> None:
+        self.launched.append(slot.name)
+        if self.auto_start:
+            self.cluster.start_server(slot)
+
+    def stop(self, name: str) -> Deferred[None]:
+        self.stopped.append(name)
+        return succeed(None)
+
+    def stop_all(self) -> Deferred[None]:
+        return succeed(None)
+
+
+class Cluster:
+    def __init__(self, tmp_path: Any, replication: int = 1, initial: int = 3,
+                 slots: int = 6) -> None:
+        self.tmp_path = tmp_path
+        self.clock = Clock()
+        self.config = ECSConfig(
+            heartbeat_interval=INTERVAL, failure_timeout=TIMEOUT, replication=replication,
+            initial_nodes=initial, register_timeout=5.0, nodes=pool(slots),
+            state_file=str(tmp_path / "ecs" / "state.json")).validated()
+        self.launcher = FakeLauncher(self)
+        self.servers: dict[str, Server] = {}
+        # (names of the servers at either end, pump); a hung server's pumps stand still
+        self.pumps: list[tuple[frozenset[str], iosim.IOPump]] = []
+        self.hung: set[str] = set()
+        self.peer_gate: Deferred[None] | None = None
+        self.cut_copies_to: set[str] = set()
+        self.hang_copies_to: set[str] = set()
+        self.ecs = self.new_ecs()
+
+    def new_ecs(self) -> ECS:
+        return ECS(self.config, self.clock, self.launcher, StateFile(self.config.state_file))
+
+    # -- servers and connections -----------------------------------------------------------------
+
+    def start_server(self, slot: NodeSlot) -> Server:
+        old = self.servers.get(slot.name)
+        if old is not None:
+            # A relaunch is a new process on the same data directory; the old one is gone.
+            self.pumps = [(names, p) for names, p in self.pumps if slot.name not in names]
+            self.hung.discard(slot.name)
+            old.node.stores.close()
+        server = self.servers[slot.name] = Server(self, slot)
+        self.connect_to_ecs(server)
+        return server
+
+    def connect_to_ecs(self, server: Server) -> None:
+        ctrl = ServerControlProtocol(server.node, self.clock, server.shutdown,
+                                     connect_peer=self.connect_peer)
+        server.control = ctrl
+        ecs_side = ECSProtocol(self.ecs)
+        pump = iosim.connect(ecs_side, iosim.makeFakeServer(ecs_side), ctrl,
+                             iosim.makeFakeClient(ctrl), greet=False, clock=self.clock)
+        self.pumps.append((frozenset([server.name]), pump))
+
+    def connect_peer(self, host: str, port: int) -> Deferred[amp.AMP]:
+        target = next((s for s in self.servers.values()
+                       if (s.slot.host, s.slot.amp_port) == (host, port)), None)
+        if target is None:
+            return fail(ConnectionRefusedError(f"{host}:{port}"))
+        cluster = self
+
+        class Target(KVServerProtocol):
+            @control.ReceiveRange.responder
+            def receive_range(self, **kwargs: Any) -> dict[str, Any]:
+                if target.name in cluster.cut_copies_to:
+                    self.transport.loseConnection()  # the target dies mid-copy
+                    return Deferred()  # type: ignore[return-value]
+                if target.name in cluster.hang_copies_to:
+                    return Deferred()  # type: ignore[return-value]  # never confirmed
+                return super().receive_range(**kwargs)
+
+        def connect(_: Any = None) -> amp.AMP:
+            client = amp.AMP()
+            server = Target(target.node)
+            pump = iosim.connect(server, iosim.makeFakeServer(server), client,
+                                 iosim.makeFakeClient(client), greet=False, clock=self.clock)
+            self.pumps.append((frozenset([target.name]), pump))
+            return client
+
+        if self.peer_gate is not None:
+            return self.peer_gate.addCallback(connect)
+        return succeed(connect())
+
+    def drop(self, name: str) -> None:
+        """The server's process is gone: its connections close."""
+        for names, pump in self.pumps:
+            if name in names:
+                pump.serverIO.loseConnection()
+        self.settle()
+        self.hung.add(name)
+
+    # -- driving ---------------------------------------------------------------------------------
+
+    def settle(self, until: Deferred[Any] | None = None, limit: int = 20_000) -> None:
+        """Move bytes and run due calls until nothing moves (or C{until} has fired)."""
+        quiet = 0
+        for _ in range(limit):
+            if until is not None and until.called:
+                return
+            moved = False
+            for names, pump in list(self.pumps):
+                if not names & self.hung:
+                    moved = pump.pump(advanceClock=False) or moved
+            self.clock.advance(0)
+            quiet = 0 if moved else quiet + 1
+            if until is None and quiet >= 3:
+                return
+        if until is not None:
+            raise AssertionError("the operation did not finish")
+
+    def run(self, coroutine: Any) -> Any:
+        """Run an ECS coroutine to its end; return its result or raise its error."""
+        results: list[Any] = []
+        Deferred.fromCoroutine(coroutine).addBoth(results.append)
+        for _ in range(200):
+            if results:
+                break
+            self.settle()
+            if not results:
+                self.clock.advance(0.01)
+        assert results, "the operation did not finish"
+        if hasattr(results[0], "raiseException"):
+            results[0].raiseException()
+        return results[0]
+
+    def pass_time(self, seconds: float, step: float = 0.25) -> None:
+        for _ in range(round(seconds / step)):
+            self.clock.advance(step)
+            self.settle()
+
+    def start(self) -> None:
+        self.ecs.start()
+        self.settle()
+        assert len(self.ecs.state.ring_members) == self.config.initial_nodes
+
+    # -- data ------------------------------------------------------------------------------------
+
+    def ring(self) -> Ring:
+        return self.ecs.state.ring()
+
+    def put_all(self, keys: list[bytes]) -> None:
+        ring = self.ring()
+        for key in keys:
+            head = ring.chain(key)[0].name
+            self.servers[head].node.put(key, b"v-" + key)
+
+    def check_placement(self, keys: list[bytes], read: bool = True) -> None:
+        """Every key is stored exactly where the ring says (and readable at its tail)."""
+        ring = self.ring()
+        expected = {name: {s: set() for s in STORE_NAMES} for name in self.servers}
+        for key in keys:
+            chain = ring.chain(key)
+            for role, node in enumerate(chain):
+                expected[node.name][STORE_NAMES[role]].add(key)
+            if read:
+                assert self.servers[chain[-1].name].node.get(key) == b"v-" + key
+        for name, server in self.servers.items():
+            if name in self.hung:
+                continue
+            for store in STORE_NAMES:
+                assert server.keys(store) == expected[name][store], (name, store)
+
+    def close(self) -> None:
+        if self.ecs.heartbeats.running:
+            self.ecs.heartbeats.stop()
+        for server in self.servers.values():
+            if server.node.stores is not None:
+                server.node.stores.close()
+
+
+KEYS = [b"key%04d" % i for i in range(400)]
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def running(cluster):
+    cluster.start()
+    cluster.put_all(KEYS)
+    return cluster
+
+
+def keys_moving_to(cluster: Cluster, slot: NodeSlot) -> list[bytes]:
+    me = NodeInfo(slot.name, slot.host, slot.console_port, slot.amp_port)
+    ring = cluster.ring()
+    new = Ring(ring.nodes + (me,), epoch=ring.epoch + 1, replication=ring.replication)
+    return [k for k in KEYS if new.chain(k)[0].name == slot.name]
+
+
+# -- bringing the ring up -------------------------------------------------------------------------
+
+def test_first_start_launches_the_initial_servers_forms_the_ring_and_starts_them(cluster):
+    cluster.start()
+    ecs = cluster.ecs
+    assert cluster.launcher.launched == ["s1", "s2", "s3"]
+    assert sorted(ecs.state.ring_members) == ["s1", "s2", "s3"]
+    assert ecs.state.serving and ecs.state.epoch >= 1
+    for server in cluster.servers.values():
+        assert server.node.state == RUNNING
+        assert server.node.ring.epoch == ecs.state.epoch
+        assert {n.name for n in server.node.ring.nodes} == {"s1", "s2", "s3"}
+        assert ecs.state.members[server.name].status == ACTIVE
+    status = json.loads(json.dumps(ecs.status()))
+    assert status["ring"] == [n.name for n in cluster.ring().nodes]
+    assert all(m["connected"] and "range" in m for m in status["members"])
+    assert status["operation"] is None
+
+
+# -- adding -------------------------------------------------------------------------------------
+
+def test_add_node_moves_exactly_the_new_range_and_the_source_drops_it(running):
+    slot = running.config.slot("s4")
+    moving = keys_moving_to(running, slot)
+    assert moving, "the test needs keys in the new range"
+    old_ring = running.ring()
+    sources = {old_ring.chain(k)[0].name for k in moving}
+    names = running.run(running.ecs.add_nodes(1, "LRU", 10))
+    assert names == ["s4"]
+    ring = running.ring()
+    assert ring.epoch > old_ring.epoch
+    assert running.servers["s4"].keys() == set(moving)
+    for name in sources:
+        assert not running.servers[name].keys() & set(moving)
+    running.check_placement(KEYS)
+    assert running.servers["s4"].node.state == RUNNING
+    last = running.ecs.last_reconfiguration
+    assert last["keys"] == len(moving) and last["bytes"] > 0
+    assert all(not s.node.write_locks and not s.node.read_locks
+               for s in running.servers.values())
+
+
+def test_add_two_nodes_at_once(running):
+    names = running.run(running.ecs.add_nodes(2, "FIFO", 0))
+    assert sorted(names) == ["s4", "s5"]
+    assert len(running.ring()) == 5
+    running.check_placement(KEYS)
+
+
+def test_writes_to_the_moving_range_are_locked_during_the_copy_others_are_not(running):
+    slot = running.config.slot("s4")
+    moving = keys_moving_to(running, slot)
+    old_ring = running.ring()
+    staying = [k for k in KEYS if k not in moving]
+    running.peer_gate = Deferred()  # the copy's connection to the new server waits
+    done: list[Any] = []
+    Deferred.fromCoroutine(running.ecs.add_nodes(1, "LRU", 10)).addBoth(done.append)
+    running.settle()
+    assert not done and running.ecs.operation.step == "copying"
+    for key in moving[:5]:
+        head = running.servers[old_ring.chain(key)[0].name].node
+        with pytest.raises(WriteLocked):
+            head.put(key, b"new")
+        with pytest.raises(WriteLocked):
+            head.delete(key)
+        assert head.get(key) == b"v-" + key  # reads are still served
+    for key in staying[:5]:
+        running.servers[old_ring.chain(key)[0].name].node.put(key, b"v-" + key)
+    # a busy ECS refuses a second admin command, clearly
+    with pytest.raises(AdminError, match="busy: adding s4 is in progress"):
+        running.run(running.ecs.add_nodes(1, "LRU", 10))
+    with pytest.raises(AdminError, match="busy"):
+        running.run(running.ecs.remove_node("s1"))
+    with pytest.raises(AdminError, match="busy"):
+        running.run(running.ecs.set_serving(False))
+    assert running.ecs.status()["operation"]["description"] == "adding s4"
+    gate, running.peer_gate = running.peer_gate, None
+    gate.callback(None)
+    running.settle()
+    assert done == [["s4"]]
+    # after the switch the new owner serves (and accepts writes for) the moved keys
+    new_owner = running.servers["s4"].node
+    for key in moving[:5]:
+        assert new_owner.get(key) == b"v-" + key
+        new_owner.put(key, b"v-" + key)
+    running.check_placement(KEYS)
+
+
+def test_adding_beyond_the_pool_is_refused(tmp_path):
+    c = Cluster(tmp_path, slots=4)
+    try:
+        c.start()
+        with pytest.raises(AdminError, match="cannot add 2: 0 idle registered server"):
+            c.run(c.ecs.add_nodes(2, "LRU", 10))
+        assert c.launcher.launched == ["s1", "s2", "s3"]
+        assert len(c.ring()) == 3
+        assert c.run(c.ecs.add_nodes(1, "LRU", 10)) == ["s4"]
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("args, message", [
+    ((0, "LRU", 1), "count must be at least 1"),
+    ((1, "MRU", 1), "unknown cache strategy 'MRU'"),
+    ((1, "LRU", -1), "cache size must be 0 or more"),
+])
+def test_bad_add_arguments_are_refused(running, args, message):
+    with pytest.raises(AdminError, match=message):
+        running.run(running.ecs.add_nodes(*args))
+
+
+def test_a_launched_server_that_never_registers_fails_the_add_and_keeps_the_ring(running):
+    running.launcher.auto_start = False
+    epoch = running.ring().epoch
+    results: list[Any] = []
+    Deferred.fromCoroutine(running.ecs.add_nodes(1, "LRU", 10)).addBoth(results.append)
+    running.pass_time(running.config.register_timeout + 1)
+    assert results and results[0].check(AdminError)
+    assert "s4 did not register within 5.0s" in results[0].getErrorMessage()
+    assert running.ecs.state.members["s4"].status == FAILED
+    assert "s4" in running.launcher.stopped
+    assert running.ring().epoch == epoch and len(running.ring()) == 3
+    # and the ECS is free again; the slot can be used
+    running.launcher.auto_start = True
+    assert running.run(running.ecs.add_nodes(1, "LRU", 10)) == ["s4"]
+    running.check_placement(KEYS)
+
+
+def test_a_copy_whose_target_dies_aborts_releases_the_locks_and_keeps_the_old_ring(running):
+    old_ring = running.ring()
+    running.cut_copies_to.add("s4")
+    with pytest.raises(AdminError, match="adding s4 failed while copying"):
+        running.run(running.ecs.add_nodes(1, "LRU", 10))
+    ecs = running.ecs
+    assert ecs.state.ring_members == [n for n in ecs.state.ring_members if n != "s4"]
+    assert running.ring().nodes == old_ring.nodes and ecs.state.epoch == old_ring.epoch
+    for name in ("s1", "s2", "s3"):
+        server = running.servers[name]
+        assert server.node.write_locks == [] and server.node.read_locks == []
+        assert server.node.ring.epoch == old_ring.epoch
+        assert name in ecs.links  # the source's link survived the failed copy
+    assert ecs.operation is None and not ecs.busy.locked
+    # the old owners still accept writes for the range that was to move
+    moving = keys_moving_to(running, running.config.slot("s4"))
+    for key in moving[:3]:
+        running.servers[old_ring.chain(key)[0].name].node.put(key, b"v-" + key)
+    running.check_placement(KEYS)
+    # the migration can be redone
+    running.cut_copies_to.clear()
+    assert running.run(ecs.add_nodes(1, "LRU", 10)) == ["s4"]
+    assert running.ring().epoch > old_ring.epoch
+    running.check_placement(KEYS)
+
+
+def test_a_copy_whose_target_hangs_times_out_and_frees_the_ecs(running):
+    old_ring = running.ring()
+    running.hang_copies_to.add("s4")
+    results: list[Any] = []
+    Deferred.fromCoroutine(running.ecs.add_nodes(1, "LRU", 10)).addBoth(results.append)
+    running.pass_time(COPY_BATCH_TIMEOUT - 1)
+    assert not results and running.ecs.busy.locked
+    running.pass_time(2)
+    assert results and results[0].check(AdminError)
+    assert "adding s4 failed while copying" in results[0].getErrorMessage()
+    assert running.ring().nodes == old_ring.nodes
+    for name in ("s1", "s2", "s3"):
+        node = running.servers[name].node
+        assert node.write_locks == [] and not node.stores["coordinator"].lock.locked
+    running.check_placement(KEYS)
+
+
+# -- removing -------------------------------------------------------------------------------------
+
+def test_remove_node_moves_everything_to_the_successor_and_ends_it(running):
+    ring = running.ring()
+    index = ring.index_of("s2")
+    successor = ring.nodes[(index + 1) % len(ring)].name
+    had = running.servers["s2"].keys()
+    assert had
+    before = running.servers[successor].keys()
+    message = running.run(running.ecs.remove_node("s2"))
+    assert message == "s2 removed; 2 servers in the ring"
+    assert running.servers[successor].keys() == before | had
+    assert running.servers["s2"].keys() == set()
+    assert running.ecs.state.members["s2"].status == REMOVED
+    assert "s2" not in running.ecs.links
+    running.clock.advance(1)
+    assert running.servers["s2"].shutdowns == 1
+    del running.servers["s2"]
+    running.check_placement(KEYS)
+
+
+def test_remove_errors_are_clear(running):
+    with pytest.raises(AdminError, match="unknown server 'nope'; known servers: s1, s2, s3"):
+        running.run(running.ecs.remove_node("nope"))
+    running.run(running.ecs.remove_node("s1"))
+    with pytest.raises(AdminError, match="s1 is not in the ring"):
+        running.run(running.ecs.remove_node("s1"))
+    running.run(running.ecs.remove_node("s2"))
+    with pytest.raises(AdminError, match="s3 is the last server in the ring"):
+        running.run(running.ecs.remove_node("s3"))
+    assert running.ecs.state.ring_members == ["s3"]
+    for name in ("s1", "s2"):
+        running.servers.pop(name).node.stores.close()
+    running.check_placement(KEYS)
+
+
+# -- heartbeats -----------------------------------------------------------------------------------
+
+def test_servers_that_answer_heartbeats_are_never_declared_failed(running):
+    epoch = running.ring().epoch
+    running.pass_time(10 * TIMEOUT)
+    assert len(running.ring()) == 3 and running.ring().epoch == epoch
+    status = running.ecs.status()
+    assert all(m["last_heartbeat_s"] <= INTERVAL for m in status["members"])
+
+
+@pytest.mark.parametrize("how", ["hung", "dropped"])
+def test_a_silent_server_is_declared_failed_after_the_timeout_and_the_ring_updated(running,
+                                                                                   how):
+    epoch = running.ring().epoch
+    if how == "hung":
+        running.hung.add("s2")
+    else:
+        running.drop("s2")
+    running.pass_time(TIMEOUT - INTERVAL)
+    assert "s2" in running.ecs.state.ring_members  # not before the timeout
+    running.pass_time(2 * INTERVAL)
+    ecs = running.ecs
+    assert "s2" not in ecs.state.ring_members
+    assert ecs.state.members["s2"].status == FAILED
+    assert ecs.state.epoch > epoch
+    for name in ("s1", "s3"):
+        assert running.servers[name].node.ring.epoch == ecs.state.epoch
+        assert {n.name for n in running.servers[name].node.ring.nodes} == {"s1", "s3"}
+    # with replication 1 the failed server's keys are gone; every other key is where it was
+    lost = {k for k in KEYS if Ring(running.ring().nodes + (running.servers["s2"].node.me,),
+                                    replication=1).chain(k)[0].name == "s2"}
+    survivors = [k for k in KEYS if k not in lost]
+    for name in ("s1", "s3"):
+        assert running.servers[name].keys() == {
+            k for k in survivors if running.ring().chain(k)[0].name == name}
+    # the ECS goes on working: the failed slot is launched afresh, and starts empty
+    assert running.run(ecs.add_nodes(1, "LRU", 10)) == ["s2"]
+    assert running.launcher.launched.count("s2") == 2
+    lost_keys = sorted(lost)
+    running.check_placement(survivors)
+    assert not running.servers["s2"].keys() & set(lost_keys)
+
+
+# -- replication 3 --------------------------------------------------------------------------------
+
+def place_by_role(cluster: Cluster, keys: list[bytes]) -> None:
+    """Put every key in the store of its role on each chain member (what the chain would do)."""
+    ring = cluster.ring()
+    for key in keys:
+        for role, node in enumerate(ring.chain(key)):
+            cluster.servers[node.name].node.stores[STORE_NAMES[role]].put(key, b"v-" + key)
+
+
+def test_with_replication_3_every_store_holds_its_roles_after_joins_and_leaves(tmp_path):
+    c = Cluster(tmp_path, replication=3, initial=3)
+    try:
+        c.start()
+        place_by_role(c, KEYS)
+        c.check_placement(KEYS, read=False)
+        c.run(c.ecs.add_nodes(1, "LRU", 10))
+        c.check_placement(KEYS, read=False)
+        c.run(c.ecs.add_nodes(1, "LRU", 10))
+        c.check_placement(KEYS, read=False)
+        c.run(c.ecs.remove_node("s1"))
+        c.servers.pop("s1").node.stores.close()
+        c.check_placement(KEYS, read=False)
+        assert len(c.ring()) == 4
+        # a failure loses nothing: the other replicas hold every key
+        c.hung.add("s3")
+        c.pass_time(TIMEOUT + 2 * INTERVAL)
+        assert "s3" not in c.ecs.state.ring_members
+        c.check_placement(KEYS, read=False)
+    finally:
+        c.close()
+
+
+def test_removing_below_the_replication_factor_needs_force(tmp_path):
+    c = Cluster(tmp_path, replication=3, initial=3)
+    try:
+        c.start()
+        with pytest.raises(AdminError, match="fewer than the replication factor 3; add --force"):
+            c.run(c.ecs.remove_node("s1"))
+        c.run(c.ecs.remove_node("s1", force=True))
+        assert not c.ecs.state.serving
+        assert all(c.servers[n].node.state == STOPPED for n in ("s2", "s3"))
+    finally:
+        c.close()
+
+
+# -- restarts and epochs --------------------------------------------------------------------------
+
+def test_a_restarted_ecs_resumes_the_same_ring_with_a_higher_epoch(running):
+    old = running.ecs
+    members, epoch = list(old.state.ring_members), old.state.epoch
+    # the ECS process dies: its connections close; the servers keep serving
+    old.heartbeats.stop()
+    for _, pump in running.pumps:
+        pump.clientIO.loseConnection()
+    running.settle()
+    running.pumps.clear()
+    assert not old.links
+    for key in KEYS[:5]:
+        assert running.servers[running.ring().chain(key)[-1].name].node.get(key) == b"v-" + key
+    # a new ECS on the same state file; the servers reconnect (their ClientService would)
+    new = running.ecs = running.new_ecs()
+    assert new.resumed
+    launched = len(running.launcher.launched)
+    new.start()
+    for server in running.servers.values():
+        running.connect_to_ecs(server)
+    running.settle()
+    assert new.state.ring_members == members
+    assert new.state.epoch > epoch
+    assert len(running.launcher.launched) == launched  # they came back: nothing relaunched
+    for server in running.servers.values():
+        assert server.node.ring.epoch == new.state.epoch
+        assert server.node.state == RUNNING
+    running.check_placement(KEYS)
+    assert running.run(new.add_nodes(1, "LRU", 10)) == ["s4"]
+    running.check_placement(KEYS)
+
+
+def test_a_stale_set_metadata_is_refused_by_the_server(running):
+    ecs = running.ecs
+    stale = ecs._metadata()
+    running.run(ecs.add_nodes(1, "LRU", 10))
+    current = ecs.state.epoch
+    assert stale["epoch"] < current
+    with pytest.raises(control.StaleEpoch):
+        running.run(_awaitable(ecs._call("s1", control.SetMetadata, **stale)))
+    assert running.servers["s1"].node.ring.epoch == current
+    assert len(running.servers["s1"].node.ring) == 4
+
+
+async def _awaitable(d: Deferred[Any]) -> Any:
+    return await d
+
+
+def test_status_shows_the_operation_with_progress(running):
+    running.peer_gate = Deferred()
+    Deferred.fromCoroutine(running.ecs.add_nodes(1, "LRU", 10))
+    running.settle()
+    op = running.ecs.status()["operation"]
+    assert op["description"] == "adding s4" and op["step"] == "copying"
+    gate, running.peer_gate = running.peer_gate, None
+    gate.callback(None)
+    running.settle()
+    assert running.ecs.status()["operation"] is None
+    assert running.ecs.last_reconfiguration["keys"] == len(
+        [k for k in KEYS if running.ring().chain(k)[0].name == "s4"])
+
+
+def crash_ecs(cluster: Cluster) -> None:
+    """The ECS process dies: heartbeats stop and every control connection closes."""
+    cluster.ecs.heartbeats.stop()
+    for _, pump in cluster.pumps:
+        pump.clientIO.loseConnection()
+    cluster.settle()
+    cluster.pumps.clear()
+
+
+def test_a_restarted_ecs_waits_for_its_servers_to_come_back_before_relaunching_them(running):
+    epoch = running.ecs.state.epoch
+    crash_ecs(running)
+    running.ecs = running.new_ecs()
+    launched = list(running.launcher.launched)
+    running.ecs.start()
+    # The servers' reconnect back-off brings them back after 4s: longer than failure-timeout,
+    # within register-timeout. They are neither relaunched (a second process on the same
+    # stores and ports) nor declared failed (which, without replicas, would lose their data).
+    running.pass_time(4)
+    assert running.launcher.launched == launched
+    for server in running.servers.values():
+        running.connect_to_ecs(server)
+    running.pass_time(2 * TIMEOUT)
+    assert running.launcher.launched == launched
+    assert sorted(running.ecs.state.ring_members) == ["s1", "s2", "s3"]
+    assert running.ecs.state.epoch == epoch + 1
+    running.check_placement(KEYS)
+
+
+def test_a_restarted_ecs_relaunches_servers_that_do_not_come_back(running):
+    crash_ecs(running)
+    running.ecs = running.new_ecs()
+    launched = len(running.launcher.launched)
+    running.ecs.start()
+    # only s1 and s3 come back; s2's process died with the ECS's host, say
+    for name in ("s1", "s3"):
+        running.connect_to_ecs(running.servers[name])
+    running.pass_time(running.config.register_timeout + INTERVAL)
+    assert running.launcher.launched[launched:] == ["s2"]
+    # relaunched on its data directory, s2 keeps its keys and the ring is whole
+    assert sorted(running.ecs.state.ring_members) == ["s1", "s2", "s3"]
+    running.check_placement(KEYS)

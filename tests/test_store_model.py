@@ -201,7 +201,8 @@ class NodeMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         try:
             if self.node is not None and self.node.stores is not None:
-                self.node.stores.close()
+                stores, self.node.stores = self.node.stores, None
+                stores.close()
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -240,15 +241,18 @@ class NodeMachine(RuleBasedStateMachine):
 
     @rule()
     def reopen_stores(self) -> None:
-        # The files close and open again under the same node; its cache is kept and must
-        # still agree with them.
-        self.node.stores.close()
+        # The files close and open again under the same node, in the order the service stops
+        # and starts it (take the stores away, close them, open them, hand them back); its
+        # cache is kept and must still agree with them.
+        stores, self.node.stores = self.node.stores, None
+        stores.close()
         self.node.stores = StoreSet.open(self.directory)
 
     @rule(capacity=cache_sizes, seconds=st.floats(0, 100))
     def restart(self, capacity: int, seconds: float) -> None:
         # A new node (a cold cache, maybe of another size) on the same files, a while later.
-        self.node.stores.close()
+        stores, self.node.stores = self.node.stores, None
+        stores.close()
         self.clock.advance(seconds)
         self.start(capacity)
 

@@ -65,6 +65,19 @@ class KVServerProtocol(amp.AMP):
         migration.receive_range(migration.store_named(self.node.stores, store), items)
         return {}
 
+    @control.Replicate.responder
+    def replicate(self, epoch: int, owner: str, ops: bytes) -> Any:
+        if self.node.stores is None:
+            raise control.ControlFailed("the stores are not open")
+        acked = self.node.chain.receive(epoch, owner, ops)
+        if isinstance(acked, Deferred):
+            return acked.addCallback(lambda n: {"acked": n})
+        return {"acked": acked}
+
+    @control.RenewLease.responder
+    def renew_lease(self, epoch: int, owner: str) -> dict[str, Any]:
+        return {"seconds": self.node.chain.grant_lease(epoch, owner)}
+
     @protocol.Stats.responder
     def stats(self) -> dict[str, Any]:
         return {"stats": json.dumps(self.node.stats(), sort_keys=True)}

@@ -192,3 +192,57 @@ def unpack_items(data: bytes) -> Iterator[tuple[bytes, bytes]]:
         value = bytes(view[offset:offset + value_len])
         offset += value_len
         yield key, value
+
+
+# -- chain replication (server -> server) ----------------------------------------------------
+
+class Replicate(_ControlCommand):
+    """Writes of the range owned by C{owner}, in serial order, from a chain member to the next.
+
+    The answer comes once the chain's tail has applied every write of the batch; C{acked} is
+    the highest serial the tail has applied (acks are cumulative).
+    """
+
+    arguments = [(b"epoch", amp.Integer()), (b"owner", amp.Unicode()), (b"ops", BigBytes())]
+    response = [(b"acked", amp.Integer())]
+
+
+class RenewLease(_ControlCommand):
+    """A tail asks its predecessor to renew its read lease on the range owned by C{owner}."""
+
+    arguments = [(b"epoch", amp.Integer()), (b"owner", amp.Unicode())]
+    response = [(b"seconds", amp.Float())]
+
+
+PUT, DELETE = 0, 1
+_OP_HEADER = struct.Struct(">QBBIB")
+
+
+def pack_ops(ops: Iterable[tuple[int, int, bytes, bytes, bytes]]) -> bytes:
+    """Pack (serial, kind, key, value, request id) tuples for a C{Replicate}."""
+    out = bytearray()
+    for serial, kind, key, value, request_id in ops:
+        out += _OP_HEADER.pack(serial, kind, len(key), len(value), len(request_id))
+        out += key
+        out += value
+        out += request_id
+    return bytes(out)
+
+
+def unpack_ops(data: bytes) -> list[tuple[int, int, bytes, bytes, bytes]]:
+    view = memoryview(data)
+    offset, size, end = 0, _OP_HEADER.size, len(data)
+    ops = []
+    while offset < end:
+        serial, kind, key_len, value_len, rid_len = _OP_HEADER.unpack_from(view, offset)
+        offset += size
+        key = bytes(view[offset:offset + key_len])
+        offset += key_len
+        value = bytes(view[offset:offset + value_len])
+        offset += value_len
+        request_id = bytes(view[offset:offset + rid_len])
+        offset += rid_len
+        if offset > end:
+            raise ValueError("truncated batch of writes")
+        ops.append((serial, kind, key, value, request_id))
+    return ops

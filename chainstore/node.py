@@ -9,18 +9,21 @@ has applied it; reads are served at once from the local store.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from chainstore.cache import Cache
+from chainstore.chain import DELETE, PUT, ChainReplicator, Replica
 from chainstore.control import StaleEpoch
 from chainstore.errors import KeyNotFound, NotResponsible, ServerStopped, WriteLocked
 from chainstore.limits import check_key, check_value
 from chainstore.logs import get_logger
+from chainstore.peers import Connector, PeerPool, tcp_connector
 from chainstore.ring import KeyRange, NodeInfo, Ring, position
-from chainstore.storage import STORE_NAMES, Store, StoreSet
+from chainstore.storage import Store, StoreSet
 
 log = get_logger("chainstore.node")
 
@@ -29,21 +32,27 @@ RUNNING = "running"
 
 
 class KVNode:
-    """One server's view of the ring, its three stores and its cache.
+    """One server's view of the ring, its three stores, its cache and its chains.
 
-    C{stores} is None until the storage service opens them; until then and while C{state} is
-    L{STOPPED}, every request is refused with L{ServerStopped}.
+    C{stores} is None until the service opens them; until then and while C{state} is
+    L{STOPPED}, every client request is refused with L{ServerStopped}. Assigning C{stores} or
+    C{ring} re-derives the server's place in every chain (L{ChainReplicator.adopt}).
     """
 
     def __init__(self, me: NodeInfo, cache: Cache, clock: IReactorTime,
-                 ring: Ring | None = None, state: str = RUNNING) -> None:
+                 ring: Ring | None = None, state: str = RUNNING,
+                 connect: Connector | None = None,
+                 monotonic: Callable[[], float] | None = None) -> None:
         self.me = me
         self.clock = clock
         self.cache = cache
-        self.stores: StoreSet | None = None
-        # Alone (no ECS) a server owns the whole ring: a chain of one, head and tail at once.
-        self.ring = ring if ring is not None else Ring((me,), epoch=0, replication=1)
         self.state = state
+        self.chain = ChainReplicator(
+            me, PeerPool(connect or _lazy_tcp(clock)), clock, monotonic or clock.seconds,
+            on_tail_apply=self._applied_at_tail)
+        self._stores: StoreSet | None = None
+        # Alone (no ECS) a server owns the whole ring: a chain of one, head and tail at once.
+        self._ring = ring if ring is not None else Ring((me,), epoch=0, replication=1)
         # Ranges being moved by the ECS: writes to their keys are refused, reads go on.
         self.write_locks: list[KeyRange] = []
         # Ranges whose tail role is being handed over: reads are refused for the moment of the
@@ -52,31 +61,56 @@ class KVNode:
         self.counts: Counter[str] = Counter()
         self.started_at = clock.seconds()
 
+    @property
+    def stores(self) -> StoreSet | None:
+        return self._stores
+
+    @stores.setter
+    def stores(self, stores: StoreSet | None) -> None:
+        self._stores = stores
+        self.chain.adopt(self._ring, stores)
+
+    @property
+    def ring(self) -> Ring:
+        return self._ring
+
+    @ring.setter
+    def ring(self, ring: Ring) -> None:
+        self._ring = ring
+        self.cache.clear()
+        self.chain.adopt(ring, self._stores)
+
     # -- requests -------------------------------------------------------------------------------
 
-    def put(self, key: bytes, value: bytes) -> Deferred[bool]:
-        """Store C{value} under C{key}; fires with True if it replaced a value."""
+    def put(self, key: bytes, value: bytes, request_id: bytes = b"") -> Deferred[bool]:
+        """Store C{value} under C{key}; fires with True if it replaced a value, once the tail
+        of the key's chain has applied the write."""
         check_key(key)
         check_value(value)
-        store = self._head_store(key)
-        updated = store.put(key, value)
-        if self.cache.capacity:
+        replica = self._head_replica(key)
+        existed, committed = self.chain.write(replica, PUT, key, value, request_id)
+        if replica.is_tail and self.cache.capacity:
             self.cache.put(key, value)
         self.counts["put"] += 1
-        return succeed(updated)
+        return committed.addCallback(lambda _: existed)
 
-    def delete(self, key: bytes) -> Deferred[None]:
+    def delete(self, key: bytes, request_id: bytes = b"") -> Deferred[None]:
         """Remove C{key}; fails with L{KeyNotFound} if it held no value."""
         check_key(key)
-        store = self._head_store(key)
-        self.cache.discard(key)
+        replica = self._head_replica(key)
         self.counts["delete"] += 1
-        if not store.delete(key):
-            raise KeyNotFound(f"no value is stored under {key!r}")
-        return succeed(None)
+        if replica.store.get(key) is None and request_id not in replica.recent:
+            # Answer only once every earlier write is at the tail: "not found" must not rest
+            # on a write that could still be lost with this head.
+            def missing(_: object) -> None:
+                raise KeyNotFound(f"no value is stored under {key!r}")
+            return self.chain.settled(replica).addCallback(missing)
+        _, committed = self.chain.write(replica, DELETE, key, b"", request_id)
+        self.cache.discard(key)
+        return committed.addCallback(lambda _: None)
 
     def get(self, key: bytes) -> bytes:
-        """The value of C{key}, served only by the tail of its chain."""
+        """The value of C{key}, served only by the tail of its chain, under a valid lease."""
         check_key(key)
         store = self._tail_store(key)
         self.counts["get"] += 1
@@ -88,6 +122,10 @@ class KVNode:
             self.cache.put(key, value)
         return value
 
+    def _applied_at_tail(self, keys: list[bytes]) -> None:
+        for key in keys:
+            self.cache.discard(key)
+
     # -- the ring -------------------------------------------------------------------------------
 
     def set_ring(self, ring: Ring) -> bool:
@@ -97,27 +135,27 @@ class KVNode:
         The cache is dropped on every change: the ranges this server is the tail of may have
         changed, and a cache must never outlive the tail role it was filled under.
         """
-        if ring.epoch < self.ring.epoch:
-            raise StaleEpoch(f"epoch {ring.epoch} is older than this server's {self.ring.epoch}")
-        if ring.epoch == self.ring.epoch:
+        if ring.epoch < self._ring.epoch:
+            raise StaleEpoch(f"epoch {ring.epoch} is older than this server's {self._ring.epoch}")
+        if ring.epoch == self._ring.epoch:
             return False
-        self.ring = ring
-        self.cache.clear()
         # Locks belong to the reconfiguration that the new ring completes (or supersedes).
         self.write_locks.clear()
         self.read_locks.clear()
-        log.info("epoch {epoch}: {count} servers in the ring", epoch=ring.epoch, count=len(ring))
+        self.ring = ring
+        log.info("epoch {epoch}: {count} servers in the ring{dead}", epoch=ring.epoch,
+                 count=len(ring), dead=f", {sorted(ring.dead)} dead" if ring.dead else "")
         return True
 
     def _serving(self) -> StoreSet:
-        if self.state != RUNNING or self.stores is None:
+        if self.state != RUNNING or self._stores is None:
             raise ServerStopped("the server is not serving requests")
-        return self.stores
+        return self._stores
 
-    def _head_store(self, key: bytes) -> Store:
-        stores = self._serving()
+    def _head_replica(self, key: bytes) -> Replica:
+        self._serving()
         pos = position(key)
-        ring = self.ring
+        ring = self._ring
         index = ring.owner_index(pos)
         chain = ring.chain_for_index(index)
         if not chain or chain[0] != self.me:
@@ -125,12 +163,15 @@ class KVNode:
         for locked in self.write_locks:
             if pos in locked:
                 raise WriteLocked("this key's range is being moved; writes are refused")
-        return stores[STORE_NAMES[ring.ring_chain(index).index(self.me)]]
+        replica = self.chain.replicas.get(ring.nodes[index].name)
+        if replica is None:
+            raise ServerStopped("this server's chains are not ready")
+        return replica
 
     def _tail_store(self, key: bytes) -> Store:
-        stores = self._serving()
+        self._serving()
         pos = position(key)
-        ring = self.ring
+        ring = self._ring
         index = ring.owner_index(pos)
         chain = ring.chain_for_index(index)
         if not chain or chain[-1] != self.me:
@@ -138,7 +179,11 @@ class KVNode:
         for locked in self.read_locks:
             if pos in locked:
                 raise NotResponsible("this key's range is being handed to another server")
-        return stores[STORE_NAMES[ring.ring_chain(index).index(self.me)]]
+        replica = self.chain.replicas.get(ring.nodes[index].name)
+        if replica is None or not self.chain.can_read(replica):
+            # A tail without a current lease may have been replaced while it was away.
+            raise NotResponsible(f"{self.me.name} holds no read lease for this key's range")
+        return replica.store
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {
@@ -151,7 +196,15 @@ class KVNode:
             "deletes": self.counts["delete"],
         }
         stats.update(self.cache.stats())
-        if self.stores is not None:
-            for name, store in self.stores.stores.items():
+        if self._stores is not None:
+            for name, store in self._stores.stores.items():
                 stats[f"{name}_keys"] = len(store)
+        stats.update(self.chain.stats())
         return stats
+
+
+def _lazy_tcp(reactor: Any) -> Connector:
+    # Built on first use: unit tests pass a Clock, which cannot dial, and never replicate.
+    def connect(node: NodeInfo) -> Deferred[Any]:
+        return tcp_connector(reactor)(node)
+    return connect

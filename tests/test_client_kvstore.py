@@ -16,6 +16,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.protocols.amp import AMP as PeerAMP
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -94,10 +96,15 @@ class FakeNetwork:
         self.received: list[tuple[Address, float, str]] = []
 
     def add_node(self, info: NodeInfo, ring: Ring | None = None) -> KVNode:
-        node = KVNode(info, make_cache("LRU", 0), self.clock, ring=ring)
+        node = KVNode(info, make_cache("LRU", 0), self.clock, ring=ring,
+                      connect=self.peer_connect)
         node.stores = StoreSet.open(str(self.tmp_path / info.name))
         self.nodes[(info.host, info.amp_port)] = node
         return node
+
+    def peer_connect(self, info: NodeInfo) -> Deferred[Any]:
+        """How a node reaches its chain successor: an iosim connection like the client's."""
+        return self.endpoint(info.host, info.amp_port).connect(Factory.forProtocol(PeerAMP))
 
     def endpoint(self, host: str, port: int) -> FakeEndpoint:
         return FakeEndpoint(self, (host, port))
@@ -358,12 +365,13 @@ def test_writes_go_to_the_head_and_reads_to_the_tail(net: FakeNetwork) -> None:
         for address, node in net.nodes.items():
             held = node.stores["coordinator"].get(key)
             assert held == (b"v-" + key if address == amp(head) else None)
-        # Replication is not the client's job: give the tail its copy, then read it there.
-        net.nodes[amp(tail)].stores[STORE_NAMES[2]].put(key, b"v-" + key)
+        # The chain, not the client, carried the write to the tail's replica2 store.
+        assert net.nodes[amp(tail)].stores[STORE_NAMES[2]].get(key) == b"v-" + key
         assert drive(net, store.get(key)) == b"v-" + key
         drive(net, store.delete(key))
         # Each request went straight to the right server: no refusal, no second attempt.
-        assert [(a, n) for a, _, n in net.received if n != "GetMetadata"] == [
+        client_commands = {"Put", "Get", "Delete"}
+        assert [(a, n) for a, _, n in net.received if n in client_commands] == [
             (amp(head), "Put"), (amp(tail), "Get"), (amp(head), "Delete")]
         metadata_fetches += len(net.commands("GetMetadata"))
         net.received.clear()

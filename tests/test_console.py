@@ -17,6 +17,7 @@ from chainstore.console import MAX_PENDING, ConsoleFactory, ConsoleProtocol, par
 from chainstore.errors import KeyNotFound
 from chainstore.limits import MAX_LINE_BYTES, MAX_VALUE_BYTES
 from chainstore.node import STOPPED, KVNode
+from simnet import SimNet
 from chainstore.ring import KeyRange, NodeInfo, Ring, position, render_position
 from chainstore.storage import StoreSet
 
@@ -467,20 +468,29 @@ def test_server_not_responsible_with_two_servers(tmp_path):
 
 
 def test_reads_go_to_the_tail_with_a_chain_of_two(tmp_path):
+    net = SimNet(tmp_path)
     ring = Ring((ME, OTHER), epoch=1, replication=2)
-    node = open_node(tmp_path, ring=ring)
+    node = net.add(ME, ring)
+    net.add(OTHER, ring)
     try:
         conn = Connection(node)
+        other = Connection(net.nodes[OTHER.name])
         mine, theirs = _key_owned_by(ring, ME), _key_owned_by(ring, OTHER)
-        # I head my range, the other server is its tail: I take the put, not the get.
-        assert conn.ask(b"put " + mine + b" v") == b"put_success " + mine
+        # I head my range, the other server is its tail: I take the put, not the get; the put
+        # is answered once the chain has carried it to the tail.
+        conn.proto.dataReceived(b"put " + mine + b" v\r\n")
+        net.run(1.0)
+        assert conn.take() == b"put_success " + mine + b"\r\n"
         assert conn.ask(b"get " + mine) == b"server_not_responsible"
+        assert other.ask(b"get " + mine) == b"get_success " + mine + b" v"
         # I am the tail of the other's range: reads of it are mine, writes are not.
         assert conn.ask(b"put " + theirs + b" v") == b"server_not_responsible"
-        node.stores["replica1"].put(theirs, b"replicated")
+        other.proto.dataReceived(b"put " + theirs + b" replicated\r\n")
+        net.run(1.0)
+        assert other.take() == b"put_success " + theirs + b"\r\n"
         assert conn.ask(b"get " + theirs) == b"get_success " + theirs + b" replicated"
     finally:
-        node.stores.close()
+        net.close()
 
 
 def test_a_console_protocol_is_built_per_connection(node):

@@ -41,6 +41,13 @@ _SCHEMA = "CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB NOT NULL)"
 # which costs 3-5x more for an update.
 _PUT = "INSERT INTO kv (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v"
 _PAGE = 512
+# The chain this file's data belongs to and the serial of the last write applied, updated in the
+# same transaction as the write (see chainstore/chain.py).
+_CHAIN_SCHEMA = ("CREATE TABLE IF NOT EXISTS chain "
+                 "(id INTEGER PRIMARY KEY CHECK (id = 0), chain TEXT NOT NULL, "
+                 "serial INTEGER NOT NULL)")
+_SET_SERIAL = ("INSERT INTO chain (id, chain, serial) VALUES (0, '', ?) "
+               "ON CONFLICT (id) DO UPDATE SET serial = excluded.serial")
 
 
 def _bytes(data: bytes | str) -> bytes:
@@ -68,6 +75,7 @@ class SQLiteDBM:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={DURABILITY[durability]}")
             db.execute(_SCHEMA)
+            db.execute(_CHAIN_SCHEMA)
         except BaseException:
             db.close()
             raise
@@ -158,6 +166,49 @@ class SQLiteDBM:
         try:
             conn.executemany(_PUT, ((_bytes(k), _bytes(v)) for k, v in puts))
             conn.executemany("DELETE FROM kv WHERE k = ?", ((_bytes(k),) for k in deletes))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def chain_state(self) -> tuple[str, int]:
+        """The chain identity and last applied serial recorded with the data."""
+        row = self._conn.execute("SELECT chain, serial FROM chain WHERE id = 0").fetchone()
+        return ("", 0) if row is None else (row[0], row[1])
+
+    def set_chain_state(self, chain: str, serial: int) -> None:
+        self._conn.execute(
+            "INSERT INTO chain (id, chain, serial) VALUES (0, ?, ?) ON CONFLICT (id) "
+            "DO UPDATE SET chain = excluded.chain, serial = excluded.serial", (chain, serial))
+
+    def apply_one(self, delete: bool, key: bytes, value: bytes, serial: int) -> bool:
+        """One write and its serial, atomically; whether the key held a value before."""
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            existed = conn.execute("SELECT 1 FROM kv WHERE k = ?", (key,)).fetchone() is not None
+            if delete:
+                conn.execute("DELETE FROM kv WHERE k = ?", (key,))
+            else:
+                conn.execute(_PUT, (key, value))
+            conn.execute(_SET_SERIAL, (serial,))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return existed
+
+    def apply_ops(self, ops: Iterable[tuple[bool, bytes, bytes]], serial: int) -> None:
+        """Writes (delete?, key, value) in order and the serial of the last, atomically."""
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            for delete, key, value in ops:
+                if delete:
+                    conn.execute("DELETE FROM kv WHERE k = ?", (key,))
+                else:
+                    conn.execute(_PUT, (key, value))
+            conn.execute(_SET_SERIAL, (serial,))
         except BaseException:
             conn.execute("ROLLBACK")
             raise

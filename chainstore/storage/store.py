@@ -40,6 +40,8 @@ class Store:
         self.name = name
         self.db = db
         self.lock = ReadWriteLock()
+        # Backends without a place for it (dbm.dumb) keep the chain state in memory only.
+        self._chain_state: tuple[str, int] = ("", 0)
 
     def check_writable(self) -> None:
         """Raise L{WriteLocked} while a migration or rechain holds this store's lock."""
@@ -87,6 +89,41 @@ class Store:
 
     def __len__(self) -> int:
         return len(self.db)
+
+    # -- chain replication: writes with their serial (chainstore/chain.py) ------------------
+
+    def chain_state(self) -> tuple[str, int]:
+        """(chain identity, last applied serial) recorded with this store's data."""
+        if isinstance(self.db, sqlitedbm.SQLiteDBM):
+            return self.db.chain_state()
+        return self._chain_state
+
+    def set_chain_state(self, chain: str, serial: int) -> None:
+        if isinstance(self.db, sqlitedbm.SQLiteDBM):
+            self.db.set_chain_state(chain, serial)
+        else:
+            self._chain_state = (chain, serial)
+
+    def apply_one(self, kind: int, key: bytes, value: bytes, serial: int) -> bool:
+        """Apply one write (kind 0 put, 1 delete) with its serial; whether the key existed."""
+        if isinstance(self.db, sqlitedbm.SQLiteDBM):
+            return self.db.apply_one(kind == 1, key, value, serial)
+        existed = self.put(key, value) if kind == 0 else self.delete(key)
+        self._chain_state = (self._chain_state[0], serial)
+        return existed
+
+    def apply_ops(self, ops: list[tuple[int, int, bytes, bytes, bytes]], serial: int) -> None:
+        """Apply replicated writes (serial, kind, key, value, request id) in order, atomically
+        where the backend can, recording C{serial} as the last applied."""
+        if isinstance(self.db, sqlitedbm.SQLiteDBM):
+            self.db.apply_ops(((op[1] == 1, op[2], op[3]) for op in ops), serial)
+            return
+        for _, kind, key, value, _ in ops:
+            if kind == 0:
+                self.db[key] = value
+            else:
+                self.delete(key)
+        self._chain_state = (self._chain_state[0], serial)
 
     def sync(self) -> None:
         self.db.sync()

@@ -1,0 +1,414 @@
+"""Chain replication of writes: serial numbers, the pending-ack window, leases.
+
+Each server keeps, per store, a L{Replica}: its part in the chain of the one range that store
+holds. The head assigns each write the range's next serial, applies it, and forwards batches of
+writes to its live successor with C{Replicate}; a middle applies them in serial order and
+forwards them on; the tail applies and answers. Every node answers its predecessor only when its
+own forward has been answered, so the answer that reaches the head means "applied at the tail".
+The outstanding forwards of a node are its pending-ack window: a bounded queue of batches, each
+with a Deferred; acks are cumulative by serial.
+
+The serial is persisted with the data (atomically, in the same store) together with the chain's
+identity; a replica skips writes it already has (serial <= its last), so after a failure a
+predecessor can resend its whole window to a new successor without applying anything twice.
+
+Reads are served by the tail only while it holds a lease from its predecessor, requested every
+third of the lease and counted from when the request was sent, so a tail paused past the ECS's
+failure timeout does not answer reads when it wakes. A predecessor that becomes tail because its
+successor failed waits until the lease it granted has run out before it reads or acknowledges.
+See docs/DESIGN.md, "Chain replication".
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+
+from chainstore.control import (
+    DELETE,
+    PUT,
+    ControlFailed,
+    RenewLease,
+    Replicate,
+    StaleEpoch,
+    pack_ops,
+    unpack_ops,
+)
+from chainstore.errors import NotResponsible, ServerStopped
+from chainstore.logs import get_logger
+from chainstore.peers import PeerPool
+from chainstore.ring import NodeInfo, Ring
+from chainstore.storage import STORE_NAMES, Store
+
+log = get_logger("chainstore.chain")
+
+Op = tuple[int, int, bytes, bytes, bytes]  # serial, kind, key, value, request id
+
+LEASE_SECONDS = 2.0
+WINDOW_BATCHES = 32
+BATCH_OPS = 256
+MAX_QUEUED_OPS = 20_000
+RETRY_SECONDS = 0.2
+RECENT_REQUESTS = 50_000
+
+
+@dataclass
+class _Batch:
+    first: int
+    last: int
+    ops: list[Op]
+
+
+@dataclass
+class Replica:
+    """This server's part in the chain of the range owned (in the ring) by C{owner}."""
+
+    owner: str
+    chain_id: str
+    store_name: str
+    store: Store
+    last_serial: int
+    acked: int = 0
+    successor: NodeInfo | None = None
+    predecessor: NodeInfo | None = None
+    is_head: bool = False
+    is_tail: bool = False
+    successor_is_tail: bool = False
+    live_length: int = 1
+    pending: list[Op] = field(default_factory=list)
+    window: deque[_Batch] = field(default_factory=deque)
+    waiters: deque[tuple[int, Deferred[int]]] = field(default_factory=deque)
+    generation: int = 0
+    # set after a failed forward until the whole window has been resent, so that no newer
+    # batch overtakes an older one on the way to the successor
+    retry: Any = None
+    paused: bool = False
+    # as tail: reads and acks allowed until lease_until, not before tail_from
+    lease_until: float = 0.0
+    tail_from: float = 0.0
+    # as predecessor of the tail: the latest lease expiry granted to it
+    granted_until: float = 0.0
+    # request id -> serial of the write that carried it (bounded, oldest dropped first)
+    recent: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
+
+
+def chain_id(ring: Ring, index: int) -> str:
+    return "|".join(n.name for n in ring.ring_chain(index))
+
+
+class ChainReplicator:
+    def __init__(self, me: NodeInfo, peers: PeerPool, clock: IReactorTime,
+                 monotonic: Callable[[], float], lease: float = LEASE_SECONDS,
+                 on_tail_apply: Callable[[list[bytes]], None] = lambda keys: None) -> None:
+        self.me = me
+        self.on_tail_apply = on_tail_apply
+        self.peers = peers
+        self.clock = clock
+        self.monotonic = monotonic
+        self.lease = lease
+        self.epoch = 0
+        self.replicas: dict[str, Replica] = {}
+        self._lease_loop = LoopingCall(self._renew_leases)
+        self._lease_loop.clock = clock
+
+    # -- configuration ---------------------------------------------------------------------------
+
+    def adopt(self, ring: Ring, stores: Any) -> None:
+        """Re-derive every replica's links from C{ring}; called for every new epoch."""
+        self.epoch = ring.epoch
+        old = self.replicas
+        self.replicas = {}
+        names = [n.name for n in ring.nodes]
+        if self.me.name not in names or self.me.name in ring.dead or stores is None:
+            for replica in old.values():
+                self._fail_waiters(replica, NotResponsible("this server left the chain"))
+            self._update_lease_loop()
+            return
+        me_index = names.index(self.me.name)
+        n = len(ring.nodes)
+        for position in range(ring.chain_length):
+            owner_index = (me_index - position) % n
+            owner = ring.nodes[owner_index].name
+            cid = chain_id(ring, owner_index)
+            store = stores[STORE_NAMES[position]]
+            previous = old.pop(owner, None)
+            if previous is None or previous.chain_id != cid:
+                if previous is not None:
+                    self._fail_waiters(previous, NotResponsible("the chain was rebuilt"))
+                replica = self._open_replica(owner, cid, STORE_NAMES[position], store)
+            else:
+                replica = previous
+            self._relink(replica, ring, owner_index)
+            self.replicas[owner] = replica
+        for replica in old.values():
+            self._fail_waiters(replica, NotResponsible("this server left the range's chain"))
+        self._update_lease_loop()
+
+    def _open_replica(self, owner: str, cid: str, store_name: str, store: Store) -> Replica:
+        stored_chain, serial = store.chain_state()
+        if stored_chain != cid:
+            # A new chain for this store (a planned change, drained first): serials restart.
+            serial = 0
+            store.set_chain_state(cid, 0)
+        return Replica(owner, cid, store_name, store, serial, acked=serial)
+
+    def _relink(self, replica: Replica, ring: Ring, owner_index: int) -> None:
+        live = ring.chain_for_index(owner_index)
+        i = live.index(self.me)
+        successor = live[i + 1] if i + 1 < len(live) else None
+        was_tail = replica.is_tail
+        replica.predecessor = live[i - 1] if i > 0 else None
+        replica.is_head = i == 0
+        replica.is_tail = successor is None
+        replica.successor_is_tail = i + 2 == len(live)
+        replica.live_length = len(live)
+        if successor != replica.successor:
+            replica.successor = successor
+            replica.generation += 1
+            replica.paused = False
+            if successor is not None and replica.window:
+                log.info("resending {count} batches of {owner}'s range to {to}",
+                         count=len(replica.window), owner=replica.owner, to=successor.name)
+                for batch in list(replica.window):
+                    self._send(replica, batch)
+        if successor is None:
+            replica.paused = False
+        if replica.is_tail and not was_tail:
+            # Our old successor may hold a lease we granted: neither read nor acknowledge
+            # before it has run out, so it can never answer after we have moved on.
+            replica.tail_from = replica.granted_until
+            delay = max(0.0, replica.tail_from - self.monotonic())
+            self.clock.callLater(delay, self._take_tail, replica, replica.generation)
+
+    def _take_tail(self, replica: Replica, generation: int) -> None:
+        if replica.generation != generation or not replica.is_tail:
+            return
+        replica.window.clear()
+        replica.pending.clear()
+        self._advance(replica, replica.last_serial)
+
+    def _update_lease_loop(self) -> None:
+        needs = any(r.is_tail and r.predecessor is not None for r in self.replicas.values())
+        if needs and not self._lease_loop.running:
+            self._lease_loop.start(self.lease / 3, now=True)
+        elif not needs and self._lease_loop.running:
+            self._lease_loop.stop()
+
+    def stop(self) -> None:
+        if self._lease_loop.running:
+            self._lease_loop.stop()
+        for replica in self.replicas.values():
+            self._fail_waiters(replica, ServerStopped("the server is stopping"))
+
+    # -- the head --------------------------------------------------------------------------------
+
+    def write(self, replica: Replica, kind: int, key: bytes, value: bytes,
+              request_id: bytes) -> tuple[bool, Deferred[int]]:
+        """Apply a client write at the head; (key existed, fires when the tail has it)."""
+        if request_id and request_id in replica.recent:
+            # A retry of a write we already carry: wait for (or report) the same write.
+            return True, self._wait(replica, replica.recent[request_id])
+        if len(replica.pending) + sum(len(b.ops) for b in replica.window) > MAX_QUEUED_OPS:
+            raise ServerStopped("replication is backed up; retry shortly")
+        serial = replica.last_serial + 1
+        existed = replica.store.apply_one(kind, key, value, serial)
+        replica.last_serial = serial
+        self._remember(replica, request_id, serial)
+        if replica.is_tail:
+            if replica.live_length == 1 or self.monotonic() >= replica.tail_from:
+                replica.acked = serial
+                return existed, succeed(serial)
+            return existed, self._wait(replica, serial)
+        replica.pending.append((serial, kind, key, value, request_id))
+        d = self._wait(replica, serial)
+        self._flush(replica)
+        return existed, d
+
+    # -- middle and tail -------------------------------------------------------------------------
+
+    def receive(self, epoch: int, owner: str, payload: bytes) -> Deferred[int] | int:
+        """A C{Replicate} from our predecessor: apply in order, forward, answer when acked."""
+        if epoch != self.epoch:
+            raise StaleEpoch(f"writes of epoch {epoch}; this server is at {self.epoch}")
+        replica = self.replicas.get(owner)
+        if replica is None or replica.is_head:
+            raise NotResponsible(f"{self.me.name} does not follow anyone in {owner}'s chain")
+        ops = unpack_ops(payload)
+        if not ops:
+            return replica.acked
+        fresh = [op for op in ops if op[0] > replica.last_serial]
+        if fresh:
+            if fresh[0][0] != replica.last_serial + 1:
+                raise ControlFailed(
+                    f"serial {fresh[0][0]} after {replica.last_serial}: a write is missing")
+            replica.store.apply_ops(fresh, fresh[-1][0])
+            replica.last_serial = fresh[-1][0]
+            for op in fresh:
+                self._remember(replica, op[4], op[0])
+        last = ops[-1][0]
+        if replica.is_tail:
+            if fresh:
+                self.on_tail_apply([op[2] for op in fresh])
+            if self.monotonic() >= replica.tail_from:
+                replica.acked = max(replica.acked, replica.last_serial)
+                return replica.acked
+            return self._wait(replica, last)
+        if fresh:
+            replica.pending.extend(fresh)
+            self._flush(replica)
+        if replica.acked >= last:
+            return replica.acked
+        return self._wait(replica, last)
+
+    # -- forwarding ------------------------------------------------------------------------------
+
+    def _flush(self, replica: Replica) -> None:
+        if replica.paused:
+            return
+        while replica.pending and replica.successor is not None \
+                and len(replica.window) < WINDOW_BATCHES:
+            ops = replica.pending[:BATCH_OPS]
+            del replica.pending[:BATCH_OPS]
+            batch = _Batch(ops[0][0], ops[-1][0], ops)
+            replica.window.append(batch)
+            self._send(replica, batch)
+
+    def _send(self, replica: Replica, batch: _Batch) -> None:
+        generation, successor, epoch = replica.generation, replica.successor, self.epoch
+        assert successor is not None
+        payload = pack_ops(batch.ops)
+        d = self.peers.get(successor)
+        d.addCallback(lambda proto: proto.callRemote(Replicate, epoch=epoch,
+                                                     owner=replica.owner, ops=payload))
+        d.addCallbacks(self._answered, self._send_failed, (replica, generation), None,
+                       (replica, generation, successor))
+
+    def _answered(self, result: dict[str, int], replica: Replica, generation: int) -> None:
+        if generation == replica.generation:
+            self._advance(replica, result["acked"])
+
+    def _send_failed(self, failure: Failure, replica: Replica, generation: int,
+                     successor: NodeInfo) -> None:
+        if generation != replica.generation:
+            return
+        log.warn("forwarding {owner}'s writes to {to} failed ({error}); retrying",
+                 owner=replica.owner, to=successor.name, error=failure.getErrorMessage())
+        replica.generation += 1
+        replica.paused = True
+        self.peers.drop(successor)
+        if replica.retry is None or not replica.retry.active():
+            replica.retry = self.clock.callLater(RETRY_SECONDS, self._resend, replica)
+
+    def _resend(self, replica: Replica) -> None:
+        replica.paused = False
+        if replica.successor is None or self.replicas.get(replica.owner) is not replica:
+            return
+        for batch in list(replica.window):
+            self._send(replica, batch)
+        self._flush(replica)
+
+    def _advance(self, replica: Replica, acked: int) -> None:
+        if acked > replica.acked:
+            replica.acked = acked
+        window, waiters = replica.window, replica.waiters
+        while window and window[0].last <= replica.acked:
+            window.popleft()
+        while waiters and waiters[0][0] <= replica.acked:
+            waiters.popleft()[1].callback(replica.acked)
+        self._flush(replica)
+
+    def settled(self, replica: Replica) -> Deferred[int]:
+        """Fires once every write this replica has applied is at the tail."""
+        return self._wait(replica, replica.last_serial)
+
+    def _wait(self, replica: Replica, serial: int) -> Deferred[int]:
+        if replica.acked >= serial:
+            return succeed(replica.acked)
+        d: Deferred[int] = Deferred()
+        waiters = replica.waiters
+        if waiters and waiters[-1][0] > serial:
+            # Rare (a retried request id): keep the queue ordered by serial.
+            items = sorted([*waiters, (serial, d)], key=lambda w: w[0])
+            waiters.clear()
+            waiters.extend(items)
+        else:
+            waiters.append((serial, d))
+        return d
+
+    def _fail_waiters(self, replica: Replica, error: Exception) -> None:
+        replica.generation += 1
+        waiters, replica.waiters = replica.waiters, deque()
+        for _, d in waiters:
+            d.errback(error)
+
+    @staticmethod
+    def _remember(replica: Replica, request_id: bytes, serial: int) -> None:
+        if request_id:
+            replica.recent[request_id] = serial
+            if len(replica.recent) > RECENT_REQUESTS:
+                replica.recent.popitem(last=False)
+
+    # -- leases ----------------------------------------------------------------------------------
+
+    def can_read(self, replica: Replica) -> bool:
+        if not replica.is_tail:
+            return False
+        if replica.live_length == 1:
+            return True
+        now = self.monotonic()
+        return replica.tail_from <= now < replica.lease_until
+
+    def _renew_leases(self) -> None:
+        for replica in list(self.replicas.values()):
+            if replica.is_tail and replica.predecessor is not None:
+                sent = self.monotonic()
+                d = self.peers.get(replica.predecessor)
+                d.addCallback(lambda proto, r=replica: proto.callRemote(
+                    RenewLease, epoch=self.epoch, owner=r.owner))
+                d.addCallbacks(self._renewed, self._renew_failed, (replica, sent), None,
+                               (replica,))
+
+    def _renewed(self, result: dict[str, float], replica: Replica, sent: float) -> None:
+        replica.lease_until = max(replica.lease_until, sent + min(result["seconds"], self.lease))
+
+    def _renew_failed(self, failure: Failure, replica: Replica) -> None:
+        log.debug("lease renewal for {owner}'s range failed: {error}", owner=replica.owner,
+                  error=failure.getErrorMessage())
+
+    def grant_lease(self, epoch: int, owner: str) -> float:
+        """Our successor, the tail of C{owner}'s range, renews its lease."""
+        if epoch != self.epoch:
+            raise StaleEpoch(f"lease for epoch {epoch}; this server is at {self.epoch}")
+        replica = self.replicas.get(owner)
+        if replica is None or not replica.successor_is_tail:
+            raise NotResponsible(f"{self.me.name} grants no lease in {owner}'s chain")
+        replica.granted_until = max(replica.granted_until, self.monotonic() + self.lease)
+        return self.lease
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def replica_for_store(self, store_name: str) -> Replica | None:
+        for replica in self.replicas.values():
+            if replica.store_name == store_name:
+                return replica
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            f"{r.store_name}_chain": {
+                "owner": r.owner, "serial": r.last_serial, "acked": r.acked,
+                "window": len(r.window), "pending": len(r.pending),
+                "role": "head" if r.is_head else "tail" if r.is_tail else "middle",
+            }
+            for r in self.replicas.values()
+        }
+
+
+__all__ = ["ChainReplicator", "Replica", "PUT", "DELETE"]

@@ -1,0 +1,81 @@
+"""Connections from one server to the other servers' AMP ports, opened once and reused.
+
+Chain replication forwards every write to the next server and a tail renews its lease with the
+one before it; both go through this pool, which dials on first use, shares a pending dial among
+callers and forgets a connection when it is lost (the next use dials again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.protocols import amp
+
+from chainstore.ring import NodeInfo
+
+Connector = Callable[[NodeInfo], Deferred[amp.AMP]]
+
+
+def tcp_connector(reactor: Any, timeout: float = 5.0) -> Connector:
+    def connect(node: NodeInfo) -> Deferred[amp.AMP]:
+        endpoint = HostnameEndpoint(reactor, node.host, node.amp_port, timeout=timeout)
+        return connectProtocol(endpoint, _PeerProtocol())
+    return connect
+
+
+class _PeerProtocol(amp.AMP):
+    lost: Callable[[], None] | None = None
+
+    def connectionLost(self, reason: Any) -> None:  # type: ignore[override]
+        super().connectionLost(reason)
+        if self.lost is not None:
+            self.lost()
+
+
+class PeerPool:
+    def __init__(self, connect: Connector) -> None:
+        self._connect = connect
+        self._open: dict[str, amp.AMP] = {}
+        self._dialing: dict[str, list[Deferred[amp.AMP]]] = {}
+
+    def get(self, node: NodeInfo) -> Deferred[amp.AMP]:
+        key = f"{node.host}:{node.amp_port}"
+        proto = self._open.get(key)
+        if proto is not None:
+            return succeed(proto)
+        waiter: Deferred[amp.AMP] = Deferred()
+        if key in self._dialing:
+            self._dialing[key].append(waiter)
+            return waiter
+        self._dialing[key] = [waiter]
+        self._connect(node).addCallbacks(self._opened, self._failed, (key,), None, (key,))
+        return waiter
+
+    def _opened(self, proto: amp.AMP, key: str) -> None:
+        self._open[key] = proto
+
+        def lost() -> None:
+            if self._open.get(key) is proto:
+                del self._open[key]
+
+        proto.lost = lost  # type: ignore[attr-defined]
+        for waiter in self._dialing.pop(key, []):
+            waiter.callback(proto)
+
+    def _failed(self, failure: Any, key: str) -> None:
+        for waiter in self._dialing.pop(key, []):
+            waiter.errback(failure)
+
+    def drop(self, node: NodeInfo) -> None:
+        proto = self._open.pop(f"{node.host}:{node.amp_port}", None)
+        if proto is not None and proto.transport is not None:
+            proto.transport.loseConnection()
+
+    def close(self) -> None:
+        for proto in list(self._open.values()):
+            if proto.transport is not None:
+                proto.transport.loseConnection()
+        self._open.clear()

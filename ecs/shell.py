@@ -1,0 +1,564 @@
+"""``ecsclient``: the admin shell of a chainstore cluster, speaking AMP to its ECS.
+
+Interactive (prompt ``ECSClient> `` on a terminal), fed from a pipe, or one command per run::
+
+    $ ecsclient --ecs 127.0.0.1:49999 addNode LRU 100
+    added server4
+    $ printf 'status\\nremoveNode server1\\n' | ecsclient
+    $ ecsclient status --json | jq .ring
+
+A one-shot command exits 0 when it succeeded and 1 with ``error: <message>`` on stderr when the
+ECS refused it or could not be reached (2 for a malformed command line). Fed from a pipe, the
+shell runs every line and exits 1 if any command failed. ``addNode(s)`` and ``removeNode`` answer
+only when the data has moved; meanwhile the shell polls ``Status`` on the same connection and
+shows the keys and bytes moved so far.
+
+The reactor runs in a daemon thread (L{client.blocking.ensure_reactor_running}); the main thread
+reads commands and waits for each answer with C{blockingCallFromThread}. The Deferred-based
+L{AdminLink} and L{call_with_progress} hold all the AMP logic and are tested with iosim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionClosed
+from twisted.internet.task import LoopingCall
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    PredicateResult,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from chainstore.cache import STRATEGIES
+from ecs import protocol
+from ecs.protocol import AdminError
+
+PROMPT = "ECSClient> "
+DEFAULT_ECS = "127.0.0.1:49999"
+DEFAULT_TIMEOUT = 30.0
+#: seconds between two C{Status} polls while a long command runs
+POLL_INTERVAL = 0.5
+
+HELP = """\
+commands (names are case-insensitive: addnode works as well as addNode):
+  start                          every server in the ring answers clients
+  stop                           every server answers server_stopped (processes keep running)
+  shutDown                       end every server process and the ECS
+  addNode <strategy> <size>      add one server with cache FIFO, LRU or LFU of <size> entries
+  addNodes <count> <strategy> <size>
+                                 add <count> servers
+  removeNode <name> [--force]    move a server's data to the others and end it (--force: even
+                                 if fewer servers than the replication factor remain)
+  status [--json]                ring, ranges, server states, last heartbeats (--json: raw JSON)
+  help                           this text
+  quit                           leave (so does the end of the input)
+addNode(s) and removeNode show progress (keys and bytes moved) until the data has moved."""
+
+
+class UsageError(Exception):
+    """A command line the shell cannot run; the message gives the right form."""
+
+
+class ShellError(Exception):
+    """A command failed: the ECS refused it, or could not be reached; the message says which."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """A parsed command: its canonical name and the arguments of its AMP command."""
+
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    #: C{status --json}
+    json: bool = False
+
+
+_NAMES = {name.lower(): name for name in (
+    "start", "stop", "shutDown", "addNode", "addNodes", "removeNode", "status", "help", "quit")}
+_NAMES["exit"] = "quit"
+
+_USAGE = {
+    "addNode": "addNode <strategy> <size>",
+    "addNodes": "addNodes <count> <strategy> <size>",
+    "removeNode": "removeNode <name> [--force]",
+    "status": "status [--json]",
+}
+
+
+def parse_command(words: list[str]) -> Command | None:
+    """The command in C{words} (a line split on blanks); None for an empty line.
+
+    Raises L{UsageError} for an unknown command or wrong arguments.
+    """
+    if not words:
+        return None
+    name = _NAMES.get(words[0].lower())
+    if name is None:
+        raise UsageError(f"unknown command {words[0][:40]!r}; type help for the commands")
+    args = words[1:]
+    if name == "addNode":
+        if len(args) != 2:
+            raise UsageError(f"usage: {_USAGE[name]}")
+        return Command("addNodes", _add_arguments(name, "1", *args))
+    if name == "addNodes":
+        if len(args) != 3:
+            raise UsageError(f"usage: {_USAGE[name]}")
+        return Command("addNodes", _add_arguments(name, *args))
+    if name == "removeNode":
+        force = "--force" in args
+        rest = [a for a in args if a != "--force"]
+        if len(rest) != 1 or rest[0].startswith("-"):
+            raise UsageError(f"usage: {_USAGE[name]}")
+        return Command(name, {"name": rest[0], "force": force})
+    if name == "status":
+        if args not in ([], ["--json"]):
+            raise UsageError(f"usage: {_USAGE[name]}")
+        return Command(name, json=bool(args))
+    if args:
+        raise UsageError(f"{name} takes no arguments")
+    return Command(name)
+
+
+def _add_arguments(name: str, count: str, strategy: str, size: str) -> dict[str, Any]:
+    if not count.isdigit() or int(count) < 1:
+        raise UsageError(f"{name}: count must be a whole number of 1 or more, not {count!r}")
+    if strategy.upper() not in STRATEGIES:
+        raise UsageError(f"{name}: unknown cache strategy {strategy!r}; "
+                         f"choose one of {', '.join(STRATEGIES)}")
+    if not size.isdigit():
+        raise UsageError(f"{name}: cache size must be a whole number of 0 or more, not {size!r}")
+    return {"count": int(count), "cache_strategy": strategy.upper(), "cache_size": int(size)}
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """C{HOST:PORT} as C{(host, port)}; ValueError with the reason if it is not one."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT with a port in 1-65535")
+    return host.strip("[]"), int(port)
+
+
+# -- rendering -------------------------------------------------------------------------------------
+
+
+def format_progress(operation: dict[str, Any]) -> str:
+    """The progress line of a running reconfiguration (the C{operation} of C{Status})."""
+    return (f"moving: {operation['step']} {operation['keys_moved']} keys, "
+            f"{operation['bytes_moved']} bytes, {float(operation['seconds']):.1f}s")
+
+
+def _abbreviate(position: str) -> str:
+    return position[:8]
+
+
+def format_range(entry: dict[str, Any]) -> str:
+    """A member's range C{(from, to]} with each end cut to 8 hex digits; C{-} if it has none."""
+    if "range" not in entry:
+        return "-"
+    start, end = entry["range"]
+    if start == end:
+        return "whole ring"
+    return f"{_abbreviate(start)}..{_abbreviate(end)}"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The human C{status}: a summary line, the ring, a table of members, the operation."""
+    summary = [f"epoch {status['epoch']}", "serving" if status["serving"] else "stopped",
+               f"replication {status['replication']}"]
+    if status.get("degraded"):
+        summary.append(f"DEGRADED: {len(status['ring'])} server(s) in the ring, fewer than the "
+                       f"replication factor")
+    lines = [", ".join(summary), "ring: " + (" ".join(status["ring"]) or "(empty)")]
+    rows = [("NAME", "STATUS", "CONSOLE", "RANGE (FROM..TO]", "HEARTBEAT", "CONNECTED")]
+    for m in status["members"]:
+        heartbeat = m.get("last_heartbeat_s")
+        rows.append((
+            m["name"], m["status"], m["console"], format_range(m),
+            "-" if heartbeat is None else f"{float(heartbeat):.1f}s ago",
+            "yes" if m["connected"] else "no",
+        ))
+    if len(rows) == 1:
+        lines.append("no servers")
+    else:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    op = status.get("operation")
+    if op:
+        lines.append(f"operation: {op['description']}: " + format_progress(op)[len("moving: "):])
+    return "\n".join(lines)
+
+
+class ProgressPrinter:
+    """Shows progress lines as they change: on a terminal one line rewritten in place, on a pipe
+    one line per change (of step, keys or bytes: the seconds alone do not make a new line)."""
+
+    def __init__(self, out: TextIO, tty: bool) -> None:
+        self.out = out
+        self.tty = tty
+        self._last: tuple[Any, ...] | None = None
+        self._drawn = False
+
+    def update(self, operation: dict[str, Any] | None) -> None:
+        if not operation:
+            return
+        line = format_progress(operation)
+        if self.tty:
+            self.out.write("\r" + line + "\x1b[K")
+            self._drawn = True
+        else:
+            state = (operation["step"], operation["keys_moved"], operation["bytes_moved"])
+            if state == self._last:
+                return
+            self._last = state
+            self.out.write(line + "\n")
+        self.out.flush()
+
+    def finish(self) -> None:
+        """End the rewritten line, so the answer starts on a line of its own."""
+        if self._drawn:
+            self.out.write("\n")
+            self.out.flush()
+            self._drawn = False
+
+
+# -- AMP -------------------------------------------------------------------------------------------
+
+
+def call_with_progress(proto: amp.AMP, clock: Any, command: type[amp.Command],
+                       arguments: dict[str, Any], on_progress: Callable[[Any], None],
+                       interval: float = POLL_INTERVAL) -> Deferred[dict[str, Any]]:
+    """Send C{command} and, until it is answered, poll C{Status} every C{interval} seconds on
+    the same connection, passing its C{operation} (a dict, or None) to C{on_progress}.
+
+    The result is C{command}'s answer; cancelling it stops the polling (the ECS goes on).
+    """
+    def poll() -> Deferred[None] | None:
+        try:
+            d = proto.callRemote(protocol.Status)
+        except Exception:
+            return None
+        d.addCallback(lambda answer: on_progress(json.loads(answer["status"]).get("operation")))
+        # A failed poll only loses one progress line; the command's own answer still counts.
+        d.addErrback(lambda failure: None)
+        return d
+
+    loop = LoopingCall(poll)
+    loop.clock = clock
+    answer = proto.callRemote(command, **arguments)
+
+    def done(result: Any) -> Any:
+        if loop.running:
+            loop.stop()
+        return result
+
+    answer.addBoth(done)
+    loop.start(interval, now=False)
+    return answer
+
+
+class _AdminProtocol(amp.AMP):
+    def __init__(self, lost: Callable[[_AdminProtocol], None]) -> None:
+        super().__init__()
+        self._lost = lost
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        super().connectionLost(reason)
+        self._lost(self)
+
+
+# Commands that answer only when the data has moved: no timeout, progress instead.
+_LONG = {"addNodes", "removeNode"}
+_AMP_COMMANDS: dict[str, type[amp.Command]] = {
+    "start": protocol.Start, "stop": protocol.Stop, "shutDown": protocol.ShutDown,
+    "addNodes": protocol.AddNodes, "removeNode": protocol.RemoveNode, "status": protocol.Status,
+}
+
+
+class AdminLink:
+    """The shell's AMP connection to the ECS: made on first use, made again after it was lost.
+
+    C{connect} makes the protocol (a TCP connection by default; tests pass an iosim one).
+    """
+
+    def __init__(self, reactor: Any, host: str, port: int, timeout: float = DEFAULT_TIMEOUT,
+                 connect: Callable[[amp.AMP], Deferred[amp.AMP]] | None = None) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self._connect = connect or self._connect_tcp
+        self._proto: amp.AMP | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _connect_tcp(self, proto: amp.AMP) -> Deferred[amp.AMP]:
+        endpoint = TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=self.timeout)
+        return connectProtocol(endpoint, proto)
+
+    def _lost(self, proto: amp.AMP) -> None:
+        if self._proto is proto:
+            self._proto = None
+
+    async def _connected(self) -> amp.AMP:
+        if self._proto is None:
+            try:
+                d = self._connect(_AdminProtocol(self._lost))
+                d.addTimeout(self.timeout, self.reactor)
+                self._proto = await d
+            except Exception as e:
+                reason = "no answer in time" if isinstance(e, TimeoutError) else _reason(e)
+                raise ShellError(f"cannot reach the ECS at {self.address}: {reason}") from None
+        return self._proto
+
+    async def run(self, command: Command,
+                  on_progress: Callable[[Any], None] | None = None) -> dict[str, Any]:
+        """Send C{command}'s AMP command and return the answer; raise L{ShellError} if it fails.
+
+        Long commands wait as long as the ECS works on them (polling C{Status} for
+        C{on_progress}); the others wait at most C{timeout} seconds.
+        """
+        proto = await self._connected()
+        amp_command = _AMP_COMMANDS[command.name]
+        try:
+            if command.name in _LONG and on_progress is not None:
+                d = call_with_progress(proto, self.reactor, amp_command, command.arguments,
+                                       on_progress)
+            else:
+                d = proto.callRemote(amp_command, **command.arguments)
+                if command.name not in _LONG:
+                    d.addTimeout(self.timeout, self.reactor)
+            return await d
+        except AdminError as e:
+            raise ShellError(str(e)) from None
+        except TimeoutError:
+            raise ShellError(f"the ECS at {self.address} did not answer within "
+                             f"{self.timeout:g}s") from None
+        except CancelledError:
+            raise
+        except ConnectionClosed:
+            raise ShellError(f"lost the connection to the ECS at {self.address} during "
+                             f"{command.name}; see status") from None
+        except amp.RemoteAmpError as e:
+            raise ShellError(f"the ECS failed: {e}") from None
+
+    def close(self) -> None:
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.loseConnection()
+        self._proto = None
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip()
+    return text or type(error).__name__
+
+
+class BlockingAdmin:
+    """L{AdminLink} for the main thread: each call waits for the reactor thread's answer."""
+
+    def __init__(self, reactor: Any, host: str, port: int, timeout: float) -> None:
+        from client.blocking import ensure_reactor_running
+
+        self.reactor = reactor
+        ensure_reactor_running(reactor)
+        self.link = AdminLink(reactor, host, port, timeout)
+        self._running: Deferred[Any] | None = None
+
+    def run(self, command: Command,
+            on_progress: Callable[[Any], None] | None = None) -> dict[str, Any]:
+        from twisted.internet.threads import blockingCallFromThread
+
+        def start() -> Deferred[Any]:
+            self._running = Deferred.fromCoroutine(self.link.run(command, on_progress))
+            return self._running
+
+        try:
+            return blockingCallFromThread(self.reactor, start)
+        except KeyboardInterrupt:
+            # Stop waiting (and polling); the ECS finishes the operation regardless.
+            running = self._running
+            if running is not None:
+                self.reactor.callFromThread(running.cancel)
+            raise
+
+    def close(self) -> None:
+        from twisted.internet.threads import blockingCallFromThread
+
+        blockingCallFromThread(self.reactor, self.link.close)
+
+
+# -- the shell -------------------------------------------------------------------------------------
+
+
+class Quit(Exception):
+    """The user asked to leave."""
+
+
+class Shell:
+    """Runs parsed commands against C{admin} (an object with L{BlockingAdmin.run}).
+
+    Answers go to C{out}, C{error: ...} lines to C{err}; C{tty} says whether C{out} is a
+    terminal (progress is then rewritten in place).
+    """
+
+    def __init__(self, admin: Any, out: TextIO, err: TextIO, tty: bool = False) -> None:
+        self.admin = admin
+        self.out = out
+        self.err = err
+        self.tty = tty
+
+    def handle(self, words: list[str]) -> bool:
+        """Run one command; True if it succeeded (or was empty). Raises L{Quit} on quit."""
+        try:
+            command = parse_command(words)
+            if command is None:
+                return True
+            self.execute(command)
+        except (UsageError, ShellError) as e:
+            self.error(str(e))
+            return False
+        return True
+
+    def execute(self, command: Command) -> None:
+        if command.name == "quit":
+            raise Quit()
+        if command.name == "help":
+            self.say(HELP)
+            return
+        if command.name == "status":
+            status = self.admin.run(command)["status"]
+            self.say(status if command.json else format_status(json.loads(status)))
+            return
+        if command.name in _LONG:
+            progress = ProgressPrinter(self.out, self.tty)
+            try:
+                answer = self.admin.run(command, progress.update)
+            finally:
+                progress.finish()
+        else:
+            answer = self.admin.run(command)
+        self.say(answer["message"])
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def error(self, message: str) -> None:
+        self.out.flush()
+        self.err.write(f"error: {message}\n")
+        self.err.flush()
+
+
+def _lines(interactive: bool) -> Iterator[str]:
+    if not interactive:
+        yield from sys.stdin
+        return
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    while True:
+        try:
+            yield input(PROMPT)
+        except EOFError:
+            sys.stdout.write("\n")
+            return
+
+
+def _log_errors_to_stderr() -> None:
+    """Twisted's own log events reach stderr only from errors up (not AMP's chatter)."""
+
+    def errors(event: dict[str, Any]) -> PredicateResult:
+        if event.get("log_level", LogLevel.info) >= LogLevel.error:
+            return PredicateResult.yes
+        return PredicateResult.no
+
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [errors])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ecsclient",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The admin shell of a chainstore cluster: it talks to the ECS.\n"
+                    "With a command it runs that command and exits; without, it reads\n"
+                    "commands from stdin (a terminal or a pipe).",
+        epilog=HELP + "\n\nexamples:\n  ecsclient --ecs 127.0.0.1:49999 status --json\n"
+                      "  printf 'addNode LRU 100\\nstatus\\n' | ecsclient",
+    )
+    parser.add_argument("--ecs", default=DEFAULT_ECS, metavar="HOST:PORT",
+                        help="the ECS's admin address, its listen option (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help="how long to wait to connect and for the answer of a command that "
+                             "moves no data (default: %(default)s)")
+    parser.add_argument("command", nargs=argparse.REMAINDER,
+                        help="one command to run (options of ecsclient go before it)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command (exit 0 or 1) or a session (exit 1 if any command failed)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        host, port = parse_address(args.ecs)
+    except ValueError as e:
+        parser.error(f"--ecs: {e}")
+    if args.timeout <= 0:
+        parser.error("--timeout must be positive")
+    one_shot = None
+    if args.command:
+        try:
+            one_shot = parse_command(args.command)
+        except UsageError as e:
+            parser.error(str(e))
+    _log_errors_to_stderr()
+    from twisted.internet import reactor
+
+    admin = BlockingAdmin(reactor, host, port, args.timeout)
+    tty = sys.stdout.isatty()
+    shell = Shell(admin, sys.stdout, sys.stderr, tty)
+    try:
+        if args.command:
+            if one_shot is not None and one_shot.name == "quit":
+                return 0
+            return 0 if shell.handle(args.command) else 1
+        interactive = sys.stdin.isatty()
+        if interactive:
+            shell.say(f"ECS admin shell for {host}:{port}; type help")
+        failed = False
+        for line in _lines(interactive):
+            try:
+                ok = shell.handle(line.split())
+            except Quit:
+                break
+            except KeyboardInterrupt:
+                if not interactive:
+                    raise
+                shell.error("interrupted; the ECS goes on with the command (see status)")
+                ok = False
+            failed = failed or not ok
+        return 1 if failed else 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        admin.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

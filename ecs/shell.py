@@ -512,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command (exit 0 or 1) or a session (exit 1 if any command failed)."""
+    """Run one command (exit 0 or 1) or a session (from a pipe: exit 1 if any command failed)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -553,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
                 shell.error("interrupted; the ECS goes on with the command (see status)")
                 ok = False
             failed = failed or not ok
-        return 1 if failed else 0
+        # A script learns that a line failed; at a terminal the user has seen it.
+        return 1 if failed and not interactive else 0
     except KeyboardInterrupt:
         return 130
     finally:

@@ -586,18 +586,20 @@ def test_ecsclient_shows_the_prompt_only_on_a_terminal() -> None:
     # No ECS is needed for help and quit; stdin is a pseudo-terminal here, then a pipe.
     controller, terminal = pty.openpty()
     try:
-        os.write(controller, b"help\nquit\n")
+        os.write(controller, b"help\nbogus\nquit\n")
         proc = subprocess.run([*ECSCLIENT, "--ecs", f"127.0.0.1:{free_port()}"],
                               stdin=terminal, capture_output=True, text=True, timeout=30)
     finally:
         os.close(controller)
         os.close(terminal)
+    # At a terminal a failed line was seen by the user: the session still ends with 0.
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("ECSClient> ") == 2
+    assert proc.stdout.count("ECSClient> ") == 3
+    assert proc.stderr == "error: unknown command 'bogus'; type help for the commands\n"
     assert "addNodes <count> <strategy> <size>" in proc.stdout
     piped = subprocess.run([*ECSCLIENT], input="help\nquit\n", capture_output=True, text=True,
                            timeout=30)
-    assert piped.returncode == 0
+    assert piped.returncode == 0, piped.stderr
     assert "ECSClient>" not in piped.stdout
     assert piped.stdout == HELP + "\n"
 

@@ -90,6 +90,7 @@ class Replica:
     # batch overtakes an older one on the way to the successor
     retry: Any = None
     paused: bool = False
+    flush_call: Any = None
     # as tail: reads and acks allowed until lease_until, not before tail_from
     lease_until: float = 0.0
     tail_from: float = 0.0
@@ -228,7 +229,7 @@ class ChainReplicator:
             return existed, self._wait(replica, serial)
         replica.pending.append((serial, kind, key, value, request_id))
         d = self._wait(replica, serial)
-        self._flush(replica)
+        self._schedule_flush(replica)
         return existed, d
 
     # -- middle and tail -------------------------------------------------------------------------
@@ -262,12 +263,18 @@ class ChainReplicator:
             return self._wait(replica, last)
         if fresh:
             replica.pending.extend(fresh)
-            self._flush(replica)
+            self._schedule_flush(replica)
         if replica.acked >= last:
             return replica.acked
         return self._wait(replica, last)
 
     # -- forwarding ------------------------------------------------------------------------------
+
+    def _schedule_flush(self, replica: Replica) -> None:
+        # Forward at the end of this reactor turn: every write that arrived in the same read
+        # from the network travels in the same batch.
+        if replica.flush_call is None or not replica.flush_call.active():
+            replica.flush_call = self.clock.callLater(0, self._flush, replica)
 
     def _flush(self, replica: Replica) -> None:
         if replica.paused:

@@ -1,0 +1,277 @@
+"""Chain replication, deterministically: real KVNodes over a simulated network and a Clock.
+
+The ECS's part (marking a failed server dead in a new epoch) is played by the test with
+L{SimNet.set_ring}; everything else is the servers' own code over the real AMP wire format.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.defer import Deferred
+
+from chainstore import chain
+from chainstore.control import StaleEpoch, pack_ops
+from chainstore.errors import KeyNotFound, NotResponsible, ServerStopped
+from chainstore.ring import Ring
+from chainstore.storage import STORE_NAMES
+from simnet import SimNet
+
+
+@pytest.fixture
+def net(tmp_path):
+    net = SimNet(tmp_path)
+    yield net
+    net.close()
+
+
+def keys_headed_by(ring: Ring, name: str, count: int) -> list[bytes]:
+    found = []
+    i = 0
+    while len(found) < count:
+        key = b"key%d" % i
+        if ring.head(key).name == name:
+            found.append(key)
+        i += 1
+    return found
+
+
+def replicas_of(net: SimNet, ring: Ring, key: bytes) -> dict[str, bytes | None]:
+    """What every member of the key's ring chain holds in the store of its position."""
+    index = ring.owner_index(__import__("chainstore.ring").ring.position(key))
+    return {n.name: net.nodes[n.name].stores[STORE_NAMES[p]].get(key)
+            for p, n in enumerate(ring.ring_chain(index))}
+
+
+def put(net: SimNet, ring: Ring, key: bytes, value: bytes) -> Deferred[bool]:
+    return net.nodes[ring.head(key).name].put(key, value)
+
+
+def test_a_write_is_answered_only_after_the_tail_applied_it(net):
+    ring = net.cluster(5)
+    key = keys_headed_by(ring, "n0", 1)[0]
+    head, middle, tail = ring.chain(key)
+    done = put(net, ring, key, b"v1")
+    # Nothing has crossed the network yet: the head has it, the client has no answer.
+    assert not done.called
+    assert replicas_of(net, ring, key) == {head.name: b"v1", middle.name: None, tail.name: None}
+    assert net.settle(done) is False
+    assert replicas_of(net, ring, key) == {head.name: b"v1", middle.name: b"v1",
+                                           tail.name: b"v1"}
+    assert net.settle(put(net, ring, key, b"v2")) is True
+    net.run(1.0)
+    assert net.nodes[tail.name].get(key) == b"v2"
+
+
+def test_every_store_holds_exactly_its_roles(net):
+    ring = net.cluster(5)
+    written = {}
+    for name in ("n0", "n1", "n2", "n3", "n4"):
+        for key in keys_headed_by(ring, name, 20):
+            written[key] = b"value-" + key
+            net.settle(put(net, ring, key, written[key]))
+    for name, node in net.nodes.items():
+        for position, store_name in enumerate(STORE_NAMES):
+            expected = {k for k in written
+                        if ring.ring_chain(ring.owner_index(
+                            __import__("chainstore.ring").ring.position(k)))[position].name
+                        == name}
+            assert {k for k, _ in node.stores[store_name].items()} == expected
+
+
+def test_serials_are_persisted_with_the_data(net):
+    ring = net.cluster(3)
+    keys = keys_headed_by(ring, "n1", 5)
+    for key in keys:
+        net.settle(put(net, ring, key, b"x"))
+    for position, node in enumerate(ring.chain(keys[0])):
+        store = net.nodes[node.name].stores[STORE_NAMES[position]]
+        cid, serial = store.chain_state()
+        assert serial == 5
+        assert cid == "|".join(n.name for n in ring.chain(keys[0]))
+
+
+def test_writes_in_flight_are_batched_and_all_answered(net):
+    ring = net.cluster(3)
+    keys = keys_headed_by(ring, "n0", 600)
+    answers = [put(net, ring, k, b"v") for k in keys]
+    head = net.nodes["n0"].chain.replicas["n0"]
+    # Forwarding waits for the end of the reactor turn, so writes that arrive together
+    # travel together: 600 writes, 256 per batch, three batches, none answered yet.
+    assert not head.window
+    net.clock.advance(0)
+    assert [len(b.ops) for b in head.window] == [256, 256, 88]
+    net.run(1.0)
+    assert all(d.called for d in answers)
+    assert head.window == type(head.window)() and head.acked == 600
+
+
+def test_the_window_is_bounded_and_backpressure_reaches_the_client(net, monkeypatch):
+    monkeypatch.setattr(chain, "WINDOW_BATCHES", 2)
+    monkeypatch.setattr(chain, "MAX_QUEUED_OPS", 1000)
+    ring = net.cluster(3)
+    net.kill("n1")  # the middle answers nothing: the window fills
+    keys = keys_headed_by(ring, "n0", 1100)
+    pending = [put(net, ring, k, b"v") for k in keys[:1001]]
+    net.run(1.0)
+    head = net.nodes["n0"].chain.replicas["n0"]
+    assert len(head.window) == 2
+    with pytest.raises(ServerStopped):
+        put(net, ring, keys[1001], b"v")
+    assert not any(d.called for d in pending)
+    for d in pending:
+        d.addErrback(lambda f: f.trap(ServerStopped, NotResponsible))
+
+
+def test_a_duplicate_request_id_is_not_applied_twice(net):
+    ring = net.cluster(3)
+    key = keys_headed_by(ring, "n2", 1)[0]
+    head = net.nodes[ring.head(key).name]
+    net.settle(head.put(key, b"first", request_id=b"req-1"))
+    net.settle(head.put(key, b"second", request_id=b"req-2"))
+    # A retry of req-1 arrives late: it must not overwrite req-2's value.
+    net.settle(head.put(key, b"first", request_id=b"req-1"))
+    net.run(1.0)
+    assert set(replicas_of(net, ring, key).values()) == {b"second"}
+    assert head.chain.replicas[ring.head(key).name].last_serial == 2
+
+
+def test_a_message_from_another_epoch_is_refused(net):
+    ring = net.cluster(3)
+    node = net.nodes["n1"]
+    owner = ring.chain(keys_headed_by(ring, "n0", 1)[0])[0].name
+    with pytest.raises(StaleEpoch):
+        node.chain.receive(ring.epoch - 1, owner, pack_ops([(1, 0, b"k", b"v", b"")]))
+    with pytest.raises(StaleEpoch):
+        node.chain.grant_lease(ring.epoch + 1, owner)
+
+
+def _mark_dead(net: SimNet, ring: Ring, name: str, order: list[str] | None = None) -> Ring:
+    new = Ring(ring.nodes, epoch=ring.epoch + 1, replication=ring.replication,
+               dead=ring.dead | {name})
+    net.set_ring(new, order)
+    return new
+
+
+def test_middle_failure_the_head_resends_its_window_to_the_tail(net):
+    ring = net.cluster(5)
+    keys = keys_headed_by(ring, "n0", 300)
+    head, middle, tail = ring.chain(keys[0])
+    acked = [put(net, ring, k, b"early") for k in keys[:100]]
+    net.run(0.5)
+    assert all(d.called for d in acked)
+    net.kill(middle.name)
+    in_flight = [put(net, ring, k, b"late") for k in keys[100:]]
+    net.run(0.5)
+    assert not any(d.called for d in in_flight)
+    # The ECS tells the successor first, then the predecessor, which resends its window.
+    order = [tail.name] + [n for n in net.nodes if n not in (tail.name, middle.name)]
+    ring = _mark_dead(net, ring, middle.name, order)
+    net.run(1.0)
+    assert all(d.called and d.result is False for d in in_flight)
+    for key in keys:
+        want = b"early" if key in keys[:100] else b"late"
+        assert net.nodes[head.name].stores["coordinator"].get(key) == want
+        assert net.nodes[tail.name].stores["replica2"].get(key) == want
+        assert net.nodes[tail.name].get(key) == want
+
+
+def test_head_failure_the_middle_becomes_head_and_continues_the_serials(net):
+    ring = net.cluster(5)
+    keys = keys_headed_by(ring, "n3", 50)
+    head, middle, tail = ring.chain(keys[0])
+    for key in keys[:40]:
+        net.settle(put(net, ring, key, b"acked"))
+    net.kill(head.name)
+    ring = _mark_dead(net, ring, head.name)
+    assert ring.head(keys[0]) == middle
+    for key in keys[40:]:
+        net.settle(put(net, ring, key, b"after"))
+    replica = net.nodes[middle.name].chain.replicas[head.name]
+    assert replica.is_head and replica.last_serial == 50
+    for key in keys:
+        assert net.nodes[tail.name].get(key) == (b"acked" if key in keys[:40] else b"after")
+
+
+def test_tail_failure_the_middle_becomes_tail_after_the_lease_it_granted(net):
+    ring = net.cluster(5)
+    keys = keys_headed_by(ring, "n1", 20)
+    head, middle, tail = ring.chain(keys[0])
+    for key in keys[:10]:
+        net.settle(put(net, ring, key, b"acked"))
+    net.run(1.0)  # the tail holds a fresh lease from the middle
+    granted = net.nodes[middle.name].chain.replicas[head.name].granted_until
+    assert granted > net.clock.seconds()
+    net.kill(tail.name)
+    in_flight = [put(net, ring, k, b"late") for k in keys[10:]]
+    net.flush()
+    ring = _mark_dead(net, ring, tail.name)
+    # Until the lease it granted has run out, the new tail neither reads nor acknowledges.
+    with pytest.raises(NotResponsible):
+        net.nodes[middle.name].get(keys[0])
+    assert not any(d.called for d in in_flight)
+    net.clock.advance(granted - net.clock.seconds() + 0.01)
+    net.flush()
+    assert all(d.called for d in in_flight)
+    net.run(1.0)
+    assert net.nodes[middle.name].get(keys[0]) == b"acked"
+    assert net.nodes[middle.name].get(keys[15]) == b"late"
+
+
+def test_a_paused_tail_does_not_answer_reads_when_it_wakes(net):
+    ring = net.cluster(5)
+    key = keys_headed_by(ring, "n2", 1)[0]
+    head, middle, tail = ring.chain(key)
+    net.settle(put(net, ring, key, b"old"))
+    net.run(1.0)
+    zombie = net.nodes[tail.name]
+    assert zombie.get(key) == b"old"
+    # The tail is paused: it neither sends nor receives. The ECS declares it failed and the
+    # cluster moves on to a new epoch without it, and a new value is committed.
+    net.down.add(tail.name)
+    others = [n for n in net.nodes if n != tail.name]
+    new = Ring(ring.nodes, epoch=ring.epoch + 1, replication=3, dead={tail.name})
+    net.run(3.0)
+    for name in others:
+        net.nodes[name].set_ring(new)
+    net.settle(net.nodes[head.name].put(key, b"new"))
+    # The zombie wakes with its old ring: its lease has expired and cannot be renewed.
+    net.down.discard(tail.name)
+    net.run(1.0)
+    assert zombie.ring.epoch == ring.epoch
+    with pytest.raises(NotResponsible):
+        zombie.get(key)
+    assert net.nodes[middle.name].get(key) == b"new"
+
+
+def test_a_restarted_replica_skips_what_it_already_has(net, tmp_path):
+    ring = net.cluster(3)
+    keys = keys_headed_by(ring, "n0", 30)
+    head, middle, tail = ring.chain(keys[0])
+    for key in keys[:20]:
+        net.settle(put(net, ring, key, b"v"))
+    # The middle restarts: new process, same files; the head resends what it had in flight.
+    net.kill(middle.name)
+    in_flight = [put(net, ring, k, b"w") for k in keys[20:]]
+    net.flush()
+    old = net.nodes[middle.name]
+    old.chain.stop()
+    old.stores.close()
+    net.down.discard(middle.name)
+    restarted = net.add(middle, ring)
+    assert restarted.chain.replicas[head.name].last_serial == 20
+    net.run(1.0)
+    assert all(d.called for d in in_flight)
+    assert net.nodes[tail.name].chain.replicas[head.name].last_serial == 30
+
+
+def test_a_delete_of_a_missing_key_waits_for_earlier_writes(net):
+    ring = net.cluster(3)
+    key = keys_headed_by(ring, "n1", 1)[0]
+    head = net.nodes[ring.head(key).name]
+    first = head.delete(key)
+    with pytest.raises(KeyNotFound):
+        net.settle(first)
+    net.settle(head.put(key, b"v"))
+    net.settle(head.delete(key))
+    net.run(1.0)
+    assert set(replicas_of(net, ring, key).values()) == {None}

@@ -42,16 +42,7 @@ class KVServerProtocol(amp.AMP):
 
     @protocol.GetMetadata.responder
     def get_metadata(self) -> dict[str, Any]:
-        ring = self.node.ring
-        return {
-            "epoch": ring.epoch,
-            "replication": ring.replication,
-            "nodes": [
-                {"name": n.name, "host": n.host, "console_port": n.console_port,
-                 "amp_port": n.amp_port}
-                for n in ring.nodes
-            ],
-        }
+        return protocol.ring_to_wire(self.node.ring)
 
     @control.ReceiveRange.responder
     def receive_range(self, epoch: int, store: str, items: bytes) -> dict[str, Any]:

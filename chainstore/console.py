@@ -18,7 +18,6 @@ from twisted.python.failure import Failure
 
 from chainstore.errors import (
     InvalidKey,
-    KeyNotFound,
     KVError,
     NotResponsible,
     ServerStopped,

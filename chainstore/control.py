@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from twisted.protocols import amp
 
 from chainstore.errors import ALL_ERRORS
-from chainstore.protocol import NODE_FIELDS, BigBytes
+from chainstore.protocol import RING_FIELDS, BigBytes
 
 
 class StaleEpoch(Exception):
@@ -83,8 +83,7 @@ class Heartbeat(_ControlCommand):
 class SetMetadata(_ControlCommand):
     """Adopt this ring; refused with L{StaleEpoch} if the server already has a newer one."""
 
-    arguments = [(b"epoch", amp.Integer()), (b"replication", amp.Integer()),
-                 (b"nodes", amp.AmpList(NODE_FIELDS))]
+    arguments = RING_FIELDS
     response: list[tuple[bytes, amp.Argument]] = []
 
 

@@ -18,21 +18,15 @@ from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
 from chainstore import control, migration
+from chainstore.protocol import ring_from_wire
 from chainstore.logs import get_logger
 from chainstore.node import RUNNING, STOPPED, KVNode
-from chainstore.ring import KeyRange, NodeInfo, Ring
+from chainstore.ring import KeyRange
 
 log = get_logger("chainstore.ecs_link")
 
 #: Seconds a copy's target has to confirm one batch before the copy fails.
 COPY_BATCH_TIMEOUT = 30.0
-
-
-def ring_from_wire(epoch: int, replication: int, nodes: list[dict[str, Any]]) -> Ring:
-    return Ring(
-        tuple(NodeInfo(n["name"], n["host"], n["console_port"], n["amp_port"]) for n in nodes),
-        epoch=epoch, replication=replication,
-    )
 
 
 class ServerControlProtocol(amp.AMP):
@@ -70,9 +64,8 @@ class ServerControlProtocol(amp.AMP):
         return {"epoch": self.node.ring.epoch, "state": self.node.state}
 
     @control.SetMetadata.responder
-    def set_metadata(self, epoch: int, replication: int,
-                     nodes: list[dict[str, Any]]) -> dict[str, Any]:
-        self.node.set_ring(ring_from_wire(epoch, replication, nodes))
+    def set_metadata(self, **wire: Any) -> dict[str, Any]:
+        self.node.set_ring(ring_from_wire(wire))
         return {}
 
     @control.SetState.responder

@@ -19,6 +19,7 @@ from typing import Any
 from twisted.protocols import amp
 
 from chainstore.errors import ALL_ERRORS
+from chainstore.ring import NodeInfo, Ring
 
 
 class BigBytes(amp.Argument):
@@ -100,15 +101,38 @@ NODE_FIELDS = [
 ]
 
 
+#: The ring on the wire, in C{GetMetadata} answers and the ECS's C{SetMetadata}.
+RING_FIELDS = [
+    (b"epoch", amp.Integer()),
+    (b"replication", amp.Integer()),
+    (b"nodes", amp.AmpList(NODE_FIELDS)),
+    # failed members still on the ring, skipped in chains (absent: none)
+    (b"dead", amp.ListOf(amp.Unicode(), optional=True)),
+]
+
+
+def ring_to_wire(ring: Ring) -> dict[str, Any]:
+    return {
+        "epoch": ring.epoch,
+        "replication": ring.replication,
+        "nodes": [{"name": n.name, "host": n.host, "console_port": n.console_port,
+                   "amp_port": n.amp_port} for n in ring.nodes],
+        "dead": sorted(ring.dead),
+    }
+
+
+def ring_from_wire(wire: dict[str, Any]) -> Ring:
+    nodes = tuple(NodeInfo(n["name"], n["host"], n["console_port"], n["amp_port"])
+                  for n in wire["nodes"])
+    return Ring(nodes, epoch=wire["epoch"], replication=wire["replication"],
+                dead=frozenset(wire.get("dead") or ()))
+
+
 class GetMetadata(_KVCommand):
     """The ring as this server knows it: epoch, chain length and every server's addresses."""
 
     arguments: list[tuple[bytes, amp.Argument]] = []
-    response = [
-        (b"epoch", amp.Integer()),
-        (b"replication", amp.Integer()),
-        (b"nodes", amp.AmpList(NODE_FIELDS)),
-    ]
+    response = RING_FIELDS
 
 
 class Stats(_KVCommand):

@@ -86,10 +86,7 @@ def value_bytes(value: Value) -> bytes:
 
 def ring_from_metadata(answer: dict[str, Any]) -> Ring:
     """The L{Ring} that a C{GetMetadata} answer describes."""
-    nodes = tuple(
-        NodeInfo(n["name"], n["host"], n["console_port"], n["amp_port"]) for n in answer["nodes"]
-    )
-    return Ring(nodes, epoch=answer["epoch"], replication=answer["replication"])
+    return protocol.ring_from_wire(answer)
 
 
 class _Shared(Generic[_T]):

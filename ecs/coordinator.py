@@ -32,6 +32,7 @@ from twisted.internet.task import LoopingCall
 from twisted.protocols import amp
 
 from chainstore import control
+from chainstore.protocol import ring_to_wire
 from chainstore.logs import get_logger
 from chainstore.ring import KeyRange, Ring
 from ecs import planner
@@ -516,12 +517,7 @@ class ECS:
     # -- plumbing --------------------------------------------------------------------------------
 
     def _metadata(self) -> dict[str, Any]:
-        ring = self.state.ring()
-        return {
-            "epoch": ring.epoch, "replication": ring.replication,
-            "nodes": [{"name": n.name, "host": n.host, "console_port": n.console_port,
-                       "amp_port": n.amp_port} for n in ring.nodes],
-        }
+        return ring_to_wire(self.state.ring())
 
     def _call(self, name: str, command: type[amp.Command], timeout: float | None = CONTROL_TIMEOUT,
               **kwargs: Any) -> Deferred[Any]:

@@ -446,6 +446,7 @@ class ECS:
         locked: list[tuple[str, list[KeyRange], bool]] = []
         try:
             op.step = "locking writes"
+            locked_at = self.clock.seconds()
             for server, ranges in plan.write_locks.items():
                 await self._call(server, control.LockRanges, ranges=_wire(ranges), reads=False)
                 locked.append((server, ranges, False))
@@ -488,6 +489,8 @@ class ECS:
              for n in set(new_members) | (set(old_members(old)) - dead)],
         )
         del results
+        # Every server has the new ring: from here the new heads take the writes.
+        write_locked = self.clock.seconds() - locked_at
         op.step = "dropping moved data"
         for drop in plan.drops:
             try:
@@ -498,10 +501,12 @@ class ECS:
                          server=drop.server, error=e)
         elapsed = self.clock.seconds() - op.started
         log.info("epoch {epoch}: {description} done in {elapsed:.2f}s, moved {keys} keys "
-                 "({nbytes} bytes)", epoch=epoch, description=description, elapsed=elapsed,
-                 keys=op.keys, nbytes=op.bytes)
+                 "({nbytes} bytes); writes locked for {locked:.3f}s", epoch=epoch,
+                 description=description, elapsed=elapsed, keys=op.keys, nbytes=op.bytes,
+                 locked=write_locked)
         self.last_reconfiguration = {"description": description, "seconds": elapsed,
-                                     "keys": op.keys, "bytes": op.bytes}
+                                     "keys": op.keys, "bytes": op.bytes,
+                                     "write_locked_seconds": write_locked}
         self.operation = None
 
     async def _unlock(self, locked: list[tuple[str, list[KeyRange], bool]]) -> None:

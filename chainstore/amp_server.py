@@ -45,7 +45,8 @@ class KVServerProtocol(amp.AMP):
         return protocol.ring_to_wire(self.node.ring)
 
     @control.ReceiveRange.responder
-    def receive_range(self, epoch: int, store: str, items: bytes) -> dict[str, Any]:
+    def receive_range(self, epoch: int, store: str, items: bytes,
+                      deletes: bytes | None = None) -> dict[str, Any]:
         # Copies are made for a configuration the ECS is preparing, always newer than ours; an
         # older one is a leftover of an aborted attempt and must not overwrite anything.
         if epoch <= self.node.ring.epoch:
@@ -53,7 +54,7 @@ class KVServerProtocol(amp.AMP):
                 f"copy for epoch {epoch}, but this server is at {self.node.ring.epoch}")
         if self.node.stores is None:
             raise control.ControlFailed("the stores are not open")
-        migration.receive_range(migration.store_named(self.node.stores, store), items)
+        migration.receive_range(migration.store_named(self.node.stores, store), items, deletes)
         return {}
 
     @control.Replicate.responder

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
@@ -330,6 +330,10 @@ class ChainReplicator:
         while waiters and waiters[0][0] <= replica.acked:
             waiters.popleft()[1].callback(replica.acked)
         self._flush(replica)
+
+    def settle_heads(self) -> Deferred[Any]:
+        """Fires once every write taken so far by this server as a head is at its tail."""
+        return gatherResults([self.settled(r) for r in self.replicas.values() if r.is_head])
 
     def settled(self, replica: Replica) -> Deferred[int]:
         """Fires once every write this replica has applied is at the tail."""

@@ -111,21 +111,51 @@ class UnlockRanges(_ControlCommand):
     response: list[tuple[bytes, amp.Argument]] = []
 
 
+class TrackWrites(_ControlCommand):
+    """Record the keys written to C{store} in (start, end] from now on (a dirty set).
+
+    A copy made while writes go on is followed, under the write lock, by a second pass that
+    sends only the tracked keys (C{CopyRange}/C{MoveLocal} with C{tracker}).
+    """
+
+    arguments = [(b"store", amp.Unicode()), (b"start", amp.Integer()), (b"end", amp.Integer())]
+    response = [(b"tracker", amp.Integer())]
+
+
+class StopTracking(_ControlCommand):
+    arguments = [(b"tracker", amp.Integer())]
+    response: list[tuple[bytes, amp.Argument]] = []
+
+
+class DrainWrites(_ControlCommand):
+    """Answer once every write this server has taken as a head has reached its chain's tail."""
+
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response: list[tuple[bytes, amp.Argument]] = []
+
+
 class CopyRange(_ControlCommand):
-    """Stream the keys of C{store} in (start, end] to C{target_store} of another server."""
+    """Stream the keys of C{store} in (start, end] to C{target_store} of another server.
+
+    With C{tracker}: only the keys that tracker recorded, with their current values (or as
+    deletions), after which the tracker ends.
+    """
 
     arguments = [(b"operation", amp.Integer()), (b"store", amp.Unicode()),
                  (b"start", amp.Integer()), (b"end", amp.Integer()),
                  (b"target_host", amp.Unicode()), (b"target_port", amp.Integer()),
-                 (b"target_store", amp.Unicode()), (b"epoch", amp.Integer())]
+                 (b"target_store", amp.Unicode()), (b"epoch", amp.Integer()),
+                 (b"tracker", amp.Integer(optional=True))]
     response = [(b"keys", amp.Integer()), (b"bytes", amp.Integer())]
 
 
 class MoveLocal(_ControlCommand):
-    """Copy the keys in (start, end] from one of the server's stores into another."""
+    """Copy the keys in (start, end] from one of the server's stores into another
+    (with C{tracker}: only the keys it recorded)."""
 
     arguments = [(b"source", amp.Unicode()), (b"target", amp.Unicode()),
-                 (b"start", amp.Integer()), (b"end", amp.Integer())]
+                 (b"start", amp.Integer()), (b"end", amp.Integer()),
+                 (b"tracker", amp.Integer(optional=True))]
     response = [(b"keys", amp.Integer())]
 
 
@@ -153,10 +183,11 @@ class Shutdown(_ControlCommand):
 # -- server -> server ----------------------------------------------------------------------------
 
 class ReceiveRange(_ControlCommand):
-    """One batch of a C{CopyRange}: write these pairs into C{store}, atomically."""
+    """One batch of a C{CopyRange}: write these pairs (and delete these keys) in C{store},
+    atomically."""
 
     arguments = [(b"epoch", amp.Integer()), (b"store", amp.Unicode()),
-                 (b"items", BigBytes())]
+                 (b"items", BigBytes()), (b"deletes", BigBytes(optional=True))]
     response: list[tuple[bytes, amp.Argument]] = []
 
 

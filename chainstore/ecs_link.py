@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString, connectProtocol
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
@@ -43,6 +43,16 @@ class ServerControlProtocol(amp.AMP):
 
     def _dial(self, host: str, port: int) -> Deferred[amp.AMP]:
         return connectProtocol(HostnameEndpoint(self.reactor, host, port, timeout=10), amp.AMP())
+
+    def connectionLost(self, reason: Any) -> None:  # type: ignore[override]
+        super().connectionLost(reason)
+        # Any change the ECS was making through this link fails on its side when the link
+        # drops, and it aborts; locks and write trackers it left here must not outlive it.
+        self.node.write_locks.clear()
+        self.node.read_locks.clear()
+        if self.node.stores is not None:
+            for store in self.node.stores.stores.values():
+                store.trackers.clear()
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -92,16 +102,35 @@ class ServerControlProtocol(amp.AMP):
                 locks.remove(rng)
         return {}
 
+    @control.TrackWrites.responder
+    def track_writes(self, store: str, start: int, end: int) -> dict[str, Any]:
+        return {"tracker": migration.start_tracking(self._store(store), KeyRange(start, end))}
+
+    @control.StopTracking.responder
+    def stop_tracking(self, tracker: int) -> dict[str, Any]:
+        try:
+            migration.stop_tracking(self._stores(), tracker)
+        except KeyError:
+            pass
+        return {}
+
+    @control.DrainWrites.responder
+    def drain_writes(self) -> Deferred[dict[str, Any]]:
+        return self.node.chain.settle_heads().addCallback(lambda _: {})
+
     @control.CopyRange.responder
     def copy_range(self, operation: int, store: str, start: int, end: int, target_host: str,
-                   target_port: int, target_store: str, epoch: int) -> Deferred[dict[str, Any]]:
+                   target_port: int, target_store: str, epoch: int,
+                   tracker: int | None = None) -> Deferred[dict[str, Any]]:
         return Deferred.fromCoroutine(self._copy_range(
             operation, store, KeyRange(start, end), target_host, target_port, target_store,
-            epoch))
+            epoch, tracker))
 
     async def _copy_range(self, operation: int, store: str, rng: KeyRange, host: str,
-                          port: int, target_store: str, epoch: int) -> dict[str, Any]:
+                          port: int, target_store: str, epoch: int,
+                          tracker: int | None) -> dict[str, Any]:
         source = self._store(store)
+        dirty = self._tracked(tracker) if tracker is not None else None
         try:
             target = await self.connect_peer(host, port)
         except Exception as e:
@@ -111,9 +140,14 @@ class ServerControlProtocol(amp.AMP):
             self.callRemote(control.CopyProgress, operation=operation, keys=keys, bytes=nbytes)
 
         try:
-            keys, nbytes = await migration.copy_range(source, rng, target, target_store, epoch,
-                                                      progress, self.reactor,
-                                                      COPY_BATCH_TIMEOUT)
+            if dirty is None:
+                keys, nbytes = await migration.copy_range(
+                    source, rng, target, target_store, epoch, progress, self.reactor,
+                    COPY_BATCH_TIMEOUT)
+            else:
+                keys, nbytes = await migration.copy_dirty(
+                    source, dirty, target, target_store, epoch, self.reactor,
+                    COPY_BATCH_TIMEOUT)
         except Exception as e:
             if type(e) in control.CONTROL_ERRORS:
                 raise
@@ -122,14 +156,24 @@ class ServerControlProtocol(amp.AMP):
             raise control.ControlFailed(f"copy to {host}:{port} failed: {e!r}") from None
         finally:
             target.transport.loseConnection()
-        log.info("copied {keys} keys ({nbytes} bytes) of {store} to {host}:{port}",
-                 keys=keys, nbytes=nbytes, store=store, host=host, port=port)
+        log.info("copied {keys} {what} ({nbytes} bytes) of {store} to {host}:{port}",
+                 keys=keys, what="keys" if dirty is None else "keys written meanwhile",
+                 nbytes=nbytes, store=store, host=host, port=port)
         return {"keys": keys, "bytes": nbytes}
 
+    def _tracked(self, tracker: int) -> set[bytes]:
+        try:
+            return migration.stop_tracking(self._stores(), tracker)
+        except KeyError:
+            raise control.ControlFailed(f"no write tracker {tracker} on this server") from None
+
     @control.MoveLocal.responder
-    def move_local(self, source: str, target: str, start: int,
-                   end: int) -> Deferred[dict[str, Any]]:
+    def move_local(self, source: str, target: str, start: int, end: int,
+                   tracker: int | None = None) -> Deferred[dict[str, Any]]:
         from_store, to_store = self._store(source), self._store(target)
+        if tracker is not None:
+            return succeed({"keys": migration.move_dirty(from_store, to_store,
+                                                         self._tracked(tracker))})
 
         async def move() -> dict[str, Any]:
             keys = await migration.move_local(from_store, to_store, KeyRange(start, end),

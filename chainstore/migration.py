@@ -90,10 +90,77 @@ async def copy_range(
     return keys, nbytes
 
 
-def receive_range(target: Store, payload: bytes) -> int:
+def receive_range(target: Store, payload: bytes, deletes: bytes | None = None) -> int:
     items = list(unpack_items(payload))
-    write_batch(target, items)
-    return len(items)
+    doomed = [key for key, _ in unpack_items(deletes)] if deletes else []
+    write_batch(target, items, doomed)
+    return len(items) + len(doomed)
+
+
+# -- copies while writes go on: a bulk pass, then the keys written meanwhile -------------------
+
+_trackers = iter(range(1, 1 << 62))
+
+
+def start_tracking(store: Store, rng: KeyRange) -> int:
+    """From now on, record every key written to C{store} in C{rng}; the tracker's id."""
+    tracker = next(_trackers)
+    store.trackers[tracker] = (rng, set())
+    return tracker
+
+
+def stop_tracking(stores: Any, tracker: int) -> set[bytes]:
+    """End a tracker (wherever it is) and return the keys it recorded."""
+    for store in stores.stores.values():
+        entry = store.trackers.pop(tracker, None)
+        if entry is not None:
+            return entry[1]
+    raise KeyError(tracker)
+
+
+def dirty_batches(store: Store, keys: set[bytes]) -> Iterator[tuple[list[tuple[bytes, bytes]],
+                                                                     list[bytes]]]:
+    """(puts, deletes) batches that bring a copy up to date for C{keys}, in key order."""
+    puts: list[tuple[bytes, bytes]] = []
+    deletes: list[bytes] = []
+    size = 0
+    for key in sorted(keys):
+        value = store.get(key)
+        if value is None:
+            deletes.append(key)
+        else:
+            puts.append((key, value))
+            size += len(key) + len(value)
+        if len(puts) + len(deletes) >= BATCH_KEYS or size >= BATCH_BYTES:
+            yield puts, deletes
+            puts, deletes, size = [], [], 0
+    if puts or deletes:
+        yield puts, deletes
+
+
+async def copy_dirty(source: Store, keys: set[bytes], target: amp.AMP, target_store: str,
+                     epoch: int, clock: IReactorTime | None = None,
+                     batch_timeout: float | None = None) -> tuple[int, int]:
+    """Send the current state of C{keys} (values, or deletions) to the target store."""
+    count = nbytes = 0
+    for puts, deletes in dirty_batches(source, keys):
+        payload = pack_items(puts)
+        sent = target.callRemote(ReceiveRange, epoch=epoch, store=target_store, items=payload,
+                                 deletes=pack_items((k, b"") for k in deletes))
+        if clock is not None and batch_timeout is not None:
+            sent.addTimeout(batch_timeout, clock)
+        await sent
+        count += len(puts) + len(deletes)
+        nbytes += len(payload)
+    return count, nbytes
+
+
+def move_dirty(source: Store, target: Store, keys: set[bytes]) -> int:
+    moved = 0
+    for puts, deletes in dirty_batches(source, keys):
+        write_batch(target, puts, deletes)
+        moved += len(puts) + len(deletes)
+    return moved
 
 
 async def move_local(source: Store, target: Store, rng: KeyRange, clock: IReactorTime) -> int:

@@ -22,13 +22,13 @@ A failure before step 5 aborts: the locks are released and the ring stays as it 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.protocols import amp
 
 from chainstore import control
@@ -74,6 +74,10 @@ class ECS:
         self.last_seen: dict[str, float] = {}
         self._waiting: dict[str, list[Deferred[None]]] = {}
         self._failing: set[str] = set()
+        # bumped on every failure, so a change in progress knows it must not commit
+        self._failures = 0
+        # control calls in flight, per server, to cancel when it fails
+        self._inflight: dict[str, set[Deferred[Any]]] = {}
         self._returning: set[str] = set()
         self.busy = DeferredLock()
         self.operation: Operation | None = None
@@ -214,10 +218,12 @@ class ECS:
                 if name in self._returning:
                     limit += self.config.register_timeout
                 if silent > limit and name not in self._failing:
+                    if name in self.state.dead:
+                        continue
                     self._failing.add(name)
                     log.warn("{name} missed heartbeats for {silent:.1f}s: treating it as failed",
                              name=name, silent=silent)
-                    self._spawn(self._fail(name))
+                    self._declare_failed(name)
         except Exception:
             log.failure("heartbeat round failed")
 
@@ -227,25 +233,67 @@ class ECS:
                 and not self.busy.locked:
             self._spawn(self._sync(name))
 
-    async def _fail(self, name: str) -> None:
+    def _declare_failed(self, name: str) -> None:
+        """Mark C{name} dead at once (chains skip it), then repair in the background."""
+        self._failures += 1
+        # A change in progress may be waiting on the failed server: fail those calls now, so
+        # the change aborts instead of hanging.
+        for d in list(self._inflight.get(name, ())):
+            d.cancel()
+        self._spawn(self._mark_dead(name))
+
+    async def _mark_dead(self, name: str) -> None:
         try:
-            await self.busy.acquire()
-            try:
-                if name not in self.state.ring_members:
-                    return
-                remaining = [n for n in self.state.ring_members if n != name]
-                await self._reconfigure(remaining, f"failure of {name}", dead={name})
-                self.state.members[name].status = FAILED
-                self._save()
-                link = self.links.pop(name, None)
-                if link is not None:
-                    link.transport.loseConnection()
-            finally:
-                self.busy.release()
-        except Exception as e:
-            log.error("handling the failure of {name} failed: {error}", name=name, error=e)
+            if name not in self.state.ring_members or name in self.state.dead:
+                return
+            self.state.epoch = self.state.allocate_epoch()
+            self.state.dead.add(name)
+            self.state.members[name].status = FAILED
+            self._save()
+            live = self.state.live_members
+            log.warn("epoch {epoch}: {name} is dead; chains skip it ({live} live servers{deg})",
+                     epoch=self.state.epoch, name=name, live=len(live),
+                     deg=", degraded" if len(live) < self.state.replication else "")
+            link = self.links.pop(name, None)
+            if link is not None and link.transport is not None:
+                link.transport.loseConnection()
+            # Successors first: the server after the dead one must be in the new epoch before
+            # its new predecessor resends a window to it.
+            ring = self.state.ring()
+            names = [n.name for n in ring.nodes]
+            i = names.index(name)
+            clockwise = names[i + 1:] + names[:i]
+            metadata = self._metadata()
+            for server in clockwise:
+                if server in self.links:
+                    try:
+                        await self._call(server, control.SetMetadata, **metadata)
+                    except Exception as e:
+                        log.warn("could not tell {server} that {name} is dead: {error}",
+                                 server=server, name=name, error=e)
         finally:
             self._failing.discard(name)
+        self._spawn(self._repair())
+
+    async def _repair(self) -> None:
+        """Take dead members out of the ring, copying their data to restore the chains."""
+        await self.busy.acquire()
+        try:
+            for attempt in range(1, 6):
+                dead = self.state.dead & set(self.state.ring_members)
+                if not dead:
+                    return
+                remaining = [n for n in self.state.ring_members if n not in dead]
+                try:
+                    await self._reconfigure(
+                        remaining, f"repair after the failure of {', '.join(sorted(dead))}")
+                    return
+                except Exception as e:
+                    log.warn("repair attempt {attempt} failed: {error}", attempt=attempt,
+                             error=e)
+                    await deferLater(self.clock, attempt * 1.0, lambda: None)
+        finally:
+            self.busy.release()
 
     # -- admin commands --------------------------------------------------------------------------
 
@@ -269,7 +317,7 @@ class ECS:
         await self.busy.acquire()
         try:
             names = await self._bring_in(count, cache_strategy.upper(), cache_size)
-            await self._reconfigure(self.state.ring_members + names,
+            await self._reconfigure(self.state.live_members + names,
                                     f"adding {', '.join(names)}")
             for name in names:
                 self.state.members[name].status = ACTIVE
@@ -339,7 +387,9 @@ class ECS:
             raise AdminError(f"unknown server {name!r}; known servers: {known}")
         if name not in self.state.ring_members:
             raise AdminError(f"{name} is not in the ring (it is {member.status})")
-        remaining = [n for n in self.state.ring_members if n != name]
+        if name in self.state.dead:
+            raise AdminError(f"{name} has failed; the repair in progress takes it out")
+        remaining = [n for n in self.state.live_members if n != name]
         if not remaining:
             raise AdminError(f"{name} is the last server in the ring; use shutDown instead")
         if len(remaining) < self.state.replication and not force:
@@ -368,10 +418,11 @@ class ECS:
     async def set_serving(self, serving: bool) -> str:
         if serving and not self.state.ring_members:
             raise AdminError("there are no servers in the ring; add some with addNode")
-        if serving and len(self.state.ring_members) < self.state.replication:
+        live = len(self.state.live_members)
+        if serving and live < self.state.replication:
             raise AdminError(
-                f"{len(self.state.ring_members)} servers in the ring, fewer than the replication "
-                f"factor {self.state.replication}: add servers first")
+                f"{live} live servers in the ring, fewer than the replication factor "
+                f"{self.state.replication}: add servers first")
         self._claim()
         self.state.serving = serving
         self._save()
@@ -412,8 +463,9 @@ class ECS:
             "epoch": self.state.epoch,
             "serving": self.state.serving,
             "replication": self.state.replication,
-            "degraded": 0 < len(self.state.ring_members) < self.state.replication,
+            "degraded": 0 < len(self.state.live_members) < self.state.replication,
             "ring": [n.name for n in ring.nodes],
+            "dead": sorted(ring.dead),
             "members": members,
             "operation": None if op is None else {
                 "description": op.description, "step": op.step,
@@ -425,14 +477,16 @@ class ECS:
 
     # -- reconfiguration -------------------------------------------------------------------------
 
-    async def _reconfigure(self, new_members: list[str], description: str,
-                           dead: Iterable[str] = ()) -> None:
-        dead = set(dead)
+    async def _reconfigure(self, new_members: list[str], description: str) -> None:
+        """Take the cluster from the current ring to one of C{new_members} (see the module
+        docstring); dead members of the current ring take no part."""
+        dead = set(self.state.dead)
         old = self.state.ring()
         epoch = self.state.allocate_epoch()
         new = Ring(tuple(self.state.members[n].info for n in new_members), epoch=epoch,
                    replication=self.state.replication)
         plan = planner.plan(old, new, dead)
+        failures = self._failures
         self._operations += 1
         op = self.operation = Operation(self._operations, description, self.clock.seconds())
         # Save the allocation first: even if we crash now, the epoch is never handed out twice.
@@ -444,53 +498,90 @@ class ECS:
             log.error("range {start:032X}-{end:032X} had no surviving replica: its data is lost",
                       start=rng.start, end=rng.end)
         locked: list[tuple[str, list[KeyRange], bool]] = []
+        trackers: list[tuple[str, int, planner.Copy | planner.LocalMove]] = []
+        locked_at: float | None = None
         try:
+            # 1. The bulk of the data moves while writes go on; each source records the keys
+            #    written meanwhile.
+            op.step = "copying"
+            for move in plan.moves:
+                result = await self._call(move.server, control.TrackWrites,
+                                          store=move.source_store, start=move.range.start,
+                                          end=move.range.end)
+                trackers.append((move.server, result["tracker"], move))
+                await self._call(move.server, control.DropRange, timeout=None,
+                                 store=move.target_store, start=move.range.start,
+                                 end=move.range.end)
+                await self._call(move.server, control.MoveLocal, timeout=None,
+                                 source=move.source_store, target=move.target_store,
+                                 start=move.range.start, end=move.range.end)
+            for copy in plan.copies:
+                result = await self._call(copy.source, control.TrackWrites,
+                                          store=copy.source_store, start=copy.range.start,
+                                          end=copy.range.end)
+                trackers.append((copy.source, result["tracker"], copy))
+                await self._call(copy.target, control.DropRange, timeout=None,
+                                 store=copy.target_store, start=copy.range.start,
+                                 end=copy.range.end)
+                result = await self._copy(op, copy, epoch)
+                op.copies.clear()
+                op.keys += result["keys"]
+                op.bytes += result["bytes"]
+            self._check(failures)
+            # 2. Writes to the changing ranges stop at their heads, and what is in flight
+            #    reaches the tails, so every replica is identical.
             op.step = "locking writes"
             locked_at = self.clock.seconds()
             for server, ranges in plan.write_locks.items():
                 await self._call(server, control.LockRanges, ranges=_wire(ranges), reads=False)
                 locked.append((server, ranges, False))
-            op.step = "copying"
-            for move in plan.moves:
-                await self._call(move.server, control.DropRange, store=move.target_store,
-                                 start=move.range.start, end=move.range.end)
-                await self._call(move.server, control.MoveLocal, timeout=None,
-                                 source=move.source_store, target=move.target_store,
-                                 start=move.range.start, end=move.range.end)
-            for copy in plan.copies:
-                target = self.state.members[copy.target]
-                await self._call(copy.target, control.DropRange, store=copy.target_store,
-                                 start=copy.range.start, end=copy.range.end)
-                result = await self._call(
-                    copy.source, control.CopyRange, timeout=None, operation=op.number,
-                    store=copy.source_store, start=copy.range.start, end=copy.range.end,
-                    target_host=target.host, target_port=target.amp_port,
-                    target_store=copy.target_store, epoch=epoch)
-                op.copies.clear()
-                op.keys += result["keys"]
-                op.bytes += result["bytes"]
+            for server in plan.write_locks:
+                await self._call(server, control.DrainWrites, timeout=30.0)
+            # 3. Only the keys written during the copy move again.
+            op.step = "catching up"
+            while trackers:
+                server, tracker, item = trackers.pop(0)
+                if isinstance(item, planner.LocalMove):
+                    await self._call(server, control.MoveLocal, timeout=None,
+                                     source=item.source_store, target=item.target_store,
+                                     start=item.range.start, end=item.range.end,
+                                     tracker=tracker)
+                else:
+                    await self._copy(op, item, epoch, tracker)
+            self._check(failures)
+            # 4. The old tails stop reading for the switch itself.
             op.step = "switching"
             for server, ranges in plan.read_locks.items():
                 await self._call(server, control.LockRanges, ranges=_wire(ranges), reads=True)
                 locked.append((server, ranges, True))
+            self._check(failures)
         except Exception as e:
             log.error("{description} aborted at {step}: {error}", description=description,
                       step=op.step, error=e)
+            for server, tracker, _ in trackers:
+                self._call(server, control.StopTracking, tracker=tracker).addErrback(
+                    lambda f: None)
             await self._unlock(locked)
             self.operation = None
             raise AdminError(f"{description} failed while {op.step}: {e}") from None
-        # Commit point.
+        # 5. Commit point: from here the change is completed, never undone.
         self.state.epoch = epoch
         self.state.ring_members = list(new_members)
+        self.state.dead &= set(new_members)
         self._save()
         metadata = self._metadata()
-        results = await gatherResults(
+        await gatherResults(
             [self._call(n, control.SetMetadata, **metadata).addErrback(_warn, n)
              for n in set(new_members) | (set(old_members(old)) - dead)],
         )
-        del results
-        # Every server has the new ring: from here the new heads take the writes.
-        write_locked = self.clock.seconds() - locked_at
+        write_locked = 0.0 if locked_at is None else self.clock.seconds() - locked_at
+        if self.state.serving:
+            # Joined servers hold their ranges now; left stopped until the drops below are
+            # done, they would keep those ranges unavailable for as long as the drops take.
+            joined = [n for n in new_members if n not in old_members(old)]
+            await gatherResults([self._call(n, control.SetState, state="running")
+                                 .addErrback(_not_started, n) for n in joined])
+        # 6. Drop what no store should hold any more.
         op.step = "dropping moved data"
         for drop in plan.drops:
             try:
@@ -501,13 +592,27 @@ class ECS:
                          server=drop.server, error=e)
         elapsed = self.clock.seconds() - op.started
         log.info("epoch {epoch}: {description} done in {elapsed:.2f}s, moved {keys} keys "
-                 "({nbytes} bytes); writes locked for {locked:.3f}s", epoch=epoch,
-                 description=description, elapsed=elapsed, keys=op.keys, nbytes=op.bytes,
-                 locked=write_locked)
+                 "({nbytes} bytes); writes to the moved ranges were refused for "
+                 "{locked:.3f}s", epoch=epoch, description=description, elapsed=elapsed,
+                 keys=op.keys, nbytes=op.bytes, locked=write_locked)
         self.last_reconfiguration = {"description": description, "seconds": elapsed,
                                      "keys": op.keys, "bytes": op.bytes,
                                      "write_locked_seconds": write_locked}
         self.operation = None
+
+    def _copy(self, op: Operation, copy: planner.Copy, epoch: int,
+              tracker: int | None = None) -> Deferred[dict[str, int]]:
+        target = self.state.members[copy.target]
+        extra = {} if tracker is None else {"tracker": tracker}
+        return self._call(
+            copy.source, control.CopyRange, timeout=None, operation=op.number,
+            store=copy.source_store, start=copy.range.start, end=copy.range.end,
+            target_host=target.host, target_port=target.amp_port,
+            target_store=copy.target_store, epoch=epoch, **extra)
+
+    def _check(self, failures: int) -> None:
+        if self._failures != failures:
+            raise control.ControlFailed("a server failed while the change was running")
 
     async def _unlock(self, locked: list[tuple[str, list[KeyRange], bool]]) -> None:
         for server, ranges, reads in locked:
@@ -532,7 +637,14 @@ class ECS:
         d = link.callRemote(command, **kwargs)
         if timeout is not None:
             d.addTimeout(timeout, self.clock)
-        return d
+        inflight = self._inflight.setdefault(name, set())
+        inflight.add(d)
+
+        def done(result: Any) -> Any:
+            inflight.discard(d)
+            return result
+
+        return d.addBoth(done)
 
     def _save(self) -> None:
         self.state_file.save(self.state)
@@ -553,6 +665,10 @@ def _wire(ranges: list[KeyRange]) -> list[dict[str, int]]:
 def _warn(failure: Any, name: str) -> None:
     log.warn("could not send the new ring to {name}: {error}", name=name,
              error=failure.getErrorMessage())
+
+
+def _not_started(failure: Any, name: str) -> None:
+    log.warn("could not start {name}: {error}", name=name, error=failure.getErrorMessage())
 
 
 def _failed(error: Exception) -> Deferred[Any]:

@@ -78,17 +78,20 @@ def intervals(old: Ring, new: Ring) -> list[tuple[KeyRange, tuple[str, ...], tup
 
 
 def _chain(ring: Ring, pos: int) -> tuple[str, ...]:
+    """The ring chain, dead members included: a member's place fixes the store it uses."""
     if not ring.nodes:
         return ()
-    return tuple(n.name for n in ring.chain_for_index(ring.owner_index(pos)))
+    return tuple(n.name for n in ring.ring_chain(ring.owner_index(pos)))
 
 
 def plan(old: Ring, new: Ring, dead: Collection[str] = ()) -> Plan:
     """The data movement that takes the cluster from C{old} to C{new}.
 
     C{dead} names servers of the old ring that cannot take part (failed): they are neither
-    sources nor lock holders, and nothing is dropped on them.
+    sources nor lock holders, and nothing is dropped on them. Members the old ring itself
+    marks dead count as dead too.
     """
+    dead = set(dead) | set(old.dead)
     result = Plan()
     for rng, before, after in _merged(intervals(old, new)):
         if before == after:

@@ -45,6 +45,8 @@ class ClusterState:
     members: dict[str, Member] = field(default_factory=dict)
     #: names of the servers in the ring, in the order they joined
     ring_members: list[str] = field(default_factory=list)
+    #: ring members that failed and are not yet repaired away: skipped in chains
+    dead: set[str] = field(default_factory=set)
     #: whether the service as a whole is started (servers answer clients)
     serving: bool = False
     replication: int = 1
@@ -55,7 +57,12 @@ class ClusterState:
 
     def ring(self) -> Ring:
         return Ring(tuple(self.members[n].info for n in self.ring_members),
-                    epoch=self.epoch, replication=self.replication)
+                    epoch=self.epoch, replication=self.replication,
+                    dead=frozenset(self.dead & set(self.ring_members)))
+
+    @property
+    def live_members(self) -> list[str]:
+        return [n for n in self.ring_members if n not in self.dead]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,6 +71,7 @@ class ClusterState:
             "serving": self.serving,
             "replication": self.replication,
             "ring_members": list(self.ring_members),
+            "dead": sorted(self.dead),
             "members": [asdict(m) for m in self.members.values()],
         }
 
@@ -73,6 +81,7 @@ class ClusterState:
         return cls(epoch=int(data["epoch"]), last_epoch=int(data.get("last_epoch", data["epoch"])),
                    members=members,
                    ring_members=list(data.get("ring_members", [])),
+                   dead=set(data.get("dead", [])),
                    serving=bool(data.get("serving", False)),
                    replication=int(data.get("replication", 1)))
 

@@ -25,7 +25,7 @@ from chainstore import control
 from chainstore.amp_server import KVServerProtocol
 from chainstore.cache import make_cache
 from chainstore.ecs_link import COPY_BATCH_TIMEOUT, ServerControlProtocol
-from chainstore.errors import WriteLocked
+from chainstore.errors import KeyNotFound, WriteLocked
 from chainstore.node import RUNNING, STOPPED, KVNode
 from chainstore.ring import NodeInfo, Ring, position
 from chainstore.storage import STORE_NAMES, StoreSet
@@ -185,9 +185,11 @@ class Cluster:
             raise AssertionError("the operation did not finish")
 
     def run(self, coroutine: Any) -> Any:
-        """Run an ECS coroutine to its end; return its result or raise its error."""
+        """Run an ECS coroutine (or a Deferred) to its end; return its result or raise its
+        error."""
         results: list[Any] = []
-        Deferred.fromCoroutine(coroutine).addBoth(results.append)
+        d = coroutine if isinstance(coroutine, Deferred) else Deferred.fromCoroutine(coroutine)
+        d.addBoth(results.append)
         for _ in range(200):
             if results:
                 break
@@ -317,25 +319,24 @@ def test_add_two_nodes_at_once(running):
     running.check_placement(KEYS)
 
 
-def test_writes_to_the_moving_range_are_locked_during_the_copy_others_are_not(running):
+def test_writes_go_on_during_the_copy_and_are_locked_only_to_catch_up(running):
     slot = running.config.slot("s4")
     moving = keys_moving_to(running, slot)
     old_ring = running.ring()
     staying = [k for k in KEYS if k not in moving]
-    running.peer_gate = Deferred()  # the copy's connection to the new server waits
+    running.peer_gate = Deferred()  # the bulk copy's connection to the new server waits
     done: list[Any] = []
     Deferred.fromCoroutine(running.ecs.add_nodes(1, "LRU", 10)).addBoth(done.append)
     running.settle()
     assert not done and running.ecs.operation.step == "copying"
+    # During the bulk copy the moving range takes writes: the source records them.
     for key in moving[:5]:
         head = running.servers[old_ring.chain(key)[0].name].node
-        with pytest.raises(WriteLocked):
-            head.put(key, b"new")
-        with pytest.raises(WriteLocked):
-            head.delete(key)
-        assert head.get(key) == b"v-" + key  # reads are still served
+        running.run(head.put(key, b"during-" + key))
+        assert head.get(key) == b"during-" + key
+    running.run(running.servers[old_ring.chain(moving[5])[0].name].node.delete(moving[5]))
     for key in staying[:5]:
-        running.servers[old_ring.chain(key)[0].name].node.put(key, b"v-" + key)
+        running.run(running.servers[old_ring.chain(key)[0].name].node.put(key, b"v-" + key))
     # a busy ECS refuses a second admin command, clearly
     with pytest.raises(AdminError, match="busy: adding s4 is in progress"):
         running.run(running.ecs.add_nodes(1, "LRU", 10))
@@ -344,16 +345,33 @@ def test_writes_to_the_moving_range_are_locked_during_the_copy_others_are_not(ru
     with pytest.raises(AdminError, match="busy"):
         running.run(running.ecs.set_serving(False))
     assert running.ecs.status()["operation"]["description"] == "adding s4"
+    # The bulk copy ends; the second pass (only the keys written meanwhile) waits in turn:
+    # now, and only now, the moving range refuses writes; reads go on.
+    gate, running.peer_gate = running.peer_gate, Deferred()
+    gate.callback(None)
+    running.settle()
+    assert not done and running.ecs.operation.step == "catching up"
+    for key in moving[6:11]:
+        head = running.servers[old_ring.chain(key)[0].name].node
+        with pytest.raises(WriteLocked):
+            head.put(key, b"new")
+        with pytest.raises(WriteLocked):
+            head.delete(key)
+        assert head.get(key) == b"v-" + key
+    for key in staying[5:10]:
+        running.run(running.servers[old_ring.chain(key)[0].name].node.put(key, b"v-" + key))
     gate, running.peer_gate = running.peer_gate, None
     gate.callback(None)
     running.settle()
     assert done == [["s4"]]
-    # after the switch the new owner serves (and accepts writes for) the moved keys
+    # after the switch the new owner serves what was written during the copy, and takes writes
     new_owner = running.servers["s4"].node
     for key in moving[:5]:
-        assert new_owner.get(key) == b"v-" + key
-        new_owner.put(key, b"v-" + key)
-    running.check_placement(KEYS)
+        assert new_owner.get(key) == b"during-" + key
+        running.run(new_owner.put(key, b"v-" + key))
+    with pytest.raises(KeyNotFound):
+        new_owner.get(moving[5])
+    running.check_placement([k for k in KEYS if k != moving[5]])
 
 
 def test_adding_beyond_the_pool_is_refused(tmp_path):

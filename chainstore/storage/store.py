@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from chainstore.errors import WriteLocked
+from chainstore.ring import position
 from chainstore.storage import sqlitedbm
 from chainstore.storage.rwlock import ReadWriteLock
 
@@ -42,6 +43,8 @@ class Store:
         self.lock = ReadWriteLock()
         # Backends without a place for it (dbm.dumb) keep the chain state in memory only.
         self._chain_state: tuple[str, int] = ("", 0)
+        # Dirty sets of copies in progress (chainstore/migration.py): range -> keys written.
+        self.trackers: dict[int, tuple[Any, set[bytes]]] = {}
 
     def check_writable(self) -> None:
         """Raise L{WriteLocked} while a migration or rechain holds this store's lock."""
@@ -92,6 +95,13 @@ class Store:
 
     # -- chain replication: writes with their serial (chainstore/chain.py) ------------------
 
+    def _track(self, keys: Any) -> None:
+        for key in keys:
+            pos = position(key)
+            for rng, dirty in self.trackers.values():
+                if pos in rng:
+                    dirty.add(key)
+
     def chain_state(self) -> tuple[str, int]:
         """(chain identity, last applied serial) recorded with this store's data."""
         if isinstance(self.db, sqlitedbm.SQLiteDBM):
@@ -106,6 +116,8 @@ class Store:
 
     def apply_one(self, kind: int, key: bytes, value: bytes, serial: int) -> bool:
         """Apply one write (kind 0 put, 1 delete) with its serial; whether the key existed."""
+        if self.trackers:
+            self._track((key,))
         if isinstance(self.db, sqlitedbm.SQLiteDBM):
             return self.db.apply_one(kind == 1, key, value, serial)
         existed = self.put(key, value) if kind == 0 else self.delete(key)

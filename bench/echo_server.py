@@ -26,7 +26,7 @@ class Echo(amp.Command):
 
 class EchoProtocol(amp.AMP):
     @Echo.responder
-    def echo(self, key: bytes, value: bytes) -> dict[str, Any]:
+    def echo(self, key: bytes, value: bytes, request_id: bytes | None = None) -> dict[str, Any]:
         return {"updated": False}
 
 

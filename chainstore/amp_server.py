@@ -21,16 +21,18 @@ class KVServerProtocol(amp.AMP):
         self.node = node
 
     @protocol.Put.responder
-    def put(self, key: bytes, value: bytes) -> Deferred[dict[str, Any]]:
-        return self.node.put(key, value).addCallback(lambda updated: {"updated": updated})
+    def put(self, key: bytes, value: bytes,
+            request_id: bytes | None = None) -> Deferred[dict[str, Any]]:
+        return self.node.put(key, value, request_id or b"").addCallback(
+            lambda updated: {"updated": updated})
 
     @protocol.Get.responder
     def get(self, key: bytes) -> dict[str, Any]:
         return {"value": self.node.get(key)}
 
     @protocol.Delete.responder
-    def delete(self, key: bytes) -> Deferred[dict[str, Any]]:
-        return self.node.delete(key).addCallback(lambda _: {})
+    def delete(self, key: bytes, request_id: bytes | None = None) -> Deferred[dict[str, Any]]:
+        return self.node.delete(key, request_id or b"").addCallback(lambda _: {})
 
     @protocol.KeyRange.responder
     def keyrange(self) -> dict[str, Any]:

@@ -59,9 +59,14 @@ class _KVCommand(amp.Command):
 
 
 class Put(_KVCommand):
-    """Store C{value} under C{key}; C{updated} says the key already held a value."""
+    """Store C{value} under C{key}; C{updated} says the key already held a value.
 
-    arguments = [(b"key", amp.String()), (b"value", BigBytes())]
+    C{request_id} (any bytes, unique per logical write) makes a retry safe: a write the chain
+    already carries is not applied again.
+    """
+
+    arguments = [(b"key", amp.String()), (b"value", BigBytes()),
+                 (b"request_id", amp.String(optional=True))]
     response = [(b"updated", amp.Boolean())]
 
 
@@ -75,7 +80,7 @@ class Get(_KVCommand):
 class Delete(_KVCommand):
     """Remove C{key}, or L{KeyNotFound} if it held no value."""
 
-    arguments = [(b"key", amp.String())]
+    arguments = [(b"key", amp.String()), (b"request_id", amp.String(optional=True))]
     response: list[tuple[bytes, amp.Argument]] = []
 
 

@@ -19,6 +19,7 @@ hides the cluster's transient states from its caller:
 from __future__ import annotations
 
 import json
+import os
 import random as _random
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
@@ -232,6 +233,11 @@ class KVStore:
 
     # -- the API --------------------------------------------------------------------------------
 
+    @staticmethod
+    def _request_id() -> bytes:
+        # One id per logical write, kept across its retries: the chain applies it once.
+        return os.urandom(16)
+
     def put(self, key: Key, value: Value) -> Deferred[bool]:
         """Store C{value} under C{key}; fires with True if the key already held a value."""
         return Deferred.fromCoroutine(self._put(key, value))
@@ -282,7 +288,8 @@ class KVStore:
 
     async def _put(self, key: Key, value: Value) -> bool:
         k, v = key_bytes(key), value_bytes(value)
-        answer = await self._request(protocol.Put, lambda ring: ring.head(k), key=k, value=v)
+        answer = await self._request(protocol.Put, lambda ring: ring.head(k), key=k, value=v,
+                                     request_id=self._request_id())
         return bool(answer["updated"])
 
     async def _get(self, key: Key) -> bytes:
@@ -292,7 +299,8 @@ class KVStore:
 
     async def _delete(self, key: Key) -> None:
         k = key_bytes(key)
-        await self._request(protocol.Delete, lambda ring: ring.head(k), key=k)
+        await self._request(protocol.Delete, lambda ring: ring.head(k), key=k,
+                            request_id=self._request_id())
 
     def _any(self, command: type[amp.Command], extract: Callable[[dict[str, Any]], _T]
              ) -> Deferred[_T]:

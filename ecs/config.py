@@ -45,7 +45,7 @@ class ECSConfig:
     log_dir: str = "data/logs"
     heartbeat_interval: float = 1.0
     failure_timeout: float = 3.0
-    replication: int = 1
+    replication: int = 3
     initial_nodes: int = 3
     cache_strategy: str = "LRU"
     cache_size: int = 1000

@@ -322,7 +322,12 @@ class ECS:
             for name in names:
                 self.state.members[name].status = ACTIVE
             if start:
-                self.state.serving = True
+                if len(self.state.live_members) >= self.state.replication:
+                    self.state.serving = True
+                else:
+                    log.warn("{count} servers, fewer than the replication factor {k}: the "
+                             "service waits for more (addNode) before it starts",
+                             count=len(self.state.live_members), k=self.state.replication)
             self._save()
             await self._set_states()
             return names

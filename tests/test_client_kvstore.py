@@ -406,7 +406,7 @@ def test_not_responsible_refreshes_the_ring_and_retries_at_once(net: FakeNetwork
 def test_not_responsible_forever_gives_up_after_max_refreshes(net: FakeNetwork) -> None:
     node, address = standalone(net)
 
-    def refuse(key: bytes, value: bytes) -> Any:
+    def refuse(key: bytes, value: bytes, request_id: bytes = b"") -> Any:
         raise NotResponsible("confused server")
 
     node.put = refuse  # type: ignore[method-assign]
@@ -498,11 +498,11 @@ def test_write_locked_is_retried_until_the_lock_is_gone(net: FakeNetwork) -> Non
     node, address = standalone(net)
     real_put, refusals = node.put, [2]
 
-    def locked_twice(key: bytes, value: bytes) -> Any:
+    def locked_twice(key: bytes, value: bytes, request_id: bytes = b"") -> Any:
         if refusals[0]:
             refusals[0] -= 1
             raise WriteLocked("moving")
-        return real_put(key, value)
+        return real_put(key, value, request_id)
 
     node.put = locked_twice  # type: ignore[method-assign]
     store = make_store(net, [address])

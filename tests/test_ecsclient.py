@@ -606,7 +606,8 @@ def test_ecsclient_shows_the_prompt_only_on_a_terminal() -> None:
 
 @pytest.mark.integration
 def test_ecsclient_administers_a_real_cluster(tmp_path: Path) -> None:
-    ecs = ECSProcess(tmp_path, slots=4, initial_nodes=2, heartbeat_interval=0.3,
+    # replication 1: this test is about the admin shell; chains have their own tests.
+    ecs = ECSProcess(tmp_path, slots=4, initial_nodes=2, replication=1, heartbeat_interval=0.3,
                      failure_timeout=1.5, cache_size=10)
     try:
         ecs.start()

@@ -140,7 +140,7 @@ class ChainReplicator:
             cid = chain_id(ring, owner_index)
             store = stores[STORE_NAMES[position]]
             previous = old.pop(owner, None)
-            if previous is None or previous.chain_id != cid:
+            if previous is None or previous.chain_id != cid or previous.store is not store:
                 if previous is not None:
                     self._fail_waiters(previous, NotResponsible("the chain was rebuilt"))
                 replica = self._open_replica(owner, cid, STORE_NAMES[position], store)
@@ -205,6 +205,7 @@ class ChainReplicator:
     def stop(self) -> None:
         if self._lease_loop.running:
             self._lease_loop.stop()
+        self.peers.close()
         for replica in self.replicas.values():
             self._fail_waiters(replica, ServerStopped("the server is stopping"))
 

@@ -7,6 +7,7 @@ reach a closed store.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -21,7 +22,7 @@ from chainstore.console import ConsoleFactory
 from chainstore.logs import get_logger
 from chainstore.ecs_link import make_ecs_link
 from chainstore.node import RUNNING, STOPPED, KVNode
-from chainstore.ring import NodeInfo
+from chainstore.ring import NodeInfo, Ring
 from chainstore.storage import StoreSet
 
 log = get_logger("chainstore.service")
@@ -32,9 +33,13 @@ class KVServerService(MultiService):
         super().__init__()
         self.config = config
         me = NodeInfo(config.name, config.advertised_host, config.console_port, config.amp_port)
-        # Under an ECS a server waits, answering server_stopped, until the ECS starts it.
+        # Under an ECS a server knows no ring and answers server_stopped until the ECS gives it
+        # one and starts it; it must not adopt a ring of its own, which would restart the
+        # serials its stores recorded in the chains it belongs to.
         self.node = KVNode(me, make_cache(config.cache_strategy, config.cache_size), reactor,
-                           state=STOPPED if config.ecs else RUNNING)
+                           ring=Ring((), epoch=0) if config.ecs else None,
+                           state=STOPPED if config.ecs else RUNNING,
+                           monotonic=time.monotonic)
         _listener(reactor, config.listen, KVServerFactory(self.node)).setServiceParent(self)
         _listener(reactor, config.console, ConsoleFactory(self.node)).setServiceParent(self)
         if config.ecs:
@@ -54,6 +59,7 @@ class KVServerService(MultiService):
 
     def stopService(self) -> Deferred[None]:
         self.node.state = STOPPED
+        self.node.chain.stop()
         d: Deferred[Any] = super().stopService()  # type: ignore[assignment]
         d.addBoth(self._close_stores)
         return d

@@ -66,7 +66,7 @@ class _Batch:
     ops: list[Op]
 
 
-@dataclass
+@dataclass(eq=False)
 class Replica:
     """This server's part in the chain of the range owned (in the ring) by C{owner}."""
 
@@ -90,7 +90,6 @@ class Replica:
     # batch overtakes an older one on the way to the successor
     retry: Any = None
     paused: bool = False
-    flush_call: Any = None
     # as tail: reads and acks allowed until lease_until, not before tail_from
     lease_until: float = 0.0
     tail_from: float = 0.0
@@ -116,6 +115,8 @@ class ChainReplicator:
         self.lease = lease
         self.epoch = 0
         self.replicas: dict[str, Replica] = {}
+        self._turn: set[Replica] = set()
+        self._turn_call: Any = None
         self._lease_loop = LoopingCall(self._renew_leases)
         self._lease_loop.clock = clock
 
@@ -148,6 +149,12 @@ class ChainReplicator:
                 replica = previous
             self._relink(replica, ring, owner_index)
             self.replicas[owner] = replica
+        for unused in STORE_NAMES[ring.chain_length:]:
+            # A store with no role in this ring starts afresh if it gets one again: a chain of
+            # the same names may come back later, and the serial kept from before would make
+            # this store skip that chain's new writes as already applied.
+            if stores[unused].chain_state() != ("", 0):
+                stores[unused].set_chain_state("", 0)
         for replica in old.values():
             self._fail_waiters(replica, NotResponsible("this server left the range's chain"))
         self._update_lease_loop()
@@ -223,15 +230,11 @@ class ChainReplicator:
         existed = replica.store.apply_one(kind, key, value, serial)
         replica.last_serial = serial
         self._remember(replica, request_id, serial)
-        if replica.is_tail:
-            if replica.live_length == 1 or self.monotonic() >= replica.tail_from:
-                replica.acked = serial
-                return existed, succeed(serial)
-            return existed, self._wait(replica, serial)
-        replica.pending.append((serial, kind, key, value, request_id))
-        d = self._wait(replica, serial)
-        self._schedule_flush(replica)
-        return existed, d
+        if not replica.is_tail:
+            replica.pending.append((serial, kind, key, value, request_id))
+        # Committed, then forwarded (or, at a tail, acknowledged) at the end of this turn.
+        self._end_turn_later(replica)
+        return existed, self._wait(replica, serial)
 
     # -- middle and tail -------------------------------------------------------------------------
 
@@ -264,18 +267,36 @@ class ChainReplicator:
             return self._wait(replica, last)
         if fresh:
             replica.pending.extend(fresh)
-            self._schedule_flush(replica)
+            self._end_turn_later(replica)
         if replica.acked >= last:
             return replica.acked
         return self._wait(replica, last)
 
     # -- forwarding ------------------------------------------------------------------------------
 
-    def _schedule_flush(self, replica: Replica) -> None:
-        # Forward at the end of this reactor turn: every write that arrived in the same read
-        # from the network travels in the same batch.
-        if replica.flush_call is None or not replica.flush_call.active():
-            replica.flush_call = self.clock.callLater(0, self._flush, replica)
+    def _end_turn_later(self, replica: Replica) -> None:
+        # Everything that arrived in this reactor turn (one read from the network) is committed
+        # in one transaction and forwarded in one batch.
+        self._turn.add(replica)
+        if self._turn_call is None or not self._turn_call.active():
+            self._turn_call = self.clock.callLater(0, self._end_turn)
+
+    def _end_turn(self) -> None:
+        turn, self._turn = self._turn, set()
+        for replica in turn:
+            replica.store.commit()
+        for replica in turn:
+            if self.replicas.get(replica.owner) is not replica:
+                continue
+            if not replica.is_tail:
+                self._flush(replica)
+            elif replica.live_length == 1 or self.monotonic() >= replica.tail_from:
+                self._advance(replica, replica.last_serial)
+
+    def commit_now(self, store: Store) -> None:
+        """Commit C{store}'s waiting writes before a read of it: nobody reads uncommitted data."""
+        if store.uncommitted:
+            store.commit()
 
     def _flush(self, replica: Replica) -> None:
         if replica.paused:

@@ -196,6 +196,9 @@ class ServerControlProtocol(amp.AMP):
     def clear_stores(self) -> dict[str, Any]:
         for store in self._stores().stores.values():
             store.db.clear()
+            # The serials go with the data: a chain of the same names may be formed again
+            # with this server, and a serial kept from before would make it skip new writes.
+            store.set_chain_state("", 0)
         self.node.cache.clear()
         return {}
 

@@ -116,6 +116,7 @@ class KVNode:
         self.counts["get"] += 1
         value = self.cache.get(key)
         if value is None:
+            self.chain.commit_now(store)
             value = store.get(key)
             if value is None:
                 raise KeyNotFound(f"no value is stored under {key!r}")

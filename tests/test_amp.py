@@ -39,7 +39,9 @@ class Wire:
 
     def __init__(self, node: KVNode) -> None:
         self.node = node
-        self.clock = Clock()
+        # The node's own clock: a write is committed and answered at the end of its reactor
+        # turn, which the pump's clock.advance(0) runs.
+        self.clock = node.clock
         self.client, self.server, self.pump = connectedServerAndClient(
             lambda: KVServerFactory(node).buildProtocol(None), amp.AMP, clock=self.clock)
         self.to_server: list[bytes] = []

@@ -51,6 +51,7 @@ class Connection:
         self.greeting = self.take()
 
     def take(self) -> bytes:
+        self.end_turn()
         data = self.transport.value()
         self.transport.clear()
         return data
@@ -58,6 +59,12 @@ class Connection:
     def send(self, data: bytes) -> bytes:
         self.proto.dataReceived(data)
         return self.take()
+
+    def end_turn(self) -> None:
+        """Let the reactor turn end: writes are committed and answered then."""
+        clock = getattr(self.node, "clock", None)
+        if isinstance(clock, Clock):
+            clock.advance(0)
 
     def ask(self, line: bytes) -> bytes:
         """One request, the one reply line it gets (without its line end)."""
@@ -302,9 +309,9 @@ class SlowNode(KVNode):
         super().__init__(*args, **kwargs)
         self.waiting: list[Deferred] = []
 
-    def put(self, key: bytes, value: bytes) -> Deferred[bool]:
+    def put(self, key: bytes, value: bytes, request_id: bytes = b"") -> Deferred[bool]:
         d: Deferred[None] = Deferred()
-        d.addCallback(lambda _: KVNode.put(self, key, value))
+        d.addCallback(lambda _: KVNode.put(self, key, value, request_id))
         self.waiting.append(d)
         return d
 
@@ -312,6 +319,7 @@ class SlowNode(KVNode):
         for d in self.waiting[:count]:
             d.callback(None)
         del self.waiting[:count]
+        self.clock.advance(0)  # the turn ends: the writes commit and answer
 
 
 @pytest.fixture

@@ -164,6 +164,7 @@ def test_random_bytes_in_random_chunks(node, parts, cuts):
     bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
     for start, end in zip(bounds, bounds[1:]):
         proto.dataReceived(stream[start:end])  # must never raise
+        node.clock.advance(0)  # each read is a reactor turn: writes commit and answer then
 
     *lines, unfinished = stream.split(b"\n")
     out = transport.value()
@@ -173,6 +174,7 @@ def test_random_bytes_in_random_chunks(node, parts, cuts):
     # End the unfinished line, if any, then ask for one key: the connection still serves.
     transport.clear()
     proto.dataReceived(b"\nget a\r\n")
+    node.clock.advance(0)
     lines.append(unfinished)
     replies += transport.value().split(b"\r\n")[:-1]
     lines.append(b"get a")

@@ -120,9 +120,11 @@ def wire(r: Ring) -> dict[str, Any]:
                        "amp_port": n.amp_port} for n in r.nodes]}
 
 
-def result_of(d: Deferred[Any]) -> Any:
+def result_of(d: Deferred[Any], clock: Clock | None = None) -> Any:
     out: list[Any] = []
     d.addBoth(out.append)
+    if not out and clock is not None:
+        clock.advance(0)  # a write is committed and answered at the end of its reactor turn
     assert out, "not fired"
     if hasattr(out[0], "raiseException"):
         out[0].raiseException()
@@ -166,7 +168,7 @@ def test_set_state_starts_and_stops_serving(link):
     with pytest.raises(ServerStopped):
         link.node.get(b"k")
     link.call(control.SetState, state=RUNNING)
-    result_of(link.node.put(b"k", b"v"))
+    result_of(link.node.put(b"k", b"v"), link.clock)
     assert link.node.get(b"k") == b"v"
     link.call(control.SetState, state=STOPPED)
     with pytest.raises(ServerStopped):
@@ -192,7 +194,7 @@ def test_write_locks_refuse_writes_in_the_range_only_and_reads_go_on(link):
     low = KeyRange(0, HALF)
     inside, outside = keys_in(low, 3), keys_in(low, 3, inside=False)
     for key in inside + outside:
-        result_of(link.node.put(key, b"old"))
+        result_of(link.node.put(key, b"old"), link.clock)
     link.call(control.LockRanges, ranges=[{"start": 0, "end": HALF}], reads=False)
     for key in inside:
         with pytest.raises(WriteLocked):
@@ -201,10 +203,10 @@ def test_write_locks_refuse_writes_in_the_range_only_and_reads_go_on(link):
             link.node.delete(key)
         assert link.node.get(key) == b"old"  # reads are still served
     for key in outside:
-        result_of(link.node.put(key, b"new"))
+        result_of(link.node.put(key, b"new"), link.clock)
         assert link.node.get(key) == b"new"
     link.call(control.UnlockRanges, ranges=[{"start": 0, "end": HALF}], reads=False)
-    result_of(link.node.put(inside[0], b"new"))
+    result_of(link.node.put(inside[0], b"new"), link.clock)
     assert link.node.get(inside[0]) == b"new"
     assert link.node.write_locks == []
 
@@ -213,8 +215,8 @@ def test_read_locks_refuse_reads_in_the_range_for_the_switch(link):
     link.call(control.SetState, state=RUNNING)
     high = KeyRange(HALF, 0)
     key, other = keys_in(high, 1)[0], keys_in(high, 1, inside=False)[0]
-    result_of(link.node.put(key, b"v"))
-    result_of(link.node.put(other, b"w"))
+    result_of(link.node.put(key, b"v"), link.clock)
+    result_of(link.node.put(other, b"w"), link.clock)
     link.call(control.LockRanges, ranges=[{"start": HALF, "end": 0}], reads=True)
     with pytest.raises(NotResponsible):
         link.node.get(key)
@@ -238,7 +240,7 @@ def test_a_new_ring_clears_the_locks_of_the_reconfiguration_it_completes(link):
 
 def test_clear_stores_empties_all_three_and_the_cache(link):
     link.call(control.SetState, state=RUNNING)
-    result_of(link.node.put(b"k", b"v"))
+    result_of(link.node.put(b"k", b"v"), link.clock)
     link.node.get(b"k")  # fills the cache
     for name in ("replica1", "replica2"):
         link.node.stores[name].put(b"r", b"x")

@@ -80,6 +80,8 @@ class SQLiteDBM:
             db.close()
             raise
         self._db: sqlite3.Connection | None = db
+        # Serial of the last write in the open group transaction (apply_one), None if none.
+        self._group_serial: int | None = None
 
     @property
     def _conn(self) -> sqlite3.Connection:
@@ -161,6 +163,7 @@ class SQLiteDBM:
         The puts are applied first, then the deletes; deleting a missing key is not an error.
         If anything fails, nothing is applied and the error is raised.
         """
+        self.commit()
         conn = self._conn
         conn.execute("BEGIN")
         try:
@@ -177,29 +180,50 @@ class SQLiteDBM:
         return ("", 0) if row is None else (row[0], row[1])
 
     def set_chain_state(self, chain: str, serial: int) -> None:
+        self.commit()
         self._conn.execute(
             "INSERT INTO chain (id, chain, serial) VALUES (0, ?, ?) ON CONFLICT (id) "
             "DO UPDATE SET chain = excluded.chain, serial = excluded.serial", (chain, serial))
 
     def apply_one(self, delete: bool, key: bytes, value: bytes, serial: int) -> bool:
-        """One write and its serial, atomically; whether the key held a value before."""
+        """One write and its serial, in the open group transaction (opened if needed); whether
+        the key held a value before. Nothing is durable until L{commit}."""
         conn = self._conn
-        conn.execute("BEGIN")
+        if self._group_serial is None:
+            conn.execute("BEGIN")
+        self._group_serial = serial
         try:
             existed = conn.execute("SELECT 1 FROM kv WHERE k = ?", (key,)).fetchone() is not None
             if delete:
                 conn.execute("DELETE FROM kv WHERE k = ?", (key,))
             else:
                 conn.execute(_PUT, (key, value))
-            conn.execute(_SET_SERIAL, (serial,))
         except BaseException:
             conn.execute("ROLLBACK")
+            self._group_serial = None
             raise
-        conn.execute("COMMIT")
         return existed
+
+    @property
+    def uncommitted(self) -> bool:
+        """Whether writes of L{apply_one} wait for L{commit}."""
+        return self._group_serial is not None
+
+    def commit(self) -> None:
+        """Commit the group transaction of L{apply_one}, with the serial of its last write.
+
+        Writes that arrive together (one reactor turn) share one commit: that is most of the
+        cost of a write.
+        """
+        if self._group_serial is not None:
+            conn = self._conn
+            conn.execute(_SET_SERIAL, (self._group_serial,))
+            self._group_serial = None
+            conn.execute("COMMIT")
 
     def apply_ops(self, ops: Iterable[tuple[bool, bytes, bytes]], serial: int) -> None:
         """Writes (delete?, key, value) in order and the serial of the last, atomically."""
+        self.commit()
         conn = self._conn
         conn.execute("BEGIN")
         try:
@@ -215,6 +239,7 @@ class SQLiteDBM:
         conn.execute("COMMIT")
 
     def clear(self) -> None:
+        self.commit()
         self._conn.execute("DELETE FROM kv")
 
     def sync(self) -> None:
@@ -225,9 +250,10 @@ class SQLiteDBM:
         self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
-        """Checkpoint and close; closing again does nothing."""
+        """Commit, checkpoint and close; closing again does nothing."""
         if self._db is not None:
             try:
+                self.commit()
                 self.sync()
             finally:
                 self._db.close()

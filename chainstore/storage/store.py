@@ -115,7 +115,11 @@ class Store:
             self._chain_state = (chain, serial)
 
     def apply_one(self, kind: int, key: bytes, value: bytes, serial: int) -> bool:
-        """Apply one write (kind 0 put, 1 delete) with its serial; whether the key existed."""
+        """Apply one write (kind 0 put, 1 delete) with its serial; whether the key existed.
+
+        Not durable before L{commit}: a head applies the writes of one reactor turn, then
+        commits them together before it forwards or acknowledges any of them.
+        """
         if self.trackers:
             self._track((key,))
         if isinstance(self.db, sqlitedbm.SQLiteDBM):
@@ -123,6 +127,15 @@ class Store:
         existed = self.put(key, value) if kind == 0 else self.delete(key)
         self._chain_state = (self._chain_state[0], serial)
         return existed
+
+    def commit(self) -> None:
+        """Make the writes of L{apply_one} durable (one commit for all of them)."""
+        if isinstance(self.db, sqlitedbm.SQLiteDBM):
+            self.db.commit()
+
+    @property
+    def uncommitted(self) -> bool:
+        return isinstance(self.db, sqlitedbm.SQLiteDBM) and self.db.uncommitted
 
     def apply_ops(self, ops: list[tuple[int, int, bytes, bytes, bytes]], serial: int) -> None:
         """Apply replicated writes (serial, kind, key, value, request id) in order, atomically

@@ -60,10 +60,10 @@ class KVServerProtocol(amp.AMP):
         return {}
 
     @control.Replicate.responder
-    def replicate(self, epoch: int, owner: str, ops: bytes) -> Any:
+    def replicate(self, epoch: int, owner: str, ops: bytes, resumed: bool | None = None) -> Any:
         if self.node.stores is None:
             raise control.ControlFailed("the stores are not open")
-        acked = self.node.chain.receive(epoch, owner, ops)
+        acked = self.node.chain.receive(epoch, owner, ops, bool(resumed))
         if isinstance(acked, Deferred):
             return acked.addCallback(lambda n: {"acked": n})
         return {"acked": acked}

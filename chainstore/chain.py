@@ -90,6 +90,9 @@ class Replica:
     # batch overtakes an older one on the way to the successor
     retry: Any = None
     paused: bool = False
+    # True from a restart until a forward is answered: the successor may skip a gap of writes
+    # that were applied here and never forwarded (never acknowledged to anyone).
+    resumed: bool = False
     # as tail: reads and acks allowed until lease_until, not before tail_from
     lease_until: float = 0.0
     tail_from: float = 0.0
@@ -165,7 +168,10 @@ class ChainReplicator:
             # A new chain for this store (a planned change, drained first): serials restart.
             serial = 0
             store.set_chain_state(cid, 0)
-        return Replica(owner, cid, store_name, store, serial, acked=serial)
+        # Continuing a chain this store already belonged to (the process restarted): writes it
+        # applied but never forwarded died with its window, so its successor may be behind.
+        return Replica(owner, cid, store_name, store, serial, acked=serial,
+                       resumed=serial > 0)
 
     def _relink(self, replica: Replica, ring: Ring, owner_index: int) -> None:
         live = ring.chain_for_index(owner_index)
@@ -238,7 +244,8 @@ class ChainReplicator:
 
     # -- middle and tail -------------------------------------------------------------------------
 
-    def receive(self, epoch: int, owner: str, payload: bytes) -> Deferred[int] | int:
+    def receive(self, epoch: int, owner: str, payload: bytes,
+                resumed: bool = False) -> Deferred[int] | int:
         """A C{Replicate} from our predecessor: apply in order, forward, answer when acked."""
         if epoch != self.epoch:
             raise StaleEpoch(f"writes of epoch {epoch}; this server is at {self.epoch}")
@@ -251,8 +258,14 @@ class ChainReplicator:
         fresh = [op for op in ops if op[0] > replica.last_serial]
         if fresh:
             if fresh[0][0] != replica.last_serial + 1:
-                raise ControlFailed(
-                    f"serial {fresh[0][0]} after {replica.last_serial}: a write is missing")
+                if not resumed:
+                    raise ControlFailed(
+                        f"serial {fresh[0][0]} after {replica.last_serial}: a write is missing")
+                # The predecessor restarted: the writes in between were applied only there and
+                # acknowledged to nobody; we go on from its numbering.
+                log.warn("{owner}'s chain resumes at serial {serial} after {last}: skipping "
+                         "writes its predecessor never forwarded", owner=owner,
+                         serial=fresh[0][0], last=replica.last_serial)
             replica.store.apply_ops(fresh, fresh[-1][0])
             replica.last_serial = fresh[-1][0]
             for op in fresh:
@@ -314,13 +327,16 @@ class ChainReplicator:
         assert successor is not None
         payload = pack_ops(batch.ops)
         d = self.peers.get(successor)
+        resumed = replica.resumed
         d.addCallback(lambda proto: proto.callRemote(Replicate, epoch=epoch,
-                                                     owner=replica.owner, ops=payload))
+                                                     owner=replica.owner, ops=payload,
+                                                     resumed=resumed))
         d.addCallbacks(self._answered, self._send_failed, (replica, generation), None,
                        (replica, generation, successor))
 
     def _answered(self, result: dict[str, int], replica: Replica, generation: int) -> None:
         if generation == replica.generation:
+            replica.resumed = False
             self._advance(replica, result["acked"])
 
     def _send_failed(self, failure: Failure, replica: Replica, generation: int,

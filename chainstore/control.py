@@ -233,7 +233,8 @@ class Replicate(_ControlCommand):
     the highest serial the tail has applied (acks are cumulative).
     """
 
-    arguments = [(b"epoch", amp.Integer()), (b"owner", amp.Unicode()), (b"ops", BigBytes())]
+    arguments = [(b"epoch", amp.Integer()), (b"owner", amp.Unicode()), (b"ops", BigBytes()),
+                 (b"resumed", amp.Boolean(optional=True))]
     response = [(b"acked", amp.Integer())]
 
 

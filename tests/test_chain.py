@@ -275,3 +275,33 @@ def test_a_delete_of_a_missing_key_waits_for_earlier_writes(net):
     net.settle(head.delete(key))
     net.run(1.0)
     assert set(replicas_of(net, ring, key).values()) == {None}
+
+
+def test_a_restarted_head_resumes_its_chain_past_writes_it_never_forwarded(net):
+    ring = net.cluster(3)
+    keys = keys_headed_by(ring, "n0", 30)
+    head, middle, tail = ring.chain(keys[0])
+    for key in keys[:10]:
+        net.settle(put(net, ring, key, b"acked"))
+    # Writes committed at the head whose forward never leaves it: the head dies with its
+    # window, and comes back on the same files.
+    lost = [put(net, ring, k, b"never-forwarded") for k in keys[10:15]]
+    net.clock.advance(0)  # committed locally; not yet delivered
+    net.kill(head.name)
+    assert not any(d.called for d in lost)
+    old = net.nodes[head.name]
+    old.chain.stop()
+    old.stores.close()
+    net.down.discard(head.name)
+    restarted = net.add(head, ring)
+    assert restarted.chain.replicas[head.name].last_serial == 15
+    # New writes flow again: the successor skips the gap of writes nobody acknowledged.
+    for key in keys[15:]:
+        assert net.settle(restarted.put(key, b"after")) is False
+    net.run(1.0)
+    for key in keys[:10]:
+        assert net.nodes[tail.name].get(key) == b"acked"
+    for key in keys[15:]:
+        assert net.nodes[tail.name].get(key) == b"after"
+    for d in lost:
+        d.addErrback(lambda f: None)

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from chainstore import control, migration, protocol
+from chainstore.errors import ServerError
+from chainstore.logs import get_logger
 from chainstore.node import KVNode
+
+log = get_logger("chainstore.amp_server")
 
 
 class KVServerProtocol(amp.AMP):
@@ -19,6 +24,27 @@ class KVServerProtocol(amp.AMP):
     def __init__(self, node: KVNode) -> None:
         super().__init__()
         self.node = node
+
+    def locateResponder(self, name: bytes) -> Any:
+        responder = super().locateResponder(name)
+        if responder is None:
+            return None
+
+        def guarded(box: amp.AmpBox) -> Deferred[Any]:
+            return maybeDeferred(responder, box).addErrback(self._undeclared, name)
+
+        return guarded
+
+    @staticmethod
+    def _undeclared(failure: Failure, name: bytes) -> Failure:
+        # AMP answers an undeclared error by closing the connection, which would cut off
+        # every other request on it: log it and answer the declared ServerError instead.
+        if failure.check(amp.RemoteAmpError):
+            return failure
+        log.failure("{command} failed", failure, command=name.decode("ascii", "replace"))
+        return Failure(amp.RemoteAmpError(
+            ServerError.code, f"the server failed: {failure.getErrorMessage()}", False,
+            local=failure))
 
     @protocol.Put.responder
     def put(self, key: bytes, value: bytes,

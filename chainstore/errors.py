@@ -49,8 +49,16 @@ class KeyNotFound(KVError):
     code = b"KEY_NOT_FOUND"
 
 
+class ServerError(KVError):
+    """The server failed to carry out the request (a storage error, a bug); it logged why and
+    goes on serving. Whether a write took effect is unknown."""
+
+    code = b"SERVER_ERROR"
+
+
 #: Every error above, for declaring them on AMP commands in one place.
 ALL_ERRORS: dict[type[Exception], bytes] = {
     cls: cls.code
-    for cls in (ServerStopped, WriteLocked, NotResponsible, InvalidKey, ValueTooLarge, KeyNotFound)
+    for cls in (ServerStopped, WriteLocked, NotResponsible, InvalidKey, ValueTooLarge, KeyNotFound,
+                ServerError)
 }

@@ -21,6 +21,7 @@ from chainstore.errors import (
     InvalidKey,
     KeyNotFound,
     NotResponsible,
+    ServerError,
     ServerStopped,
     ValueTooLarge,
     WriteLocked,
@@ -243,3 +244,16 @@ def test_the_connection_survives_a_run_of_errors(wire):
         wire.fails(InvalidKey, protocol.Put, key=b"", value=b"v")
     assert wire.connected
     assert wire.call(protocol.Put, key=b"k", value=b"v") == {"updated": False}
+
+
+def test_an_unexpected_failure_is_a_declared_server_error_and_the_connection_lives(node, wire):
+    wire.call(protocol.Put, key=b"k", value=b"v")
+    node.cache.clear()
+    broken = node.stores.coordinator.db
+    real_get = broken.get
+    broken.get = lambda *a: (_ for _ in ()).throw(OSError("disk on fire"))
+    message = wire.fails(ServerError, protocol.Get, key=b"k")
+    assert "disk on fire" in message
+    broken.get = real_get
+    assert wire.connected
+    assert wire.call(protocol.Get, key=b"k") == {"value": b"v"}

@@ -8,11 +8,12 @@ hides the cluster's transient states from its caller:
   deadline, then raise the last error.
 - C{NotResponsible}: the ring changed; fetch it again (first from the server that refused) and
   retry at once, a bounded number of times.
-- connection refused or lost: fetch the ring from another known server, back off, retry. A
-  write whose connection was lost after it was sent may have been applied: its retry can then
-  answer C{put_update} for a key it created, or C{KeyNotFound} for a key it deleted.
-- no answer within the per-request timeout: L{RequestTimedOut}, never retried, since a write may
-  or may not have happened.
+- connection refused or lost, or no answer within the per-request timeout (a hung server): fetch
+  the ring from another known server, back off, retry while a whole attempt fits before the
+  deadline, then raise (L{RequestTimedOut} for a timeout: the write may or may not have
+  happened). Retrying a write is safe because each carries a request id that the chain applies
+  once; a retry of a write that had been applied can answer C{put_update} for a key it created,
+  or C{KeyNotFound} for a key it deleted.
 - C{KeyNotFound}, C{InvalidKey}, C{ValueTooLarge} and anything unexpected: raised at once.
 """
 
@@ -347,6 +348,16 @@ class KVStore:
                     self._suspects.add(address)
                 # The server may have left the ring: learn the ring from another one.
                 refresh, prefer, avoid = route is not None, None, address
+            except RequestTimedOut as e:
+                # A hung server (paused, partitioned) is replaced by the ECS within its failure
+                # timeout. Reads are safe to repeat and writes carry a request id that the chain
+                # applies once, so try again, on a fresh ring, if a whole attempt still fits.
+                error = e
+                if address is not None:
+                    self._suspects.add(address)
+                refresh, prefer, avoid = route is not None, None, address
+                if self._reactor.seconds() + self.timeout > give_up_at:
+                    raise
             self._check_open()
             failures += 1
             delay = self._backoff_delay(failures)

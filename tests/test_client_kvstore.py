@@ -516,7 +516,8 @@ def test_write_locked_is_retried_until_the_lock_is_gone(net: FakeNetwork) -> Non
 def test_a_request_without_answer_times_out_and_the_next_one_reconnects(
         net: FakeNetwork) -> None:
     node, address = standalone(net)
-    store = make_store(net, [address], timeout=3.0)
+    # A deadline with no room for a second attempt: the timeout is final.
+    store = make_store(net, [address], timeout=3.0, deadline=5.0)
     drive(net, store.refresh_metadata())
     net.hung.add(address)
     d = store.put("a", "1")
@@ -532,3 +533,20 @@ def test_a_request_without_answer_times_out_and_the_next_one_reconnects(
     net.hung.discard(address)
     assert drive(net, store.put("b", "2")) is False
     assert net.connects[address] == 2
+
+
+def test_a_read_from_a_hung_server_is_retried_on_the_new_ring(net: FakeNetwork) -> None:
+    infos = [node_info(i) for i in range(2)]
+    old = Ring(tuple(infos), epoch=1, replication=1)
+    for info in infos:
+        net.add_node(info, ring=old)
+    store = make_store(net, [amp(infos[0]), amp(infos[1])], timeout=2.0, deadline=30.0)
+    key = key_headed_by(old, "n0")
+    drive(net, store.put(key, b"v"))
+    # n0 hangs; the ECS moves its range (and data) to n1.
+    net.hung.add(amp(infos[0]))
+    new = Ring((infos[1],), epoch=2, replication=1)
+    net.nodes[amp(infos[1])].stores["coordinator"].put(key, b"v")
+    net.nodes[amp(infos[1])].ring = new
+    assert drive(net, store.get(key)) == b"v"
+    assert store.ring == new

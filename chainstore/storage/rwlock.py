@@ -2,8 +2,9 @@
 
 Readers share the lock, a writer holds it alone. Waiters are served in arrival order, and a
 waiting writer holds back readers that arrive after it, so a stream of readers cannot starve a
-writer. Client writes never wait on it: they call L{ReadWriteLock.try_acquire_write} and, when
-that fails, the server answers ``server_write_lock`` at once (the classic protocol's promise).
+writer. It orders bulk operations on one store (a copy streaming it out holds it for reading,
+a drop of a range for writing); client writes do not take it: a range being moved refuses them
+through the node's range locks (``server_write_lock``), so only that range is refused.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, fields, replace
+from collections.abc import Iterable
 from typing import Any
 
 import yaml
@@ -103,25 +104,31 @@ def endpoint_port(description: str, option: str) -> int:
     return int(port)
 
 
-def load_yaml(path: str) -> dict[str, Any]:
-    """The options of a YAML config file, keyed by option name; errors name the file."""
+def read_options(path: str, known: Iterable[str],
+                 error: type[ValueError] = ConfigError) -> dict[str, Any]:
+    """The options of a YAML config file, keyed by option name; any problem raises C{error}
+    with a message that names the file (shared by the server's and the ECS's configuration)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        raise error(f"cannot read config file {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise error(f"config file {path} is not valid YAML: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of option: value")
-    unknown = sorted(set(map(str, data)) - set(OPTION_NAMES))
+        raise error(f"config file {path} must hold a mapping of option: value")
+    unknown = sorted(set(map(str, data)) - set(known))
     if unknown:
-        raise ConfigError(
-            f"config file {path}: unknown option(s) {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(OPTION_NAMES))}")
+        raise error(f"config file {path}: unknown option(s) {', '.join(unknown)}; "
+                    f"known: {', '.join(sorted(known))}")
     return data
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """The options of a KVServer YAML config file."""
+    return read_options(path, OPTION_NAMES)
 
 
 def build_config(yaml_options: dict[str, Any], flags: dict[str, Any]) -> ServerConfig:

@@ -10,9 +10,9 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import yaml
 
 from chainstore.cache import STRATEGIES
+from chainstore.config import read_options
 from chainstore.logs import LEVELS
 
 
@@ -122,22 +122,8 @@ OPTION_NAMES = set(_SCALARS) | {"nodes"}
 
 
 def load_yaml(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise ECSConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ECSConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ECSConfigError(f"config file {path} must hold a mapping of option: value")
-    unknown = sorted(set(map(str, data)) - OPTION_NAMES)
-    if unknown:
-        raise ECSConfigError(f"config file {path}: unknown option(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(OPTION_NAMES))}")
-    return data
+    """The options of an ECS YAML config file."""
+    return read_options(path, OPTION_NAMES, ECSConfigError)
 
 
 def _slot(index: int, raw: Any) -> NodeSlot:

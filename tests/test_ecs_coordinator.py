@@ -27,7 +27,7 @@ from chainstore.cache import make_cache
 from chainstore.ecs_link import COPY_BATCH_TIMEOUT, ServerControlProtocol
 from chainstore.errors import KeyNotFound, WriteLocked
 from chainstore.node import RUNNING, STOPPED, KVNode
-from chainstore.ring import NodeInfo, Ring, position
+from chainstore.ring import NodeInfo, Ring
 from chainstore.storage import STORE_NAMES, StoreSet
 from ecs.config import ECSConfig, NodeSlot
 from ecs.coordinator import ECS

@@ -1,4 +1,7 @@
-"""``python -m bench``: start the servers, measure them in one session, print the table.
+"""``python -m bench``: start the systems, measure them in one session, print the table.
+
+``--systems echo,single,chain`` (the default) chooses what is measured: a bare AMP echo server,
+one unreplicated ``twistd kvserver``, and an ECS with three servers replicating three ways.
 
 The driver is the load generator: this process runs a Twisted reactor and talks raw AMP to
 servers that run in their own processes. Every process it starts is stopped by PID when the
@@ -22,12 +25,25 @@ import twisted
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from bench.report import format_table, goal_verdict, summarize
+from bench.report import format_ratios, format_table, goal_verdicts, summarize
 from bench.runner import Measurement, Settings, run_session
-from bench.systems import EchoSystem, KVServerSystem, SystemUnderTest
+from bench.systems import ChainSystem, EchoSystem, SingleSystem, SystemUnderTest
 from bench.workload import KeyValueWorkload
 
 INTERRUPTED = 130
+
+#: What --systems may name, in the default order.
+SYSTEMS: dict[str, Callable[[str], SystemUnderTest]] = {
+    "echo": EchoSystem, "single": SingleSystem, "chain": ChainSystem}
+
+
+def _system_list(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [n for n in names if n not in SYSTEMS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give distinct names among {','.join(SYSTEMS)}, separated by commas")
+    return names
 
 
 def _inflight_list(text: str) -> tuple[int, ...]:
@@ -55,11 +71,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description=(
-            "Measure a real single chainstore server (twistd kvserver) against a bare AMP echo "
-            "server, in one session: put and get throughput and p50/p99 latency with 1, 8 and "
-            "32 requests in flight, and each figure's ratio to the echo server's. The load "
-            "generator is this process, speaking raw AMP over loopback."),
+            "Measure, in one session: a bare AMP echo server (echo), one unreplicated "
+            "chainstore server (single) and a chain of three servers under an ECS, every range "
+            "replicated three ways (chain): put and get throughput and p50/p99 latency with 1, "
+            "8 and 32 requests in flight; the ratios single/echo and chain/single. Chain puts "
+            "go to each key's head, gets to its tail. The load generator is this process, "
+            "speaking raw AMP over loopback."),
     )
+    parser.add_argument("--systems", type=_system_list, default=tuple(SYSTEMS),
+                        help="systems to measure, comma-separated, among "
+                             f"{','.join(SYSTEMS)} [default: {','.join(SYSTEMS)}]")
     parser.add_argument("--ops", type=_positive(int), default=d.ops,
                         help=f"operations per run [default: {d.ops}]")
     parser.add_argument("--seconds", type=_positive(float), default=d.seconds,
@@ -71,8 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="requests in flight per run, comma-separated "
                              f"[default: {','.join(map(str, d.inflight))}]")
     parser.add_argument("--connections", type=_positive(int), default=d.connections,
-                        help="AMP connections per system; requests go round-robin over them "
-                             f"[default: {d.connections}]")
+                        help="AMP connections per system (chain: per server); requests go "
+                             f"round-robin over them [default: {d.connections}]")
     parser.add_argument("--warmup", type=int, default=d.warmup,
                         help="unmeasured operations per system before the runs "
                              f"[default: {d.warmup}]")
@@ -160,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     settings, workload = args.settings, args.workload
     load_before = _load_average()
     with tempfile.TemporaryDirectory(prefix="chainstore-bench-") as workdir:
-        systems: list[SystemUnderTest] = [EchoSystem(workdir), KVServerSystem(workdir)]
+        systems: list[SystemUnderTest] = [SYSTEMS[name](workdir) for name in args.systems]
         try:
             for system in systems:
                 system.start()
@@ -185,17 +206,23 @@ def main(argv: list[str] | None = None) -> int:
         return INTERRUPTED
 
     load_after = _load_average()
-    baseline = next(s.name for s in systems if s.baseline)
-    rows = summarize(measurements, baseline)
-    print(f"chainstore benchmark: {settings.repeat} repetitions of {settings.ops} ops "
-          f"(cap {settings.seconds}s each), {settings.connections} AMP connection(s) per system, "
+    names = {s.name for s in systems}
+    compare_to = {s.name: s.compare_to for s in systems
+                  if s.compare_to is not None and s.compare_to in names}
+    rows = summarize(measurements, compare_to)
+    print(f"chainstore benchmark of {', '.join(s.name for s in systems)}: {settings.repeat} "
+          f"repetitions of {settings.ops} ops (cap {settings.seconds}s each), system order "
+          f"rotating, {settings.connections} AMP connection(s) per system (chain: per server), "
           f"{workload.key_size}-byte keys, {workload.value_size}-byte values; load generator "
           f"and servers share {os.cpu_count()} CPUs (1-minute load average {load_before} "
           f"before, {load_after} after: other work on the machine skews every figure)")
-    print(format_table(rows, baseline))
-    verdict = goal_verdict(rows)
-    if verdict:
-        print(verdict)
+    print(format_table(rows))
+    ratios = format_ratios(rows)
+    if ratios:
+        print("\nthroughput ratios:\n" + ratios)
+    verdicts = goal_verdicts(rows)
+    if verdicts:
+        print("\n" + "\n".join(verdicts))
     if args.json:
         report = {
             "argv": sys.argv[1:] if argv is None else argv,
@@ -207,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                 "load_average_before": load_before, "load_average_after": load_after,
             },
             "systems": described,
-            "baseline": baseline,
+            "compare_to": compare_to,
             "runs": [m.to_json() for m in measurements],
             "summary": [vars(r) for r in rows],
-            "goal": verdict,
+            "goals": verdicts,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -2,7 +2,9 @@
 
 Repetitions are interleaved (repetition 1 of every system at every in-flight count, then
 repetition 2, ...) so that a machine that slows down during the session slows every system
-alike, instead of biasing the ratio between them.
+alike, instead of biasing the ratio between them; and the order of the systems rotates from one
+repetition to the next, so that none always runs right after another's load (a server's
+leftover work, a full page cache) or always first.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.protocols import amp
 
 from bench.loadgen import ClosedLoop, RunResult
 from bench.systems import SystemUnderTest
@@ -68,19 +68,17 @@ class Measurement:
                 "client_cpu_us_per_op": self.client_cpu_us_per_op}
 
 
-async def connect(reactor: Any, address: tuple[str, int], count: int) -> list[amp.AMP]:
-    """C{count} AMP connections to C{address}."""
-    host, port = address
-    return [
-        await connectProtocol(TCP4ClientEndpoint(reactor, host, port, timeout=10), amp.AMP())
-        for _ in range(count)
-    ]
+def rotated(systems: Sequence[SystemUnderTest], repetition: int) -> list[SystemUnderTest]:
+    """The order in which repetition C{repetition} (from 1) runs the systems."""
+    shift = (repetition - 1) % len(systems) if systems else 0
+    return [*systems[shift:], *systems[:shift]]
 
 
-def run_once(system: SystemUnderTest, op: str, conns: Sequence[amp.AMP], keys: list[bytes],
+def run_once(system: SystemUnderTest, op: str, conns: Sequence[Any], keys: list[bytes],
              value: bytes, inflight: int, seconds: float,
              now: Callable[[], float] = time.perf_counter) -> Deferred[RunResult]:
-    """One closed-loop run of C{op} over C{keys}, spreading requests over C{conns}."""
+    """One closed-loop run of C{op} over C{keys}, spreading requests over the client handles
+    C{conns} (the system routes each request further, e.g. to its key's head)."""
     def request(i: int) -> Deferred[Any]:
         return system.request(op, conns[i % len(conns)], keys[i], value)
 
@@ -93,10 +91,10 @@ async def run_session(reactor: Any, systems: Sequence[SystemUnderTest],
                       ) -> list[Measurement]:
     """Measure every operation of every system at every in-flight count, C{repeat} times."""
     value = workload.value()
-    conns: dict[str, list[amp.AMP]] = {}
+    conns: dict[str, list[Any]] = {}
     try:
         for system in systems:
-            conns[system.name] = await connect(reactor, system.address, settings.connections)
+            conns[system.name] = await system.connect(reactor, settings.connections)
         # Unmeasured: the first requests of a connection pay for buffers and code paths warming.
         if settings.warmup:
             for system in systems:
@@ -107,20 +105,21 @@ async def run_session(reactor: Any, systems: Sequence[SystemUnderTest],
         for repetition in range(1, settings.repeat + 1):
             for inflight in settings.inflight:
                 keys = workload.keys(f"r{repetition}n{inflight}", settings.ops)
-                for system in systems:
+                for system in rotated(systems, repetition):
                     for measurement in await run_operations(
                             system, conns[system.name], keys, value, inflight, settings.seconds,
                             repetition):
                         measurements.append(measurement)
                         progress(measurement)
+        for system in systems:
+            await system.check_after(conns[system.name])
         return measurements
     finally:
-        for protos in conns.values():
-            for proto in protos:
-                proto.transport.loseConnection()
+        for system in systems:
+            system.disconnect(conns.get(system.name, []))
 
 
-async def run_operations(system: SystemUnderTest, conns: Sequence[amp.AMP], keys: list[bytes],
+async def run_operations(system: SystemUnderTest, conns: Sequence[Any], keys: list[bytes],
                          value: bytes, inflight: int, seconds: float, repetition: int = 0,
                          now: Callable[[], float] = time.perf_counter) -> list[Measurement]:
     """Run each operation of C{system} over the same key set, in the system's order."""

@@ -1,8 +1,13 @@
-"""The systems under test: how to start one, stop it, and send it each kind of operation.
+"""The systems under test: how to start one, stop it, connect to it, and send it each operation.
 
 Each system runs in processes of its own, started and stopped by PID from the (blocking)
 driver; the load generator reaches it over loopback AMP. A system names the operations it
-serves in the order a key set must see them (writes before the reads of the same keys).
+serves in the order a key set must see them (writes before the reads of the same keys), and
+the system its figures are divided by in the table (L{SystemUnderTest.compare_to}).
+
+Three systems: L{EchoSystem} (a bare AMP server: what AMP and Twisted cost), L{SingleSystem}
+(one unreplicated ``twistd kvserver``) and L{ChainSystem} (an ECS and three servers replicating
+every range three ways; the client sends each put to its key's head and each get to its tail).
 """
 
 from __future__ import annotations
@@ -14,23 +19,38 @@ import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.protocols import amp
 
 from bench.echo_server import Echo
 from chainstore import protocol
-from chainstore.testing.processes import KVServerProcess, ProcessFailed, free_port
+from chainstore.ring import Ring, position
+from chainstore.testing.processes import ECSProcess, KVServerProcess, ProcessFailed, free_port
 
 HOST = "127.0.0.1"
+CONNECT_TIMEOUT = 10.0
 # bench is not an installed package: child processes import it from the checkout.
 _CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 class WrongAnswer(Exception):
     """A system answered a request with something other than what was stored."""
+
+
+class RingChanged(Exception):
+    """The chain's ring changed during the session: its figures mix two configurations."""
+
+
+async def amp_connection(reactor: Any, address: tuple[str, int]) -> amp.AMP:
+    """One raw AMP connection to C{address}."""
+    host, port = address
+    return await connectProtocol(
+        TCP4ClientEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT), amp.AMP())
 
 
 class SystemUnderTest(ABC):
@@ -40,8 +60,9 @@ class SystemUnderTest(ABC):
     name: str
     #: Operations in the order a key set must run them.
     operations: tuple[str, ...]
-    #: The baseline that other systems' figures are divided by.
-    baseline = False
+    #: The system whose throughput this one's is divided by in the table (same operation, or
+    #: that system's only one), if it is measured in the same session.
+    compare_to: str | None = None
 
     @property
     @abstractmethod
@@ -62,13 +83,31 @@ class SystemUnderTest(ABC):
         """Stop every process it started (safe to call twice, or without a start)."""
 
     @abstractmethod
-    def request(self, op: str, conn: amp.AMP, key: bytes, value: bytes) -> Deferred[Any]:
-        """Send one C{op} for C{key} (and C{value}) on C{conn}; fail if the answer is wrong."""
+    def request(self, op: str, conn: Any, key: bytes, value: bytes) -> Deferred[Any]:
+        """Send one C{op} for C{key} (and C{value}) on C{conn}, one of the handles
+        L{connect} returned; fail if the answer is wrong."""
+
+    async def connect(self, reactor: Any, count: int) -> list[Any]:
+        """C{count} client handles for L{request}: here, AMP connections to L{address}."""
+        return [await amp_connection(reactor, self.address) for _ in range(count)]
+
+    def disconnect(self, handles: Sequence[Any]) -> None:
+        """Close what L{connect} opened."""
+        for proto in handles:
+            proto.transport.loseConnection()
+
+    async def check_after(self, handles: Sequence[Any]) -> None:
+        """Raise if the figures just measured are not those of the system as started."""
+
+    @property
+    def serving_pids(self) -> list[int]:
+        """The processes that serve requests, whose CPU time the table reports."""
+        return self.pids
 
     def cpu_seconds(self) -> float | None:
-        """CPU time its processes have used so far, or None where /proc cannot tell."""
+        """CPU time its serving processes have used so far, or None where /proc cannot tell."""
         total = 0.0
-        for pid in self.pids:
+        for pid in self.serving_pids:
             used = process_cpu_seconds(pid)
             if used is None:
                 return None
@@ -92,11 +131,13 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class KVServerSystem(SystemUnderTest):
-    """One real ``twistd kvserver`` with its default settings, in its own data directory."""
+class SingleSystem(SystemUnderTest):
+    """One real ``twistd kvserver`` with its default settings, in its own data directory:
+    no ECS, a chain of one (no replication)."""
 
-    name = "chainstore"
+    name = "single"
     operations = ("put", "get")
+    compare_to = "echo"
 
     def __init__(self, workdir: str | os.PathLike[str]) -> None:
         self.server = KVServerProcess(workdir, name="bench-kvserver", host=HOST)
@@ -116,16 +157,21 @@ class KVServerSystem(SystemUnderTest):
         self.server.stop()
 
     def request(self, op: str, conn: amp.AMP, key: bytes, value: bytes) -> Deferred[Any]:
-        if op == "put":
-            return conn.callRemote(protocol.Put, key=key, value=value)
-        if op == "get":
-            return conn.callRemote(protocol.Get, key=key).addCallback(_check_value, key, value)
-        raise ValueError(f"{self.name} has no operation {op!r}")
+        return kv_request(self.name, op, conn, key, value)
 
     def describe(self) -> dict[str, Any]:
         # The server runs with the defaults of chainstore.config (sqlite, durability crash,
         # LRU cache of 1000): the argv says so, and which flags a later run changed.
         return {**super().describe(), "argv": self.server.argv()[3:]}
+
+
+def kv_request(system: str, op: str, conn: amp.AMP, key: bytes, value: bytes) -> Deferred[Any]:
+    """A put, or a get whose answer is checked: the same raw AMP for every kvserver system."""
+    if op == "put":
+        return conn.callRemote(protocol.Put, key=key, value=value)
+    if op == "get":
+        return conn.callRemote(protocol.Get, key=key).addCallback(_check_value, key, value)
+    raise ValueError(f"{system} has no operation {op!r}")
 
 
 def _check_value(answer: dict[str, Any], key: bytes, expected: bytes) -> None:
@@ -138,7 +184,6 @@ class EchoSystem(SystemUnderTest):
 
     name = "echo"
     operations = ("echo",)
-    baseline = True
 
     def __init__(self, workdir: str | os.PathLike[str]) -> None:
         self.workdir = Path(workdir)
@@ -191,3 +236,139 @@ class EchoSystem(SystemUnderTest):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "argv": self.argv()[1:]}
+
+
+class ChainRouter:
+    """One client handle of L{ChainSystem}: an AMP connection to every server of the ring, and
+    for each range the connections to its chain's head and tail.
+
+    Routing a key costs one MD5 and one bisection (L{Ring.owner_index}), so a request costs the
+    load generator about what a request to the single server does.
+    """
+
+    def __init__(self, ring: Ring, conns: dict[str, amp.AMP]) -> None:
+        self.ring = ring
+        self.conns = conns
+        chains = [ring.chain_for_index(i) for i in range(len(ring))]
+        self._heads = [conns[chain[0].name] for chain in chains]
+        self._tails = [conns[chain[-1].name] for chain in chains]
+
+    def head(self, key: bytes) -> amp.AMP:
+        return self._heads[self.ring.owner_index(position(key))]
+
+    def tail(self, key: bytes) -> amp.AMP:
+        return self._tails[self.ring.owner_index(position(key))]
+
+
+class ChainSystem(SystemUnderTest):
+    """An ECS (replication 3, three initial servers, a pool of four slots) and the three
+    ``twistd kvserver`` processes it launches, forming one ring in which every server heads one
+    range and is middle and tail of the others.
+
+    Each client handle fetches the ring with C{GetMetadata} and keeps one AMP connection per
+    server; puts go to the key's head, gets to its tail. The ECS runs with its default
+    heartbeat (1 s) and failure timeout (3 s), so a loaded but live server is not declared dead.
+    """
+
+    name = "chain"
+    operations = ("put", "get")
+    compare_to = "single"
+
+    def __init__(self, workdir: str | os.PathLike[str], servers: int = 3, replication: int = 3,
+                 slots: int = 4) -> None:
+        self.servers = servers
+        self.replication = replication
+        # Where GetMetadata is asked once the ring serves (before: the pool's first slot).
+        self._serving: tuple[str, int] | None = None
+        self.ecs = ECSProcess(Path(workdir) / "chain", slots=slots, initial_nodes=servers,
+                              replication=replication, heartbeat_interval=1.0,
+                              failure_timeout=3.0, host=HOST)
+        self.ring: Ring | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """A ring server's AMP address (any of them answers C{GetMetadata})."""
+        if self._serving is not None:
+            return self._serving
+        first = self.ecs.slots[0]
+        return (str(first["host"]), int(first["amp-port"]))  # type: ignore[call-overload]
+
+    @property
+    def pids(self) -> list[int]:
+        if self.ecs.proc is None:
+            return []
+        return [self.ecs.pid, *self.serving_pids]
+
+    @property
+    def serving_pids(self) -> list[int]:
+        # The launched servers, from the ECS's log (the ECS itself only heartbeats).
+        return [pids[-1] for _, pids in sorted(self.ecs.server_pids().items())]
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.ecs.start()
+        try:
+            self.ecs.wait_ready(ring_size=self.servers, timeout=timeout)
+            deadline = time.monotonic() + timeout
+            while not self.ecs.status()["serving"]:
+                if time.monotonic() > deadline or not self.ecs.running:
+                    raise ProcessFailed(f"the chain did not start serving:\n"
+                                        f"{self.ecs.diagnostics()}")
+                time.sleep(0.05)
+            # The ring is served now; the slots it uses are the first ones in the pool.
+            names = set(self.ecs.status()["ring"])
+            first = next(s for s in self.ecs.slots if s["name"] in names)
+            self._serving = (str(first["host"]), int(first["amp-port"]))  # type: ignore[call-overload]
+        except BaseException:
+            self.ecs.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.ecs.proc is not None:
+            self.ecs.stop()
+
+    async def connect(self, reactor: Any, count: int) -> list[ChainRouter]:
+        first = await amp_connection(reactor, self.address)
+        try:
+            ring = protocol.ring_from_wire(await first.callRemote(protocol.GetMetadata))
+        finally:
+            first.transport.loseConnection()
+        if len(ring.live_nodes) != self.servers or ring.chain_length != min(self.replication, self.servers):
+            raise RingChanged(f"the chain's ring is not the one started: {ring}")
+        if self.ring is None:
+            self.ring = ring
+        routers = []
+        for _ in range(count):
+            conns = {node.name: await amp_connection(reactor, (node.host, node.amp_port))
+                     for node in ring.nodes}
+            routers.append(ChainRouter(ring, conns))
+        return routers
+
+    def disconnect(self, handles: Sequence[ChainRouter]) -> None:
+        for router in handles:
+            for proto in router.conns.values():
+                proto.transport.loseConnection()
+
+    async def check_after(self, handles: Sequence[ChainRouter]) -> None:
+        """The ring after the session must be the one measured: a server declared dead (or a
+        repair) in between would have shortened chains without failing any request."""
+        if not handles:
+            return
+        ring = handles[0].ring
+        for name, conn in handles[0].conns.items():
+            now = protocol.ring_from_wire(await conn.callRemote(protocol.GetMetadata))
+            if (now.epoch, now.dead, now.nodes) != (ring.epoch, ring.dead, ring.nodes):
+                raise RingChanged(f"{name} serves epoch {now.epoch} (dead {sorted(now.dead)}); "
+                                  f"the session started in epoch {ring.epoch}")
+
+    def request(self, op: str, conn: ChainRouter, key: bytes, value: bytes) -> Deferred[Any]:
+        return kv_request(self.name, op, conn.head(key) if op == "put" else conn.tail(key),
+                          key, value)
+
+    def describe(self) -> dict[str, Any]:
+        ring = self.ring
+        return {**super().describe(), "ecs_pid": self.ecs.pid if self.ecs.proc else None,
+                "replication": None if ring is None else ring.replication,
+                "epoch": None if ring is None else ring.epoch,
+                "servers": [] if ring is None else [
+                    {"name": n.name, "amp": f"{n.host}:{n.amp_port}",
+                     "console": n.console_address} for n in ring.nodes]}

@@ -165,6 +165,18 @@ class ECS:
             self.state.last_epoch = epoch
         if name not in self.state.ring_members and member.status != IDLE:
             member.status = IDLE
+        if name in self.state.dead and self._may_revive(name):
+            # Every replica of its ranges went down (a whole-cluster outage): it holds every
+            # acknowledged write of them, so it rejoins as it is rather than losing them.
+            self.state.dead.discard(name)
+            self.state.epoch = self.state.allocate_epoch()
+            member.status = ACTIVE
+            self._failing.discard(name)
+            log.warn("epoch {epoch}: {name} is back and every replica of its ranges was down: "
+                     "it rejoins its chains", epoch=self.state.epoch, name=name)
+            revived = True
+        else:
+            revived = False
         self._save()
         self.links[name] = link
         self._returning.discard(name)
@@ -172,7 +184,12 @@ class ECS:
         self.last_seen[name] = self.clock.seconds()
         for d in self._waiting.pop(name, []):
             d.callback(None)
-        self._spawn(self._sync(name))
+        if revived:
+            # Everyone learns the new chains; members still dead are repaired away later.
+            self._spawn(self._set_states())
+            self._spawn(self._repair())
+        else:
+            self._spawn(self._sync(name))
         in_ring = name in self.state.ring_members
         log.info("{name} registered ({where})", name=name,
                  where="in the ring" if in_ring else "idle")
@@ -284,6 +301,14 @@ class ECS:
                 if not dead:
                     return
                 remaining = [n for n in self.state.ring_members if n not in dead]
+                orphaned = self._orphaned() if self.state.replication > 1 else []
+                if orphaned:
+                    # Taking them out would drop the last copies of these ranges: wait for one
+                    # of their replicas to come back (see register).
+                    log.error("not repairing: every replica of {count} range(s) is down "
+                              "({names}); waiting for one of them to come back",
+                              count=len(orphaned), names=", ".join(sorted(dead)))
+                    return
                 try:
                     await self._reconfigure(
                         remaining, f"repair after the failure of {', '.join(sorted(dead))}")
@@ -294,6 +319,27 @@ class ECS:
                     await deferLater(self.clock, attempt * 1.0, lambda: None)
         finally:
             self.busy.release()
+
+    def _orphaned(self) -> list[Any]:
+        """Ranges of the current ring whose every replica is dead. (With replication 1 that is
+        any failure, handled like a removal: its data is gone either way.)"""
+        ring = self.state.ring()
+        return [ring.range_of(i) for i in range(len(ring.nodes))
+                if not ring.chain_for_index(i)]
+
+    def _may_revive(self, name: str) -> bool:
+        """Whether dead member C{name} can rejoin its chains as it is: only if every chain it is
+        in has no live member, so nothing was written there while it was away."""
+        ring = self.state.ring()
+        names = [n.name for n in ring.nodes]
+        if name not in names:
+            return False
+        me = names.index(name)
+        for position in range(ring.chain_length):
+            owner = (me - position) % len(names)
+            if ring.chain_for_index(owner):
+                return False
+        return True
 
     # -- admin commands --------------------------------------------------------------------------
 
@@ -468,7 +514,8 @@ class ECS:
             "epoch": self.state.epoch,
             "serving": self.state.serving,
             "replication": self.state.replication,
-            "degraded": 0 < len(self.state.live_members) < self.state.replication,
+            "degraded": bool(self.state.ring_members)
+                        and len(self.state.live_members) < self.state.replication,
             "ring": [n.name for n in ring.nodes],
             "dead": sorted(ring.dead),
             "members": members,

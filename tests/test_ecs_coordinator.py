@@ -687,3 +687,30 @@ def test_a_restarted_ecs_relaunches_servers_that_do_not_come_back(running):
     # relaunched on its data directory, s2 keeps its keys and the ring is whole
     assert sorted(running.ecs.state.ring_members) == ["s1", "s2", "s3"]
     running.check_placement(KEYS)
+
+
+def test_a_whole_cluster_outage_keeps_the_last_copies_and_the_first_back_rejoins(tmp_path):
+    c = Cluster(tmp_path, replication=3, initial=3)
+    try:
+        c.start()
+        place_by_role(c, KEYS)
+        members = list(c.ecs.state.ring_members)
+        for name in members:
+            c.drop(name)
+        c.pass_time(TIMEOUT + 4 * INTERVAL)
+        # Every replica is down: they are dead, but no repair takes the last copies away.
+        assert c.ecs.state.dead == set(members)
+        assert c.ecs.state.ring_members == members
+        assert c.ecs.status()["degraded"]
+        # One comes back on its files: nothing can have been written while all were down, so
+        # it rejoins its chains and serves again; the others are repaired away meanwhile.
+        back = members[1]
+        c.start_server(c.config.slot(back))
+        c.pass_time(4 * INTERVAL)
+        assert back in c.ecs.state.ring_members and back not in c.ecs.state.dead
+        node = c.servers[back].node
+        for key in KEYS[:20]:
+            assert node.get(key) == b"v-" + key
+        assert set(c.ecs.state.ring_members) == {back}
+    finally:
+        c.close()

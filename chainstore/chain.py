@@ -56,6 +56,7 @@ WINDOW_BATCHES = 32
 BATCH_OPS = 256
 MAX_QUEUED_OPS = 20_000
 RETRY_SECONDS = 0.2
+LEASE_RETRY_SECONDS = 0.1
 RECENT_REQUESTS = 50_000
 
 
@@ -98,6 +99,8 @@ class Replica:
     tail_from: float = 0.0
     # as predecessor of the tail: the latest lease expiry granted to it
     granted_until: float = 0.0
+    # a quick renewal after a failed one, while this tail holds no lease (it refuses reads)
+    lease_retry: Any = None
     # request id -> serial of the write that carried it (bounded, oldest dropped first)
     recent: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
 
@@ -214,12 +217,20 @@ class ChainReplicator:
             self._lease_loop.start(self.lease / 3, now=True)
         elif not needs and self._lease_loop.running:
             self._lease_loop.stop()
+        elif needs:
+            # A tail that has just taken its role asks at once, not at the next round: it
+            # refuses every read until it holds a lease.
+            for replica in list(self.replicas.values()):
+                if self._lacks_lease(replica):
+                    self._renew(replica)
 
     def stop(self) -> None:
         if self._lease_loop.running:
             self._lease_loop.stop()
         self.peers.close()
         for replica in self.replicas.values():
+            if replica.lease_retry is not None and replica.lease_retry.active():
+                replica.lease_retry.cancel()
             self._fail_waiters(replica, ServerStopped("the server is stopping"))
 
     # -- the head --------------------------------------------------------------------------------
@@ -417,12 +428,24 @@ class ChainReplicator:
     def _renew_leases(self) -> None:
         for replica in list(self.replicas.values()):
             if replica.is_tail and replica.predecessor is not None:
-                sent = self.monotonic()
-                d = self.peers.get(replica.predecessor)
-                d.addCallback(lambda proto, r=replica: proto.callRemote(
-                    RenewLease, epoch=self.epoch, owner=r.owner))
-                d.addCallbacks(self._renewed, self._renew_failed, (replica, sent), None,
-                               (replica,))
+                self._renew(replica)
+
+    def _renew(self, replica: Replica) -> None:
+        assert replica.predecessor is not None
+        sent = self.monotonic()
+        d = self.peers.get(replica.predecessor)
+        d.addCallback(lambda proto: proto.callRemote(
+            RenewLease, epoch=self.epoch, owner=replica.owner))
+        d.addCallbacks(self._renewed, self._renew_failed, (replica, sent), None, (replica,))
+
+    def _lacks_lease(self, replica: Replica) -> bool:
+        return (replica.is_tail and replica.predecessor is not None
+                and self.replicas.get(replica.owner) is replica
+                and replica.lease_until <= self.monotonic())
+
+    def _retry_lease(self, replica: Replica) -> None:
+        if self._lacks_lease(replica):
+            self._renew(replica)
 
     def _renewed(self, result: dict[str, float], replica: Replica, sent: float) -> None:
         replica.lease_until = max(replica.lease_until, sent + min(result["seconds"], self.lease))
@@ -430,6 +453,12 @@ class ChainReplicator:
     def _renew_failed(self, failure: Failure, replica: Replica) -> None:
         log.debug("lease renewal for {owner}'s range failed: {error}", owner=replica.owner,
                   error=failure.getErrorMessage())
+        if self._lacks_lease(replica) and (replica.lease_retry is None
+                                           or not replica.lease_retry.active()):
+            # The predecessor may not have adopted the new ring yet: ask again soon, since
+            # until then every read of the range is refused.
+            replica.lease_retry = self.clock.callLater(LEASE_RETRY_SECONDS, self._retry_lease,
+                                                       replica)
 
     def grant_lease(self, epoch: int, owner: str) -> float:
         """Our successor, the tail of C{owner}'s range, renews its lease."""

@@ -140,6 +140,9 @@ class Store:
     def apply_ops(self, ops: list[tuple[int, int, bytes, bytes, bytes]], serial: int) -> None:
         """Apply replicated writes (serial, kind, key, value, request id) in order, atomically
         where the backend can, recording C{serial} as the last applied."""
+        if self.trackers:
+            # A middle or tail store may be the source of a move as well as a head's.
+            self._track(op[2] for op in ops)
         if isinstance(self.db, sqlitedbm.SQLiteDBM):
             self.db.apply_ops(((op[1] == 1, op[2], op[3]) for op in ops), serial)
             return

@@ -94,6 +94,10 @@ class Replica:
     # True from a restart until a forward is answered: the successor may skip a gap of writes
     # that were applied here and never forwarded (never acknowledged to anyone).
     resumed: bool = False
+    # the highest serial this process has queued for its successor (0 after a restart: it
+    # does not know what its successor got, so it forwards whatever it receives)
+    forwarded: int = 0
+    opened: bool = False
     # as tail: reads and acks allowed until lease_until, not before tail_from
     lease_until: float = 0.0
     tail_from: float = 0.0
@@ -174,7 +178,7 @@ class ChainReplicator:
         # Continuing a chain this store already belonged to (the process restarted): writes it
         # applied but never forwarded died with its window, so its successor may be behind.
         return Replica(owner, cid, store_name, store, serial, acked=serial,
-                       resumed=serial > 0)
+                       resumed=serial > 0, opened=True)
 
     def _relink(self, replica: Replica, ring: Ring, owner_index: int) -> None:
         live = ring.chain_for_index(owner_index)
@@ -186,6 +190,12 @@ class ChainReplicator:
         replica.is_tail = successor is None
         replica.successor_is_tail = i + 2 == len(live)
         replica.live_length = len(live)
+        if replica.opened:
+            replica.opened = False
+            if not replica.is_head and not replica.is_tail:
+                # A middle cannot know what its successor has: an answer it gave from a stale
+                # "acked" would let its predecessor acknowledge writes the tail never got.
+                replica.acked = 0
         if successor != replica.successor:
             replica.successor = successor
             replica.generation += 1
@@ -249,6 +259,7 @@ class ChainReplicator:
         self._remember(replica, request_id, serial)
         if not replica.is_tail:
             replica.pending.append((serial, kind, key, value, request_id))
+            replica.forwarded = serial
         # Committed, then forwarded (or, at a tail, acknowledged) at the end of this turn.
         self._end_turn_later(replica)
         return existed, self._wait(replica, serial)
@@ -289,8 +300,12 @@ class ChainReplicator:
                 replica.acked = max(replica.acked, replica.last_serial)
                 return replica.acked
             return self._wait(replica, last)
-        if fresh:
-            replica.pending.extend(fresh)
+        # Forward what this process has not forwarded yet, including writes it already held
+        # from before a restart (its old window died with it; the successor skips duplicates).
+        onward = [op for op in ops if op[0] > replica.forwarded]
+        if onward:
+            replica.forwarded = onward[-1][0]
+            replica.pending.extend(onward)
             self._end_turn_later(replica)
         if replica.acked >= last:
             return replica.acked

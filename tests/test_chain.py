@@ -305,3 +305,38 @@ def test_a_restarted_head_resumes_its_chain_past_writes_it_never_forwarded(net):
         assert net.nodes[tail.name].get(key) == b"after"
     for d in lost:
         d.addErrback(lambda f: None)
+
+
+def test_a_restarted_middle_forwards_what_its_old_window_lost(net):
+    ring = net.cluster(3)
+    keys = keys_headed_by(ring, "n0", 20)
+    head, middle, tail = ring.chain(keys[0])
+    for key in keys[:5]:
+        net.settle(put(net, ring, key, b"acked"))
+    # The middle applies writes but its link to the tail is cut: nothing is acknowledged.
+    net.cut.add(frozenset((middle.name, tail.name)))
+    waiting = [put(net, ring, k, b"in-flight") for k in keys[5:]]
+    net.run(0.5)
+    assert not any(d.called for d in waiting)
+    assert net.nodes[middle.name].chain.replicas[head.name].last_serial == 20
+    # It crashes: what it had queued for the tail is lost with the process; the head sees its
+    # connection drop. It restarts on its files, the link heals, the head resends its window.
+    for source, target, pump in list(net.links):
+        if middle.name in (source, target):
+            net.links.remove((source, target, pump))
+            if tail.name not in (source, target):
+                pump.clientIO.loseConnection()
+                pump.serverIO.loseConnection()
+                pump.pump()
+    old = net.nodes[middle.name]
+    old.chain.stop()
+    old.stores.close()
+    net.cut.clear()
+    net.add(middle, ring)
+    net.run(2.0)
+    # Every write the head acknowledges is at the tail: none was answered from the middle's
+    # memory of writes it had never passed on.
+    assert all(d.called for d in waiting)
+    for key in keys:
+        want = b"acked" if key in keys[:5] else b"in-flight"
+        assert net.nodes[tail.name].stores["replica2"].get(key) == want

@@ -36,6 +36,7 @@ class ServerConfig:
     log_level: str = "info"
     backend: str = "sqlite"
     durability: str = "crash"
+    peer_routes: str | None = None
 
     def validated(self) -> ServerConfig:
         if not self.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
@@ -55,6 +56,8 @@ class ServerConfig:
                 f"durability {self.durability!r}: choose one of {', '.join(DURABILITY)}")
         for option in ("listen", "console"):
             endpoint_port(getattr(self, option), option)
+        if self.peer_routes is not None:
+            load_peer_routes(self.peer_routes)  # refuse a bad file now, not at the first dial
         return replace(self, cache_strategy=strategy, log_level=self.log_level.lower())
 
     @property
@@ -124,6 +127,49 @@ def read_options(path: str, known: Iterable[str],
         raise error(f"config file {path}: unknown option(s) {', '.join(unknown)}; "
                     f"known: {', '.join(sorted(known))}")
     return data
+
+
+def load_peer_routes(path: str) -> dict[str, tuple[str, int]]:
+    """The ``--peer-routes`` file: a YAML mapping of peer server name -> ``"host:port"`` to dial
+    instead of that peer's advertised AMP address (an IPv6 host goes in brackets,
+    ``"[::1]:7000"``). An empty file routes nothing; any other problem raises L{ConfigError}
+    naming the file and the entry."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read peer-routes file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"peer-routes file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"peer-routes file {path} must hold a mapping of server name: "
+                          '"host:port"')
+    routes: dict[str, tuple[str, int]] = {}
+    for name, address in data.items():
+        # YAML reads a bare 7 as an int (a valid name) but yes/no as booleans (never meant).
+        if isinstance(name, bool) or not isinstance(name, (str, int)) or not re.fullmatch(
+                r"[A-Za-z0-9_.-]+", str(name)):
+            raise ConfigError(f"peer-routes file {path}: {name!r} is not a server name")
+        routes[str(name)] = _host_port(address, f"peer-routes file {path}: {name}")
+    return routes
+
+
+def _host_port(address: Any, where: str) -> tuple[str, int]:
+    if not isinstance(address, str):
+        raise ConfigError(f'{where}: give "host:port", not {address!r}')
+    if address.startswith("["):
+        host, sep, port = address[1:].partition("]:")
+    else:
+        host, sep, port = address.rpartition(":")
+        if ":" in host:
+            sep = ""  # an IPv6 address without brackets: which colon ends it is a guess
+    if not sep or not host or any(c.isspace() for c in host):
+        raise ConfigError(f'{where}: give "host:port" (IPv6 as "[::1]:port"), not {address!r}')
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where}: the port of {address!r} must be 1-65535")
+    return host, int(port)
 
 
 def load_yaml(path: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@ callers and forgets a connection when it is lost (the next use dials again).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -18,10 +18,21 @@ from chainstore.ring import NodeInfo
 
 Connector = Callable[[NodeInfo], Deferred[amp.AMP]]
 
+# Peer server name -> (host, port) to dial instead of the peer's advertised AMP address.
+Routes = Mapping[str, tuple[str, int]]
 
-def tcp_connector(reactor: Any, timeout: float = 5.0) -> Connector:
+
+def tcp_connector(reactor: Any, timeout: float = 5.0, routes: Routes | None = None) -> Connector:
+    """A connector that dials a peer's AMP port over TCP.
+
+    A peer named in C{routes} is dialled at the mapped address instead of its advertised
+    C{host:amp_port} (the fault-injection harness puts a proxy there); other peers at their own.
+    """
+    routes = dict(routes or {})
+
     def connect(node: NodeInfo) -> Deferred[amp.AMP]:
-        endpoint = HostnameEndpoint(reactor, node.host, node.amp_port, timeout=timeout)
+        host, port = routes.get(node.name, (node.host, node.amp_port))
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
         return connectProtocol(endpoint, _PeerProtocol())
     return connect
 

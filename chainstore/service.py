@@ -17,11 +17,12 @@ from twisted.internet.endpoints import serverFromString
 
 from chainstore.amp_server import KVServerFactory
 from chainstore.cache import make_cache
-from chainstore.config import ServerConfig
+from chainstore.config import ServerConfig, load_peer_routes
 from chainstore.console import ConsoleFactory
 from chainstore.logs import get_logger
 from chainstore.ecs_link import make_ecs_link
 from chainstore.node import RUNNING, STOPPED, KVNode
+from chainstore.peers import tcp_connector
 from chainstore.ring import NodeInfo, Ring
 from chainstore.storage import StoreSet
 
@@ -33,13 +34,16 @@ class KVServerService(MultiService):
         super().__init__()
         self.config = config
         me = NodeInfo(config.name, config.advertised_host, config.console_port, config.amp_port)
+        # Peers named in --peer-routes are dialled at the address given there (a fault proxy).
+        routes = load_peer_routes(config.peer_routes) if config.peer_routes else {}
         # Under an ECS a server knows no ring and answers server_stopped until the ECS gives it
         # one and starts it; it must not adopt a ring of its own, which would restart the
         # serials its stores recorded in the chains it belongs to.
         self.node = KVNode(me, make_cache(config.cache_strategy, config.cache_size), reactor,
                            ring=Ring((), epoch=0) if config.ecs else None,
                            state=STOPPED if config.ecs else RUNNING,
-                           monotonic=time.monotonic)
+                           monotonic=time.monotonic,
+                           connect=tcp_connector(reactor, routes=routes))
         _listener(reactor, config.listen, KVServerFactory(self.node)).setServiceParent(self)
         _listener(reactor, config.console, ConsoleFactory(self.node)).setServiceParent(self)
         if config.ecs:

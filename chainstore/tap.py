@@ -46,6 +46,9 @@ class Options(usage.Options):
         ["durability", None, None,
          "crash: writes survive kill -9 of the server; power: fsync each write, survive a "
          f"power cut [default: {_D.durability}]"],
+        ["peer-routes", None, None,
+         'YAML file of peer server name: "host:port" to dial instead of that peer\'s own AMP '
+         "address (fault-injection proxies) [default: none, dial peers directly]"],
     ]
 
     def postOptions(self) -> None:
@@ -57,7 +60,8 @@ class Options(usage.Options):
             yaml_options = self._load(path)
         flags = {k: self[k] for k in
                  ("name", "listen", "console", "host", "data-dir", "cache-size",
-                  "cache-strategy", "ecs", "log-level", "backend", "durability")}
+                  "cache-strategy", "ecs", "log-level", "backend", "durability",
+                  "peer-routes")}
         try:
             self.config = build_config(yaml_options, flags)
         except ConfigError as e:

@@ -14,6 +14,7 @@ from chainstore import control, migration, protocol
 from chainstore.errors import ServerError
 from chainstore.logs import get_logger
 from chainstore.node import KVNode
+from chainstore.peers import no_delay
 
 log = get_logger("chainstore.amp_server")
 
@@ -24,6 +25,10 @@ class KVServerProtocol(amp.AMP):
     def __init__(self, node: KVNode) -> None:
         super().__init__()
         self.node = node
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        no_delay(self.transport)
 
     def locateResponder(self, name: bytes) -> Any:
         responder = super().locateResponder(name)

@@ -38,6 +38,7 @@ from chainstore import protocol
 from chainstore.errors import InvalidKey, KVError, NotResponsible, ServerStopped, WriteLocked
 from chainstore.limits import check_key, check_value
 from chainstore.logs import get_logger
+from chainstore.peers import no_delay
 from chainstore.ring import NodeInfo, Ring
 from client.errors import ClientClosed, RequestTimedOut, WrongProtocol
 
@@ -143,6 +144,10 @@ class _ClientProtocol(amp.AMP):
         self._wrong: WrongProtocol | None = None
         self._lost: Deferred[None] = Deferred()
         self._lost_shared = _Shared(self._lost)
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        no_delay(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if not self._checked:

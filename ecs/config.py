@@ -27,6 +27,10 @@ class NodeSlot:
     console_port: int
     amp_port: int
     data_dir: str
+    #: the ECS endpoint this slot's server dials (default: the ECS's advertise option)
+    ecs: str | None = None
+    #: the server's --peer-routes file (which address to dial for which peer), if any
+    peer_routes: str | None = None
 
 
 def default_pool() -> tuple[NodeSlot, ...]:
@@ -144,7 +148,17 @@ def _slot(index: int, raw: Any) -> NodeSlot:
     for port in (console_port, amp_port):
         if not 0 < port < 65536:
             raise ECSConfigError(f"{where}: port {port} is not in 1-65535")
-    return NodeSlot(name, host, console_port, amp_port, str(raw.get("data-dir", f"data/{name}")))
+    unknown = sorted(set(map(str, raw)) - _SLOT_KEYS)
+    if unknown:
+        raise ECSConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(_SLOT_KEYS))}")
+    ecs = raw.get("ecs")
+    routes = raw.get("peer-routes")
+    return NodeSlot(name, host, console_port, amp_port, str(raw.get("data-dir", f"data/{name}")),
+                    None if ecs is None else str(ecs), None if routes is None else str(routes))
+
+
+_SLOT_KEYS = {"name", "host", "console-port", "amp-port", "data-dir", "ecs", "peer-routes"}
 
 
 def build_config(yaml_options: dict[str, Any], flags: dict[str, Any]) -> ECSConfig:

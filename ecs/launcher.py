@@ -112,7 +112,8 @@ class LocalLauncher(ProcessLauncher):
             "--console", f"tcp:{slot.console_port}:interface={slot.host}",
             "--data-dir", slot.data_dir,
             "--cache-strategy", cache_strategy, "--cache-size", str(cache_size),
-            "--ecs", self.config.advertise, "--log-level", self.config.log_level,
+            "--ecs", slot.ecs or self.config.advertise, "--log-level", self.config.log_level,
+            *(["--peer-routes", slot.peer_routes] if slot.peer_routes else []),
         ]
 
 

@@ -226,3 +226,21 @@ def test_twistd_ecs_refuses_a_bad_config_with_its_message(tmp_path):
     assert result.returncode != 0
     assert b"failure-timeout (2.0s) must be longer than heartbeat-interval (3.0s)" in (
         result.stdout + result.stderr)
+
+
+def test_a_slot_may_name_its_own_ecs_endpoint_and_peer_routes():
+    slot = {"name": "s1", "host": "127.0.0.1", "console-port": 6001, "amp-port": 7001,
+            "ecs": "tcp:127.0.0.1:9999", "peer-routes": "routes/s1.yaml"}
+    config = build_config({"nodes": [slot]}, {"initial-nodes": 1})
+    assert config.nodes[0].ecs == "tcp:127.0.0.1:9999"
+    assert config.nodes[0].peer_routes == "routes/s1.yaml"
+    from ecs.launcher import LocalLauncher
+    argv = LocalLauncher(None, config).argv(config.nodes[0], "LRU", 10)
+    assert argv[argv.index("--ecs") + 1] == "tcp:127.0.0.1:9999"
+    assert argv[argv.index("--peer-routes") + 1] == "routes/s1.yaml"
+    plain = build_config({"nodes": [{**slot, "ecs": None, "peer-routes": None}]},
+                         {"initial-nodes": 1})
+    argv = LocalLauncher(None, plain).argv(plain.nodes[0], "LRU", 10)
+    assert argv[argv.index("--ecs") + 1] == plain.advertise and "--peer-routes" not in argv
+    with pytest.raises(ECSConfigError, match="unknown key"):
+        build_config({"nodes": [{**slot, "bogus": 1}]}, {})

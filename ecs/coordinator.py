@@ -579,6 +579,18 @@ class ECS:
                 op.copies.clear()
                 op.keys += result["keys"]
                 op.bytes += result["bytes"]
+            # 1b. One more unlocked pass: the keys written during the bulk copy move again while
+            #     fresh trackers record the writes of this (much shorter) pass, so what is left
+            #     for the locked pass below depends on the write rate, not on the data size.
+            op.step = "catching up"
+            renewed = []
+            for server, tracker, item in trackers:
+                source_store = item.source_store
+                result = await self._call(server, control.TrackWrites, store=source_store,
+                                          start=item.range.start, end=item.range.end)
+                renewed.append((server, result["tracker"], item))
+                await self._catch_up(op, epoch, server, tracker, item)
+            trackers = renewed
             self._check(failures)
             # 2. Writes to the changing ranges stop at their heads, and what is in flight
             #    reaches the tails, so every replica is identical.
@@ -589,17 +601,11 @@ class ECS:
                 locked.append((server, ranges, False))
             for server in plan.write_locks:
                 await self._call(server, control.DrainWrites, timeout=30.0)
-            # 3. Only the keys written during the copy move again.
-            op.step = "catching up"
+            # 3. Only the keys written since the last pass move again.
+            op.step = "final catch-up"
             while trackers:
                 server, tracker, item = trackers.pop(0)
-                if isinstance(item, planner.LocalMove):
-                    await self._call(server, control.MoveLocal, timeout=None,
-                                     source=item.source_store, target=item.target_store,
-                                     start=item.range.start, end=item.range.end,
-                                     tracker=tracker)
-                else:
-                    await self._copy(op, item, epoch, tracker)
+                await self._catch_up(op, epoch, server, tracker, item)
             self._check(failures)
             # 4. The old tails stop reading for the switch itself.
             op.step = "switching"
@@ -651,6 +657,16 @@ class ECS:
                                      "keys": op.keys, "bytes": op.bytes,
                                      "write_locked_seconds": write_locked}
         self.operation = None
+
+    async def _catch_up(self, op: Operation, epoch: int, server: str, tracker: int,
+                        item: planner.Copy | planner.LocalMove) -> None:
+        """Send again the keys C{tracker} recorded (current values, or deletions)."""
+        if isinstance(item, planner.LocalMove):
+            await self._call(server, control.MoveLocal, timeout=None,
+                             source=item.source_store, target=item.target_store,
+                             start=item.range.start, end=item.range.end, tracker=tracker)
+        else:
+            await self._copy(op, item, epoch, tracker)
 
     def _copy(self, op: Operation, copy: planner.Copy, epoch: int,
               tracker: int | None = None) -> Deferred[dict[str, int]]:

@@ -345,12 +345,20 @@ def test_writes_go_on_during_the_copy_and_are_locked_only_to_catch_up(running):
     with pytest.raises(AdminError, match="busy"):
         running.run(running.ecs.set_serving(False))
     assert running.ecs.status()["operation"]["description"] == "adding s4"
-    # The bulk copy ends; the second pass (only the keys written meanwhile) waits in turn:
-    # now, and only now, the moving range refuses writes; reads go on.
+    # The bulk copy ends; a second pass sends the keys written meanwhile, still unlocked.
     gate, running.peer_gate = running.peer_gate, Deferred()
     gate.callback(None)
     running.settle()
     assert not done and running.ecs.operation.step == "catching up"
+    key = moving[11]
+    head = running.servers[old_ring.chain(key)[0].name].node
+    running.run(head.put(key, b"second-" + key))
+    # The final pass (only what that pass missed) waits in turn: now, and only now, the moving
+    # range refuses writes; reads go on.
+    gate, running.peer_gate = running.peer_gate, Deferred()
+    gate.callback(None)
+    running.settle()
+    assert not done and running.ecs.operation.step == "final catch-up"
     for key in moving[6:11]:
         head = running.servers[old_ring.chain(key)[0].name].node
         with pytest.raises(WriteLocked):
@@ -369,6 +377,8 @@ def test_writes_go_on_during_the_copy_and_are_locked_only_to_catch_up(running):
     for key in moving[:5]:
         assert new_owner.get(key) == b"during-" + key
         running.run(new_owner.put(key, b"v-" + key))
+    assert new_owner.get(moving[11]) == b"second-" + moving[11]
+    running.run(new_owner.put(moving[11], b"v-" + moving[11]))
     with pytest.raises(KeyNotFound):
         new_owner.get(moving[5])
     running.check_placement([k for k in KEYS if k != moving[5]])

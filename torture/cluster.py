@@ -1,0 +1,395 @@
+"""The cluster under test: one ``twistd ecs`` and several ``twistd kvserver`` processes on
+loopback, every link between them through a L{torture.proxy.FaultProxy}.
+
+The harness starts every server itself (the ECS runs with ``launcher: none``), so it knows each
+PID and can SIGKILL, SIGSTOP and restart any of them on the same ports and data directory. The
+links, all proxied (see L{torture.proxy.ProxyFabric}):
+
+ - server -> server: each server's ``--peer-routes`` file names the proxy in front of every peer;
+ - server -> ECS: each server's ``--ecs`` is its own proxy to the ECS, so one server can be cut
+   from the ECS alone;
+ - client -> server: the workload's clients dial through the proxies of the node ``client``
+   (L{endpoint_factory}).
+
+The admin commands go straight to the ECS: the harness itself is never partitioned.
+
+Everything here runs in the harness's reactor thread. The process helpers of
+L{chainstore.testing.processes} block while a process starts; they run in a worker thread
+(C{deferToThread}) so the proxies keep moving bytes meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.protocols import amp
+
+from chainstore.logs import get_logger
+from chainstore.ring import Ring
+from chainstore.storage import STORE_NAMES
+from chainstore.testing.processes import ECSProcess, KVServerProcess, free_port
+from client.kvstore import KVStore
+from ecs import protocol as admin
+from torture.proxy import ProxyFabric
+
+log = get_logger("torture.cluster")
+
+ECS = "ecs"
+CLIENT = "client"
+HOST = "127.0.0.1"
+
+
+class ClusterError(RuntimeError):
+    """The cluster did not reach the state the harness waited for, within its bound."""
+
+
+class Cluster:
+    """An ECS and C{servers} servers (all of them in the ring once L{start} returns).
+
+    @param workdir: the ECS's config, state and log, and each server's data directory and log.
+    @param heartbeat: the ECS's heartbeat interval; @param failure_timeout: its failure timeout.
+    """
+
+    def __init__(self, reactor: Any, workdir: str | Path, *, servers: int = 5,
+                 replication: int = 3, heartbeat: float = 0.3,
+                 failure_timeout: float = 1.5) -> None:
+        self.reactor = reactor
+        self.workdir = Path(workdir).resolve()
+        self.names = [f"server{i}" for i in range(1, servers + 1)]
+        self.replication = replication
+        self.heartbeat = heartbeat
+        self.failure_timeout = failure_timeout
+        self.fabric = ProxyFabric(reactor)
+        self.servers: dict[str, KVServerProcess] = {}
+        self.ports: dict[str, tuple[int, int]] = {}  # name -> (amp, console)
+        self.ecs: ECSProcess | None = None
+        self.ecs_port = 0
+        self.config_path = self.workdir / "ecs.yaml"
+        #: processes stopped with SIGSTOP and not yet continued
+        self.paused: set[str] = set()
+        #: servers restarted by the harness, per name (restarts after a kill, leave or repair)
+        self.restarts: dict[str, int] = {}
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    @property
+    def amp_addresses(self) -> list[tuple[str, int]]:
+        """The real AMP addresses of every server (clients map them to their proxies)."""
+        return [(HOST, self.ports[name][0]) for name in self.names]
+
+    def endpoint_factory(self, timeout: float) -> Any:
+        """A client library C{endpoint_factory} that dials every server through its proxy."""
+        return self.fabric.endpoint_factory(CLIENT, timeout=timeout)
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start the proxies, the ECS and every server; return once all are in the ring and
+        the service is started."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.ecs_port = free_port(HOST)
+        for name in self.names:
+            self.ports[name] = (free_port(HOST), free_port(HOST))
+        for name in self.names:
+            amp_port = self.ports[name][0]
+            self.fabric.add(CLIENT, name, HOST, amp_port)
+            for other in self.names:
+                if other != name:
+                    self.fabric.add(other, name, HOST, amp_port)
+            self.fabric.add(name, ECS, HOST, self.ecs_port)
+        for name in self.names:
+            self.fabric.write_routes(name, self.routes_path(name), targets=self.names)
+        self._write_ecs_config()
+        self.ecs = ECSProcess(self.workdir, self.config_path).start()
+        for name in self.names:
+            self.servers[name] = self._server_process(name)
+        await _gather([deferToThread(p.start) for p in self.servers.values()])
+        await self.wait_status(lambda s: _registered(s) >= set(self.names),
+                               "every server registered", timeout)
+        await self.admin(admin.AddNodes, count=len(self.names), cache_strategy="LRU",
+                         cache_size=1000, timeout=timeout)
+        await self.admin(admin.Start, timeout=timeout)
+        await self.wait_healthy(timeout)
+
+    def routes_path(self, name: str) -> Path:
+        return self.workdir / f"{name}.routes.yaml"
+
+    def _write_ecs_config(self) -> None:
+        config = {
+            "listen": f"tcp:{self.ecs_port}:interface={HOST}",
+            "advertise": f"tcp:{HOST}:{self.ecs_port}",
+            "state-file": str(self.workdir / "ecs" / "state.json"),
+            "log-dir": str(self.workdir / "logs"),
+            "heartbeat-interval": self.heartbeat,
+            "failure-timeout": self.failure_timeout,
+            "replication": self.replication,
+            # The harness starts (and restarts) every server; they register and wait idle.
+            "initial-nodes": 0,
+            "launcher": "none",
+            "register-timeout": 10.0,
+            "nodes": [{"name": name, "host": HOST, "console-port": self.ports[name][1],
+                       "amp-port": self.ports[name][0], "data-dir": str(self.workdir / name),
+                       "ecs": self.fabric.endpoint(name, ECS),
+                       "peer-routes": str(self.routes_path(name))}
+                      for name in self.names],
+        }
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+    def _server_process(self, name: str) -> KVServerProcess:
+        amp_port, console_port = self.ports[name]
+        return KVServerProcess(self.workdir, name, HOST, console_port=console_port,
+                               amp_port=amp_port,
+                               extra_args=["--ecs", self.fabric.endpoint(name, ECS),
+                                           "--peer-routes", str(self.routes_path(name))])
+
+    async def stop(self) -> None:
+        """Stop everything this cluster started, whatever state it is in; never raises."""
+        for name in list(self.paused):
+            self.resume(name)
+        for proc in self.servers.values():
+            try:
+                await deferToThread(proc.stop, 10.0)
+            except Exception as e:
+                log.warn("stopping {name}: {error}", name=proc.name, error=e)
+        if self.ecs is not None:
+            try:
+                await deferToThread(self.ecs.stop, 10.0)
+            except Exception as e:
+                log.warn("stopping the ECS: {error}", error=e)
+        await self.fabric.close()
+
+    def log_files(self) -> list[Path]:
+        """The ECS's and every server's log file."""
+        files = [self.workdir / "ecs.log"] + [self.workdir / f"{n}.log" for n in self.names]
+        return [f for f in files if f.exists()]
+
+    # -- processes -------------------------------------------------------------------------------
+
+    def server_running(self, name: str) -> bool:
+        return self.servers[name].running
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a server (or the ECS, C{name} "ecs")."""
+        if name == ECS:
+            assert self.ecs is not None
+            self.ecs.kill()
+        else:
+            self.servers[name].kill()
+        self.paused.discard(name)
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP a server or the ECS."""
+        self._process(name).signal(signal.SIGSTOP)
+        self.paused.add(name)
+
+    def resume(self, name: str) -> None:
+        """SIGCONT a server or the ECS."""
+        self._process(name).signal(signal.SIGCONT)
+        self.paused.discard(name)
+
+    def _process(self, name: str) -> Any:
+        if name == ECS:
+            assert self.ecs is not None
+            return _Signals(self.ecs.proc)
+        return self.servers[name]
+
+    async def restart(self, name: str) -> None:
+        """Start a stopped (killed, shut down) server again on its ports and data directory,
+        or the ECS on its state file; a process still running is stopped cleanly first."""
+        if name == ECS:
+            assert self.ecs is not None
+            if self.ecs.running:
+                await deferToThread(self.ecs.kill)
+            self.ecs = ECSProcess(self.workdir, self.config_path).start()
+            await self.wait_status(lambda s: True, "the restarted ECS answers", 20.0)
+            return
+        old = self.servers[name]
+        if old.running:
+            self.resume(name)
+            await deferToThread(old.stop, 10.0)
+        elif old.proc is not None and old.proc.stderr:
+            old.proc.stderr.close()
+        proc = self.servers[name] = self._server_process(name)
+        self.restarts[name] = self.restarts.get(name, 0) + 1
+        await deferToThread(proc.start)
+
+    # -- the ECS ---------------------------------------------------------------------------------
+
+    async def admin(self, command: type[amp.Command], timeout: float = 30.0,
+                    **arguments: Any) -> dict[str, Any]:
+        """Send one admin command straight to the ECS (never through a proxy)."""
+        endpoint = HostnameEndpoint(self.reactor, HOST, self.ecs_port, timeout=5)
+        proto = await connectProtocol(endpoint, amp.AMP())
+        try:
+            d = proto.callRemote(command, **arguments)
+            d.addTimeout(timeout, self.reactor)
+            return await d
+        finally:
+            proto.transport.loseConnection()
+
+    async def status(self) -> dict[str, Any]:
+        """The ECS's C{Status}."""
+        answer = await self.admin(admin.Status, timeout=5.0)
+        return json.loads(answer["status"])
+
+    async def wait_status(self, predicate: Any, what: str, timeout: float) -> dict[str, Any]:
+        """Poll C{Status} until C{predicate(status)} holds; raise L{ClusterError} after
+        C{timeout} seconds."""
+        deadline = self.reactor.seconds() + timeout
+        last: object = "no answer"
+        while self.reactor.seconds() < deadline:
+            try:
+                status = await self.status()
+            except Exception as e:
+                last = e
+            else:
+                last = status
+                if predicate(status):
+                    return status
+            await deferLater(self.reactor, 0.1, lambda: None)
+        raise ClusterError(f"not {what} within {timeout}s; last status: {last}")
+
+    def healthy(self, status: dict[str, Any]) -> bool:
+        """Every server in the ring and connected, none dead, serving, no operation running."""
+        connected = {m["name"] for m in status["members"] if m["connected"]}
+        return (sorted(status["ring"]) == sorted(self.names) and not status["dead"]
+                and not status["degraded"] and status["serving"]
+                and status["operation"] is None and set(self.names) <= connected)
+
+    async def wait_healthy(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Bring the cluster back to its full ring and wait until it is L{healthy}.
+
+        Whatever the faults left: the ECS is restarted if it is down, processes continued,
+        servers that are not running started again; servers that registered but are not in the
+        ring are added back (C{AddNodes}); the service is started if it is stopped. A server
+        that stays connected as "failed" outside the ring after every repair is restarted, so
+        that it registers afresh as idle. Raises L{ClusterError} after C{timeout} seconds.
+        """
+        deadline = self.reactor.seconds() + timeout
+        for name in list(self.paused):
+            self.resume(name)
+        if self.ecs is not None and not self.ecs.running:
+            await self.restart(ECS)
+        for name in self.names:
+            if not self.servers[name].running:
+                await self.restart(name)
+        last: object = "no answer"
+        stuck: dict[str, float] = {}
+        while self.reactor.seconds() < deadline:
+            try:
+                status = await self.status()
+            except Exception as e:
+                last = e
+                await deferLater(self.reactor, 0.2, lambda: None)
+                continue
+            last = status
+            if self.healthy(status):
+                return status
+            await self._nudge(status, stuck)
+            await deferLater(self.reactor, 0.2, lambda: None)
+        raise ClusterError(f"the cluster did not recover within {timeout}s; last status: {last}")
+
+    async def _nudge(self, status: dict[str, Any], stuck: dict[str, float]) -> None:
+        if status["operation"] is not None or status["dead"]:
+            return  # a reconfiguration or a repair is under way: let it finish
+        members = {m["name"]: m for m in status["members"]}
+        now = self.reactor.seconds()
+        for name in self.names:
+            if not self.servers[name].running:
+                await self.restart(name)
+        idle = [n for n in self.names if n not in status["ring"]
+                and members.get(n, {}).get("connected") and members[n]["status"] == "idle"]
+        try:
+            if idle:
+                await self.admin(admin.AddNodes, count=len(idle), cache_strategy="LRU",
+                                 cache_size=1000, timeout=60.0)
+                return
+            if not status["serving"] and sorted(status["ring"]) == sorted(self.names):
+                await self.admin(admin.Start, timeout=30.0)
+                return
+        except Exception as e:
+            log.info("recovery: {error}", error=e)
+            return
+        for name in self.names:
+            member = members.get(name)
+            outside = name not in status["ring"] and member is not None \
+                and member["status"] not in ("idle",)
+            if not outside:
+                stuck.pop(name, None)
+                continue
+            first = stuck.setdefault(name, now)
+            if now - first > 3.0:
+                # Registered (or not) but neither in the ring nor idle after every repair:
+                # a fresh registration makes it idle (see the report on ECS member states).
+                log.warn("recovery: {name} is {state} outside the ring; restarting it",
+                         name=name, state=member["status"])
+                stuck.pop(name, None)
+                await self.restart(name)
+
+    async def ring(self) -> Ring:
+        """The current ring, as a server hands it to clients (dead members marked)."""
+        store = KVStore(self.reactor, self.amp_addresses, timeout=2.0, deadline=10.0)
+        try:
+            return await store.refresh_metadata()
+        finally:
+            await store.close()
+
+    async def shut_down(self, timeout: float = 30.0) -> None:
+        """The ECS's C{ShutDown}: every server closes its stores and exits, then the ECS."""
+        assert self.ecs is not None
+        await self.admin(admin.ShutDown, timeout=timeout)
+        deadline = self.reactor.seconds() + timeout
+        while self.ecs.running or any(p.running for p in self.servers.values()):
+            if self.reactor.seconds() > deadline:
+                alive = [n for n, p in self.servers.items() if p.running]
+                raise ClusterError(f"still running {timeout}s after ShutDown: "
+                                   f"{alive + ([ECS] if self.ecs.running else [])}")
+            await deferLater(self.reactor, 0.1, lambda: None)
+
+    def dumps(self, names: Sequence[str] | None = None) -> dict[tuple[str, str], dict[bytes, bytes]]:
+        """Every store of the given servers (all by default), read-only from its SQLite file;
+        call it once they have exited."""
+        dumps = {}
+        for name in names or self.names:
+            for store in STORE_NAMES:
+                path = self.workdir / name / f"{store}.sqlite"
+                if not path.exists():
+                    continue
+                db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+                try:
+                    dumps[(name, store)] = {bytes(k): bytes(v)
+                                            for k, v in db.execute("SELECT k, v FROM kv")}
+                finally:
+                    db.close()
+        return dumps
+
+
+class _Signals:
+    """Signal sending for a bare Popen (the ECS), like L{KVServerProcess.signal}."""
+
+    def __init__(self, proc: Any) -> None:
+        self.proc = proc
+
+    def signal(self, signum: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signum)
+
+
+def _registered(status: dict[str, Any]) -> set[str]:
+    return {m["name"] for m in status["members"] if m["connected"]}
+
+
+async def _gather(ds: list[Deferred[Any]]) -> list[Any]:
+    return await gatherResults(ds, consumeErrors=True)
+
+
+__all__ = ["CLIENT", "ECS", "Cluster", "ClusterError"]

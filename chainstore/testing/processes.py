@@ -32,6 +32,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def diagnostics(proc: subprocess.Popen[bytes] | None, log_path: Path) -> str:
+    """The end of a process's stderr (once it has exited) and of its log file, for errors."""
+    err = b""
+    if proc is not None and proc.poll() is not None and proc.stderr and not proc.stderr.closed:
+        err = proc.stderr.read() or b""
+    log = log_path.read_text(errors="replace")[-4000:] if log_path.exists() else ""
+    return f"stderr: {err.decode(errors='replace')[-2000:]}\nlog tail:\n{log}"
+
+
 class ProcessFailed(RuntimeError):
     pass
 
@@ -99,11 +108,7 @@ class KVServerProcess:
         raise ProcessFailed(f"{self.name} not ready after {timeout}s:\n{self.diagnostics()}")
 
     def diagnostics(self) -> str:
-        err = b""
-        if self.proc is not None and self.proc.poll() is not None and self.proc.stderr:
-            err = self.proc.stderr.read() or b""
-        log = self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
-        return f"stderr: {err.decode(errors='replace')[-2000:]}\nlog tail:\n{log}"
+        return diagnostics(self.proc, self.log_path)
 
     def signal(self, signum: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -365,11 +370,7 @@ class ECSProcess:
             time.sleep(0.05)
 
     def diagnostics(self) -> str:
-        err = b""
-        if self.proc is not None and self.proc.poll() is not None and self.proc.stderr:
-            err = self.proc.stderr.read() or b""
-        log = self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
-        return f"stderr: {err.decode(errors='replace')[-2000:]}\nlog tail:\n{log}"
+        return diagnostics(self.proc, self.log_path)
 
 
 # The launcher's line "launched server1 (pid 1234): ..." (ecs/launcher.py).

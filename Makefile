@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run run-standalone test bench venv clean
+.PHONY: run run-standalone test bench torture venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Every fault scenario for about a minute each against a real cluster (see README,
+# "Fault-injection tests"); TORTURE_ARGS adds options (--seed N, --scenario NAME).
+torture: $(STAMP)
+	$(BIN)/python -m torture --long $(TORTURE_ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .hypothesis

@@ -28,7 +28,7 @@ from torture.history import DELETE, FAIL, GET, OK, PUT, UNKNOWN, History
 from torture.nemesis import DELAY, KILL, LEAVE, PARTITION, PAUSE, Nemesis, NemesisError
 from torture.report import (ScenarioResult, anomaly_text, exit_code, format_table,
                             keep_evidence, summary_json)
-from torture.schedule import (HEAL, QUIET, SCENARIOS, SHORT, Scenario, Step, parse_schedule,
+from torture.schedule import (HEAL, LONG, QUIET, SCENARIOS, SHORT, Scenario, Step, parse_schedule,
                               run_scenario, scenario_rng)
 from torture.workload import Counts, record
 
@@ -40,7 +40,10 @@ def test_parse_schedule_names_seconds_and_groups() -> None:
     assert [(s.name, t) for s, t in plan[:2]] == [("kill-tail", 15.0), ("pause-tail", 30.0)]
     assert [s.name for s, _ in plan[2:]] == list(SHORT)
     assert all(t == 15.0 for _, t in plan[2:])
-    assert [s.name for s, _ in parse_schedule("all", 60.0)] == list(SCENARIOS)
+    assert [s.name for s, _ in parse_schedule("all", 60.0)] == list(LONG)
+    # The scenario that reproduces the orphaned-range stall is run only by name.
+    assert "orphan-range" not in LONG
+    assert [s.name for s, _ in parse_schedule("orphan-range", 60.0)] == ["orphan-range"]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -180,6 +183,8 @@ def test_roles_name_the_chain_of_the_chosen_key() -> None:
     assert run(nemesis.resolve("middle")) == chain[1]
     assert run(nemesis.resolve("tail")) == chain[2]
     assert run(nemesis.resolve("other")) not in chain
+    order = [n.name for n in run(cluster.ring()).nodes]
+    assert run(nemesis.resolve("next")) == order[(order.index(chain[2]) + 1) % 5]
     assert run(nemesis.resolve("ecs")) == "ecs"
     with pytest.raises(NemesisError, match="unknown role 'leader'"):
         run(nemesis.resolve("leader"))
@@ -348,7 +353,8 @@ def test_a_lost_write_found_by_the_checker_fails_the_run(tmp_path: Path) -> None
 def test_evidence_folder_and_json_summary(tmp_path: Path) -> None:
     log = tmp_path / "server1.log"
     log.write_text("hello\n")
-    result = _result("kill-ecs", {"not_linearizable": 1}, fault_log=["  1.00s ..   2.00s  kill ecs"])
+    result = _result("kill-ecs", {"not_linearizable": 1},
+                     fault_log=["  1.00s ..   2.00s  kill ecs"])
     result.details = ["not linearizable: ..."]
     folder = keep_evidence(tmp_path / "run" / "kill-ecs", result, '{"index": 0}\n', [log])
     assert (folder / "history.jsonl").read_text() == '{"index": 0}\n'

@@ -20,7 +20,8 @@ from typing import Any
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred
-from twisted.logger import globalLogBeginner, textFileLogObserver
+from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
+                            globalLogBeginner, textFileLogObserver)
 
 from torture.report import exit_code, format_table, write_json
 from torture.schedule import (LONG, LONG_SECONDS, SCENARIOS, SHORT, SHORT_SECONDS,
@@ -57,7 +58,12 @@ async def run(reactor: Any, args: argparse.Namespace, out: Any) -> int:
     run_dir = Path(args.out).resolve() / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     log_file = open(run_dir / "harness.log", "a", encoding="utf-8")
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(log_file)], redirectStandardIO=False)
+    # The harness's own story at info, everything else (Twisted's connection chatter) from warn.
+    levels = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    for namespace in ("torture", "client"):
+        levels.setLogLevelForNamespace(namespace, LogLevel.info)
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(textFileLogObserver(log_file), [levels])], redirectStandardIO=False)
     out.write(f"torture run {run_id}: {len(plan)} scenario(s), seed {seed}; log: "
               f"{run_dir / 'harness.log'}\n")
     out.flush()

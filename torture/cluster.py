@@ -355,7 +355,8 @@ class Cluster:
                                    f"{alive + ([ECS] if self.ecs.running else [])}")
             await deferLater(self.reactor, 0.1, lambda: None)
 
-    def dumps(self, names: Sequence[str] | None = None) -> dict[tuple[str, str], dict[bytes, bytes]]:
+    def dumps(self, names: Sequence[str] | None = None
+              ) -> dict[tuple[str, str], dict[bytes, bytes]]:
         """Every store of the given servers (all by default), read-only from its SQLite file;
         call it once they have exited."""
         dumps = {}

@@ -2,9 +2,10 @@
 
 Faults name their victims by role, resolved when the fault is injected: C{head}, C{middle},
 C{tail} (of the live chain of the nemesis's chosen key, so that "head" and "middle" are chain
-neighbours), C{other} (a ring member in none of those three places when there is one), C{any}
-(a random ring member), C{ecs}; or by the label of an earlier fault (C{"A"}), which names the
-same process again. Every fault is recorded as a L{Fault}: what, on whom, when it began and
+neighbours), C{next} (the live ring member after that tail: middle, tail and next are the
+whole chain of the next range), C{other} (a ring member in none of those places when there is
+one), C{any} (a random ring member), C{ecs}; or by the label of an earlier fault (C{"A"}),
+which names the same process again. Every fault is recorded as a L{Fault}: what, on whom, when it began and
 ended. L{Nemesis.heal_all} ends every fault still active: every proxy healed, every paused
 process continued, every killed process started again.
 
@@ -29,7 +30,7 @@ log = get_logger("torture.nemesis")
 
 ECS = "ecs"
 CLIENT = "client"
-ROLES = ("head", "middle", "tail", "other", "any", ECS)
+ROLES = ("head", "middle", "tail", "next", "other", "any", ECS)
 
 # Fault kinds, as counted in reports.
 KILL, PAUSE, PARTITION, PARTITION_ECS, DROP, DELAY, LEAVE, JOIN = (
@@ -137,6 +138,9 @@ class Nemesis:
         if role == "other":
             others = [m for m in members if m not in chain]
             return self.rng.choice(others or members)
+        if role == "next":
+            order = [n.name for n in ring.nodes if n.name not in ring.dead]
+            return order[(order.index(chain[-1]) + 1) % len(order)]
         if role == "head":
             return chain[0]
         if role == "tail":

@@ -5,9 +5,9 @@ C{tail} (of the live chain of the nemesis's chosen key, so that "head" and "midd
 neighbours), C{next} (the live ring member after that tail: middle, tail and next are the
 whole chain of the next range), C{other} (a ring member in none of those places when there is
 one), C{any} (a random ring member), C{ecs}; or by the label of an earlier fault (C{"A"}),
-which names the same process again. Every fault is recorded as a L{Fault}: what, on whom, when it began and
-ended. L{Nemesis.heal_all} ends every fault still active: every proxy healed, every paused
-process continued, every killed process started again.
+which names the same process again. Every fault is recorded as a L{Fault}: what, on whom, when
+it began and ended. L{Nemesis.heal_all} ends every fault still active: every proxy healed,
+every paused process continued, every killed process started again.
 
 The nemesis drives a cluster through a small interface (L{torture.cluster.Cluster} provides it;
 the unit tests pass a fake): C{kill}, C{pause}, C{resume}, C{restart}, C{fabric} (partition,

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -96,9 +98,9 @@ class Cluster:
         """Start the proxies, the ECS and every server; return once all are in the ring and
         the service is started."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.ecs_port = free_port(HOST)
+        self.ecs_port = listen_port()
         for name in self.names:
-            self.ports[name] = (free_port(HOST), free_port(HOST))
+            self.ports[name] = (listen_port(), listen_port())
         for name in self.names:
             amp_port = self.ports[name][0]
             self.fabric.add(CLIENT, name, HOST, amp_port)
@@ -372,6 +374,34 @@ class Cluster:
                 finally:
                     db.close()
         return dumps
+
+
+def listen_port(host: str = HOST, tries: int = 200) -> int:
+    """A free port below the kernel's ephemeral range, for a process to listen on.
+
+    Ports from the ephemeral range (such as L{free_port}'s) can be taken meanwhile by the
+    proxies (which listen on port 0) or by any outgoing connection, and a server restarted on
+    its port would then fail to listen; ports below the range are only ever taken on purpose.
+    """
+    low, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    for _ in range(tries):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        return port
+    return free_port(host)
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 class _Signals:

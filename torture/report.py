@@ -69,7 +69,9 @@ def format_table(results: list[ScenarioResult]) -> str:
         verdict = "PASS" if r.passed else ("ERROR" if r.error else "FAIL")
         rows.append((r.name, str(r.ops.get("ok", 0)), str(r.ops.get("fail", 0)),
                      str(r.ops.get("unknown", 0)), str(r.faults), f"{r.seconds:.1f}",
-                     verdict, anomaly_text(r.anomalies) if r.checked else "not checked"))
+                     verdict, anomaly_text(r.anomalies) + ("" if r.checked else
+                                                            " (history only)")
+                     if r.anomalies else "not checked"))
     total_anomalies: dict[str, int] = {}
     for r in results:
         for kind, n in r.anomalies.items():

@@ -24,6 +24,7 @@ from chainstore.errors import InvalidKey, KeyNotFound, NotResponsible, ValueTooL
 from chainstore.ring import NodeInfo, Ring
 from client.errors import RequestTimedOut
 from torture.checker import check_all
+from torture.cluster import Loopback, Namespaces, listen_port
 from torture.history import DELETE, FAIL, GET, OK, PUT, UNKNOWN, History
 from torture.nemesis import DELAY, KILL, LEAVE, PARTITION, PAUSE, Nemesis, NemesisError
 from torture.report import (ScenarioResult, anomaly_text, exit_code, format_table,
@@ -368,6 +369,33 @@ def test_evidence_folder_and_json_summary(tmp_path: Path) -> None:
     assert summary["passed"] is False
     assert [s["passed"] for s in summary["scenarios"]] == [False, True]
     assert summary["scenarios"][0]["rerun"] == "python -m torture --scenario kill-ecs --seed 7"
+
+
+# -- where the servers live -----------------------------------------------------------------------
+
+
+def test_namespaces_are_named_after_the_run_and_addressed_apart() -> None:
+    names = [f"server{i}" for i in range(1, 6)]
+    a, b = Namespaces("20260101-000000-1/kill-tail"), Namespaces("20260101-000000-1/kill-ecs")
+    for net in (a, b):
+        net.index = {name: i for i, name in enumerate(names, 1)}
+    assert a.namespace("server1") != b.namespace("server1")
+    assert a.namespace("server3").startswith(f"cs{a.tag}-")
+    assert len(f"v{a.tag}5h") <= 15  # Linux interface names hold 15 characters
+    hosts = {a.server_host(n) for n in names}
+    assert len(hosts) == 5 and all(h.startswith(f"10.{a.net}.") for h in hosts)
+    # Each server dials its proxies at its own end of its link; clients' proxies stay local.
+    assert a.proxy_host("server2") == f"10.{a.net}.2.1" and a.server_host("server2") == \
+        f"10.{a.net}.2.2"
+    assert a.proxy_host("client") == "127.0.0.1"
+    assert a.argv_prefix("server4") == ["ip", "netns", "exec", a.namespace("server4")]
+    assert Loopback().server_host("server1") == "127.0.0.1" and Loopback().argv_prefix("x") == []
+
+
+def test_listen_ports_lie_below_the_ephemeral_range() -> None:
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {listen_port() for _ in range(20)}
+    assert all(1024 <= p < low for p in ports)
 
 
 # -- the CI short schedule, against real processes -------------------------------------------------

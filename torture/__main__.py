@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
                             globalLogBeginner, textFileLogObserver)
 
+from torture.cluster import Namespaces
 from torture.report import exit_code, format_table, write_json
 from torture.schedule import (LONG, LONG_SECONDS, SCENARIOS, SHORT, SHORT_SECONDS,
                               parse_schedule, run_scenario)
@@ -45,6 +46,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="where runs keep their evidence [default: torture-runs]")
     parser.add_argument("--keep", choices=("failed", "always", "never"), default="failed",
                         help="which scenario folders to keep [default: failed]")
+    parser.add_argument("--netns", action="store_true",
+                        help="run each server in its own network namespace, linked by a veth "
+                             "pair (root and iproute2's ip command needed)")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return parser.parse_args(argv)
 
@@ -69,8 +73,9 @@ async def run(reactor: Any, args: argparse.Namespace, out: Any) -> int:
     out.flush()
     results = []
     for scenario, scenario_seconds in plan:
+        network = Namespaces(f"{run_id}/{scenario.name}") if args.netns else None
         result = await run_scenario(reactor, scenario, seed, scenario_seconds,
-                                    run_dir / scenario.name, keep=args.keep)
+                                    run_dir / scenario.name, keep=args.keep, network=network)
         results.append(result)
         verdict = "pass" if result.passed else "FAIL"
         out.write(f"  {scenario.name}: {verdict} ({result.seconds:.1f} s, "
@@ -102,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         parse_schedule(",".join(args.scenario) or "short", 60.0)
     except ValueError as e:
         print(f"python -m torture: {e}", file=sys.stderr)
+        return 2
+    if args.netns and Namespaces.available() is not None:
+        print(f"python -m torture: --netns: {Namespaces.available()}", file=sys.stderr)
         return 2
     codes: list[int] = []
 

@@ -20,12 +20,15 @@ L{chainstore.testing.processes} block while a process starts; they run in a work
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import sqlite3
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +46,7 @@ from chainstore.storage import STORE_NAMES
 from chainstore.testing.processes import ECSProcess, KVServerProcess, free_port
 from client.kvstore import KVStore
 from ecs import protocol as admin
-from torture.proxy import ProxyFabric
+from torture.proxy import FaultProxy, ProxyFabric
 
 log = get_logger("torture.cluster")
 
@@ -65,8 +68,10 @@ class Cluster:
 
     def __init__(self, reactor: Any, workdir: str | Path, *, servers: int = 5,
                  replication: int = 3, heartbeat: float = 0.3,
-                 failure_timeout: float = 1.5) -> None:
+                 failure_timeout: float = 1.5, network: Any = None) -> None:
         self.reactor = reactor
+        #: where each server lives: L{Loopback} (default) or L{Namespaces}
+        self.network = network or Loopback()
         self.workdir = Path(workdir).resolve()
         self.names = [f"server{i}" for i in range(1, servers + 1)]
         self.replication = replication
@@ -88,7 +93,7 @@ class Cluster:
     @property
     def amp_addresses(self) -> list[tuple[str, int]]:
         """The real AMP addresses of every server (clients map them to their proxies)."""
-        return [(HOST, self.ports[name][0]) for name in self.names]
+        return [(self.network.server_host(name), self.ports[name][0]) for name in self.names]
 
     def endpoint_factory(self, timeout: float) -> Any:
         """A client library C{endpoint_factory} that dials every server through its proxy."""
@@ -98,16 +103,18 @@ class Cluster:
         """Start the proxies, the ECS and every server; return once all are in the ring and
         the service is started."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.network.set_up(self.names)
         self.ecs_port = listen_port()
         for name in self.names:
+            # Free on loopback is free in a fresh namespace too.
             self.ports[name] = (listen_port(), listen_port())
         for name in self.names:
-            amp_port = self.ports[name][0]
-            self.fabric.add(CLIENT, name, HOST, amp_port)
+            host, amp_port = self.network.server_host(name), self.ports[name][0]
+            self._proxy(CLIENT, name, host, amp_port)
             for other in self.names:
                 if other != name:
-                    self.fabric.add(other, name, HOST, amp_port)
-            self.fabric.add(name, ECS, HOST, self.ecs_port)
+                    self._proxy(other, name, host, amp_port)
+            self._proxy(name, ECS, HOST, self.ecs_port)
         for name in self.names:
             self.fabric.write_routes(name, self.routes_path(name), targets=self.names)
         self._write_ecs_config()
@@ -121,6 +128,16 @@ class Cluster:
                          cache_size=1000, timeout=timeout)
         await self.admin(admin.Start, timeout=timeout)
         await self.wait_healthy(timeout)
+
+    def _proxy(self, source: str, target: str, host: str, port: int) -> None:
+        """The proxy of the link source -> target, listening where C{source} can reach it."""
+        if self.network.proxy_host(source) == self.fabric.host:
+            self.fabric.add(source, target, host, port)
+            return
+        proxy = FaultProxy(self.reactor, 0, host, port,
+                           interface=self.network.proxy_host(source))
+        proxy.start()
+        self.fabric.proxies[(source, target)] = proxy
 
     def routes_path(self, name: str) -> Path:
         return self.workdir / f"{name}.routes.yaml"
@@ -138,7 +155,8 @@ class Cluster:
             "initial-nodes": 0,
             "launcher": "none",
             "register-timeout": 10.0,
-            "nodes": [{"name": name, "host": HOST, "console-port": self.ports[name][1],
+            "nodes": [{"name": name, "host": self.network.server_host(name),
+                       "console-port": self.ports[name][1],
                        "amp-port": self.ports[name][0], "data-dir": str(self.workdir / name),
                        "ecs": self.fabric.endpoint(name, ECS),
                        "peer-routes": str(self.routes_path(name))}
@@ -148,10 +166,11 @@ class Cluster:
 
     def _server_process(self, name: str) -> KVServerProcess:
         amp_port, console_port = self.ports[name]
-        return KVServerProcess(self.workdir, name, HOST, console_port=console_port,
-                               amp_port=amp_port,
-                               extra_args=["--ecs", self.fabric.endpoint(name, ECS),
-                                           "--peer-routes", str(self.routes_path(name))])
+        return _ServerProcess(self.network.argv_prefix(name), self.workdir, name,
+                              self.network.server_host(name), console_port=console_port,
+                              amp_port=amp_port,
+                              extra_args=["--ecs", self.fabric.endpoint(name, ECS),
+                                          "--peer-routes", str(self.routes_path(name))])
 
     async def stop(self) -> None:
         """Stop everything this cluster started, whatever state it is in; never raises."""
@@ -168,6 +187,7 @@ class Cluster:
             except Exception as e:
                 log.warn("stopping the ECS: {error}", error=e)
         await self.fabric.close()
+        self.network.tear_down()
 
     def log_files(self) -> list[Path]:
         """The ECS's and every server's log file."""
@@ -376,6 +396,125 @@ class Cluster:
         return dumps
 
 
+class _ServerProcess(KVServerProcess):
+    """A server process whose command runs after C{prefix} (C{ip netns exec NS})."""
+
+    def __init__(self, prefix: Sequence[str], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prefix = list(prefix)
+
+    def argv(self) -> list[str]:
+        return self.prefix + super().argv()
+
+
+class Loopback:
+    """Every process on 127.0.0.1 in this network namespace."""
+
+    def set_up(self, names: Sequence[str]) -> None:
+        pass
+
+    def tear_down(self) -> None:
+        pass
+
+    def server_host(self, name: str) -> str:
+        return HOST
+
+    def proxy_host(self, source: str) -> str:
+        return HOST
+
+    def argv_prefix(self, name: str) -> list[str]:
+        return []
+
+
+class Namespaces:
+    """Each server in its own network namespace, linked to this one by a veth pair: server i
+    is 10.N.i.2, this end of its link 10.N.i.1, where the proxies of its outgoing links
+    listen. The ECS, the clients' proxies and the harness stay in this namespace.
+
+    Needs root and C{ip} (iproute2). Servers reach each other only through the proxies (their
+    peer routes), except the copies of a reconfiguration, which dial the target directly: IPv4
+    forwarding is switched on while the namespaces exist and restored afterwards. Every
+    namespace is named after C{run_id}; L{tear_down} deletes them all (the veth pairs go with
+    them), and is safe to call twice.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        digest = hashlib.sha256(run_id.encode("utf-8")).digest()
+        self.tag = digest[:3].hex()
+        self.net = 200 + digest[3] % 50
+        self.created: list[str] = []
+        self.index: dict[str, int] = {}
+        self._forwarding: str | None = None
+
+    @staticmethod
+    def available() -> str | None:
+        """Why this mode cannot run here, or None if it can."""
+        if os.geteuid() != 0:
+            return "network namespaces need root"
+        if shutil.which("ip") is None:
+            return "network namespaces need the ip command (Debian package iproute2)"
+        return None
+
+    def namespace(self, name: str) -> str:
+        return f"cs{self.tag}-{self.index[name]}"
+
+    def server_host(self, name: str) -> str:
+        return f"10.{self.net}.{self.index[name]}.2"
+
+    def proxy_host(self, source: str) -> str:
+        if source in self.index:
+            return f"10.{self.net}.{self.index[source]}.1"
+        return HOST
+
+    def argv_prefix(self, name: str) -> list[str]:
+        return ["ip", "netns", "exec", self.namespace(name)]
+
+    def set_up(self, names: Sequence[str]) -> None:
+        why = self.available()
+        if why is not None:
+            raise ClusterError(why)
+        self.index = {name: i for i, name in enumerate(names, 1)}
+        forwarding = Path("/proc/sys/net/ipv4/ip_forward")
+        try:
+            for name, i in self.index.items():
+                ns, outer, inner = self.namespace(name), f"v{self.tag}{i}h", f"v{self.tag}{i}n"
+                _ip("netns", "add", ns)
+                self.created.append(ns)
+                _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+                _ip("link", "set", inner, "netns", ns)
+                _ip("addr", "add", f"{self.proxy_host(name)}/30", "dev", outer)
+                _ip("link", "set", outer, "up")
+                _ip("-n", ns, "addr", "add", f"{self.server_host(name)}/30", "dev", inner)
+                _ip("-n", ns, "link", "set", inner, "up")
+                _ip("-n", ns, "link", "set", "lo", "up")
+                _ip("-n", ns, "route", "add", "default", "via", self.proxy_host(name))
+            self._forwarding = forwarding.read_text().strip()
+            forwarding.write_text("1\n")
+        except Exception:
+            self.tear_down()
+            raise
+
+    def tear_down(self) -> None:
+        while self.created:
+            ns = self.created.pop()
+            try:
+                _ip("netns", "del", ns)
+            except ClusterError as e:
+                log.warn("could not delete namespace {ns}: {error}", ns=ns, error=e)
+        for i in self.index.values():
+            # A veth pair dies with its namespace end; one left by a half-done set-up not.
+            subprocess.run(["ip", "link", "del", f"v{self.tag}{i}h"], capture_output=True)
+        if self._forwarding is not None:
+            Path("/proc/sys/net/ipv4/ip_forward").write_text(self._forwarding + "\n")
+            self._forwarding = None
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ClusterError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
 def listen_port(host: str = HOST, tries: int = 200) -> int:
     """A free port below the kernel's ephemeral range, for a process to listen on.
 
@@ -423,4 +562,4 @@ async def _gather(ds: list[Deferred[Any]]) -> list[Any]:
     return await gatherResults(ds, consumeErrors=True)
 
 
-__all__ = ["CLIENT", "ECS", "Cluster", "ClusterError"]
+__all__ = ["CLIENT", "ECS", "Cluster", "ClusterError", "Loopback", "Namespaces", "listen_port"]

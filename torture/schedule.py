@@ -199,15 +199,16 @@ def scenario_rng(name: str, seed: int) -> random.Random:
 
 async def run_scenario(reactor: Any, scenario: Scenario, seed: int, seconds: float,
                        folder: Path, *, workload: WorkloadConfig | None = None,
-                       keep: str = "failed") -> ScenarioResult:
+                       keep: str = "failed", network: Any = None) -> ScenarioResult:
     """Run C{scenario} for C{seconds} (quiet, faults, heal) in C{folder}; see the module
     docstring for the phases. C{keep}: "failed" keeps C{folder} only if the scenario did not
-    pass (with the evidence of L{torture.report.keep_evidence}); "always", "never"."""
+    pass (with the evidence of L{torture.report.keep_evidence}); "always", "never".
+    C{network}: where the servers live (L{torture.cluster.Namespaces}; loopback by default)."""
     config = workload or WorkloadConfig()
     rng = scenario_rng(scenario.name, seed)
     result = ScenarioResult(scenario.name, seed, 0.0)
     started = reactor.seconds()
-    cluster = Cluster(reactor, folder / "cluster")
+    cluster = Cluster(reactor, folder / "cluster", network=network)
     history = History(reactor.seconds)
     load: Workload | None = None
     nemesis: Nemesis | None = None

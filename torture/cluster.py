@@ -231,6 +231,8 @@ class Cluster:
             assert self.ecs is not None
             if self.ecs.running:
                 await deferToThread(self.ecs.kill)
+            if self.ecs.proc is not None and self.ecs.proc.stderr:
+                self.ecs.proc.stderr.close()
             self.ecs = ECSProcess(self.workdir, self.config_path).start()
             await self.wait_status(lambda s: True, "the restarted ECS answers", 20.0)
             return

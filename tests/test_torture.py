@@ -369,6 +369,9 @@ def test_evidence_folder_and_json_summary(tmp_path: Path) -> None:
     assert summary["passed"] is False
     assert [s["passed"] for s in summary["scenarios"]] == [False, True]
     assert summary["scenarios"][0]["rerun"] == "python -m torture --scenario kill-ecs --seed 7"
+    result.planned, result.options = 30.0, "--netns"
+    assert result.rerun() == \
+        "python -m torture --scenario kill-ecs --seed 7 --seconds 30 --netns"
 
 
 # -- where the servers live -----------------------------------------------------------------------

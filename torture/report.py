@@ -40,6 +40,10 @@ class ScenarioResult:
     error: str | None = None
     kept: str | None = None
     checked: bool = False
+    #: the seconds asked for (quiet, faults, heal); 0: not given
+    planned: float = 0.0
+    #: extra options of the run that a rerun needs (such as --netns)
+    options: str = ""
 
     @property
     def violations(self) -> int:
@@ -51,7 +55,10 @@ class ScenarioResult:
         return self.checked and self.error is None and self.violations == 0
 
     def rerun(self) -> str:
-        return f"python -m torture --scenario {self.name} --seed {self.seed}"
+        """The command that runs this scenario again with the same seed."""
+        return (f"python -m torture --scenario {self.name} --seed {self.seed}"
+                + (f" --seconds {self.planned:g}" if self.planned else "")
+                + (f" {self.options}" if self.options else ""))
 
 
 def anomaly_text(anomalies: dict[str, int]) -> str:

@@ -206,7 +206,8 @@ async def run_scenario(reactor: Any, scenario: Scenario, seed: int, seconds: flo
     C{network}: where the servers live (L{torture.cluster.Namespaces}; loopback by default)."""
     config = workload or WorkloadConfig()
     rng = scenario_rng(scenario.name, seed)
-    result = ScenarioResult(scenario.name, seed, 0.0)
+    result = ScenarioResult(scenario.name, seed, 0.0, planned=seconds,
+                            options="" if network is None else "--netns")
     started = reactor.seconds()
     cluster = Cluster(reactor, folder / "cluster", network=network)
     history = History(reactor.seconds)

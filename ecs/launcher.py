@@ -37,6 +37,8 @@ class _Child(ProcessProtocol):
         self.name = name
         self.ended: Deferred[None] = Deferred()
         self.running = True
+        # set when the ECS itself asked it to end: its signal is then no sign of trouble
+        self.stopping = False
 
     def errReceived(self, data: bytes) -> None:
         for line in data.decode(errors="replace").splitlines():
@@ -44,8 +46,9 @@ class _Child(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.running = False
-        if reason.check(ProcessDone):
-            log.info("server process {name} exited", name=self.name)
+        if reason.check(ProcessDone) or self.stopping:
+            log.info("server process {name} ended ({why})", name=self.name,
+                     why="exit 0" if reason.check(ProcessDone) else reason.getErrorMessage())
         else:
             log.warn("server process {name} ended: {why}", name=self.name,
                      why=reason.getErrorMessage())
@@ -80,6 +83,7 @@ class ProcessLauncher:
         if entry is None or not entry[0].running:
             return succeed(None)
         child, transport = entry
+        child.stopping = True
         try:
             transport.signalProcess(signum)
         except Exception:

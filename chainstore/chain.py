@@ -101,6 +101,9 @@ class Replica:
     # does not know what its successor got, so it forwards whatever it receives)
     forwarded: int = 0
     opened: bool = False
+    # forwarded batches and the writes they carried (their ratio is the batching achieved)
+    batches_sent: int = 0
+    ops_sent: int = 0
     # as tail: reads and acks allowed until lease_until, not before tail_from
     lease_until: float = 0.0
     tail_from: float = 0.0
@@ -349,6 +352,8 @@ class ChainReplicator:
             del replica.pending[:BATCH_OPS]
             batch = _Batch(ops[0][0], ops[-1][0], ops)
             replica.window.append(batch)
+            replica.batches_sent += 1
+            replica.ops_sent += len(ops)
             self._send(replica, batch)
 
     def _send(self, replica: Replica, batch: _Batch) -> None:
@@ -502,6 +507,7 @@ class ChainReplicator:
                 "owner": r.owner, "serial": r.last_serial, "acked": r.acked,
                 "window": len(r.window), "pending": len(r.pending),
                 "role": "head" if r.is_head else "tail" if r.is_tail else "middle",
+                "batches_sent": r.batches_sent, "writes_sent": r.ops_sent,
             }
             for r in self.replicas.values()
         }

@@ -105,6 +105,8 @@ def test_writes_in_flight_are_batched_and_all_answered(net):
     net.run(1.0)
     assert all(d.called for d in answers)
     assert head.window == type(head.window)() and head.acked == 600
+    stats = net.nodes["n0"].stats()["coordinator_chain"]
+    assert (stats["batches_sent"], stats["writes_sent"]) == (3, 600)
 
 
 def test_the_window_is_bounded_and_backpressure_reaches_the_client(net, monkeypatch):

@@ -190,6 +190,9 @@ class ECS:
             self._spawn(self._repair())
         else:
             self._spawn(self._sync(name))
+            if name in self.state.dead:
+                # It may hold the last copy of a range a repair was waiting for.
+                self._spawn(self._repair())
         in_ring = name in self.state.ring_members
         log.info("{name} registered ({where})", name=name,
                  where="in the ring" if in_ring else "idle")
@@ -301,7 +304,10 @@ class ECS:
                 if not dead:
                     return
                 remaining = [n for n in self.state.ring_members if n not in dead]
-                orphaned = self._orphaned() if self.state.replication > 1 else []
+                # Dead members that registered again may give their data to ranges nobody else
+                # holds any more (nothing was written there since they went down).
+                returned = {name for name in dead if name in self.links}
+                orphaned = self._orphaned(returned) if self.state.replication > 1 else []
                 if orphaned:
                     # Taking them out would drop the last copies of these ranges: wait for one
                     # of their replicas to come back (see register).
@@ -311,7 +317,12 @@ class ECS:
                     return
                 try:
                     await self._reconfigure(
-                        remaining, f"repair after the failure of {', '.join(sorted(dead))}")
+                        remaining, f"repair after the failure of {', '.join(sorted(dead))}",
+                        returned)
+                    for name in returned:
+                        # Back and registered, now out of the ring: ready to be added again.
+                        self.state.members[name].status = IDLE
+                    self._save()
                     return
                 except Exception as e:
                     log.warn("repair attempt {attempt} failed: {error}", attempt=attempt,
@@ -320,12 +331,13 @@ class ECS:
         finally:
             self.busy.release()
 
-    def _orphaned(self) -> list[Any]:
-        """Ranges of the current ring whose every replica is dead. (With replication 1 that is
-        any failure, handled like a removal: its data is gone either way.)"""
+    def _orphaned(self, returned: set[str] = frozenset()) -> list[Any]:
+        """Ranges of the current ring whose every replica is dead and none of them is back.
+        (With replication 1 any failure is handled like a removal: its data is gone.)"""
         ring = self.state.ring()
         return [ring.range_of(i) for i in range(len(ring.nodes))
-                if not ring.chain_for_index(i)]
+                if not ring.chain_for_index(i)
+                and not {n.name for n in ring.ring_chain(i)} & returned]
 
     def _may_revive(self, name: str) -> bool:
         """Whether dead member C{name} can rejoin its chains as it is: only if every chain it is
@@ -529,7 +541,8 @@ class ECS:
 
     # -- reconfiguration -------------------------------------------------------------------------
 
-    async def _reconfigure(self, new_members: list[str], description: str) -> None:
+    async def _reconfigure(self, new_members: list[str], description: str,
+                           returned: set[str] = frozenset()) -> None:
         """Take the cluster from the current ring to one of C{new_members} (see the module
         docstring); dead members of the current ring take no part."""
         dead = set(self.state.dead)
@@ -537,7 +550,7 @@ class ECS:
         epoch = self.state.allocate_epoch()
         new = Ring(tuple(self.state.members[n].info for n in new_members), epoch=epoch,
                    replication=self.state.replication)
-        plan = planner.plan(old, new, dead)
+        plan = planner.plan(old, new, dead, returned)
         failures = self._failures
         self._operations += 1
         op = self.operation = Operation(self._operations, description, self.clock.seconds())

@@ -84,12 +84,15 @@ def _chain(ring: Ring, pos: int) -> tuple[str, ...]:
     return tuple(n.name for n in ring.ring_chain(ring.owner_index(pos)))
 
 
-def plan(old: Ring, new: Ring, dead: Collection[str] = ()) -> Plan:
+def plan(old: Ring, new: Ring, dead: Collection[str] = (),
+         returned: Collection[str] = ()) -> Plan:
     """The data movement that takes the cluster from C{old} to C{new}.
 
     C{dead} names servers of the old ring that cannot take part (failed): they are neither
     sources nor lock holders, and nothing is dropped on them. Members the old ring itself
-    marks dead count as dead too.
+    marks dead count as dead too. C{returned} names dead members that are reachable again:
+    they serve as copy sources of the intervals that have no live member left (their data is
+    the only copy there, and nothing was written to it since), and take no other part.
     """
     dead = set(dead) | set(old.dead)
     result = Plan()
@@ -97,12 +100,13 @@ def plan(old: Ring, new: Ring, dead: Collection[str] = ()) -> Plan:
         if before == after:
             continue
         alive = [name for name in before if name not in dead]
+        sources = alive or [name for name in before if name in returned]
         if alive:
             # Writes enter at the head; if it died, the surviving first member is the one a
             # stale client could still reach with the old ring.
             result.write_locks.setdefault(alive[0], []).append(rng)
             result.read_locks.setdefault(alive[-1], []).append(rng)
-        elif before:
+        elif before and not sources:
             result.lost.append(rng)
         for role, server in enumerate(after):
             store = STORE_NAMES[role]
@@ -110,8 +114,8 @@ def plan(old: Ring, new: Ring, dead: Collection[str] = ()) -> Plan:
                 old_role = before.index(server)
                 if old_role != role:
                     result.moves.append(LocalMove(rng, server, STORE_NAMES[old_role], store))
-            elif alive:
-                source = alive[0]
+            elif sources:
+                source = sources[0]
                 result.copies.append(
                     Copy(rng, source, STORE_NAMES[before.index(source)], server, store))
         for old_role, server in enumerate(before):

@@ -724,3 +724,31 @@ def test_a_whole_cluster_outage_keeps_the_last_copies_and_the_first_back_rejoins
         assert set(c.ecs.state.ring_members) == {back}
     finally:
         c.close()
+
+
+def test_a_range_whose_chain_all_failed_is_repaired_from_a_replica_that_comes_back(tmp_path):
+    c = Cluster(tmp_path, replication=3, initial=5, slots=5)
+    try:
+        c.start()
+        place_by_role(c, KEYS)
+        ring = c.ring()
+        chain = [n.name for n in ring.ring_chain(0)]  # three consecutive servers
+        for name in chain:
+            c.drop(name)
+        c.pass_time(TIMEOUT + 4 * INTERVAL)
+        assert c.ecs.state.dead == set(chain)
+        members = list(c.ecs.state.ring_members)
+        assert sorted(members) == sorted(n.name for n in ring.nodes)  # nothing repaired away
+        # The middle of that chain comes back on its files (it is stale for other ranges, so it
+        # cannot simply rejoin): the repair now copies the orphaned range from it.
+        back = chain[1]
+        c.start_server(c.config.slot(back))
+        c.pass_time(8 * INTERVAL)
+        survivors = [n for n in members if n not in chain]
+        assert c.ecs.state.ring_members == survivors and not c.ecs.state.dead
+        assert c.ecs.state.members[back].status == "idle"  # out of the ring, its files stale
+        c.hung.add(back)
+        # Every key, the orphaned range's included, is on each of its three new replicas.
+        c.check_placement(KEYS, read=False)
+    finally:
+        c.close()

@@ -495,12 +495,6 @@ class ChainReplicator:
 
     # -- queries ---------------------------------------------------------------------------------
 
-    def replica_for_store(self, store_name: str) -> Replica | None:
-        for replica in self.replicas.values():
-            if replica.store_name == store_name:
-                return replica
-        return None
-
     def stats(self) -> dict[str, Any]:
         return {
             f"{r.store_name}_chain": {

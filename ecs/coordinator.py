@@ -21,7 +21,6 @@ A failure before step 5 aborts: the locks are released and the ring stays as it 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -756,7 +755,3 @@ def _failed(error: Exception) -> Deferred[Any]:
     d: Deferred[Any] = Deferred()
     d.errback(error)
     return d
-
-
-def status_json(ecs: ECS) -> str:
-    return json.dumps(ecs.status(), sort_keys=True)

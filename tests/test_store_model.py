@@ -26,7 +26,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from chainstore.cache import STRATEGIES, make_cache
-from chainstore.errors import InvalidKey, KeyNotFound, ValueTooLarge, WriteLocked
+from chainstore.errors import InvalidKey, KeyNotFound, ValueTooLarge
 from chainstore.limits import MAX_VALUE_BYTES
 from chainstore.node import KVNode
 from chainstore.ring import NodeInfo
@@ -127,12 +127,10 @@ class StoreMachine(RuleBasedStateMachine):
         self.read_locked = False
 
     @invariant()
-    def writability_follows_the_lock(self) -> None:
-        if self.read_locked:
-            with pytest.raises(WriteLocked):
-                self.store.check_writable()
-        else:
-            self.store.check_writable()
+    def the_lock_shows_who_holds_it(self) -> None:
+        # Bulk operations order themselves on it; client writes are refused by the node's
+        # range locks instead (see test_ecs_link.py), so only the lock's own state is checked.
+        assert self.store.lock.locked == self.read_locked
 
     @invariant()
     def sizes_match(self) -> None:

@@ -12,7 +12,6 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from chainstore.errors import WriteLocked
 from chainstore.ring import position
 from chainstore.storage import sqlitedbm
 from chainstore.storage.rwlock import ReadWriteLock
@@ -45,11 +44,6 @@ class Store:
         self._chain_state: tuple[str, int] = ("", 0)
         # Dirty sets of copies in progress (chainstore/migration.py): range -> keys written.
         self.trackers: dict[int, tuple[Any, set[bytes]]] = {}
-
-    def check_writable(self) -> None:
-        """Raise L{WriteLocked} while a migration or rechain holds this store's lock."""
-        if self.lock.locked:
-            raise WriteLocked(f"the {self.name} store is being moved; writes are refused")
 
     def get(self, key: bytes) -> bytes | None:
         return self.db.get(key)

@@ -50,7 +50,9 @@ class Server:
         self.slot = slot
         self.name = slot.name
         me = NodeInfo(slot.name, slot.host, slot.console_port, slot.amp_port)
-        self.node = KVNode(me, make_cache("LRU", 50), cluster.clock, state=STOPPED)
+        # Chain links between servers go over iosim too, like the ECS's copies.
+        self.node = KVNode(me, make_cache("LRU", 50), cluster.clock, state=STOPPED,
+                           connect=lambda info: cluster.connect_peer(info.host, info.amp_port))
         self.node.stores = StoreSet.open(str(cluster.tmp_path / slot.name))
         self.shutdowns = 0
         self.control: ServerControlProtocol | None = None

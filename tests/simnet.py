@@ -115,6 +115,14 @@ class SimNet:
                 pump.pump()
         self.links = [(s, t, p) for s, t, p in self.links if name not in (s, t)]
 
+    def restart(self, info: NodeInfo, ring: Ring) -> KVNode:
+        """A new process for C{info} on the same files (call L{kill} or cut its links first)."""
+        old = self.nodes[info.name]
+        old.chain.stop()
+        old.stores.close()
+        self.down.discard(info.name)
+        return self.add(info, ring)
+
     def set_ring(self, ring: Ring, order: list[str] | None = None) -> None:
         for name in order or list(self.nodes):
             if name not in self.down:

@@ -257,11 +257,7 @@ def test_a_restarted_replica_skips_what_it_already_has(net, tmp_path):
     net.kill(middle.name)
     in_flight = [put(net, ring, k, b"w") for k in keys[20:]]
     net.flush()
-    old = net.nodes[middle.name]
-    old.chain.stop()
-    old.stores.close()
-    net.down.discard(middle.name)
-    restarted = net.add(middle, ring)
+    restarted = net.restart(middle, ring)
     assert restarted.chain.replicas[head.name].last_serial == 20
     net.run(1.0)
     assert all(d.called for d in in_flight)
@@ -293,11 +289,7 @@ def test_a_restarted_head_resumes_its_chain_past_writes_it_never_forwarded(net):
     net.clock.advance(0)  # committed locally; not yet delivered
     net.kill(head.name)
     assert not any(d.called for d in lost)
-    old = net.nodes[head.name]
-    old.chain.stop()
-    old.stores.close()
-    net.down.discard(head.name)
-    restarted = net.add(head, ring)
+    restarted = net.restart(head, ring)
     assert restarted.chain.replicas[head.name].last_serial == 15
     # New writes flow again: the successor skips the gap of writes nobody acknowledged.
     for key in keys[15:]:
@@ -332,11 +324,8 @@ def test_a_restarted_middle_forwards_what_its_old_window_lost(net):
                 pump.clientIO.loseConnection()
                 pump.serverIO.loseConnection()
                 pump.pump()
-    old = net.nodes[middle.name]
-    old.chain.stop()
-    old.stores.close()
     net.cut.clear()
-    net.add(middle, ring)
+    net.restart(middle, ring)
     net.run(2.0)
     # Every write the head acknowledges is at the tail: none was answered from the middle's
     # memory of writes it had never passed on.

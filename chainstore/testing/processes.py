@@ -32,6 +32,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """C{count} distinct free TCP ports: all bound at once, so the kernel cannot hand out one
+    port twice (as separate L{free_port} calls may)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(s)
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def diagnostics(proc: subprocess.Popen[bytes] | None, log_path: Path) -> str:
     """The end of a process's stderr (once it has exited) and of its log file, for errors."""
     err = b""
@@ -54,8 +69,9 @@ class KVServerProcess:
         self.workdir = Path(workdir)
         self.name = name
         self.host = host
-        self.console_port = console_port or free_port(host)
-        self.amp_port = amp_port or free_port(host)
+        spare = iter(free_ports(2, host))
+        self.console_port = console_port or next(spare)
+        self.amp_port = amp_port or next(spare)
         self.data_dir = self.workdir / name
         self.log_path = self.workdir / f"{name}.log"
         self.extra_args = list(extra_args)
@@ -178,7 +194,7 @@ def write_ecs_config(workdir: str | os.PathLike[str], *, slots: int = 4, initial
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port(host)
+    port, *slot_ports = free_ports(1 + 2 * slots, host)
     config: dict[str, object] = {
         "listen": f"tcp:{port}:interface={host}",
         "advertise": f"tcp:{host}:{port}",
@@ -188,8 +204,8 @@ def write_ecs_config(workdir: str | os.PathLike[str], *, slots: int = 4, initial
         "failure-timeout": failure_timeout,
         "initial-nodes": initial_nodes,
         "nodes": [
-            {"name": f"server{i}", "host": host, "console-port": free_port(host),
-             "amp-port": free_port(host), "data-dir": str(workdir / f"server{i}")}
+            {"name": f"server{i}", "host": host, "console-port": slot_ports[2 * i - 2],
+             "amp-port": slot_ports[2 * i - 1], "data-dir": str(workdir / f"server{i}")}
             for i in range(1, slots + 1)
         ],
     }

@@ -47,13 +47,28 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+def stdout_path(log_path: Path) -> Path:
+    """Where a twistd process's standard output goes: usage errors are printed there."""
+    return log_path.with_name(log_path.name + ".stdout")
+
+
+def spawn(argv: list[str], cwd: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    with open(stdout_path(log_path), "wb") as out:
+        return subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.PIPE)
+
+
 def diagnostics(proc: subprocess.Popen[bytes] | None, log_path: Path) -> str:
-    """The end of a process's stderr (once it has exited) and of its log file, for errors."""
+    """The end of a process's stderr (once it has exited), its standard output and its log
+    file, for errors."""
     err = b""
     if proc is not None and proc.poll() is not None and proc.stderr and not proc.stderr.closed:
         err = proc.stderr.read() or b""
+    out_path = stdout_path(log_path)
+    out = out_path.read_text(errors="replace")[-2000:] if out_path.exists() else ""
     log = log_path.read_text(errors="replace")[-4000:] if log_path.exists() else ""
-    return f"stderr: {err.decode(errors='replace')[-2000:]}\nlog tail:\n{log}"
+    return (f"stderr: {err.decode(errors='replace')[-2000:]}\nstdout: {out}\n"
+            f"log tail:\n{log}")
 
 
 class ProcessFailed(RuntimeError):
@@ -103,8 +118,7 @@ class KVServerProcess:
     def start(self, timeout: float = 20.0) -> KVServerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         # Run from the work directory so no etc/kvserver.yaml of the caller's cwd is picked up.
-        self.proc = subprocess.Popen(self.argv(), cwd=self.workdir, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = spawn(self.argv(), self.workdir, self.log_path)
         self.wait_ready(timeout)
         return self
 
@@ -279,8 +293,7 @@ class ECSProcess:
     def start(self) -> ECSProcess:
         """Start the process and return at once (see L{wait_ready})."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(self.argv(), cwd=self.workdir, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = spawn(self.argv(), self.workdir, self.log_path)
         return self
 
     @property

@@ -107,21 +107,28 @@ def endpoint_port(description: str, option: str) -> int:
     return int(port)
 
 
-def read_options(path: str, known: Iterable[str],
-                 error: type[ValueError] = ConfigError) -> dict[str, Any]:
-    """The options of a YAML config file, keyed by option name; any problem raises C{error}
-    with a message that names the file (shared by the server's and the ECS's configuration)."""
+def _read_mapping(path: str, what: str, shape: str,
+                  error: type[ValueError]) -> dict[Any, Any]:
+    """A YAML file holding one mapping (empty file: empty mapping); errors name the file."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except OSError as e:
-        raise error(f"cannot read config file {path}: {e.strerror}") from None
+        raise error(f"cannot read {what} {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise error(f"config file {path} is not valid YAML: {e}") from None
+        raise error(f"{what} {path} is not valid YAML: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise error(f"config file {path} must hold a mapping of option: value")
+        raise error(f"{what} {path} must hold a mapping of {shape}")
+    return data
+
+
+def read_options(path: str, known: Iterable[str],
+                 error: type[ValueError] = ConfigError) -> dict[str, Any]:
+    """The options of a YAML config file, keyed by option name; any problem raises C{error}
+    with a message that names the file (shared by the server's and the ECS's configuration)."""
+    data = _read_mapping(path, "config file", "option: value", error)
     unknown = sorted(set(map(str, data)) - set(known))
     if unknown:
         raise error(f"config file {path}: unknown option(s) {', '.join(unknown)}; "
@@ -134,18 +141,7 @@ def load_peer_routes(path: str) -> dict[str, tuple[str, int]]:
     instead of that peer's advertised AMP address (an IPv6 host goes in brackets,
     ``"[::1]:7000"``). An empty file routes nothing; any other problem raises L{ConfigError}
     naming the file and the entry."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read peer-routes file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"peer-routes file {path} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"peer-routes file {path} must hold a mapping of server name: "
-                          '"host:port"')
+    data = _read_mapping(path, "peer-routes file", 'server name: "host:port"', ConfigError)
     routes: dict[str, tuple[str, int]] = {}
     for name, address in data.items():
         # YAML reads a bare 7 as an int (a valid name) but yes/no as booleans (never meant).

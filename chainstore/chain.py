@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from itertools import count
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +61,9 @@ BATCH_OPS = 256
 MAX_QUEUED_OPS = 20_000
 RETRY_SECONDS = 0.2
 LEASE_RETRY_SECONDS = 0.1
-RECENT_REQUESTS = 50_000
+# Enough for every write of the clients' retry deadline at full speed (about 30 s at 5,000
+# writes/s); an entry costs about 150 bytes.
+RECENT_REQUESTS = 150_000
 
 
 @dataclass
@@ -68,6 +71,9 @@ class _Batch:
     first: int
     last: int
     ops: list[Op]
+
+
+_tokens = count(1)
 
 
 @dataclass(eq=False)
@@ -111,8 +117,8 @@ class Replica:
     granted_until: float = 0.0
     # a quick renewal after a failed one, while this tail holds no lease (it refuses reads)
     lease_retry: Any = None
-    # request id -> serial of the write that carried it (bounded, oldest dropped first)
-    recent: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
+    # names this object among every replica of the process (request ids refer to it)
+    token: int = field(default_factory=lambda: next(_tokens))
 
 
 def chain_id(ring: Ring, index: int) -> str:
@@ -132,6 +138,10 @@ class ChainReplicator:
         self.epoch = 0
         self.replicas: dict[str, Replica] = {}
         self._turn: set[Replica] = set()
+        # request id -> (replica, serial) of the write that carried it, kept per server rather
+        # than per replica: a reconfiguration can move a range into another of this server's
+        # stores, and a retry arriving there must still be recognised (bounded, oldest first)
+        self.recent: OrderedDict[bytes, tuple[int, int]] = OrderedDict()
         self._turn_call: Any = None
         self._lease_loop = LoopingCall(self._renew_leases)
         self._lease_loop.clock = clock
@@ -254,15 +264,23 @@ class ChainReplicator:
     def write(self, replica: Replica, kind: int, key: bytes, value: bytes,
               request_id: bytes) -> tuple[bool, Deferred[int]]:
         """Apply a client write at the head; (key existed, fires when the tail has it)."""
-        if request_id and request_id in replica.recent:
-            # A retry of a write we already carry: wait for (or report) the same write.
-            return True, self._wait(replica, replica.recent[request_id])
+        seen = self.recent.get(request_id) if request_id else None
+        if seen is not None:
+            earlier, serial = seen
+            if earlier == replica.token:
+                # A retry of a write we already carry: wait for (or report) the same write.
+                return True, self._wait(replica, serial)
+            # Applied here in a role this server has since left: its range moved to this
+            # replica's store in a reconfiguration, which drains every write to its tail before
+            # it commits. The write is in this store; answer once this head's writes are at the
+            # tail, and never apply it twice (a later write may have replaced it).
+            return True, self.settled(replica)
         if len(replica.pending) + sum(len(b.ops) for b in replica.window) > MAX_QUEUED_OPS:
             raise ServerStopped("replication is backed up; retry shortly")
         serial = replica.last_serial + 1
         existed = replica.store.apply_one(kind, key, value, serial)
         replica.last_serial = serial
-        self._remember(replica, request_id, serial)
+        self.remember(replica, request_id, serial)
         if not replica.is_tail:
             replica.pending.append((serial, kind, key, value, request_id))
             replica.forwarded = serial
@@ -297,7 +315,7 @@ class ChainReplicator:
             replica.store.apply_ops(fresh, fresh[-1][0])
             replica.last_serial = fresh[-1][0]
             for op in fresh:
-                self._remember(replica, op[4], op[0])
+                self.remember(replica, op[4], op[0])
         last = ops[-1][0]
         if replica.is_tail:
             if fresh:
@@ -431,12 +449,12 @@ class ChainReplicator:
         for _, d in waiters:
             d.errback(error)
 
-    @staticmethod
-    def _remember(replica: Replica, request_id: bytes, serial: int) -> None:
+    def remember(self, replica: Replica, request_id: bytes, serial: int) -> None:
         if request_id:
-            replica.recent[request_id] = serial
-            if len(replica.recent) > RECENT_REQUESTS:
-                replica.recent.popitem(last=False)
+            recent = self.recent
+            recent[request_id] = (replica.token, serial)
+            if len(recent) > RECENT_REQUESTS:
+                recent.popitem(last=False)
 
     # -- leases ----------------------------------------------------------------------------------
 

@@ -99,7 +99,7 @@ class KVNode:
         check_key(key)
         replica = self._head_replica(key)
         self.counts["delete"] += 1
-        if replica.store.get(key) is None and request_id not in replica.recent:
+        if replica.store.get(key) is None and request_id not in self.chain.recent:
             # Answer only once every earlier write is at the tail: "not found" must not rest
             # on a write that could still be lost with this head.
             def missing(_: object) -> None:

@@ -754,3 +754,32 @@ def test_a_range_whose_chain_all_failed_is_repaired_from_a_replica_that_comes_ba
         c.check_placement(KEYS, read=False)
     finally:
         c.close()
+
+
+def test_a_retried_write_is_not_applied_again_after_its_range_moved_to_another_store(tmp_path):
+    # A put reaches every replica but its acknowledgement dies with its head; the client
+    # retries with the same request id. Meanwhile the repair merges the dead head's range into
+    # its successor's own range (another store on that server), and another client deletes
+    # the key. The retry must be answered as done: applying it again would bring back a value
+    # that an acknowledged delete removed.
+    c = Cluster(tmp_path, replication=3, initial=3)
+    try:
+        c.start()
+        ring = c.ring()
+        key = KEYS[0]
+        head, middle, _ = (n.name for n in ring.chain(key))
+        c.run(c.servers[head].node.put(key, b"first", request_id=b"rid-1"))
+        c.drop(head)
+        c.pass_time(TIMEOUT + 4 * INTERVAL)
+        assert head not in c.ecs.state.ring_members  # repaired: the range has a new owner
+        new_head, *_, tail = (c.servers[n.name].node for n in c.ring().chain(key))
+        assert new_head is c.servers[middle].node
+        c.run(new_head.delete(key, request_id=b"rid-2"))
+        assert c.run(new_head.put(key, b"first", request_id=b"rid-1")) is True
+        with pytest.raises(KeyNotFound):
+            tail.get(key)
+        # A new request id is a new write.
+        c.run(new_head.put(key, b"again", request_id=b"rid-3"))
+        assert tail.get(key) == b"again"
+    finally:
+        c.close()

@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: run run-standalone test bench torture venv clean
 
@@ -25,7 +26,15 @@ run-standalone: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
+# The bench extra (matplotlib, for the plots) on top of the test install; its own stamp, so
+# make test never needs it and a changed pyproject.toml reinstalls both.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+# Installs Redis and etcd from Debian's packages when missing (as root); BENCH_ARGS adds
+# options (python -m bench --help).
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # Every fault scenario for about a minute each against a real cluster (see README,

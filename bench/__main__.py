@@ -1,11 +1,19 @@
-"""``python -m bench``: start the systems, measure them in one session, print the table.
+"""``python -m bench``: YCSB-style workloads against chainstore and its peers, in one session.
 
-``--systems echo,single,chain`` (the default) chooses what is measured: a bare AMP echo server,
-one unreplicated ``twistd kvserver``, and an ECS with three servers replicating three ways.
+Systems (``--systems``, default ``chain,single,redis,etcd``): ``chain``, an ECS with three
+``twistd kvserver`` processes replicating every range three ways (puts to each key's head,
+gets to its tail); ``single``, one unreplicated server; ``redis``, a primary and two replicas,
+each write followed by ``WAIT 2 0``; ``etcd``, three members, linearizable reads; ``echo``, a
+bare AMP echo server (what AMP itself costs; not in the default set). Redis and etcd come from
+Debian's packages: missing ones are installed with apt-get when this runs as root, and a system
+still missing is reported as such (and the exit status is 3).
 
-The driver is the load generator: this process runs a Twisted reactor and talks raw AMP to
-servers that run in their own processes. Every process it starts is stopped by PID when the
-run ends, fails or is interrupted (Ctrl-C, SIGTERM).
+For each value size, every system is loaded with the record set, then each workload runs with
+each key distribution and in-flight count, repetitions interleaved and the systems' order
+rotating. The load generator is this process (one Twisted reactor); every server runs in its own
+processes, listens on 127.0.0.1 only, and is stopped by PID when the run ends, fails or is
+interrupted (Ctrl-C, SIGTERM). ``redis-benchmark`` runs against the same Redis primary after
+each repetition, to show what our load generator costs.
 """
 
 from __future__ import annotations
@@ -25,35 +33,50 @@ import twisted
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from bench.report import format_ratios, format_table, goal_verdicts, summarize
-from bench.runner import Measurement, Settings, run_session
+from bench.peers import (EtcdSystem, RedisSystem, ensure_installed, program_version,
+                         run_redis_benchmark)
+from bench.plots import matplotlib_missing, write_plots
+from bench.report import format_native, format_table, summarize, target_verdicts
+from bench.runner import NATIVE_REDIS, Case, Measurement, Settings, run_session
 from bench.systems import ChainSystem, EchoSystem, SingleSystem, SystemUnderTest
-from bench.workload import KeyValueWorkload
+from bench.ycsb import DISTRIBUTIONS, WORKLOADS, ZIPFIAN_CONSTANT, parse_names
+from chainstore.limits import MAX_KEY_BYTES, MAX_VALUE_BYTES
 
 INTERRUPTED = 130
+#: Some requested system could not be measured (its programs are missing).
+SYSTEM_MISSING = 3
 
-#: What --systems may name, in the default order.
+#: What --systems may name.
 SYSTEMS: dict[str, Callable[[str], SystemUnderTest]] = {
-    "echo": EchoSystem, "single": SingleSystem, "chain": ChainSystem}
+    "chain": ChainSystem, "single": SingleSystem, "redis": RedisSystem, "etcd": EtcdSystem,
+    "echo": EchoSystem}
+DEFAULT_SYSTEMS = ("chain", "single", "redis", "etcd")
+RESULTS = Path(__file__).resolve().parent / "results"
+MIN_KEY_BYTES = 8
 
 
-def _system_list(text: str) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    unknown = [n for n in names if n not in SYSTEMS]
-    if not names or unknown or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: give distinct names among {','.join(SYSTEMS)}, separated by commas")
-    return names
+def _names(known: tuple[str, ...] | list[str], what: str) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        try:
+            return parse_names(text, known, what)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
 
 
-def _inflight_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give numbers separated by commas") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give one or more counts >= 1")
-    return values
+def _counts(minimum: int, maximum: int | None = None) -> Callable[[str], tuple[int, ...]]:
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give numbers separated by commas") from None
+        if not values or min(values) < minimum or (maximum is not None and max(values) > maximum):
+            bound = f"{minimum}-{maximum}" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"{text!r}: give one or more numbers {bound}")
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"{text!r}: a number is given twice")
+        return values
+    return parse
 
 
 def _positive(kind: type) -> Callable[[str], Any]:
@@ -67,60 +90,121 @@ def _positive(kind: type) -> Callable[[str], Any]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d = Settings()
-    w = KeyValueWorkload()
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description=(
-            "Measure, in one session: a bare AMP echo server (echo), one unreplicated "
-            "chainstore server (single) and a chain of three servers under an ECS, every range "
-            "replicated three ways (chain): put and get throughput and p50/p99 latency with 1, "
-            "8 and 32 requests in flight; the ratios single/echo and chain/single. Chain puts "
-            "go to each key's head, gets to its tail. The load generator is this process, "
-            "speaking raw AMP over loopback."),
+            "YCSB-style workloads (A 50/50 read/update, B 95/5, C read only, W update only) "
+            "over a loaded record set, against a chainstore chain of three, one unreplicated "
+            "chainstore server, Redis (primary + 2 replicas, SET + WAIT 2 0) and etcd (3 "
+            "members, linearizable reads), through one load generator; throughput and "
+            "p50/p99/p99.9 latency, the ratio chain / each system, the issue's targets, a "
+            "JSON file and PNG plots."),
     )
-    parser.add_argument("--systems", type=_system_list, default=tuple(SYSTEMS),
-                        help="systems to measure, comma-separated, among "
-                             f"{','.join(SYSTEMS)} [default: {','.join(SYSTEMS)}]")
-    parser.add_argument("--ops", type=_positive(int), default=d.ops,
-                        help=f"operations per run [default: {d.ops}]")
-    parser.add_argument("--seconds", type=_positive(float), default=d.seconds,
-                        help=f"time cap per run; no request starts after it [default: {d.seconds}]")
+    parser.add_argument("--systems", type=_names(list(SYSTEMS), "systems"),
+                        default=DEFAULT_SYSTEMS,
+                        help=f"among {','.join(SYSTEMS)} [default: {','.join(DEFAULT_SYSTEMS)}]")
+    parser.add_argument("--workloads", type=_names(list(WORKLOADS), "workloads"),
+                        default=d.workloads,
+                        help=f"among {','.join(WORKLOADS)} [default: {','.join(d.workloads)}]")
+    parser.add_argument("--distributions", type=_names(list(DISTRIBUTIONS), "distributions"),
+                        default=d.distributions,
+                        help="key choice, among uniform,zipfian (constant "
+                             f"{ZIPFIAN_CONSTANT}, popular keys scattered over the key space) "
+                             f"[default: {','.join(d.distributions)}]")
+    parser.add_argument("--values", type=_counts(0, MAX_VALUE_BYTES), default=d.value_sizes,
+                        help="value sizes in bytes, each with its own load phase "
+                             f"[default: {','.join(map(str, d.value_sizes))}]")
+    parser.add_argument("--inflight", type=_counts(1), default=d.inflight,
+                        help="requests in flight per run "
+                             f"[default: {','.join(map(str, d.inflight))}]")
     parser.add_argument("--repeat", type=_positive(int), default=d.repeat,
                         help="repetitions; the table shows median and min-max "
                              f"[default: {d.repeat}]")
-    parser.add_argument("--inflight", type=_inflight_list, default=d.inflight,
-                        help="requests in flight per run, comma-separated "
-                             f"[default: {','.join(map(str, d.inflight))}]")
+    parser.add_argument("--ops", type=_positive(int), default=d.ops,
+                        help=f"operations per run, and per redis-benchmark test [default: {d.ops}]")
+    parser.add_argument("--seconds", type=_positive(float), default=d.seconds,
+                        help=f"time cap per run; no request starts after it [default: {d.seconds}]")
+    parser.add_argument("--records", type=_positive(int), default=d.records,
+                        help=f"records inserted by the load phase [default: {d.records}]")
+    parser.add_argument("--load-seconds", type=_positive(float), default=d.load_seconds,
+                        help="bound on one system's load phase; a load that does not finish "
+                             f"fails the run [default: {d.load_seconds}]")
     parser.add_argument("--connections", type=_positive(int), default=d.connections,
-                        help="AMP connections per system (chain: per server); requests go "
-                             f"round-robin over them [default: {d.connections}]")
+                        help="AMP connections per chainstore system (chain: per server), "
+                             "requests round-robin over them; Redis and etcd get one "
+                             f"connection per request in flight [default: {d.connections}]")
     parser.add_argument("--warmup", type=int, default=d.warmup,
-                        help="unmeasured operations per system before the runs "
+                        help="unmeasured operations per system after each load phase "
                              f"[default: {d.warmup}]")
-    parser.add_argument("--key-size", type=int, default=w.key_size,
-                        help=f"key bytes [default: {w.key_size}]")
-    parser.add_argument("--value-size", type=int, default=w.value_size,
-                        help=f"value bytes [default: {w.value_size}]")
-    parser.add_argument("--json", metavar="PATH", type=Path,
-                        help="also write every run and the summary as JSON to PATH")
+    parser.add_argument("--key-size", type=int, default=d.key_size,
+                        help=f"key bytes [default: {d.key_size}]")
+    parser.add_argument("--json", metavar="PATH", type=Path, default=RESULTS / "latest.json",
+                        help="where every run, the summary and the machine go "
+                             "[default: bench/results/latest.json]")
+    parser.add_argument("--plots", metavar="DIR", type=Path, default=RESULTS / "plots",
+                        help="folder for the PNG plots [default: bench/results/plots]")
+    parser.add_argument("--no-plots", action="store_true", help="draw no plots")
+    parser.add_argument("--no-native", action="store_true",
+                        help="do not run redis-benchmark beside the load generator")
+    parser.add_argument("--no-install", action="store_true",
+                        help="do not apt-get install missing Redis or etcd packages")
     args = parser.parse_args(argv)
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
-    try:
-        args.workload = KeyValueWorkload(args.key_size, args.value_size)
-    except ValueError as e:
-        parser.error(str(e))
-    args.settings = Settings(ops=args.ops, seconds=args.seconds, repeat=args.repeat,
-                             inflight=args.inflight, connections=args.connections,
-                             warmup=args.warmup)
+    if not MIN_KEY_BYTES <= args.key_size <= MAX_KEY_BYTES:
+        parser.error(f"--key-size must be {MIN_KEY_BYTES}-{MAX_KEY_BYTES}")
+    args.settings = Settings(
+        ops=args.ops, seconds=args.seconds, repeat=args.repeat, inflight=args.inflight,
+        connections=args.connections, warmup=args.warmup, records=args.records,
+        workloads=args.workloads, distributions=args.distributions, value_sizes=args.values,
+        key_size=args.key_size, load_seconds=args.load_seconds, native=not args.no_native)
     return args
 
 
-def _load_average() -> float | None:
+def _load_average() -> list[float] | None:
     try:
-        return round(os.getloadavg()[0], 2)
+        return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def memory_total() -> str | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return f"{int(line.split()[1]) / 2**20:.1f} GiB"
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def machine_description(systems: tuple[str, ...]) -> dict[str, Any]:
+    versions: dict[str, Any] = {"python": platform.python_version(),
+                                "twisted": twisted.__version__}
+    if "redis" in systems:
+        versions["redis-server"] = program_version(["redis-server", "--version"])
+        versions["redis-benchmark"] = program_version(["redis-benchmark", "--version"])
+    if "etcd" in systems:
+        versions["etcd"] = program_version(["etcd", "--version"])
+    try:
+        import matplotlib
+        versions["matplotlib"] = matplotlib.__version__
+    except ImportError:
+        versions["matplotlib"] = None
+    return {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "memory": memory_total(),
+            "platform": platform.platform(), "versions": versions}
 
 
 def _log(text: str) -> None:
@@ -128,10 +212,21 @@ def _log(text: str) -> None:
 
 
 def _progress(m: Measurement) -> None:
-    r = m.result
+    r, c = m.result, m.case
     cut = " (time cap)" if r.stopped_by_time else ""
-    _log(f"  rep {m.repetition} {m.system:>10} {m.op:<4} in-flight {r.inflight:>3}: "
-         f"{r.ops_per_second:>9,.0f} ops/s, {r.completed} ops in {r.elapsed:.2f}s{cut}")
+    _log(f"  rep {m.repetition} {c.workload:<4} {c.distribution:<7} {c.value_size:>6}B "
+         f"in-flight {c.inflight:>3} {m.system:>15}: {r.ops_per_second:>9,.0f} ops/s, "
+         f"{r.completed} ops{cut}")
+
+
+async def native_redis(reactor: Any, system: SystemUnderTest, inflight: int, ops: int,
+                       value_size: int, records: int) -> list[tuple[str, Case, Any]] | None:
+    """redis-benchmark SET and GET against the primary of a L{RedisSystem}."""
+    if not isinstance(system, RedisSystem):
+        return None
+    results = await run_redis_benchmark(reactor, system, inflight, ops, value_size, records)
+    return [(NATIVE_REDIS, Case(test, "uniform", value_size, inflight), result)
+            for test, result in results.items() if test in ("SET", "GET")]
 
 
 def run_reactor(main: Callable[[Any], Coroutine[Any, Any, Any]]) -> tuple[bool, Any]:
@@ -174,25 +269,39 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _machine_line(machine: dict[str, Any]) -> str:
+    return f"{machine['cpus']} CPUs ({machine['cpu_model']}), {machine['memory']}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # SIGTERM while the servers start (before the reactor's own handler) must still stop them.
     signal.signal(signal.SIGTERM, _interrupt)
-    settings, workload = args.settings, args.workload
+    settings = args.settings
+    missing = ensure_installed(args.systems, install=not args.no_install, log=_log)
+    for name, why in missing.items():
+        _log(f"MISSING: {name} cannot be measured: {why}")
+    names = tuple(n for n in args.systems if n not in missing)
+    machine = machine_description(args.systems)
     load_before = _load_average()
+    measurements: list[Measurement] = []
     with tempfile.TemporaryDirectory(prefix="chainstore-bench-") as workdir:
-        systems: list[SystemUnderTest] = [SYSTEMS[name](workdir) for name in args.systems]
+        systems: list[SystemUnderTest] = []
         try:
-            for system in systems:
+            for name in names:
+                system = SYSTEMS[name](workdir)
+                systems.append(system)
                 system.start()
                 _log(f"started {system.name} pid {','.join(map(str, system.pids))} "
                      "on %s:%d" % system.address)
-            _log(f"measuring: {settings.ops} ops or {settings.seconds}s per run, "
-                 f"{settings.repeat} repetitions, in flight {settings.inflight}, "
-                 f"{settings.connections} connection(s) per system, "
-                 f"{workload.key_size}-byte keys, {workload.value_size}-byte values")
+            _log(f"measuring: workloads {','.join(settings.workloads)}, keys "
+                 f"{','.join(settings.distributions)}, values {settings.value_sizes} B, "
+                 f"{settings.records} records, in flight {settings.inflight}, "
+                 f"{settings.ops} ops or {settings.seconds}s per run, {settings.repeat} "
+                 "repetitions")
+            native = native_redis if settings.native else None
             done, measurements = run_reactor(
-                lambda reactor: run_session(reactor, systems, workload, settings, _progress))
+                lambda reactor: run_session(reactor, systems, settings, _progress, native))
             described = [s.describe() for s in systems]
         except KeyboardInterrupt:
             # Ctrl-C or SIGTERM before the reactor runs (while starting the servers); once it
@@ -205,43 +314,51 @@ def main(argv: list[str] | None = None) -> int:
         _log("interrupted: every server process was stopped")
         return INTERRUPTED
 
-    load_after = _load_average()
-    names = {s.name for s in systems}
-    compare_to = {s.name: s.compare_to for s in systems
-                  if s.compare_to is not None and s.compare_to in names}
-    rows = summarize(measurements, compare_to)
-    print(f"chainstore benchmark of {', '.join(s.name for s in systems)}: {settings.repeat} "
-          f"repetitions of {settings.ops} ops (cap {settings.seconds}s each), system order "
-          f"rotating, {settings.connections} AMP connection(s) per system (chain: per server), "
-          f"{workload.key_size}-byte keys, {workload.value_size}-byte values; load generator "
-          f"and servers share {os.cpu_count()} CPUs (1-minute load average {load_before} "
-          f"before, {load_after} after: other work on the machine skews every figure)")
+    machine["load_average_before"] = load_before
+    machine["load_average_after"] = _load_average()
+    rows = summarize(measurements)
+    print(f"chainstore YCSB-style benchmark of {', '.join(names) or 'nothing'}: "
+          f"{settings.records} records loaded per value size, {settings.repeat} repetitions "
+          f"of {settings.ops} ops (cap {settings.seconds}s each), systems' order rotating; "
+          f"load generator and servers share {_machine_line(machine)}; 1/5/15-minute load "
+          f"average {load_before} before, {machine['load_average_after']} after (other work "
+          "on the machine skews every figure)")
+    for name, why in missing.items():
+        print(f"MISSING: {name} was not measured: {why}")
     print(format_table(rows))
-    ratios = format_ratios(rows)
-    if ratios:
-        print("\nthroughput ratios:\n" + ratios)
-    verdicts = goal_verdicts(rows)
-    if verdicts:
-        print("\n" + "\n".join(verdicts))
-    if args.json:
-        report = {
-            "argv": sys.argv[1:] if argv is None else argv,
-            "settings": {**vars(settings), "inflight": list(settings.inflight)},
-            "workload": workload.describe(),
-            "environment": {
-                "python": platform.python_version(), "twisted": twisted.__version__,
-                "platform": platform.platform(), "cpus": os.cpu_count(),
-                "load_average_before": load_before, "load_average_after": load_after,
-            },
-            "systems": described,
-            "compare_to": compare_to,
-            "runs": [m.to_json() for m in measurements],
-            "summary": [vars(r) for r in rows],
-            "goals": verdicts,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    native_table = format_native(rows)
+    if native_table:
+        print("\nthe load generator's cost: redis-benchmark (-c N -P 1: N connections, one "
+              "request in flight each, uniform random keys) against the same primary\n"
+              + native_table)
+    verdicts = target_verdicts(rows, missing, settings.distributions)
+    print("\ntargets (workloads W and C, 100-byte values, 32 in flight):\n"
+          + "\n".join(verdicts))
+    plots: list[str] = []
+    if not args.no_plots:
+        why = matplotlib_missing()
+        if why:
+            print(f"\nno plots: {why}")
+        else:
+            plots = [str(p) for p in write_plots(rows, args.plots, _machine_line(machine))]
+            print("\nplots: " + ", ".join(plots))
+    report = {
+        "argv": sys.argv[1:] if argv is None else argv,
+        "settings": settings.to_json(),
+        "machine": machine,
+        "systems": described,
+        "missing": missing,
+        "runs": [m.to_json() for m in measurements],
+        "summary": [{"system": r.system, **r.case.__dict__,
+                     **{k: v for k, v in r.__dict__.items() if k not in ("system", "case")}}
+                    for r in rows],
+        "targets": verdicts,
+        "plots": plots,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"json: {args.json}")
+    return SYSTEM_MISSING if missing else 0
 
 
 if __name__ == "__main__":

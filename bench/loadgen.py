@@ -59,6 +59,7 @@ class RunResult:
             "ops_per_s": self.ops_per_second,
             "p50_ms": percentile(ordered, 0.50) * 1e3,
             "p99_ms": percentile(ordered, 0.99) * 1e3,
+            "p999_ms": percentile(ordered, 0.999) * 1e3,
             "max_ms": ordered[-1] * 1e3,
             "stopped_by_time": self.stopped_by_time,
         }

@@ -1,153 +1,208 @@
-"""Turn measurements into figures: medians over repetitions, ratios between systems, a table.
+"""Turn measurements into figures: medians over repetitions, ratios chainstore / peer, targets.
 
-Throughput is the median of the repetitions' ops/s with their min and max; p50 and p99 are the
-medians of the repetitions' own percentiles. Each system's throughput is divided by that of the
-system it is compared to (L{bench.systems.SystemUnderTest.compare_to}) at the same in-flight
-count: the chain's by the single server's for the same operation, the single server's by the
-echo server's (whose only operation is echo).
+Throughput is the median of the repetitions' ops/s with their min and max; p50, p99 and p99.9
+are the medians of the repetitions' own percentiles. Every peer's throughput (the single
+server's too) is compared with the chain's for the same case (workload, key distribution, value
+size, in-flight count): the ratio column is chain / that system, so above 100% the chain is
+faster.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
-from bench.runner import Measurement
+from bench.runner import LOAD, NATIVE_REDIS, Case, Measurement
 
-#: The issue's bars: at this many in flight, a system's put throughput as a share of another's.
-GOAL_INFLIGHT = 32
-GOAL_RATIO = 0.5
-
-
-@dataclass(frozen=True)
-class Goal:
-    """C{system}'s C{op} throughput at C{inflight} must reach C{ratio} of C{versus}'s."""
-
-    system: str
-    op: str
-    versus: str
-    inflight: int = GOAL_INFLIGHT
-    ratio: float = GOAL_RATIO
-
-
-#: The issue's criteria: the chain against the single server, the single server against AMP.
-GOALS = (Goal("chain", "put", "single"), Goal("single", "put", "echo"))
+#: The system every other one is compared with.
+CHAIN = "chain"
+#: The issue's targets are measured with 100-byte values and 32 requests in flight.
+TARGET_VALUE_SIZE = 100
+TARGET_INFLIGHT = 32
 
 
 @dataclass(frozen=True)
 class Row:
     system: str
-    op: str
-    inflight: int
+    case: Case
     runs: int
     ops_per_s: float
     ops_per_s_min: float
     ops_per_s_max: float
-    p50_ms: float
-    p99_ms: float
+    p50_ms: float | None
+    p99_ms: float | None
+    p999_ms: float | None
     #: Median CPU microseconds per operation of the servers and of the load generator (None
     #: where the platform cannot tell): who limited the throughput.
     server_cpu_us_per_op: float | None
     client_cpu_us_per_op: float | None
-    #: ops/s divided by C{ratio_to}'s at the same in-flight count (None: nothing to divide by).
-    ratio: float | None = None
-    ratio_to: str | None = None
+    #: The chain's ops/s divided by this system's, same case (None: nothing to divide).
+    chain_ratio: float | None = None
 
 
-def summarize(measurements: Sequence[Measurement],
-              compare_to: Mapping[str, str] | None = None) -> list[Row]:
-    """One row per system, operation and in-flight count, in order of in-flight count and then
-    of the systems' first measurement; C{compare_to} maps a system to the one it is divided by.
-    """
-    groups: dict[tuple[str, str, int], list[Measurement]] = defaultdict(list)
-    order: dict[str, int] = {}
+def summarize(measurements: Sequence[Measurement]) -> list[Row]:
+    """One row per system and case: cases in the order first measured, and within a case the
+    systems in the order they were first measured."""
+    groups: dict[tuple[str, Case], list[Measurement]] = defaultdict(list)
+    case_order: dict[Case, int] = {}
+    system_order: dict[str, int] = {}
     for m in measurements:  # dicts keep insertion order
-        groups[(m.system, m.op, m.result.inflight)].append(m)
-        order.setdefault(m.system, len(order))
+        groups[(m.system, m.case)].append(m)
+        case_order.setdefault(m.case, len(case_order))
+        system_order.setdefault(m.system, len(system_order))
     rows = []
-    for (system, op, inflight), ms in groups.items():
+    for (system, case), ms in groups.items():
         rates = [m.result.ops_per_second for m in ms]
         summaries = [m.result.summary() for m in ms]
         rows.append(Row(
-            system=system, op=op, inflight=inflight, runs=len(ms),
+            system=system, case=case, runs=len(ms),
             ops_per_s=statistics.median(rates), ops_per_s_min=min(rates),
             ops_per_s_max=max(rates),
-            p50_ms=statistics.median(s["p50_ms"] for s in summaries),
-            p99_ms=statistics.median(s["p99_ms"] for s in summaries),
+            p50_ms=_median_or_none([s["p50_ms"] for s in summaries]),
+            p99_ms=_median_or_none([s["p99_ms"] for s in summaries]),
+            p999_ms=_median_or_none([s["p999_ms"] for s in summaries]),
             server_cpu_us_per_op=_median_or_none([m.server_cpu_us_per_op for m in ms]),
             client_cpu_us_per_op=_median_or_none([m.client_cpu_us_per_op for m in ms])))
-    rows = [_with_ratio(r, rows, (compare_to or {}).get(r.system)) for r in rows]
-    return sorted(rows, key=lambda r: (r.inflight, order[r.system]))
+    chain = {r.case: r.ops_per_s for r in rows if r.system == CHAIN}
+    rows = [_with_ratio(r, chain.get(r.case)) for r in rows]
+    return sorted(rows, key=lambda r: (case_order[r.case], system_order[r.system]))
 
 
-def _with_ratio(row: Row, rows: Sequence[Row], versus: str | None) -> Row:
-    if versus is None:
+def _with_ratio(row: Row, chain_ops: float | None) -> Row:
+    if row.system == CHAIN or chain_ops is None or row.ops_per_s <= 0:
         return row
-    same_count = [r for r in rows if r.system == versus and r.inflight == row.inflight]
-    # The same operation, or the other system's only one (echo has nothing but echo).
-    base = ([r for r in same_count if r.op == row.op]
-            or (same_count if len({r.op for r in same_count}) == 1 else []))
-    if not base or base[0].ops_per_s <= 0:
-        return row
-    return Row(**{**asdict(row), "ratio": row.ops_per_s / base[0].ops_per_s,
-                  "ratio_to": versus})
+    return replace(row, chain_ratio=chain_ops / row.ops_per_s)
 
 
-def _median_or_none(values: list[float | None]) -> float | None:
+def _median_or_none(values: Sequence[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return statistics.median(known) if known else None
 
 
-def format_table(rows: Sequence[Row]) -> str:
-    header = ("system", "op", "in-flight", "ops/s median [min-max]", "p50 ms", "p99 ms",
-              "throughput ratio", "server CPU us/op", "client CPU us/op")
-    lines = [header]
-    for r in rows:
-        lines.append((
-            r.system, r.op, str(r.inflight),
-            f"{r.ops_per_s:,.0f} [{r.ops_per_s_min:,.0f}-{r.ops_per_s_max:,.0f}]",
-            f"{r.p50_ms:.3f}", f"{r.p99_ms:.3f}",
-            "-" if r.ratio is None else f"{r.ratio:.0%} of {r.ratio_to}",
-            _us(r.server_cpu_us_per_op), _us(r.client_cpu_us_per_op),
-        ))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    # Names align left, figures right.
-    return "\n".join(
-        "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
-                  for i, (cell, w) in enumerate(zip(line, widths)))
-        for line in lines
-    )
-
-
-def format_ratios(rows: Sequence[Row]) -> str:
-    """The ratios alone, one line per compared pair and operation, across in-flight counts:
-    C{chain/single put: 1: 40%  8: 45%  32: 52%}."""
-    pairs: dict[tuple[str, str, str], list[Row]] = defaultdict(list)
-    for r in rows:
-        if r.ratio is not None and r.ratio_to is not None:
-            pairs[(r.system, r.ratio_to, r.op)].append(r)
-    return "\n".join(
-        f"{system}/{versus} {op:<4} " + "  ".join(
-            f"{r.inflight:>3} in flight: {r.ratio:>4.0%}"
-            for r in sorted(group, key=lambda r: r.inflight))
-        for (system, versus, op), group in pairs.items())
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _us(value: float | None) -> str:
     return "?" if value is None else f"{value:.0f}"
 
 
-def goal_verdicts(rows: Sequence[Row], goals: Sequence[Goal] = GOALS) -> list[str]:
-    """One pass/fail sentence per goal this run measured (both systems at the goal's count)."""
+def format_table(rows: Sequence[Row]) -> str:
+    """The load generator's rows (not the native tool's), one line per system and case."""
+    header = ("workload", "keys", "value B", "in-flight", "system", "ops/s median [min-max]",
+              "p50 ms", "p99 ms", "p99.9 ms", "chain / this", "server CPU us/op",
+              "client CPU us/op")
+    lines = [header]
+    for r in rows:
+        if r.system == NATIVE_REDIS:
+            continue
+        c = r.case
+        lines.append((
+            c.workload, c.distribution, str(c.value_size), str(c.inflight), r.system,
+            f"{r.ops_per_s:,.0f} [{r.ops_per_s_min:,.0f}-{r.ops_per_s_max:,.0f}]",
+            _ms(r.p50_ms), _ms(r.p99_ms), _ms(r.p999_ms),
+            "-" if r.chain_ratio is None else f"{r.chain_ratio:.0%}",
+            _us(r.server_cpu_us_per_op), _us(r.client_cpu_us_per_op)))
+    return _align(lines, left={0, 1, 4})
+
+
+def _align(lines: Sequence[Sequence[str]], left: set[int]) -> str:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i in left else cell.rjust(w)
+                  for i, (cell, w) in enumerate(zip(line, widths))).rstrip()
+        for line in lines)
+
+
+def format_native(rows: Sequence[Row]) -> str:
+    """redis-benchmark beside the load generator's Redis figures at the same value size and
+    in-flight count: GET beside workload C (reads only), SET beside workload W (our SET is
+    followed by WAIT 2 0, redis-benchmark's is not). Empty if the native tool did not run."""
+    native = [r for r in rows if r.system == NATIVE_REDIS]
+    if not native:
+        return ""
+    ours = {(r.case.workload, r.case.value_size, r.case.inflight): r
+            for r in rows if r.system == "redis" and r.case.distribution == "uniform"}
+    ours_any = {(r.case.workload, r.case.value_size, r.case.inflight): r
+                for r in rows if r.system == "redis" and r.case.workload in ("C", "W")}
+    header = ("redis-benchmark", "value B", "in-flight", "ops/s median [min-max]", "p50 ms",
+              "p99 ms", "load generator (same case)", "ops/s", "p50 ms", "p99 ms",
+              "load generator / native")
+    lines = [header]
+    for r in native:
+        c = r.case
+        workload = "C" if c.workload == "GET" else "W"
+        mine = ours.get((workload, c.value_size, c.inflight)) or ours_any.get(
+            (workload, c.value_size, c.inflight))
+        what = "-" if mine is None else (
+            f"{workload} {mine.case.distribution}" + (" SET+WAIT" if workload == "W" else " GET"))
+        lines.append((
+            c.workload, str(c.value_size), str(c.inflight),
+            f"{r.ops_per_s:,.0f} [{r.ops_per_s_min:,.0f}-{r.ops_per_s_max:,.0f}]",
+            _ms(r.p50_ms), _ms(r.p99_ms), what,
+            "-" if mine is None else f"{mine.ops_per_s:,.0f}",
+            _ms(None if mine is None else mine.p50_ms), _ms(None if mine is None else mine.p99_ms),
+            "-" if mine is None else f"{mine.ops_per_s / r.ops_per_s:.0%}"))
+    return _align(lines, left={0, 6})
+
+
+@dataclass(frozen=True)
+class Target:
+    """The chain's throughput in C{workload} must reach C{ratio} of C{versus}'s."""
+
+    label: str
+    workload: str
+    versus: str
+    ratio: float
+    stretch: bool = False
+
+
+#: The issue's targets (workloads W and C, 100-byte values, 32 in flight).
+TARGETS = (
+    Target("chain put >= etcd put", "W", "etcd", 1.0),
+    Target("chain get >= etcd linearizable get", "C", "etcd", 1.0),
+    Target("chain put >= 50% of single put", "W", "single", 0.5),
+    Target("chain put >= 50% of redis (SET + WAIT 2 0) put", "W", "redis", 0.5, stretch=True),
+)
+
+
+def target_verdicts(rows: Sequence[Row], missing: dict[str, str] | None = None,
+                    distributions: Sequence[str] = ("uniform", "zipfian"),
+                    targets: Sequence[Target] = TARGETS) -> list[str]:
+    """One line per target and key distribution: measured figures and PASS or FAIL, or why it
+    was not measured."""
+    by = {(r.system, r.case): r for r in rows}
     lines = []
-    for goal in goals:
-        for r in rows:
-            if (r.system, r.op, r.inflight, r.ratio_to) == (goal.system, goal.op, goal.inflight,
-                                                           goal.versus) and r.ratio is not None:
-                met = "PASS" if r.ratio >= goal.ratio else "FAIL"
-                lines.append(f"{met}: {goal.system} {goal.op} at {goal.inflight} in flight is "
-                             f"{r.ratio:.0%} of {goal.versus}'s throughput "
-                             f"(goal >= {goal.ratio:.0%})")
+    for t in targets:
+        tag = "stretch " if t.stretch else ""
+        measured_any = False
+        for distribution in distributions:
+            case = Case(t.workload, distribution, TARGET_VALUE_SIZE, TARGET_INFLIGHT)
+            chain, other = by.get((CHAIN, case)), by.get((t.versus, case))
+            if chain is None and other is None:
+                continue
+            measured_any = True
+            where = (f"({t.workload}, {distribution}, {TARGET_VALUE_SIZE} B, "
+                     f"{TARGET_INFLIGHT} in flight)")
+            if chain is None or other is None:
+                absent = CHAIN if chain is None else t.versus
+                lines.append(f"NOT MEASURED: {tag}{t.label} {where}: {absent} not measured")
+                continue
+            ratio = chain.ops_per_s / other.ops_per_s if other.ops_per_s > 0 else float("inf")
+            verdict = "PASS" if ratio >= t.ratio else "FAIL"
+            lines.append(f"{verdict}: {tag}{t.label} {where}: chain {chain.ops_per_s:,.0f} "
+                         f"ops/s, {t.versus} {other.ops_per_s:,.0f} ops/s, ratio {ratio:.0%} "
+                         f"(target >= {t.ratio:.0%})")
+        if not measured_any:
+            why = (missing or {}).get(t.versus)
+            lines.append(f"NOT MEASURED: {tag}{t.label} ({t.workload}, {TARGET_VALUE_SIZE} B, "
+                         f"{TARGET_INFLIGHT} in flight): "
+                         + (f"{t.versus} missing: {why}" if why else
+                            "the run did not include this case and both systems"))
     return lines
+
+
+def load_rows(rows: Sequence[Row]) -> list[Row]:
+    return [r for r in rows if r.case.workload == LOAD]

@@ -28,9 +28,12 @@ from bench.echo_server import Echo, EchoProtocol
 from bench.loadgen import ClosedLoop, RequestFailed, RunResult, percentile
 from bench.chain_join import Result as JoinResult
 from bench.chain_join import compare, value_of, version_of
-from bench.report import GOAL_INFLIGHT, format_ratios, goal_verdicts, summarize
-from bench.runner import Measurement, rotated, run_operations
-from bench.systems import ChainRouter, ChainSystem, SingleSystem, SystemUnderTest, WrongAnswer
+from bench.loadgen import RequestFailed as _RequestFailed
+from bench.report import format_table, summarize, target_verdicts
+from bench.runner import (Case, LoadIncomplete, Measurement, load_operations, rotated,
+                          run_operations, run_session, Settings)
+from bench.systems import ChainRouter, ChainSystem, EchoSystem, SingleSystem, SystemUnderTest
+from bench.ycsb import Operations, record_keys, record_values
 from bench.workload import KeyValueWorkload
 from chainstore import protocol
 from chainstore.limits import check_key
@@ -206,68 +209,6 @@ def test_workload_keys_are_valid_distinct_stable_and_fresh_per_tag() -> None:
         KeyValueWorkload(value_size=120_001)
 
 
-def _measurement(system: str, op: str, inflight: int, rep: int, ops_per_s: float,
-                 server_cpu_s: float = 0.5) -> Measurement:
-    latencies = [0.001] * 98 + [0.002, 0.005]
-    result = RunResult(inflight=inflight, completed=100, elapsed=100 / ops_per_s,
-                       latencies=latencies)
-    return Measurement(system, op, rep, result, server_cpu_s=server_cpu_s, client_cpu_s=0.25)
-
-
-COMPARE = {"single": "echo", "chain": "single"}
-
-
-def test_summary_takes_medians_over_repetitions_and_divides_by_the_baseline() -> None:
-    ms = [
-        _measurement("echo", "echo", GOAL_INFLIGHT, 1, 10_000),
-        _measurement("echo", "echo", GOAL_INFLIGHT, 2, 12_000),
-        _measurement("echo", "echo", GOAL_INFLIGHT, 3, 8_000),
-        _measurement("single", "put", GOAL_INFLIGHT, 1, 4_000),
-        _measurement("single", "put", GOAL_INFLIGHT, 2, 6_000),
-        _measurement("single", "put", GOAL_INFLIGHT, 3, 5_500, server_cpu_s=0.7),
-    ]
-    rows = summarize(ms, COMPARE)
-    echo, put = rows
-    assert (echo.system, echo.ratio, echo.ratio_to) == ("echo", None, None)
-    assert echo.ops_per_s == 10_000 and (echo.ops_per_s_min, echo.ops_per_s_max) == (8_000, 12_000)
-    assert put.ops_per_s == 5_500
-    assert put.ratio == pytest.approx(0.55) and put.ratio_to == "echo"
-    assert put.p50_ms == pytest.approx(1.0) and put.p99_ms == pytest.approx(2.0)
-    assert put.server_cpu_us_per_op == pytest.approx(5000.0)
-    assert goal_verdicts(rows) == [
-        "PASS: single put at 32 in flight is 55% of echo's throughput (goal >= 50%)"]
-
-    slow = [m for m in ms if m.system == "echo"] + [
-        _measurement("single", "put", GOAL_INFLIGHT, r, 4_000) for r in (1, 2, 3)]
-    [verdict] = goal_verdicts(summarize(slow, COMPARE))
-    assert verdict.startswith("FAIL:") and "40%" in verdict
-
-
-def test_the_chain_is_divided_by_the_single_server_for_the_same_operation() -> None:
-    ms = [_measurement("echo", "echo", n, 1, 10_000) for n in (8, 32)] + [
-        _measurement("single", "put", 32, 1, 6_000),
-        _measurement("single", "get", 32, 1, 9_000),
-        _measurement("chain", "put", 32, 1, 2_400),
-        _measurement("chain", "get", 32, 1, 9_900),
-        _measurement("chain", "put", 8, 1, 1_000),   # no single server at 8: no ratio
-    ]
-    rows = {(r.system, r.op, r.inflight): r for r in summarize(ms, COMPARE)}
-    assert rows[("chain", "put", 32)].ratio == pytest.approx(0.4)
-    assert rows[("chain", "get", 32)].ratio == pytest.approx(1.1)
-    assert rows[("chain", "put", 32)].ratio_to == "single"
-    assert rows[("single", "get", 32)].ratio == pytest.approx(0.9)   # by echo's only op
-    assert rows[("chain", "put", 8)].ratio is None
-    assert goal_verdicts(list(rows.values())) == [
-        "FAIL: chain put at 32 in flight is 40% of single's throughput (goal >= 50%)",
-        "PASS: single put at 32 in flight is 60% of echo's throughput (goal >= 50%)"]
-    ratios = format_ratios(list(rows.values())).splitlines()
-    assert [line for line in ratios if line.startswith("chain/single put")] == [
-        "chain/single put   32 in flight:  40%"]
-    # Without the system compared to, nothing is divided and no goal is judged.
-    alone = summarize([m for m in ms if m.system == "chain"], COMPARE)
-    assert all(r.ratio is None for r in alone) and goal_verdicts(alone) == []
-
-
 def test_each_repetition_rotates_the_order_of_the_systems() -> None:
     systems = ["echo", "single", "chain"]
     assert [rotated(systems, r) for r in (1, 2, 3, 4)] == [  # type: ignore[arg-type]
@@ -377,32 +318,38 @@ def _cleanup(proc: subprocess.Popen[bytes], stderr_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+_TINY = ("--values", "100", "--no-plots", "--no-install", "--no-native")
+
+
 @pytest.mark.integration
 def test_python_m_bench_measures_real_servers_and_stops_them(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
-    proc, stderr_path = _bench(tmp_path, "--systems", "echo,single", "--ops", "40", "--repeat",
-                               "2", "--inflight", "1,4", "--warmup", "8", "--seconds", "20",
-                               "--json", str(out))
+    proc, stderr_path = _bench(tmp_path, "--systems", "echo,single", "--workloads", "W,C",
+                               "--records", "40", "--ops", "40", "--repeat", "2", "--inflight",
+                               "1,4", "--warmup", "8", "--seconds", "20", "--json", str(out),
+                               *_TINY)
     try:
         stdout, _ = proc.communicate(timeout=60)
     finally:
         _cleanup(proc, stderr_path)
     assert proc.returncode == 0, stderr_path.read_text()
     report = json.loads(out.read_text())
-    runs = {(r["system"], r["op"], r["inflight"], r["repetition"]): r for r in report["runs"]}
-    assert set(runs) == {(s, op, n, rep) for s, op in
-                         (("echo", "echo"), ("single", "put"), ("single", "get"))
-                         for n in (1, 4) for rep in (1, 2)}
-    # Every get found what its put wrote (the bench checks each value), none was cut short.
+    runs = {(r["system"], r["workload"], r["inflight"], r["repetition"]): r
+            for r in report["runs"]}
+    # A load phase per system (every record, as many in flight as the most of any run), then
+    # each workload at each count in each repetition.
+    assert set(runs) == {(s, "load", 4, 0) for s in ("echo", "single")} | {
+        (s, w, n, rep) for s in ("echo", "single") for w in ("W", "C") for n in (1, 4)
+        for rep in (1, 2)}
+    # Every get found a value that was put (the bench checks each), none was cut short.
     assert all(r["completed"] == 40 and r["ops_per_s"] > 0 and not r["stopped_by_time"]
-               and 0 < r["p50_ms"] <= r["p99_ms"] for r in runs.values())
-    ratios = {(r["op"], r["inflight"]): r["ratio"] for r in report["summary"]
-              if r["system"] == "single" and r["ratio_to"] == "echo"}
-    assert set(ratios) == {("put", 1), ("get", 1), ("put", 4), ("get", 4)}
-    assert all(ratio > 0 for ratio in ratios.values())
+               and 0 < r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"] for r in runs.values())
+    assert report["settings"]["records"] == 40 and report["machine"]["cpus"] == os.cpu_count()
     table = stdout.decode()
-    assert "% of echo" in table and "single  put" in table
-    assert "single/echo put" in table and "chain/single" not in table
+    assert re.search(r"^C\s+zipfian\s+100\s+4\s+single\s", table, re.M)
+    # No chain: nothing to divide, and the targets say why they were not judged.
+    assert all(r["chain_ratio"] is None for r in report["summary"])
+    assert all(t.startswith("NOT MEASURED") for t in report["targets"])
     pids = [pid for s in report["systems"] for pid in s["pids"]]
     assert len(pids) == 2 and [[p] for p in pids] == list(_started_pids(stderr_path).values())
     assert all(_gone(pid) for pid in pids)
@@ -412,7 +359,8 @@ def test_python_m_bench_measures_real_servers_and_stops_them(tmp_path: Path) -> 
 def test_ctrl_c_stops_every_server(tmp_path: Path) -> None:
     # Many short runs: the first progress line proves measuring is under way, and the whole
     # session would last minutes if the interrupt were ignored.
-    proc, stderr_path = _bench(tmp_path, "--ops", "50", "--repeat", "10000", "--warmup", "0")
+    proc, stderr_path = _bench(tmp_path, "--systems", "echo,single,chain", "--records", "50",
+                               "--ops", "50", "--repeat", "10000", "--warmup", "0", *_TINY)
     try:
         _wait_for(lambda: "rep 1" in stderr_path.read_text(), 60, "the first measured run")
         pids = _started_pids(stderr_path)
@@ -428,8 +376,8 @@ def test_ctrl_c_stops_every_server(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_a_server_dying_mid_run_fails_the_bench_and_stops_the_other(tmp_path: Path) -> None:
-    proc, stderr_path = _bench(tmp_path, "--systems", "echo,single", "--ops", "50", "--repeat",
-                               "10000", "--warmup", "0")
+    proc, stderr_path = _bench(tmp_path, "--systems", "echo,single", "--records", "50", "--ops",
+                               "50", "--repeat", "10000", "--warmup", "0", *_TINY)
     try:
         _wait_for(lambda: "rep 1" in stderr_path.read_text(), 30, "the first measured run")
         pids = _started_pids(stderr_path)
@@ -445,9 +393,10 @@ def test_a_server_dying_mid_run_fails_the_bench_and_stops_the_other(tmp_path: Pa
 @pytest.mark.integration
 def test_python_m_bench_measures_a_chain_of_three_routing_by_key(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
-    proc, stderr_path = _bench(tmp_path, "--systems", "single,chain", "--ops", "60", "--repeat",
-                               "1", "--inflight", "1,8", "--warmup", "10", "--seconds", "20",
-                               "--json", str(out))
+    proc, stderr_path = _bench(tmp_path, "--systems", "single,chain", "--workloads", "W,C",
+                               "--records", "60", "--ops", "60", "--repeat", "1", "--inflight",
+                               "1,8", "--warmup", "10", "--seconds", "20", "--json", str(out),
+                               *_TINY)
     try:
         stdout, _ = proc.communicate(timeout=90)
     finally:
@@ -460,14 +409,13 @@ def test_python_m_bench_measures_a_chain_of_three_routing_by_key(tmp_path: Path)
     runs = [r for r in report["runs"] if r["system"] == "chain"]
     # A put to a server that is not the key's head, or a get to one that is not its tail, is
     # refused (server_not_responsible) and fails the run; every get checked its value.
-    assert sorted((r["op"], r["inflight"]) for r in runs) == [
-        ("get", 1), ("get", 8), ("put", 1), ("put", 8)]
+    assert sorted((r["workload"], r["inflight"]) for r in runs) == [
+        ("C", 1), ("C", 8), ("W", 1), ("W", 8), ("load", 8)]
     assert all(r["completed"] == 60 and not r["stopped_by_time"] for r in runs)
-    ratios = {(r["op"], r["inflight"]): r["ratio"] for r in report["summary"]
-              if r["system"] == "chain" and r["ratio_to"] == "single"}
-    assert set(ratios) == {("put", 1), ("get", 1), ("put", 8), ("get", 8)}
+    ratios = {(r["workload"], r["inflight"]): r["chain_ratio"] for r in report["summary"]
+              if r["system"] == "single"}
+    assert set(ratios) == {("C", 1), ("C", 8), ("W", 1), ("W", 8), ("load", 8)}
     assert all(ratio > 0 for ratio in ratios.values())
-    assert "% of single" in stdout.decode() and report["compare_to"] == {"chain": "single"}
     assert all(_gone(pid) for pid in chain["pids"])
 
 
@@ -523,38 +471,37 @@ class FakeConnection:
         return succeed(self.answer)
 
 
-def test_kvserver_system_sends_put_and_get_and_rejects_a_wrong_value(tmp_path: Path) -> None:
+def test_kvserver_system_sends_put_and_get_and_answers_the_value(tmp_path: Path) -> None:
     system = SingleSystem(tmp_path)
     conn = FakeConnection({"updated": False})
     results_of(system.request("put", conn, b"k" * 16, b"v" * 100))  # type: ignore[arg-type]
     assert conn.sent == [(protocol.Put, {"key": b"k" * 16, "value": b"v" * 100})]
 
     right = FakeConnection({"value": b"v" * 100})
-    [ok] = results_of(system.request("get", right, b"k" * 16, b"v" * 100))  # type: ignore[arg-type]
+    [value] = results_of(system.request("get", right, b"k" * 16, b""))  # type: ignore[arg-type]
     assert right.sent == [(protocol.Get, {"key": b"k" * 16})]
-    assert not isinstance(ok, Failure)
-    wrong = FakeConnection({"value": b"w" * 100})
-    [bad] = results_of(
-        system.request("get", wrong, b"k" * 16, b"v" * 100))  # type: ignore[arg-type]
-    assert isinstance(bad, Failure) and bad.check(WrongAnswer)
+    assert value == b"v" * 100
     with pytest.raises(ValueError):
         system.request("echo", conn, b"k", b"v")  # type: ignore[arg-type]
 
 
 class RecordingSystem(SystemUnderTest):
-    """A system without processes: answers at once and records the keys of each operation.
+    """A system without processes: a dict, answering at once; records every request.
 
     Each put takes 100 ms of C{clock}; gets take no time at all.
     """
 
-    name = "recording"
     operations = ("put", "get")
     address = ("127.0.0.1", 1)
     pids: list[int] = []
 
-    def __init__(self) -> None:
-        self.keys: dict[str, list[bytes]] = {"put": [], "get": []}
+    def __init__(self, name: str = "recording", log: list[tuple[str, str, bytes]] | None = None,
+                 corrupt: bool = False) -> None:
+        self.name = name
+        self.data: dict[bytes, bytes] = {}
+        self.log = [] if log is None else log
         self.clock = FakeClock()
+        self.corrupt = corrupt
 
     def start(self) -> None:
         pass
@@ -562,25 +509,137 @@ class RecordingSystem(SystemUnderTest):
     def stop(self) -> None:
         pass
 
-    def request(self, op: str, conn: amp.AMP, key: bytes, value: bytes) -> Deferred[None]:
-        self.keys[op].append(key)
+    async def connect(self, reactor: object, count: int, inflight: int = 1) -> list[object]:
+        return [None] * count
+
+    def disconnect(self, handles: object) -> None:
+        pass
+
+    def request(self, op: str, conn: object, key: bytes, value: bytes) -> Deferred[object]:
+        self.log.append((self.name, op, key))
         if op == "put":
             self.clock.t += 0.1
-        return succeed(None)
+            self.data[key] = value
+            return succeed(None)
+        stored = self.data.get(key)
+        return succeed(stored[:-1] if self.corrupt and stored else stored)
 
 
-def test_reads_after_a_time_capped_write_run_use_only_the_written_keys() -> None:
+def test_a_run_reads_and_updates_the_drawn_records_and_checks_every_answer() -> None:
+    keys = record_keys(10)
+    values = record_values(20)
     system = RecordingSystem()
-    keys = KeyValueWorkload().keys("t", 1000)
-    [done] = results_of(Deferred.fromCoroutine(run_operations(
-        system, [None], keys, b"v", inflight=2, seconds=0.5,  # type: ignore[list-item]
-        repetition=1, now=system.clock)))
-    assert not isinstance(done, Failure), done
-    put, get = done  # type: ignore[misc]
-    assert put.result.stopped_by_time and 0 < put.result.completed < 1000
-    assert system.keys["put"] == keys[:put.result.completed]
-    # The gets are not cut short by time: every written key is read, and only those.
-    assert not get.result.stopped_by_time
-    assert system.keys["get"] == system.keys["put"]
-    assert (put.op, get.op, put.repetition) == ("put", "get", 1)
-    assert put.server_cpu_s == 0.0 and put.client_cpu_s is not None  # it has no processes
+    system.data = {k: values[0] for k in keys}
+    ops = Operations(reads=[False, True, True, False, True], records=[3, 3, 7, 0, 0])
+    [result] = results_of(run_operations(system, [None], ops, keys, values, inflight=2,
+                                         seconds=60, now=system.clock))
+    assert isinstance(result, RunResult) and result.completed == 5
+    assert system.log == [("recording", "put", keys[3]), ("recording", "get", keys[3]),
+                          ("recording", "get", keys[7]), ("recording", "put", keys[0]),
+                          ("recording", "get", keys[0])]
+    # Updates write the second value; a read may find either.
+    assert system.data[keys[3]] == values[1] and system.data[keys[7]] == values[0]
+
+    # A get answering bytes that were never put, or nothing, fails the run.
+    corrupt = RecordingSystem(corrupt=True)
+    corrupt.data = {k: values[0] for k in keys}
+    [failure] = results_of(run_operations(corrupt, [None], Operations([True], [1]), keys,
+                                          values, inflight=1, seconds=60))
+    assert isinstance(failure, Failure) and failure.check(_RequestFailed)
+    assert "WrongAnswer" in str(failure.value) and "19 bytes" in str(failure.value)
+    empty = RecordingSystem()
+    [failure] = results_of(run_operations(empty, [None], Operations([True], [1]), keys,
+                                          values, inflight=1, seconds=60))
+    assert isinstance(failure, Failure) and "answered nothing" in str(failure.value)
+
+
+def test_a_system_that_answers_no_values_is_not_checked(tmp_path: Path) -> None:
+    echo = EchoSystem(tmp_path)
+    conn = FakeConnection({"updated": False})
+    keys = record_keys(3)
+    [result] = results_of(run_operations(echo, [conn], Operations([True, False], [0, 1]), keys,
+                                         record_values(10), inflight=1, seconds=60))
+    assert isinstance(result, RunResult) and result.completed == 2
+    # Each operation costs the AMP message it would cost a kvserver.
+    assert [kw["value"] for _, kw in conn.sent] == [b"", record_values(10)[1]]
+
+
+def test_a_session_loads_every_record_then_runs_each_case_on_every_system_alike() -> None:
+    log: list[tuple[str, str, bytes]] = []
+    systems = [RecordingSystem("one", log), RecordingSystem("two", log)]
+    settings = Settings(ops=30, seconds=60, repeat=2, inflight=(1, 4), warmup=0, records=20,
+                        workloads=("A", "W"), distributions=("uniform", "zipfian"),
+                        value_sizes=(10, 30))
+    [ms] = results_of(Deferred.fromCoroutine(run_session(None, systems, settings)))
+    assert not isinstance(ms, Failure), ms
+    measured = [(m.system, m.case, m.repetition) for m in ms]  # type: ignore[attr-defined]
+    # Per value size: a load of both systems, then repetitions interleaved, the systems'
+    # order rotating between repetitions.
+    assert measured[:2] == [("one", Case("load", "-", 10, 4), 0),
+                            ("two", Case("load", "-", 10, 4), 0)]
+    first = Case("A", "uniform", 10, 1)
+    assert measured[2:4] == [("one", first, 1), ("two", first, 1)]
+    rep2 = measured.index(("two", first, 2))
+    assert measured[rep2 + 1] == ("one", first, 2)
+    assert len(ms) == 2 * (2 + 2 * 2 * 2 * 2 * 2)  # type: ignore[arg-type]
+    assert measured[len(measured) // 2][1] == Case("load", "-", 30, 4)
+    # Both systems ran exactly the same operations, and hold the same data at the end.
+    assert [e[1:] for e in log if e[0] == "one"] == [e[1:] for e in log if e[0] == "two"]
+    assert systems[0].data == systems[1].data
+    assert set(systems[0].data) == set(record_keys(20))
+    assert all(len(v) == 30 for v in systems[0].data.values())
+
+
+def test_a_load_cut_short_by_its_time_bound_fails_the_session() -> None:
+    system = RecordingSystem()
+    settings = Settings(ops=10, seconds=60, repeat=1, inflight=(2,), warmup=0, records=50,
+                        workloads=("C",), value_sizes=(10,), load_seconds=0.5)
+    # Puts take 100 ms of the system's clock: half a second loads a handful of records.
+    import bench.runner
+    real = bench.runner.run_operations
+
+    def on_the_system_clock(*args, **kwargs):  # type: ignore[no-untyped-def]
+        return real(*args, **{**kwargs, "now": system.clock})
+
+    bench.runner.run_operations = on_the_system_clock  # type: ignore[assignment]
+    try:
+        [failure] = results_of(Deferred.fromCoroutine(run_session(None, [system], settings)))
+    finally:
+        bench.runner.run_operations = real  # type: ignore[assignment]
+    assert isinstance(failure, Failure) and failure.check(LoadIncomplete)
+    assert "of 50 records" in str(failure.value)
+
+
+def test_the_report_takes_medians_and_divides_the_chain_by_each_system() -> None:
+    def m(system: str, rep: int, rate: float, workload: str = "W") -> Measurement:
+        latencies = [0.001] * 997 + [0.002, 0.004, 0.008]
+        result = RunResult(inflight=32, completed=1000, elapsed=1000 / rate, latencies=latencies)
+        return Measurement(system, Case(workload, "zipfian", 100, 32), rep, result, 0.5, 0.25)
+
+    rows = summarize([m("chain", 1, 3000), m("chain", 2, 5000), m("chain", 3, 4000),
+                      m("etcd", 1, 2000), m("etcd", 2, 2500), m("etcd", 3, 1000),
+                      m("single", 1, 9000), m("redis", 1, 7000)])
+    by = {r.system: r for r in rows}
+    assert [r.system for r in rows] == ["chain", "etcd", "single", "redis"]
+    assert (by["chain"].ops_per_s, by["chain"].ops_per_s_min, by["chain"].ops_per_s_max) == (
+        4000, 3000, 5000)
+    assert by["chain"].p50_ms == pytest.approx(1.0) and by["chain"].p99_ms == pytest.approx(1.0)
+    assert by["chain"].p999_ms == pytest.approx(4.0)
+    assert by["chain"].server_cpu_us_per_op == pytest.approx(500)
+    assert by["chain"].chain_ratio is None
+    assert by["etcd"].chain_ratio == pytest.approx(2.0)
+    assert by["single"].chain_ratio == pytest.approx(4000 / 9000)
+    table = format_table(rows).splitlines()
+    assert table[0].split()[:5] == ["workload", "keys", "value", "B", "in-flight"]
+    assert re.match(r"W\s+zipfian\s+100\s+32\s+etcd\s+2,000 \[1,000-2,500\]\s+1\.00\s+1\.00"
+                    r"\s+4\.00\s+200%", table[2]), table[2]
+    verdicts = target_verdicts(rows, {}, ("zipfian",))
+    assert verdicts[0].startswith("PASS: chain put >= etcd put (W, zipfian, 100 B, 32 in flight)")
+    assert "ratio 200%" in verdicts[0]
+    assert verdicts[1].startswith("NOT MEASURED: chain get >= etcd linearizable get")
+    assert verdicts[2].startswith("FAIL: chain put >= 50% of single put") and "44%" in verdicts[2]
+    assert verdicts[3].startswith("PASS: stretch chain put >= 50% of redis") and "57%" in verdicts[3]
+    alone = [r for r in rows if r.system != "etcd"]
+    assert target_verdicts(alone, {"etcd": "etcd missing (Debian package etcd-server)"},
+                           ("zipfian",))[0] == (
+        "NOT MEASURED: chain put >= etcd put (W, zipfian, 100 B, 32 in flight): etcd not measured")

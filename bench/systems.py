@@ -5,9 +5,10 @@ driver; the load generator reaches it over loopback AMP. A system names the oper
 serves in the order a key set must see them (writes before the reads of the same keys), and
 the system its figures are divided by in the table (L{SystemUnderTest.compare_to}).
 
-Three systems: L{EchoSystem} (a bare AMP server: what AMP and Twisted cost), L{SingleSystem}
-(one unreplicated ``twistd kvserver``) and L{ChainSystem} (an ECS and three servers replicating
-every range three ways; the client sends each put to its key's head and each get to its tail).
+Here chainstore's systems: L{EchoSystem} (a bare AMP server: what AMP and Twisted cost),
+L{SingleSystem} (one unreplicated ``twistd kvserver``) and L{ChainSystem} (an ECS and three
+servers replicating every range three ways; the client sends each put to its key's head and
+each get to its tail). The peers, Redis and etcd, are in L{bench.peers}.
 """
 
 from __future__ import annotations

@@ -32,7 +32,6 @@ from bench.runner import (Case, LoadIncomplete, Measurement, load_operations, ro
                           run_operations, run_session, Settings)
 from bench.systems import ChainRouter, ChainSystem, EchoSystem, SingleSystem, SystemUnderTest
 from bench.ycsb import Operations, record_keys, record_values
-from bench.workload import KeyValueWorkload
 from chainstore import protocol
 from chainstore.limits import check_key
 from chainstore.ring import NodeInfo, Ring
@@ -190,19 +189,12 @@ def test_echo_takes_puts_arguments_and_answers_like_put_over_real_amp_framing() 
     assert answers == [{"updated": False}]
 
 
-def test_workload_keys_are_valid_distinct_stable_and_fresh_per_tag() -> None:
-    w = KeyValueWorkload(key_size=16, value_size=100)
-    keys = w.keys("r1n8", 500)
+def test_record_keys_are_valid_distinct_and_stable() -> None:
+    keys = record_keys(500)
     assert len(set(keys)) == 500
     assert all(len(k) == 16 and check_key(k) for k in keys)
-    assert w.keys("r1n8", 500) == keys
-    assert not set(w.keys("r2n8", 500)) & set(keys)
-    assert len(w.value()) == 100 and w.value() == w.value()
-    assert len(KeyValueWorkload(key_size=20, value_size=0).keys("t", 3)[0]) == 20
-    with pytest.raises(ValueError):
-        KeyValueWorkload(key_size=21)
-    with pytest.raises(ValueError):
-        KeyValueWorkload(value_size=120_001)
+    assert record_keys(500) == keys and record_keys(10) == keys[:10]
+    assert len(record_keys(3, key_size=20)[0]) == 20
 
 
 def test_each_repetition_rotates_the_order_of_the_systems() -> None:
@@ -222,7 +214,7 @@ def test_chain_router_sends_puts_to_the_head_and_gets_to_the_tail(tmp_path: Path
     conns = {n.name: FakeConnection({"updated": False}) for n in ring.nodes}
     router = ChainRouter(ring, conns)  # type: ignore[arg-type]
     system = ChainSystem(tmp_path)  # writes the ECS's config, starts nothing
-    keys = KeyValueWorkload().keys("route", 200)
+    keys = record_keys(200)
     for key in keys:
         chain = ring.chain(key)
         assert router.head(key) is conns[chain[0].name]

@@ -90,6 +90,7 @@ class Ring:
     replication: int = 3
     dead: frozenset[str] = frozenset()
     _positions: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _live_chains: dict[int, tuple[NodeInfo, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ordered = tuple(sorted(self.nodes, key=lambda n: (n.position, n.name)))
@@ -104,6 +105,8 @@ class Ring:
         object.__setattr__(self, "nodes", ordered)
         object.__setattr__(self, "dead", frozenset(self.dead))
         object.__setattr__(self, "_positions", positions)
+        # index -> live chain, filled on first use (a ring never changes; every request asks)
+        object.__setattr__(self, "_live_chains", {})
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -146,10 +149,11 @@ class Ring:
 
     def chain_for_index(self, index: int) -> tuple[NodeInfo, ...]:
         """Head, middle, ..., tail of the live chain of the range owned by server C{index}."""
-        chain = self.ring_chain(index)
-        if not self.dead:
-            return chain
-        return tuple(n for n in chain if n.name not in self.dead)
+        chain = self._live_chains.get(index)
+        if chain is None:
+            chain = tuple(n for n in self.ring_chain(index) if n.name not in self.dead)
+            self._live_chains[index] = chain
+        return chain
 
     def chain(self, key: bytes) -> tuple[NodeInfo, ...]:
         return self.chain_for_index(self.owner_index(position(key)))

@@ -26,6 +26,8 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
+from itertools import groupby
+from operator import itemgetter
 from typing import Any
 
 DURABILITY = {"crash": "NORMAL", "power": "FULL"}
@@ -40,6 +42,9 @@ _SCHEMA = "CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB NOT NULL)"
 # An upsert changes the value in place; INSERT OR REPLACE deletes the row and inserts a new one,
 # which costs 3-5x more for an update.
 _PUT = "INSERT INTO kv (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v"
+_UPDATE = "UPDATE kv SET v = ? WHERE k = ?"
+_INSERT = "INSERT INTO kv (k, v) VALUES (?, ?)"
+_DELETE = "DELETE FROM kv WHERE k = ?"
 _PAGE = 512
 # The chain this file's data belongs to and the serial of the last write applied, updated in the
 # same transaction as the write (see chainstore/chain.py).
@@ -193,11 +198,14 @@ class SQLiteDBM:
             conn.execute("BEGIN")
         self._group_serial = serial
         try:
-            existed = conn.execute("SELECT 1 FROM kv WHERE k = ?", (key,)).fetchone() is not None
+            # One statement when the key exists (the usual update) or for a delete; the row
+            # count says whether it existed.
             if delete:
-                conn.execute("DELETE FROM kv WHERE k = ?", (key,))
+                existed = conn.execute(_DELETE, (key,)).rowcount > 0
             else:
-                conn.execute(_PUT, (key, value))
+                existed = conn.execute(_UPDATE, (value, key)).rowcount > 0
+                if not existed:
+                    conn.execute(_INSERT, (key, value))
         except BaseException:
             conn.execute("ROLLBACK")
             self._group_serial = None
@@ -227,11 +235,12 @@ class SQLiteDBM:
         conn = self._conn
         conn.execute("BEGIN")
         try:
-            for delete, key, value in ops:
+            # Runs of puts go to SQLite in one call each (the common case: a whole batch).
+            for delete, run in groupby(ops, key=itemgetter(0)):
                 if delete:
-                    conn.execute("DELETE FROM kv WHERE k = ?", (key,))
+                    conn.executemany(_DELETE, ((key,) for _, key, _ in run))
                 else:
-                    conn.execute(_PUT, (key, value))
+                    conn.executemany(_PUT, ((key, value) for _, key, value in run))
             conn.execute(_SET_SERIAL, (serial,))
         except BaseException:
             conn.execute("ROLLBACK")

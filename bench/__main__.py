@@ -22,17 +22,15 @@ import argparse
 import json
 import os
 import platform
-import signal
 import sys
 import tempfile
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import twisted
-from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 
+from bench.driver import INTERRUPTED, interrupt_on_sigterm, log, run_reactor
 from bench.peers import (EtcdSystem, RedisSystem, ensure_installed, program_version,
                          run_redis_benchmark)
 from bench.plots import matplotlib_missing, write_plots
@@ -42,7 +40,6 @@ from bench.systems import ChainSystem, EchoSystem, SingleSystem, SystemUnderTest
 from bench.ycsb import DISTRIBUTIONS, WORKLOADS, ZIPFIAN_CONSTANT, parse_names
 from chainstore.limits import MAX_KEY_BYTES, MAX_VALUE_BYTES
 
-INTERRUPTED = 130
 #: Some requested system could not be measured (its programs are missing).
 SYSTEM_MISSING = 3
 
@@ -207,16 +204,12 @@ def machine_description(systems: tuple[str, ...]) -> dict[str, Any]:
             "platform": platform.platform(), "versions": versions}
 
 
-def _log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
 def _progress(m: Measurement) -> None:
     r, c = m.result, m.case
     cut = " (time cap)" if r.stopped_by_time else ""
-    _log(f"  rep {m.repetition} {c.workload:<4} {c.distribution:<7} {c.value_size:>6}B "
-         f"in-flight {c.inflight:>3} {m.system:>15}: {r.ops_per_second:>9,.0f} ops/s, "
-         f"{r.completed} ops{cut}")
+    log(f"  rep {m.repetition} {c.workload:<4} {c.distribution:<7} {c.value_size:>6}B "
+        f"in-flight {c.inflight:>3} {m.system:>15}: {r.ops_per_second:>9,.0f} ops/s, "
+        f"{r.completed} ops{cut}")
 
 
 async def native_redis(reactor: Any, system: SystemUnderTest, inflight: int, ops: int,
@@ -229,46 +222,6 @@ async def native_redis(reactor: Any, system: SystemUnderTest, inflight: int, ops
             for test, result in results.items() if test in ("SET", "GET")]
 
 
-def run_reactor(main: Callable[[Any], Coroutine[Any, Any, Any]]) -> tuple[bool, Any]:
-    """Run C{main(reactor)} on the global reactor until it finishes or a signal stops it.
-
-    Returns (True, result) if it finished, (False, None) if the reactor was stopped first;
-    re-raises what C{main} raised.
-    """
-    from twisted.internet import reactor
-
-    outcome: list[Any] = []
-    interrupted: list[bool] = []
-
-    def finished(result: Any) -> None:
-        if interrupted:
-            # A signal stopped the reactor, which cut the connections under the session: its
-            # failure is the interruption's echo, not a result.
-            return
-        outcome.append(result)
-        reactor.stop()  # type: ignore[attr-defined]
-
-    def shutting_down() -> None:
-        if not outcome:
-            interrupted.append(True)
-
-    def begin() -> None:
-        Deferred.fromCoroutine(main(reactor)).addBoth(finished)
-
-    reactor.addSystemEventTrigger("before", "shutdown", shutting_down)  # type: ignore[attr-defined]
-    reactor.callWhenRunning(begin)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
-    if interrupted or not outcome:
-        return False, None
-    if isinstance(outcome[0], Failure):
-        outcome[0].raiseException()
-    return True, outcome[0]
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _machine_line(machine: dict[str, Any]) -> str:
     return f"{machine['cpus']} CPUs ({machine['cpu_model']}), {machine['memory']}"
 
@@ -276,11 +229,11 @@ def _machine_line(machine: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # SIGTERM while the servers start (before the reactor's own handler) must still stop them.
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     settings = args.settings
-    missing = ensure_installed(args.systems, install=not args.no_install, log=_log)
+    missing = ensure_installed(args.systems, install=not args.no_install, log=log)
     for name, why in missing.items():
-        _log(f"MISSING: {name} cannot be measured: {why}")
+        log(f"MISSING: {name} cannot be measured: {why}")
     names = tuple(n for n in args.systems if n not in missing)
     machine = machine_description(args.systems)
     load_before = _load_average()
@@ -292,13 +245,13 @@ def main(argv: list[str] | None = None) -> int:
                 system = SYSTEMS[name](workdir)
                 systems.append(system)
                 system.start()
-                _log(f"started {system.name} pid {','.join(map(str, system.pids))} "
-                     "on %s:%d" % system.address)
-            _log(f"measuring: workloads {','.join(settings.workloads)}, keys "
-                 f"{','.join(settings.distributions)}, values {settings.value_sizes} B, "
-                 f"{settings.records} records, in flight {settings.inflight}, "
-                 f"{settings.ops} ops or {settings.seconds}s per run, {settings.repeat} "
-                 "repetitions")
+                log(f"started {system.name} pid {','.join(map(str, system.pids))} "
+                    "on %s:%d" % system.address)
+            log(f"measuring: workloads {','.join(settings.workloads)}, keys "
+                f"{','.join(settings.distributions)}, values {settings.value_sizes} B, "
+                f"{settings.records} records, in flight {settings.inflight}, "
+                f"{settings.ops} ops or {settings.seconds}s per run, {settings.repeat} "
+                "repetitions")
             native = native_redis if settings.native else None
             done, measurements = run_reactor(
                 lambda reactor: run_session(reactor, systems, settings, _progress, native))
@@ -311,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             for system in reversed(systems):
                 system.stop()
     if not done:
-        _log("interrupted: every server process was stopped")
+        log("interrupted: every server process was stopped")
         return INTERRUPTED
 
     machine["load_average_before"] = load_before

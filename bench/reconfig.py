@@ -34,11 +34,10 @@ import json
 import os
 import random
 import re
-import signal
 import statistics
 import sys
 import tempfile
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +47,8 @@ from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.error import ConnectionClosed
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.protocols import amp
-from twisted.python.failure import Failure
 
+from bench.driver import INTERRUPTED, interrupt_on_sigterm, log, run_reactor
 from bench.systems import ChainRouter, amp_connection
 from chainstore import protocol
 from chainstore.errors import KeyNotFound, NotResponsible, ServerStopped, WriteLocked
@@ -57,7 +56,6 @@ from chainstore.ring import RING_BITS, NodeInfo, Ring
 from chainstore.testing.processes import ECSProcess, ProcessFailed, write_ecs_config
 from ecs import protocol as admin
 
-INTERRUPTED = 130
 INITIAL_SERVERS = 3
 CACHE_SIZE = 1000
 STATUS_EVERY = 0.1
@@ -70,10 +68,6 @@ STORES = ("coordinator", "replica1", "replica2")
 
 class MeasurementFailed(RuntimeError):
     """The measurement could not finish; the reason is in the message and the logs."""
-
-
-def _log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def key_of(i: int) -> bytes:
@@ -168,14 +162,14 @@ class MemorySampler:
         try:
             pids = self.pids()
         except Exception as e:
-            _log(f"  memory sampler: cannot list the servers: {e}")
+            log(f"  memory sampler: cannot list the servers: {e}")
             return
         self.samples += 1
         for name, pid in pids.items():
             try:
                 memory = self.read(pid)
             except Exception as e:
-                _log(f"  memory sampler: cannot read {name} (pid {pid}): {e}")
+                log(f"  memory sampler: cannot read {name} (pid {pid}): {e}")
                 continue
             if memory is None:
                 continue
@@ -312,7 +306,7 @@ async def load(reactor: Any, router: ChainRouter, count: int, value_size: int, i
             done += 1
             if done % step == 0:
                 elapsed = reactor.seconds() - started
-                _log(f"  loaded {done:,} keys in {elapsed:.1f} s ({done / elapsed:,.0f} puts/s)")
+                log(f"  loaded {done:,} keys in {elapsed:.1f} s ({done / elapsed:,.0f} puts/s)")
 
     await gatherResults([Deferred.fromCoroutine(worker()) for _ in range(inflight)],
                         consumeErrors=True)
@@ -560,8 +554,8 @@ async def watch(reactor: Any, ecs: ECSProcess, zero: float, done: list[bool],
             if op["step"] != shown:
                 shown = op["step"]
                 steps.append((t, shown))
-                _log(f"  +{t:7.3f}s  {shown}: {op['keys_moved']:,} keys, "
-                     f"{op['bytes_moved']:,} bytes moved so far")
+                log(f"  +{t:7.3f}s  {shown}: {op['keys_moved']:,} keys, "
+                    f"{op['bytes_moved']:,} bytes moved so far")
         await deferLater(reactor, STATUS_EVERY)
 
 
@@ -593,7 +587,7 @@ async def run_op(reactor: Any, ecs: ECSProcess, settings: argparse.Namespace, op
     writer.start()
     try:
         await deferLater(reactor, WRITER_LEAD)
-        _log(f"{op}: {server}; the writer puts {settings.rate:g} keys/s all over the ring")
+        log(f"{op}: {server}; the writer puts {settings.rate:g} keys/s all over the ring")
         steps: list[tuple[float, str]] = []
         progress: list[tuple[float, str, int]] = []
         answered = [False]
@@ -613,7 +607,7 @@ async def run_op(reactor: Any, ecs: ECSProcess, settings: argparse.Namespace, op
         finally:
             answered[0] = True
         seconds = reactor.seconds() - zero
-        _log(f"  +{seconds:7.3f}s  {answer['message']}")
+        log(f"  +{seconds:7.3f}s  {answer['message']}")
         if op == "join" and answer["names"] != [server]:
             raise MeasurementFailed(f"AddNodes added {answer['names']}, not {server}")
         await watching
@@ -641,21 +635,21 @@ async def run_op(reactor: Any, ecs: ECSProcess, settings: argparse.Namespace, op
     if len(new_ring.live_nodes) != expected:
         problems.append(f"the ring after the {op} has {len(new_ring.live_nodes)} live servers, "
                         f"not {expected}")
-    log = writer.log
-    latencies = sorted(log.latencies) or [0.0]
+    seen = writer.log
+    latencies = sorted(seen.latencies) or [0.0]
     copy_seconds, copy_bytes = copy_step(progress)
     result = OpResult(
         op=op, server=server, seconds=seconds, ecs_seconds=summary["seconds"],
         ecs_locked_seconds=summary["locked"], moved_keys=summary["keys"],
         moved_bytes=summary["bytes"], copy_seconds=copy_seconds, copy_bytes=copy_bytes,
-        refused_first=min(log.refused, default=None), refused_last=max(log.refused, default=None),
-        refused_answers=len(log.refused), writes=writer.writes,
-        accepted_during=sum(1 for t in log.accepted if 0 <= t <= seconds),
+        refused_first=min(seen.refused, default=None), refused_last=max(seen.refused, default=None),
+        refused_answers=len(seen.refused), writes=writer.writes,
+        accepted_during=sum(1 for t in seen.accepted if 0 <= t <= seconds),
         write_p50_ms=statistics.median(latencies) * 1e3,
         write_p99_ms=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1e3,
         write_max_ms=latencies[-1] * 1e3,
-        not_responsible_answers=len(log.not_responsible), stopped_answers=len(log.stopped),
-        lost_answers=len(log.lost), skipped_writes=log.skipped, errors=log.errors[:20],
+        not_responsible_answers=len(seen.not_responsible), stopped_answers=len(seen.stopped),
+        lost_answers=len(seen.lost), skipped_writes=seen.skipped, errors=seen.errors[:20],
         steps=steps, store_keys=store_keys, epoch_before=ring.epoch, epoch_after=new_ring.epoch,
         ring_after=[n.name for n in new_ring.nodes])
     return result, router, writer.version
@@ -765,11 +759,11 @@ async def measure(reactor: Any, ecs: ECSProcess, settings: argparse.Namespace, k
     ops: list[OpResult] = []
     try:
         sampler.start("load")
-        _log(f"loading {keys:,} keys of {settings.value_bytes} bytes, {settings.inflight} in "
-             f"flight (replication {ring.replication})")
+        log(f"loading {keys:,} keys of {settings.value_bytes} bytes, {settings.inflight} in "
+            f"flight (replication {ring.replication})")
         load_seconds = await load(reactor, router, keys, settings.value_bytes,
                                   settings.inflight, settings.load_seconds)
-        _log(f"  loaded in {load_seconds:.1f} s ({keys / load_seconds:,.0f} puts/s)")
+        log(f"  loaded in {load_seconds:.1f} s ({keys / load_seconds:,.0f} puts/s)")
         sampler.set_phase("loaded")
         count_keys_problems: list[str] = []
         await count_keys(router, ring.replication, keys, count_keys_problems)
@@ -783,7 +777,7 @@ async def measure(reactor: Any, ecs: ECSProcess, settings: argparse.Namespace, k
             ops.append(result)
             sampler.set_phase(f"after {op}")
         indexes, which = keys_to_verify(keys, acked, settings.verify_sample)
-        _log(f"reading back {which}")
+        log(f"reading back {which}")
         verified = await verify(router, indexes, acked, settings.value_bytes, problems)
     finally:
         sampler.stop()
@@ -989,40 +983,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_reactor(main: Callable[[Any], Coroutine[Any, Any, Any]]) -> tuple[bool, Any]:
-    """Run C{main(reactor)} on the global reactor until it finishes or a signal stops it.
-
-    Returns (True, result) if it finished, (False, None) if the reactor was stopped first;
-    re-raises what C{main} raised.
-    """
-    from twisted.internet import reactor
-
-    outcome: list[Any] = []
-    interrupted: list[bool] = []
-
-    def finished(result: Any) -> None:
-        if interrupted:
-            # A signal stopped the reactor, which cut the connections under the measurement:
-            # its failure is the interruption's echo, not a result.
-            return
-        outcome.append(result)
-        reactor.stop()  # type: ignore[attr-defined]
-
-    def shutting_down() -> None:
-        if not outcome:
-            interrupted.append(True)
-
-    reactor.addSystemEventTrigger("before", "shutdown", shutting_down)  # type: ignore[attr-defined]
-    reactor.callWhenRunning(  # type: ignore[attr-defined]
-        lambda: Deferred.fromCoroutine(main(reactor)).addBoth(finished))
-    reactor.run()  # type: ignore[attr-defined]
-    if interrupted or not outcome:
-        return False, None
-    if isinstance(outcome[0], Failure):
-        outcome[0].raiseException()
-    return True, outcome[0]
-
-
 def _load_average() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -1044,14 +1004,14 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[bool, list[SizeResult]
             ecs = ECSProcess(where, config_path=config)
             clusters.append(ecs)
             ecs.start()
-            _log(f"ECS pid {ecs.pid} on {ecs.address}; waiting for its three servers")
+            log(f"ECS pid {ecs.pid} on {ecs.address}; waiting for its three servers")
             try:
                 results.append(await measure(reactor, ecs, args, keys, leaving))
             finally:
                 # Blocking (bounded): nothing else runs on the reactor now.
                 ecs.stop()
-                _log(f"stopped the ECS (pid {ecs.pid}) and its servers "
-                     f"{sorted(p for ps in ecs.server_pids().values() for p in ps)}")
+                log(f"stopped the ECS (pid {ecs.pid}) and its servers "
+                    f"{sorted(p for ps in ecs.server_pids().values() for p in ps)}")
             print(f"reconfiguration: {keys:,} keys of {args.value_bytes} bytes on three "
                   f"servers, replication {args.replication}; {' then '.join(args.ops)}",
                   flush=True)
@@ -1065,13 +1025,9 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[bool, list[SizeResult]
     return done, results
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     load_before = _load_average()
     try:
         if args.workdir is not None:
@@ -1081,13 +1037,13 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="chainstore-reconfig-") as workdir:
                 done, results = run(args, Path(workdir))
     except KeyboardInterrupt:
-        _log("interrupted: every process was stopped")
+        log("interrupted: every process was stopped")
         return INTERRUPTED
     except (MeasurementFailed, ProcessFailed) as e:
-        _log(f"failed: {e}")
+        log(f"failed: {e}")
         return 1
     if not done:
-        _log("interrupted: every process was stopped")
+        log("interrupted: every process was stopped")
         return INTERRUPTED
     load_after = _load_average()
     print(f"summary ({os.cpu_count()} CPUs shared by the driver and every server; load average "

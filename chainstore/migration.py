@@ -174,6 +174,22 @@ async def move_local(source: Store, target: Store, rng: KeyRange, clock: IReacto
     return moved
 
 
+def key_batches(store: Store, rng: KeyRange) -> Iterator[list[bytes]]:
+    """The keys of C{store} in C{rng}, in batches; values are not read."""
+    batch: list[bytes] = []
+    # SQLite pages its keys (deleting behind the cursor is safe); another dbm's key list is in
+    # memory anyway, and copying it lets the batches be deleted while we go.
+    keys = iter(store.db) if isinstance(store.db, SQLiteDBM) else iter(sorted(store.db.keys()))
+    for key in keys:
+        if position(key) in rng:
+            batch.append(key)
+            if len(batch) >= BATCH_KEYS:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
 async def drop_range(store: Store, rng: KeyRange, clock: IReactorTime) -> int:
     """Delete C{store}'s keys in C{rng}, a batch at a time.
 
@@ -181,8 +197,8 @@ async def drop_range(store: Store, rng: KeyRange, clock: IReactorTime) -> int:
     """
     dropped = 0
     async with store.lock.writing():
-        for batch in batches(store, rng):
-            write_batch(store, [], [key for key, _ in batch])
-            dropped += len(batch)
+        for keys in key_batches(store, rng):
+            write_batch(store, [], keys)
+            dropped += len(keys)
             await deferLater(clock, 0, lambda: None)
     return dropped

@@ -17,14 +17,20 @@ launches, real ``twistd`` processes on 127.0.0.1 with ephemeral ports, replicati
    got acknowledged (its value must be that version or a later one) and the loaded keys: all of
    them if N is at most ``--verify-sample``, else a seeded uniform sample of that many;
 4. samples every server's memory (VmRSS and VmHWM of /proc/PID/status) every
-   C{RSS_EVERY} seconds from the load to the end, and reports each server's peak per phase.
+   L{bench.memory.RSS_EVERY} seconds from the load to the end, and reports each server's peak per phase.
 
 The goal is that neither the write-refused window nor the servers' memory grows with N: the
 locked pass carries what was written during the previous pass (a function of the write rate),
 and a server's memory should be bounded by its cache, its chain windows, SQLite's page cache and
-the migration batches, not by its data. L{compare} judges both across the sizes measured.
+the migration batches, not by its data. L{bench.reconfig_report.compare} judges both across
+the sizes measured.
 
 Every process started is stopped by PID, also when the run fails or is interrupted.
+
+This module runs one operation and one size and holds the command line; the rest is in
+L{bench.cluster} (the ECS config, its admin commands, the ring), L{bench.dataset} (the keys,
+the load, the read-back), L{bench.writer} (the background writer), L{bench.memory} (the servers'
+RSS) and L{bench.reconfig_report} (the results, the report, the table, the verdict).
 """
 
 from __future__ import annotations
@@ -32,420 +38,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import re
 import statistics
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import yaml
-from twisted.internet.defer import Deferred, DeferredList, gatherResults
-from twisted.internet.error import ConnectionClosed
-from twisted.internet.task import LoopingCall, deferLater
-from twisted.protocols import amp
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 
+from bench.cluster import (CACHE_SIZE, INITIAL_SERVERS, STORES, MeasurementFailed, ask_ecs,
+                           fetch_ring, pool_config, router_for, slot_node, status_of,
+                           wait_serving)
+from bench.dataset import keys_to_verify, load, verify
 from bench.driver import INTERRUPTED, interrupt_on_sigterm, log, run_reactor
-from bench.systems import ChainRouter, amp_connection
+from bench.memory import MemorySampler
+from bench.reconfig_report import OpResult, SizeResult, compare, format_report, format_table
+from bench.systems import ChainRouter
+from bench.writer import Writer
 from chainstore import protocol
-from chainstore.errors import KeyNotFound, NotResponsible, ServerStopped, WriteLocked
-from chainstore.ring import RING_BITS, NodeInfo, Ring
-from chainstore.testing.processes import ECSProcess, ProcessFailed, write_ecs_config
+from chainstore.ring import NodeInfo
+from chainstore.testing.processes import ECSProcess, ProcessFailed
 from ecs import protocol as admin
 
-INITIAL_SERVERS = 3
-CACHE_SIZE = 1000
 STATUS_EVERY = 0.1
-RSS_EVERY = 0.2
 # The writer runs this long before an operation (to show writes flow) and after its answer.
 WRITER_LEAD = 0.5
 WRITER_TAIL = 0.5
-STORES = ("coordinator", "replica1", "replica2")
-
-
-class MeasurementFailed(RuntimeError):
-    """The measurement could not finish; the reason is in the message and the logs."""
-
-
-def key_of(i: int) -> bytes:
-    return b"key%012d" % i
-
-
-def value_of(key: bytes, size: int, version: int) -> bytes:
-    """C{size} bytes that start with C{key/version/}, so a read tells which write it sees."""
-    head = b"%s/%d/" % (key, version)
-    return (head * (size // len(head) + 1))[:size]
-
-
-def version_of(value: bytes) -> int:
-    return int(value.split(b"/", 2)[1])
-
-
-# -- memory ---------------------------------------------------------------------------------------
-
-
-def parse_memory(status_text: str) -> tuple[int, int] | None:
-    """(VmRSS, VmHWM) in KiB from the text of /proc/PID/status; None if either is absent (a
-    zombie, or a kernel thread)."""
-    found: dict[str, int] = {}
-    for line in status_text.splitlines():
-        name, _, rest = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            amount, _, unit = rest.strip().partition(" ")
-            if unit.strip() != "kB":
-                raise ValueError(f"unexpected unit in {line!r}")
-            found[name] = int(amount)
-    if len(found) != 2:
-        return None
-    return found["VmRSS"], found["VmHWM"]
-
-
-def read_memory(pid: int) -> tuple[int, int] | None:
-    """(VmRSS, VmHWM) in KiB of process C{pid}, None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            return parse_memory(f.read())
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-
-
-class MemorySampler:
-    """Samples the memory of named processes every C{interval} seconds on C{clock}.
-
-    C{pids()} names the processes to watch (asked every tick, so servers launched later are
-    picked up); C{read(pid)} gives (VmRSS, VmHWM) in KiB or None for a gone process. For each
-    process it keeps the highest VmRSS seen in each phase (L{set_phase}) and the last VmHWM
-    (the kernel's own peak, which catches spikes between samples).
-    """
-
-    def __init__(self, clock: Any, pids: Callable[[], dict[str, int]],
-                 read: Callable[[int], tuple[int, int] | None] = read_memory,
-                 interval: float = RSS_EVERY) -> None:
-        self.pids = pids
-        self.read = read
-        self.phase = "start"
-        self.phases: list[str] = []
-        #: name -> phase -> highest VmRSS seen (KiB)
-        self.rss: dict[str, dict[str, int]] = {}
-        #: name -> last VmHWM seen (KiB)
-        self.hwm: dict[str, int] = {}
-        self.samples = 0
-        self._loop = LoopingCall(self.sample)
-        self._loop.clock = clock
-        self.interval = interval
-
-    def start(self, phase: str) -> None:
-        self.set_phase(phase)
-        self._loop.start(self.interval, now=True)
-
-    def stop(self) -> None:
-        if self._loop.running:
-            self.sample()
-            self._loop.stop()
-
-    def set_phase(self, phase: str) -> None:
-        """From now on samples count for C{phase}; one is taken at once, so even a phase
-        shorter than the interval has a figure."""
-        if self.phase in self.phases and self._loop.running:
-            self.sample()
-        self.phase = phase
-        if phase not in self.phases:
-            self.phases.append(phase)
-        if self._loop.running:
-            self.sample()
-
-    def sample(self) -> None:
-        # A LoopingCall stops for good if its function raises: a bad read is skipped.
-        try:
-            pids = self.pids()
-        except Exception as e:
-            log(f"  memory sampler: cannot list the servers: {e}")
-            return
-        self.samples += 1
-        for name, pid in pids.items():
-            try:
-                memory = self.read(pid)
-            except Exception as e:
-                log(f"  memory sampler: cannot read {name} (pid {pid}): {e}")
-                continue
-            if memory is None:
-                continue
-            rss, hwm = memory
-            phases = self.rss.setdefault(name, {})
-            phases[self.phase] = max(phases.get(self.phase, 0), rss)
-            self.hwm[name] = max(self.hwm.get(name, 0), hwm)
-
-    def peaks(self) -> dict[str, int]:
-        """Each process's peak (KiB): the highest of its VmHWM and every VmRSS sampled."""
-        return {name: max([self.hwm.get(name, 0), *phases.values()])
-                for name, phases in self.rss.items()}
-
-
-# -- the cluster ----------------------------------------------------------------------------------
-
-
-def share(nodes: Iterable[NodeInfo], node: NodeInfo) -> float:
-    """The fraction of the ring C{node} heads among C{nodes}."""
-    ring = Ring(tuple(nodes), replication=1)
-    rng = ring.range_of(ring.index_of(node.name))
-    return ((rng.end - rng.start) % (1 << RING_BITS) or 1 << RING_BITS) / (1 << RING_BITS)
-
-
-def slot_node(slot: dict[str, Any]) -> NodeInfo:
-    return NodeInfo(str(slot["name"]), str(slot["host"]), int(slot["console-port"]),
-                    int(slot["amp-port"]))
-
-
-def pick_leaving(pool: list[NodeInfo], target_share: tuple[float, float]) -> NodeInfo | None:
-    """The server of the first three to remove once the fourth has joined: one whose share of
-    the four-server ring is within C{target_share} (the one nearest its middle), or None."""
-    low, high = target_share
-    ring = pool[:INITIAL_SERVERS + 1]
-    fits = [n for n in pool[:INITIAL_SERVERS] if low <= share(ring, n) <= high]
-    middle = (low + high) / 2
-    return min(fits, key=lambda n: abs(share(ring, n) - middle), default=None)
-
-
-def pool_config(workdir: Path, replication: int, target_share: tuple[float, float],
-                failure_timeout: float, attempts: int = 2000) -> tuple[Path, str]:
-    """An ECS config (three initial servers, four slots) whose fourth slot heads a share of
-    the ring within C{target_share} once it joins, and the name of one of the first three with
-    such a share then (the one to remove), so that runs at different sizes move comparable
-    fractions of the data (ring positions hash the ports, drawn afresh for each attempt)."""
-    low, high = target_share
-    for _ in range(attempts):
-        path = write_ecs_config(workdir, slots=INITIAL_SERVERS + 1, initial_nodes=INITIAL_SERVERS,
-                                replication=replication, heartbeat_interval=1.0,
-                                failure_timeout=failure_timeout, cache_size=CACHE_SIZE)
-        pool = [slot_node(s) for s in yaml.safe_load(path.read_text())["nodes"]]
-        leaving = pick_leaving(pool, target_share)
-        if leaving is not None and low <= share(pool, pool[INITIAL_SERVERS]) <= high and \
-                min(share(pool[:INITIAL_SERVERS], n) for n in pool[:INITIAL_SERVERS]) >= 0.2:
-            return path, leaving.name
-    raise MeasurementFailed(f"no pool of free ports gave a joining and a leaving server a share "
-                            f"in {target_share}")
-
-
-async def ask_ecs(reactor: Any, ecs: ECSProcess, command: type[amp.Command],
-                  **arguments: Any) -> dict[str, Any]:
-    """One admin command over a fresh AMP connection (not the blocking L{ECSProcess.call}: a
-    thread blocked in a long C{AddNodes} would hold up the reactor's shutdown on Ctrl-C)."""
-    proto = await amp_connection(reactor, (ecs.host, ecs.port))
-    try:
-        return await proto.callRemote(command, **arguments)
-    finally:
-        proto.transport.loseConnection()
-
-
-async def status_of(reactor: Any, ecs: ECSProcess) -> dict[str, Any]:
-    return json.loads((await ask_ecs(reactor, ecs, admin.Status))["status"])
-
-
-async def wait_serving(reactor: Any, ecs: ECSProcess, servers: int,
-                       timeout: float = 60.0) -> dict[str, Any]:
-    """Wait until the ECS serves a ring of C{servers}, every one connected; its Status."""
-    deadline = reactor.seconds() + timeout
-    last: object = "no answer"
-    while reactor.seconds() < deadline:
-        if not ecs.running:
-            raise ProcessFailed(f"the ECS exited:\n{ecs.diagnostics()}")
-        try:
-            status = await status_of(reactor, ecs)
-        except Exception as e:  # not listening yet
-            last = e
-        else:
-            last = status
-            connected = {m["name"] for m in status["members"] if m["connected"]}
-            if status["serving"] and len(status["ring"]) == servers \
-                    and set(status["ring"]) <= connected:
-                return status
-        await deferLater(reactor, 0.1)
-    raise MeasurementFailed(f"the ring did not start serving in {timeout}s (last: {last})")
-
-
-async def fetch_ring(reactor: Any, node: NodeInfo) -> Ring:
-    conn = await amp_connection(reactor, (node.host, node.amp_port))
-    try:
-        return protocol.ring_from_wire(await conn.callRemote(protocol.GetMetadata))
-    finally:
-        conn.transport.loseConnection()
-
-
-async def router_for(reactor: Any, ring: Ring, conns: dict[str, Any]) -> ChainRouter:
-    """A router for C{ring}, reusing C{conns} and dialing the servers it lacks (into C{conns})."""
-    for node in ring.live_nodes:
-        if node.name not in conns:
-            conns[node.name] = await amp_connection(reactor, (node.host, node.amp_port))
-    return ChainRouter(ring, conns)
-
-
-# -- loading --------------------------------------------------------------------------------------
-
-
-async def load(reactor: Any, router: ChainRouter, count: int, value_size: int, inflight: int,
-               limit: float) -> float:
-    """Put C{count} keys (version 0), C{inflight} at a time, each to its head; the seconds.
-
-    Fails once loading has taken more than C{limit} seconds."""
-    next_key = iter(range(count))
-    started = reactor.seconds()
-    done = 0
-    step = max(10_000, count // 10)
-
-    async def worker() -> None:
-        nonlocal done
-        for i in next_key:
-            if reactor.seconds() - started > limit:
-                raise MeasurementFailed(f"loading took more than {limit}s ({done:,} keys so far)")
-            key = key_of(i)
-            await router.head(key).callRemote(protocol.Put, key=key,
-                                              value=value_of(key, value_size, 0))
-            done += 1
-            if done % step == 0:
-                elapsed = reactor.seconds() - started
-                log(f"  loaded {done:,} keys in {elapsed:.1f} s ({done / elapsed:,.0f} puts/s)")
-
-    await gatherResults([Deferred.fromCoroutine(worker()) for _ in range(inflight)],
-                        consumeErrors=True)
-    return reactor.seconds() - started
-
-
-# -- the writer -----------------------------------------------------------------------------------
-
-
-@dataclass
-class WriterLog:
-    """What the writer saw; times in seconds since its zero (the operation's command sent)."""
-
-    accepted: list[float] = field(default_factory=list)
-    latencies: list[float] = field(default_factory=list)
-    refused: list[float] = field(default_factory=list)
-    not_responsible: list[float] = field(default_factory=list)
-    stopped: list[float] = field(default_factory=list)
-    lost: list[float] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    skipped: int = 0
-
-
-class Writer:
-    """Writes random keys of C{keys} at C{rate} puts/s, at most C{max_outstanding} at once (a
-    tick that finds that many outstanding skips its writes and counts them), each to its head
-    by the current ring; refused writes are not retried.
-
-    C{acked} maps a key index to the highest version acknowledged (shared between writers, so
-    versions only grow). On C{NotResponsible}, C{ServerStopped} or a closed connection it asks
-    the servers for the ring (the one that answered first, then the others) and routes by the
-    newest one from then on.
-    """
-
-    def __init__(self, reactor: Any, router: ChainRouter, keys: int, value_size: int,
-                 rate: float, max_outstanding: int, acked: dict[int, int],
-                 first_version: int, seed: int = 1) -> None:
-        self.reactor = reactor
-        self.router = router
-        self.keys = keys
-        self.random = random.Random(seed)
-        self.value_size = value_size
-        self.rate = rate
-        self.max_outstanding = max_outstanding
-        self.acked = acked
-        self.log = WriterLog()
-        self.zero = reactor.seconds()
-        self.version = first_version
-        self.writes = 0
-        self.outstanding = 0
-        self._refreshing: Deferred[None] | None = None
-        self._loop = LoopingCall.withCount(self._tick)
-        self._loop.clock = reactor
-
-    def now(self) -> float:
-        return self.reactor.seconds() - self.zero
-
-    def start(self) -> None:
-        # Short ticks, several writes per tick if the reactor was late: the rate holds.
-        self._loop.start(max(0.002, 1.0 / self.rate), now=True)
-
-    async def stop(self, timeout: float = 30.0) -> None:
-        """Stop writing and wait (bounded) for every outstanding write's answer."""
-        self._loop.stop()
-        deadline = self.reactor.seconds() + timeout
-        while self.outstanding and self.reactor.seconds() < deadline:
-            await deferLater(self.reactor, 0.01)
-        if self.outstanding:
-            raise MeasurementFailed(f"{self.outstanding} writes unanswered after {timeout}s")
-        if self._refreshing is not None:
-            await self._refreshing
-
-    def _tick(self, count: int) -> None:
-        per_tick = self.rate * self._loop.interval  # type: ignore[operator]
-        for _ in range(max(1, round(count * per_tick))):
-            if self.outstanding >= self.max_outstanding:
-                self.log.skipped += 1
-                continue
-            self._write()
-
-    def _write(self) -> None:
-        self.version += 1
-        self.writes += 1
-        version = self.version
-        index = self.random.randrange(self.keys)
-        key = key_of(index)
-        conn = self.router.head(key)
-        sent = self.reactor.seconds()
-        self.outstanding += 1
-        d = conn.callRemote(protocol.Put, key=key, value=value_of(key, self.value_size, version))
-        d.addCallbacks(self._accepted, self._refused, callbackArgs=(index, version, sent),
-                       errbackArgs=(conn,))
-        d.addBoth(self._answered)
-
-    def _answered(self, _: object) -> None:
-        self.outstanding -= 1
-
-    def _accepted(self, _: object, index: int, version: int, sent: float) -> None:
-        self.log.accepted.append(self.now())
-        self.log.latencies.append(self.reactor.seconds() - sent)
-        if version > self.acked.get(index, -1):
-            self.acked[index] = version
-
-    def _refused(self, failure: Any, conn: Any) -> None:
-        t = self.now()
-        if failure.check(WriteLocked):
-            self.log.refused.append(t)
-            return
-        if failure.check(ServerStopped):
-            self.log.stopped.append(t)
-        elif failure.check(NotResponsible):
-            self.log.not_responsible.append(t)
-        elif failure.check(ConnectionClosed):
-            # A server that left closes its connections: its ranges moved elsewhere.
-            self.log.lost.append(t)
-        else:
-            self.log.errors.append(f"+{t:.3f}s {failure.type.__name__}: {failure.value}")
-            return
-        if self._refreshing is None:
-            self._refreshing = Deferred.fromCoroutine(self._refresh(conn))
-
-    async def _refresh(self, first: Any) -> None:
-        """Ask C{first}, then every other server, for the ring; route by the newest found."""
-        try:
-            newest = self.router.ring
-            for conn in [first, *(c for c in self.router.conns.values() if c is not first)]:
-                try:
-                    ring = protocol.ring_from_wire(await conn.callRemote(protocol.GetMetadata))
-                except Exception:
-                    continue  # gone; another server knows the ring
-                if ring.epoch > newest.epoch:
-                    newest = ring
-                    break
-            if newest.epoch > self.router.ring.epoch:
-                self.router = await router_for(self.reactor, newest, self.router.conns)
-        except Exception as e:
-            self.log.errors.append(f"+{self.now():.3f}s ring refresh: {e}")
-        finally:
-            self._refreshing = None
 
 
 # -- one operation --------------------------------------------------------------------------------
@@ -469,57 +90,6 @@ def ecs_summary(log_text: str, what: str) -> dict[str, Any] | None:
     return {"epoch": int(found["epoch"]), "seconds": float(found["seconds"]),
             "keys": int(found["keys"]), "bytes": int(found["bytes"]),
             "locked": float(found["locked"])}
-
-
-@dataclass
-class OpResult:
-    """One join or leave: times in seconds since its command was sent (client clock)."""
-
-    op: str
-    server: str
-    seconds: float
-    ecs_seconds: float
-    ecs_locked_seconds: float
-    moved_keys: int
-    moved_bytes: int
-    copy_seconds: float | None
-    copy_bytes: int
-    refused_first: float | None
-    refused_last: float | None
-    refused_answers: int
-    writes: int
-    accepted_during: int
-    write_p50_ms: float
-    write_p99_ms: float
-    write_max_ms: float
-    not_responsible_answers: int
-    stopped_answers: int
-    lost_answers: int
-    skipped_writes: int
-    errors: list[str]
-    steps: list[tuple[float, str]]
-    store_keys: dict[str, dict[str, int]]
-    epoch_before: int
-    epoch_after: int
-    ring_after: list[str]
-
-    @property
-    def refused_window(self) -> float | None:
-        if self.refused_first is None or self.refused_last is None:
-            return None
-        return self.refused_last - self.refused_first
-
-    @property
-    def mb_per_s(self) -> float:
-        """Bytes moved over the ECS's whole reconfiguration time, in MB/s."""
-        return self.moved_bytes / 1e6 / self.ecs_seconds if self.ecs_seconds > 0 else 0.0
-
-    @property
-    def copy_mb_per_s(self) -> float | None:
-        """Bytes moved over the copy step alone (seen by polling C{Status}), in MB/s."""
-        if not self.copy_seconds:
-            return None
-        return self.copy_bytes / 1e6 / self.copy_seconds
 
 
 def copy_step(progress: list[tuple[float, str, int]]) -> tuple[float | None, int]:
@@ -660,81 +230,7 @@ def _address(ecs: ECSProcess, name: str) -> tuple[str, int, int]:
     return slot.host, slot.console_port, slot.amp_port
 
 
-# -- verification ---------------------------------------------------------------------------------
-
-
-def keys_to_verify(keys: int, acked: dict[int, int], sample: int,
-                   seed: int = 7) -> tuple[list[int], str]:
-    """The key indexes to read back and a sentence saying which: every key the writer got
-    acknowledged, and every loaded key if there are at most C{sample}, else a seeded uniform
-    sample of C{sample} of them."""
-    if keys <= sample:
-        return list(range(keys)), f"all {keys:,} keys (the {len(acked):,} the writer overwrote " \
-                                  "at their last acknowledged version)"
-    chosen = set(random.Random(seed).sample(range(keys), sample)) | set(acked)
-    return sorted(chosen), (f"{len(chosen):,} keys: the {len(acked):,} the writer overwrote "
-                            f"(their last acknowledged version) and a uniform sample of "
-                            f"{sample:,} of the {keys:,} loaded (seed {seed})")
-
-
-async def verify(router: ChainRouter, indexes: list[int], acked: dict[int, int], value_size: int,
-                 problems: list[str], inflight: int = 64) -> int:
-    """Read each key from its tail: its value must be whole and of the acknowledged version or
-    a later one (version 0, the load, for keys the writer never got acknowledged)."""
-    todo = iter(indexes)
-    lost: list[str] = []
-
-    async def reader() -> None:
-        for index in todo:
-            key = key_of(index)
-            version = acked.get(index, 0)
-            try:
-                answer = await router.tail(key).callRemote(protocol.Get, key=key)
-            except KeyNotFound:
-                lost.append(f"{key.decode()} is missing")
-                continue
-            value = answer["value"]
-            seen = version_of(value)
-            if value != value_of(key, value_size, seen):
-                lost.append(f"{key.decode()} holds a garbled value {value[:40]!r}")
-            elif seen < version:
-                lost.append(f"{key.decode()} holds version {seen}, {version} was acknowledged")
-
-    results = await DeferredList([Deferred.fromCoroutine(reader()) for _ in range(inflight)],
-                                 consumeErrors=True)
-    for ok, failure in results:
-        if not ok:
-            problems.append(f"reading back failed: {failure.value!r}")
-    if lost:
-        problems.append(f"{len(lost):,} acknowledged writes lost: " + "; ".join(lost[:5]))
-    return len(indexes)
-
-
 # -- one size -------------------------------------------------------------------------------------
-
-
-@dataclass
-class SizeResult:
-    keys: int
-    replication: int
-    value_bytes: int
-    load_seconds: float
-    ops: list[OpResult]
-    verified_keys: int
-    verified: str
-    problems: list[str]
-    #: server -> phase -> highest VmRSS sampled (KiB)
-    rss_kib: dict[str, dict[str, int]]
-    #: server -> peak (KiB): the highest of its VmHWM and its sampled VmRSS
-    peak_kib: dict[str, int]
-    rss_samples: int
-    #: server -> bytes of its data directory at the end (the removed server's too)
-    data_bytes: dict[str, int]
-    pids: dict[str, Any]
-
-    @property
-    def max_peak_kib(self) -> int:
-        return max(self.peak_kib.values(), default=0)
 
 
 def dir_bytes(path: Path) -> int:
@@ -791,119 +287,6 @@ async def measure(reactor: Any, ecs: ECSProcess, settings: argparse.Namespace, k
         rss_samples=sampler.samples,
         data_bytes={name: dir_bytes(ecs.workdir / name) for name in slots},
         pids={"ecs": ecs.pid, "servers": {n: list(p) for n, p in ecs.server_pids().items()}})
-
-
-# -- the report -----------------------------------------------------------------------------------
-
-
-def _mib(kib: int) -> str:
-    return f"{kib / 1024:.0f}"
-
-
-def format_op(o: OpResult) -> list[tuple[str, str]]:
-    window = o.refused_window
-    copy = o.copy_mb_per_s
-    return [
-        (f"{o.op} ({o.server})", f"{o.seconds:.3f} s sent to answered"
-         + (" (launch, register, copy, lock, switch, drop)" if o.op == "join"
-            else " (copy, lock, switch, drop, shut down)")
-         + f"; epoch {o.epoch_before} -> {o.epoch_after}, ring {', '.join(o.ring_after)}"),
-        ("  reconfiguration (ECS)", f"{o.ecs_seconds:.2f} s, moved {o.moved_keys:,} keys "
-         f"({o.moved_bytes:,} bytes): {o.mb_per_s:.2f} MB/s overall"
-         + ("" if copy is None else f", {copy:.2f} MB/s in the copy step "
-            f"({o.copy_bytes:,} bytes in {o.copy_seconds:.2f} s, from Status)")),
-        ("  writes refused (ECS)", f"{o.ecs_locked_seconds:.3f} s, lock to commit"),
-        ("  writes refused (client)",
-         "no server_write_lock answer" if window is None else
-         f"{window:.3f} s: first server_write_lock at +{o.refused_first:.3f} s, last at "
-         f"+{o.refused_last:.3f} s, {o.refused_answers:,} refusals"),
-        ("  writer", f"{o.writes:,} puts, {o.accepted_during:,} accepted during the {o.op}; "
-         f"latency p50 {o.write_p50_ms:.1f} ms, p99 {o.write_p99_ms:.1f} ms, max "
-         f"{o.write_max_ms:.1f} ms; {o.not_responsible_answers} server_not_responsible, "
-         f"{o.stopped_answers} server_stopped, {o.lost_answers} connection closed, "
-         f"{o.skipped_writes} skipped (too many outstanding), {len(o.errors)} other failures"),
-        ("  stores after", ", ".join(
-            f"{name} {'/'.join(f'{c[s]:,}' for s in STORES)}"
-            for name, c in sorted(o.store_keys.items())) + " (coordinator/replica1/replica2)"),
-        ("  steps (Status)", ", ".join(f"+{t:.2f} s {step}" for t, step in o.steps)),
-    ]
-
-
-def format_report(r: SizeResult) -> str:
-    rows: list[tuple[str, str]] = [
-        ("load", f"{r.keys:,} keys x {r.value_bytes} B in {r.load_seconds:.1f} s "
-         f"({r.keys / r.load_seconds:,.0f} puts/s through the chains)")]
-    for o in r.ops:
-        rows.extend(format_op(o))
-    rows.append(("read back", f"{r.verified_keys:,} keys from their tails: {r.verified}"))
-    phases = list(dict.fromkeys(p for per in r.rss_kib.values() for p in per))
-    for name in sorted(r.rss_kib):
-        per = r.rss_kib[name]
-        rows.append((f"RSS {name} (MiB)", ", ".join(
-            f"{phase} {_mib(per[phase])}" for phase in phases if phase in per)
-            + f"; peak {_mib(r.peak_kib[name])} (VmHWM); data on disk "
-              f"{r.data_bytes.get(name, 0) / 2**20:.0f} MiB"))
-    width = max(len(name) for name, _ in rows)
-    lines = [f"  {name:<{width}}  {what}" for name, what in rows]
-    lines.extend(f"  failure: {e}" for o in r.ops for e in o.errors)
-    lines.extend(f"  WRONG: {p}" for p in r.problems)
-    return "\n".join(lines)
-
-
-def format_table(results: list[SizeResult]) -> str:
-    """One line per size and operation, the figures side by side."""
-    header = ("keys", "op", "total s", "ECS s", "moved keys", "MB", "MB/s", "copy MB/s",
-              "refused client s", "refused ECS s", "peak RSS MiB")
-    rows = [header]
-    for r in results:
-        for o in r.ops:
-            window = o.refused_window
-            copy = o.copy_mb_per_s
-            rows.append((f"{r.keys:,}", o.op, f"{o.seconds:.2f}", f"{o.ecs_seconds:.2f}",
-                         f"{o.moved_keys:,}", f"{o.moved_bytes / 1e6:.1f}", f"{o.mb_per_s:.2f}",
-                         "-" if copy is None else f"{copy:.2f}",
-                         "-" if window is None else f"{window:.3f}",
-                         f"{o.ecs_locked_seconds:.3f}", _mib(r.max_peak_kib)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths))
-                     for row in rows)
-
-
-def compare(results: list[SizeResult], tolerance: float = 0.5,
-            rss_tolerance: float = 0.25) -> str | None:
-    """Whether the write-refused window (per operation, client and ECS view) or the servers'
-    peak memory grew with the data: the largest size's figures against the smallest's.
-
-    A window passes if it is under 1 s and at most C{tolerance} s longer; memory passes if the
-    largest server peak is at most C{rss_tolerance} more than at the smallest size."""
-    if len(results) < 2:
-        return None
-    small, large = min(results, key=lambda r: r.keys), max(results, key=lambda r: r.keys)
-    growth = f"{large.keys / small.keys:.0f}x the data"
-    lines = []
-    small_ops, large_ops = {o.op: o for o in small.ops}, {o.op: o for o in large.ops}
-    for op in [op for op in small_ops if op in large_ops]:
-        a_op, b_op = small_ops[op], large_ops[op]
-        for what, a, b in (("client-observed", a_op.refused_window, b_op.refused_window),
-                           ("ECS lock", a_op.ecs_locked_seconds, b_op.ecs_locked_seconds)):
-            if a is None or b is None:
-                lines.append(f"{op}: {what} write-refused time not measured at both sizes")
-                continue
-            grew = b > a + tolerance
-            lines.append(f"{'FAIL' if grew or b >= 1.0 else 'PASS'}: {op} {what} write-refused "
-                         f"time {a:.3f} s at {small.keys:,} keys, {b:.3f} s at "
-                         f"{large.keys:,} keys ({growth}; goal: under 1 s and not more than "
-                         f"{tolerance} s longer)")
-    a_kib, b_kib = small.max_peak_kib, large.max_peak_kib
-    if a_kib and b_kib:
-        grew = b_kib > a_kib * (1 + rss_tolerance)
-        lines.append(f"{'FAIL' if grew else 'PASS'}: peak server RSS {_mib(a_kib)} MiB at "
-                     f"{small.keys:,} keys, {_mib(b_kib)} MiB at {large.keys:,} keys "
-                     f"({b_kib / a_kib:.2f}x for {growth}; goal: bounded by the cache and "
-                     f"window sizes, at most {rss_tolerance:.0%} more)")
-    else:
-        lines.append("peak server RSS: not measured at both sizes")
-    return "\n".join(lines)
 
 
 # -- main -----------------------------------------------------------------------------------------

@@ -20,29 +20,13 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 
 from bench import reconfig
-from bench.reconfig import (
-    MemorySampler,
-    OpResult,
-    SizeResult,
-    Writer,
-    compare,
-    copy_step,
-    ecs_summary,
-    format_report,
-    format_table,
-    key_of,
-    keys_to_verify,
-    parse_memory,
-    parse_ops,
-    parse_sizes,
-    pick_leaving,
-    read_memory,
-    share,
-    value_of,
-    verify,
-    version_of,
-)
+from bench.cluster import pick_leaving, share
+from bench.dataset import key_of, keys_to_verify, value_of, verify, version_of
+from bench.memory import MemorySampler, parse_memory, read_memory
+from bench.reconfig import copy_step, ecs_summary, parse_ops, parse_sizes
+from bench.reconfig_report import OpResult, SizeResult, compare, format_report, format_table
 from bench.systems import ChainRouter
+from bench.writer import Writer
 from chainstore import protocol
 from chainstore.errors import KeyNotFound, NotResponsible, WriteLocked
 from chainstore.ring import NodeInfo, Ring

@@ -26,10 +26,9 @@ from twisted.test import iosim
 
 from bench.echo_server import Echo, EchoProtocol
 from bench.loadgen import ClosedLoop, RequestFailed, RunResult, percentile
-from bench.loadgen import RequestFailed as _RequestFailed
 from bench.report import format_table, summarize, target_verdicts
-from bench.runner import (Case, LoadIncomplete, Measurement, load_operations, rotated,
-                          run_operations, run_session, Settings)
+from bench.runner import (Case, LoadIncomplete, Measurement, rotated, run_operations,
+                          run_session, Settings)
 from bench.systems import ChainRouter, ChainSystem, EchoSystem, SingleSystem, SystemUnderTest
 from bench.ycsb import Operations, record_keys, record_values
 from chainstore import protocol
@@ -472,7 +471,7 @@ def test_a_run_reads_and_updates_the_drawn_records_and_checks_every_answer() -> 
     corrupt.data = {k: values[0] for k in keys}
     [failure] = results_of(run_operations(corrupt, [None], Operations([True], [1]), keys,
                                           values, inflight=1, seconds=60))
-    assert isinstance(failure, Failure) and failure.check(_RequestFailed)
+    assert isinstance(failure, Failure) and failure.check(RequestFailed)
     assert "WrongAnswer" in str(failure.value) and "19 bytes" in str(failure.value)
     empty = RecordingSystem()
     [failure] = results_of(run_operations(empty, [None], Operations([True], [1]), keys,

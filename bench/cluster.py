@@ -88,7 +88,11 @@ async def status_of(reactor: Any, ecs: ECSProcess) -> dict[str, Any]:
 
 async def wait_serving(reactor: Any, ecs: ECSProcess, servers: int,
                        timeout: float = 60.0) -> dict[str, Any]:
-    """Wait until the ECS serves a ring of C{servers}, every one connected; its Status."""
+    """Wait until the ECS serves a ring of C{servers}, every one connected, with no
+    reconfiguration under way; its Status.
+
+    The ECS says it serves before every server has taken its C{SetState running}: a request
+    sent at once may still be refused (C{ServerStopped}), so the first requests must retry."""
     deadline = reactor.seconds() + timeout
     last: object = "no answer"
     while reactor.seconds() < deadline:
@@ -101,8 +105,8 @@ async def wait_serving(reactor: Any, ecs: ECSProcess, servers: int,
         else:
             last = status
             connected = {m["name"] for m in status["members"] if m["connected"]}
-            if status["serving"] and len(status["ring"]) == servers \
-                    and set(status["ring"]) <= connected:
+            if status["serving"] and status["operation"] is None \
+                    and len(status["ring"]) == servers and set(status["ring"]) <= connected:
                 return status
         await deferLater(reactor, 0.1)
     raise MeasurementFailed(f"the ring did not start serving in {timeout}s (last: {last})")

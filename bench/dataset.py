@@ -7,13 +7,20 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, FirstError, gatherResults
+from twisted.internet.task import deferLater
 
 from bench.cluster import MeasurementFailed
 from bench.driver import log
 from bench.systems import ChainRouter
 from chainstore import protocol
-from chainstore.errors import KeyNotFound
+from chainstore.errors import KeyNotFound, NotResponsible, ServerStopped
+
+#: How long loading retries a put that a server refuses because it does not serve yet, and
+#: the first and the longest pause between two tries (the pause doubles).
+LOAD_RETRY_SECONDS = 30.0
+LOAD_BACKOFF = (0.01, 0.5)
+
 
 def key_of(i: int) -> bytes:
     return b"key%012d" % i
@@ -29,31 +36,62 @@ def version_of(value: bytes) -> int:
     return int(value.split(b"/", 2)[1])
 
 
+async def put_retrying(reactor: Any, router: ChainRouter, key: bytes, value: bytes,
+                       give_up_at: float) -> int:
+    """Put C{key} to its head, trying again after a growing pause while the server answers
+    C{ServerStopped} or C{NotResponsible}; the number of retries it took.
+
+    The ECS reports a ring as serving before every server has taken its order to run (and a
+    server started late may not hold the ring yet), so the first puts may be refused. Fails
+    with L{MeasurementFailed} if the put is still refused at C{give_up_at} (reactor time)."""
+    pause, longest = LOAD_BACKOFF
+    retries = 0
+    while True:
+        try:
+            await router.head(key).callRemote(protocol.Put, key=key, value=value)
+            return retries
+        except (ServerStopped, NotResponsible) as e:
+            if reactor.seconds() + pause > give_up_at:
+                raise MeasurementFailed(f"a put of {key.decode()} was still refused after "
+                                        f"{retries} retries: {type(e).__name__}: {e}") from None
+        await deferLater(reactor, pause)
+        pause = min(2 * pause, longest)
+        retries += 1
+
+
 async def load(reactor: Any, router: ChainRouter, count: int, value_size: int, inflight: int,
-               limit: float) -> float:
+               limit: float, retry_for: float = LOAD_RETRY_SECONDS) -> float:
     """Put C{count} keys (version 0), C{inflight} at a time, each to its head; the seconds.
 
-    Fails once loading has taken more than C{limit} seconds."""
+    A put refused because its server does not serve yet is retried (L{put_retrying}) for up to
+    C{retry_for} seconds. Fails once loading has taken more than C{limit} seconds."""
     next_key = iter(range(count))
     started = reactor.seconds()
-    done = 0
+    done = retried = 0
     step = max(10_000, count // 10)
 
     async def worker() -> None:
-        nonlocal done
+        nonlocal done, retried
         for i in next_key:
-            if reactor.seconds() - started > limit:
+            now = reactor.seconds()
+            if now - started > limit:
                 raise MeasurementFailed(f"loading took more than {limit}s ({done:,} keys so far)")
             key = key_of(i)
-            await router.head(key).callRemote(protocol.Put, key=key,
-                                              value=value_of(key, value_size, 0))
+            retried += await put_retrying(reactor, router, key, value_of(key, value_size, 0),
+                                          min(now + retry_for, started + limit))
             done += 1
             if done % step == 0:
                 elapsed = reactor.seconds() - started
                 log(f"  loaded {done:,} keys in {elapsed:.1f} s ({done / elapsed:,.0f} puts/s)")
 
-    await gatherResults([Deferred.fromCoroutine(worker()) for _ in range(inflight)],
-                        consumeErrors=True)
+    try:
+        await gatherResults([Deferred.fromCoroutine(worker()) for _ in range(inflight)],
+                            consumeErrors=True)
+    except FirstError as e:
+        # The worker's own failure, not the wrapper: the caller reports a MeasurementFailed.
+        e.subFailure.raiseException()
+    if retried:
+        log(f"  {retried:,} puts retried while the servers started serving")
     return reactor.seconds() - started
 
 

@@ -3,8 +3,10 @@
 For each key count N (``--keys 100000,1000000``), on a fresh cluster (an ECS and the servers it
 launches, real ``twistd`` processes on 127.0.0.1 with ephemeral ports, replication 3 or 1), this:
 
-1. loads N keys (``--value-bytes`` values, version 0) with many puts in flight, each to its
-   key's head, and says how long that took;
+1. waits until the ECS says its ring of three serves, then loads N keys (``--value-bytes``
+   values, version 0) with many puts in flight, each to its key's head (a put refused because
+   its server does not serve yet is retried, with a back-off, for a bounded time), and says
+   how long that took;
 2. for each of ``--ops join,leave`` in turn, starts a background writer (``--rate`` puts/s to
    keys all over the ring, each to the head its ring names; refusals are counted, not retried)
    and sends C{AddNodes 1} (a fourth server joins) or C{RemoveNode} (one of the first three

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,16 +20,16 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 
-from bench import reconfig
-from bench.cluster import pick_leaving, share
-from bench.dataset import key_of, keys_to_verify, value_of, verify, version_of
+from bench import cluster, reconfig
+from bench.cluster import MeasurementFailed, pick_leaving, share
+from bench.dataset import key_of, keys_to_verify, load, value_of, verify, version_of
 from bench.memory import MemorySampler, parse_memory, read_memory
 from bench.reconfig import copy_step, ecs_summary, parse_ops, parse_sizes
 from bench.reconfig_report import OpResult, SizeResult, compare, format_report, format_table
 from bench.systems import ChainRouter
 from bench.writer import Writer
 from chainstore import protocol
-from chainstore.errors import KeyNotFound, NotResponsible, WriteLocked
+from chainstore.errors import KeyNotFound, NotResponsible, ServerStopped, WriteLocked
 from chainstore.ring import NodeInfo, Ring
 from chainstore.testing.processes import pid_alive
 
@@ -410,6 +411,118 @@ def test_verify_finds_lost_old_and_garbled_values() -> None:
     clean: list[str] = []
     Deferred.fromCoroutine(verify(router, [0, 1, 3], {3: 9}, 64, clean))
     assert clean == []
+
+
+# -- starting: waiting for the ring, loading --------------------------------------------------------
+
+
+def test_wait_serving_waits_for_a_whole_idle_serving_ring(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    members = [{"name": n, "connected": True} for n in ("server1", "server2", "server3")]
+    ready = {"serving": True, "operation": None, "ring": ["server1", "server2", "server3"],
+             "members": members}
+    answers: list[Any] = [
+        ConnectionDone("not listening yet"),
+        {**ready, "serving": False},
+        {**ready, "operation": {"step": "copying"}},
+        {**ready, "ring": ["server1", "server2"]},
+        {**ready, "members": members[:2] + [{"name": "server3", "connected": False}]},
+        ready,
+    ]
+    asked: list[float] = []
+
+    async def status_of(reactor: Any, ecs: Any) -> dict[str, Any]:
+        asked.append(clock.seconds())
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(cluster, "status_of", status_of)
+    ecs = SimpleNamespace(running=True)
+    d = Deferred.fromCoroutine(cluster.wait_serving(clock, ecs, 3, timeout=5.0))
+    clock.pump([0.1] * 4)
+    assert not d.called and len(asked) == 5
+    clock.advance(0.1)
+    assert d.called and d.result is ready and answers == []
+    # Never serving: it gives up after its timeout, saying what it saw last.
+    answers.extend([{**ready, "serving": False}] * 100)
+    late = Deferred.fromCoroutine(cluster.wait_serving(clock, ecs, 3, timeout=2.0))
+    failed: list[Any] = []
+    late.addErrback(failed.append)
+    clock.pump([0.1] * 25)
+    assert failed and failed[0].check(MeasurementFailed)
+    assert "'serving': False" in str(failed[0].value)
+    assert not clock.getDelayedCalls()
+
+
+def _two_servers(a_answer: Any, b_answer: Any) -> ChainRouter:
+    ring = Ring((_node("a", 1000), _node("b", 2000)), epoch=1, replication=1)
+    return ChainRouter(ring, {"a": FakeServer("a", a_answer), "b": FakeServer("b", b_answer)})
+
+
+def test_the_load_retries_puts_refused_while_the_servers_start() -> None:
+    # The flake this guards against: the ECS said serving before every server had taken its
+    # SetState running, and the load's first puts were refused (ServerStopped).
+    clock = Clock()
+    stored: dict[bytes, bytes] = {}
+    refused = {"stopped": 0, "not responsible": 0}
+
+    def a_answer(command: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if refused["not responsible"] < 3:
+            refused["not responsible"] += 1
+            raise NotResponsible("no ring yet")
+        stored[kwargs["key"]] = kwargs["value"]
+        return {"updated": False}
+
+    def b_answer(command: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if clock.seconds() < 0.3:
+            refused["stopped"] += 1
+            raise ServerStopped("the server is not serving requests")
+        stored[kwargs["key"]] = kwargs["value"]
+        return {"updated": False}
+
+    router = _two_servers(a_answer, b_answer)
+    assert {router.head(key_of(i)) for i in range(40)} == set(router.conns.values())
+    d = Deferred.fromCoroutine(load(clock, router, 40, 64, inflight=8, limit=60.0))
+    assert not d.called
+    clock.pump([0.01] * 100)
+    assert d.called
+    assert 0.3 <= d.result <= 1.0
+    assert refused["stopped"] >= 1 and refused["not responsible"] == 3
+    assert stored == {key_of(i): value_of(key_of(i), 64, 0) for i in range(40)}
+    assert not clock.getDelayedCalls()
+
+
+def test_the_load_gives_up_on_a_server_that_never_serves_and_retries_nothing_else() -> None:
+    clock = Clock()
+
+    def stopped(command: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+        raise ServerStopped("the server is not serving requests")
+
+    def accept(command: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {"updated": False}
+
+    d = Deferred.fromCoroutine(load(clock, _two_servers(accept, stopped), 40, 64, inflight=4,
+                                    limit=60.0, retry_for=2.0))
+    failed: list[Any] = []
+    d.addErrback(failed.append)
+    clock.pump([0.01] * 150)
+    assert not failed
+    clock.pump([0.01] * 100)
+    # The worker's own error, not gatherResults' FirstError wrapper: main() reports it.
+    assert failed and failed[0].check(MeasurementFailed)
+    assert "still refused" in str(failed[0].value) and "ServerStopped" in str(failed[0].value)
+    assert not clock.getDelayedCalls()  # every worker gave up: nothing retries forever
+
+    def broken(command: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+        raise KeyNotFound("not a refusal to retry")
+
+    other = Deferred.fromCoroutine(load(clock, _two_servers(broken, broken), 4, 64, inflight=2,
+                                        limit=60.0))
+    failed = []
+    other.addErrback(failed.append)
+    assert failed and failed[0].check(KeyNotFound) and not clock.getDelayedCalls()
 
 
 # -- a real run -----------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -40,7 +39,7 @@ from twisted.python.failure import Failure
 
 from bench.http11 import ConnectionPool, HTTP11Client, Response
 from bench.resp import RedisClient, Reply, blocking_command
-from bench.systems import HOST, CONNECT_TIMEOUT, SystemUnderTest
+from bench.systems import HOST, CONNECT_TIMEOUT, SystemUnderTest, stop_process
 from chainstore.testing.processes import ProcessFailed, free_ports
 
 #: The Debian package that brings each program the peers need.
@@ -140,14 +139,7 @@ class ServerProcess:
             return ""
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout)
+        stop_process(self.proc, timeout)
 
 
 def wait_until(ready: Callable[[], bool], processes: Sequence[ServerProcess], timeout: float,

@@ -184,6 +184,19 @@ def _value_of(answer: dict[str, Any]) -> bytes:
     return answer["value"]  # type: ignore[no-any-return]
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """Stop a child this process started, by its PID: SIGTERM, then SIGKILL if it has not
+    exited C{timeout} seconds later; nothing if it never started or has exited."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout)
+
+
 class EchoSystem(SystemUnderTest):
     """The bare AMP echo server of L{bench.echo_server}: the cost of AMP itself."""
 
@@ -227,14 +240,7 @@ class EchoSystem(SystemUnderTest):
         raise ProcessFailed(f"echo server not listening on port {self.port} after {timeout}s")
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout)
+        stop_process(self.proc, timeout)
 
     def request(self, op: str, conn: amp.AMP, key: bytes, value: bytes) -> Deferred[Any]:
         # Each operation costs the AMP message it would cost a kvserver: a put carries the

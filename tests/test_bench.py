@@ -29,7 +29,8 @@ from bench.loadgen import ClosedLoop, RequestFailed, RunResult, percentile
 from bench.report import format_table, summarize, target_verdicts
 from bench.runner import (Case, LoadIncomplete, Measurement, rotated, run_operations,
                           run_session, Settings)
-from bench.systems import ChainRouter, ChainSystem, EchoSystem, SingleSystem, SystemUnderTest
+from bench.systems import (ChainRouter, ChainSystem, EchoSystem, SingleSystem, SystemUnderTest,
+                           stop_process)
 from bench.ycsb import Operations, record_keys, record_values
 from chainstore import protocol
 from chainstore.limits import check_key
@@ -229,6 +230,34 @@ def test_chain_router_sends_puts_to_the_head_and_gets_to_the_tail(tmp_path: Path
     skipping = ChainRouter(dead, conns)  # type: ignore[arg-type]
     assert all(skipping.head(k) is not conns["b"] and skipping.tail(k) is not conns["b"]
                for k in keys)
+
+
+def test_stop_process_terminates_then_kills_a_child_that_ignores_sigterm() -> None:
+    # Each child says it is ready (its SIGTERM disposition set) before it is stopped.
+    ignoring = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+         "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    polite = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    try:
+        for proc in (ignoring, polite):
+            assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        started = time.monotonic()
+        stop_process(polite, timeout=10.0)
+        assert polite.returncode == -signal.SIGTERM and time.monotonic() - started < 5.0
+        stop_process(ignoring, timeout=0.5)
+        assert ignoring.returncode == -signal.SIGKILL
+        stop_process(ignoring)  # already gone: nothing to do
+        stop_process(None)  # never started
+    finally:
+        for proc in (ignoring, polite):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+            if proc.stdout:
+                proc.stdout.close()
 
 
 # -- python -m bench, for real ----------------------------------------------------------------

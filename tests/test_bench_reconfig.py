@@ -413,7 +413,7 @@ def test_verify_finds_lost_old_and_garbled_values() -> None:
     assert clean == []
 
 
-# -- starting: waiting for the ring, loading --------------------------------------------------------
+# -- starting: waiting for the ring, loading -------------------------------------------------------
 
 
 def test_wait_serving_waits_for_a_whole_idle_serving_ring(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -79,7 +79,8 @@ class KVServerProtocol(amp.AMP):
 
     @control.ReceiveRange.responder
     def receive_range(self, epoch: int, store: str, items: bytes,
-                      deletes: bytes | None = None) -> dict[str, Any]:
+                      deletes: bytes | None = None,
+                      requests: bytes | None = None) -> dict[str, Any]:
         # Copies are made for a configuration the ECS is preparing, always newer than ours; an
         # older one is a leftover of an aborted attempt and must not overwrite anything.
         if epoch <= self.node.ring.epoch:
@@ -88,6 +89,8 @@ class KVServerProtocol(amp.AMP):
         if self.node.stores is None:
             raise control.ControlFailed("the stores are not open")
         migration.receive_range(migration.store_named(self.node.stores, store), items, deletes)
+        if requests:
+            self.node.chain.adopt_requests(control.unpack_items(requests))
         return {}
 
     @control.Replicate.responder

@@ -22,7 +22,7 @@ See docs/DESIGN.md, "Chain replication".
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import count
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +45,7 @@ from chainstore.control import (
 from chainstore.errors import NotResponsible, ServerStopped
 from chainstore.logs import get_logger
 from chainstore.peers import PeerPool
-from chainstore.ring import NodeInfo, Ring
+from chainstore.ring import KeyRange, NodeInfo, Ring, position
 from chainstore.storage import STORE_NAMES, Store
 
 log = get_logger("chainstore.chain")
@@ -141,7 +141,10 @@ class ChainReplicator:
         # request id -> (replica, serial) of the write that carried it, kept per server rather
         # than per replica: a reconfiguration can move a range into another of this server's
         # stores, and a retry arriving there must still be recognised (bounded, oldest first)
-        self.recent: OrderedDict[bytes, tuple[int, int]] = OrderedDict()
+        # Each entry: (replica token, serial, key, sequence number); token 0 for an id that came
+        # with a range copied from another server. Copies carry the ids of the keys they move.
+        self.recent: OrderedDict[bytes, tuple[int, int, bytes, int]] = OrderedDict()
+        self._recent_seq = 0
         self._turn_call: Any = None
         self._lease_loop = LoopingCall(self._renew_leases)
         self._lease_loop.clock = clock
@@ -266,13 +269,13 @@ class ChainReplicator:
         """Apply a client write at the head; (key existed, fires when the tail has it)."""
         seen = self.recent.get(request_id) if request_id else None
         if seen is not None:
-            earlier, serial = seen
+            earlier, serial = seen[0], seen[1]
             if earlier == replica.token:
                 # A retry of a write we already carry: wait for (or report) the same write.
                 return True, self._wait(replica, serial)
-            # Applied here in a role this server has since left: its range moved to this
-            # replica's store in a reconfiguration, which drains every write to its tail before
-            # it commits. The write is in this store; answer once this head's writes are at the
+            # Applied here in a role this server has since left, or on another server whose
+            # range was copied here: either way the range moved in a reconfiguration, which
+            # drains every write to its tail before it commits. The write is in this store; answer once this head's writes are at the
             # tail, and never apply it twice (a later write may have replaced it).
             return True, self.settled(replica)
         if len(replica.pending) + sum(len(b.ops) for b in replica.window) > MAX_QUEUED_OPS:
@@ -280,7 +283,7 @@ class ChainReplicator:
         serial = replica.last_serial + 1
         existed = replica.store.apply_one(kind, key, value, serial)
         replica.last_serial = serial
-        self.remember(replica, request_id, serial)
+        self.remember(replica.token, request_id, serial, key)
         if not replica.is_tail:
             replica.pending.append((serial, kind, key, value, request_id))
             replica.forwarded = serial
@@ -315,7 +318,7 @@ class ChainReplicator:
             replica.store.apply_ops(fresh, fresh[-1][0])
             replica.last_serial = fresh[-1][0]
             for op in fresh:
-                self.remember(replica, op[4], op[0])
+                self.remember(replica.token, op[4], op[0], op[2])
         last = ops[-1][0]
         if replica.is_tail:
             if fresh:
@@ -449,12 +452,39 @@ class ChainReplicator:
         for _, d in waiters:
             d.errback(error)
 
-    def remember(self, replica: Replica, request_id: bytes, serial: int) -> None:
+    def remember(self, token: int, request_id: bytes, serial: int, key: bytes) -> None:
         if request_id:
             recent = self.recent
-            recent[request_id] = (replica.token, serial)
+            if request_id in recent:
+                del recent[request_id]  # keep the entries in sequence order
+            self._recent_seq += 1
+            recent[request_id] = (token, serial, key, self._recent_seq)
             if len(recent) > RECENT_REQUESTS:
                 recent.popitem(last=False)
+
+    def request_mark(self) -> int:
+        """A mark for L{requests_since}: the ids remembered from now on come after it."""
+        return self._recent_seq
+
+    def requests_since(self, mark: int, rng: KeyRange) -> list[tuple[bytes, bytes]]:
+        """(request id, key) of the writes remembered after C{mark} whose key is in C{rng}:
+        what a copy of that range must carry so that its new head knows them too."""
+        found = []
+        recent = self.recent
+        for request_id in reversed(recent):
+            _, _, key, seq = recent[request_id]
+            if seq <= mark:
+                break
+            if position(key) in rng:
+                found.append((request_id, key))
+        found.reverse()
+        return found
+
+    def adopt_requests(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
+        """Ids of writes applied on another server to keys copied here."""
+        for request_id, key in pairs:
+            if request_id not in self.recent:
+                self.remember(0, request_id, 0, key)
 
     # -- leases ----------------------------------------------------------------------------------
 

@@ -184,10 +184,12 @@ class Shutdown(_ControlCommand):
 
 class ReceiveRange(_ControlCommand):
     """One batch of a C{CopyRange}: write these pairs (and delete these keys) in C{store},
-    atomically."""
+    atomically. C{requests}: (request id, key) pairs of client writes to keys of the range,
+    so that a retry reaching the range's new head is recognised there."""
 
     arguments = [(b"epoch", amp.Integer()), (b"store", amp.Unicode()),
-                 (b"items", BigBytes()), (b"deletes", BigBytes(optional=True))]
+                 (b"items", BigBytes()), (b"deletes", BigBytes(optional=True)),
+                 (b"requests", BigBytes(optional=True))]
     response: list[tuple[bytes, amp.Argument]] = []
 
 

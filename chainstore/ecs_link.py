@@ -40,6 +40,8 @@ class ServerControlProtocol(amp.AMP):
         self.shutdown = shutdown
         # How a copy reaches the target server's AMP port; tests pass an in-memory connector.
         self.connect_peer = connect_peer or self._dial
+        # write tracker -> the chain's request-id mark when it began
+        self._request_marks: dict[int, int] = {}
 
     def _dial(self, host: str, port: int) -> Deferred[amp.AMP]:
         return connectProtocol(HostnameEndpoint(self.reactor, host, port, timeout=10), amp.AMP())
@@ -104,7 +106,10 @@ class ServerControlProtocol(amp.AMP):
 
     @control.TrackWrites.responder
     def track_writes(self, store: str, start: int, end: int) -> dict[str, Any]:
-        return {"tracker": migration.start_tracking(self._store(store), KeyRange(start, end))}
+        tracker = migration.start_tracking(self._store(store), KeyRange(start, end))
+        # The copy that reads this tracker also carries the request ids remembered since.
+        self._request_marks[tracker] = self.node.chain.request_mark()
+        return {"tracker": tracker}
 
     @control.StopTracking.responder
     def stop_tracking(self, tracker: int) -> dict[str, Any]:
@@ -131,6 +136,11 @@ class ServerControlProtocol(amp.AMP):
                           tracker: int | None) -> dict[str, Any]:
         source = self._store(store)
         dirty = self._tracked(tracker) if tracker is not None else None
+        # Request ids of writes to the range travel with it (all of them with the bulk copy,
+        # those since the tracker began with a catch-up): a client retrying a write that was
+        # applied here must not have it applied again by the range's new head.
+        mark = 0 if tracker is None else self._request_marks.pop(tracker, 0)
+        requests = self.node.chain.requests_since(mark, rng)
         try:
             target = await self.connect_peer(host, port)
         except Exception as e:
@@ -148,6 +158,8 @@ class ServerControlProtocol(amp.AMP):
                 keys, nbytes = await migration.copy_dirty(
                     source, dirty, target, target_store, epoch, self.reactor,
                     COPY_BATCH_TIMEOUT)
+            await migration.send_requests(requests, target, target_store, epoch, self.reactor,
+                                          COPY_BATCH_TIMEOUT)
         except Exception as e:
             if type(e) in control.CONTROL_ERRORS:
                 raise

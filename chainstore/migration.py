@@ -90,6 +90,19 @@ async def copy_range(
     return keys, nbytes
 
 
+async def send_requests(requests: list[tuple[bytes, bytes]], target: amp.AMP, target_store: str,
+                        epoch: int, clock: IReactorTime | None = None,
+                        batch_timeout: float | None = None) -> int:
+    """Send (request id, key) pairs to the target along with a copy; how many were sent."""
+    for start in range(0, len(requests), BATCH_KEYS):
+        sent = target.callRemote(ReceiveRange, epoch=epoch, store=target_store, items=b"",
+                                 requests=pack_items(requests[start:start + BATCH_KEYS]))
+        if clock is not None and batch_timeout is not None:
+            sent.addTimeout(batch_timeout, clock)
+        await sent
+    return len(requests)
+
+
 def receive_range(target: Store, payload: bytes, deletes: bytes | None = None) -> int:
     items = list(unpack_items(payload))
     doomed = [key for key, _ in unpack_items(deletes)] if deletes else []

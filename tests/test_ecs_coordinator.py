@@ -783,3 +783,30 @@ def test_a_retried_write_is_not_applied_again_after_its_range_moved_to_another_s
         assert tail.get(key) == b"again"
     finally:
         c.close()
+
+
+def test_a_retried_write_is_not_applied_again_by_the_head_a_join_gave_its_range(tmp_path):
+    # A put is applied and replicated, its answer lost; a join then gives the key's range to a
+    # new server, whose head store is a copy. Another client deletes the key there. The first
+    # client's retry (same request id) reaches the new head: it must be answered as done, not
+    # applied again, so the request ids travel with the copied range.
+    c = Cluster(tmp_path, replication=3, initial=3)
+    try:
+        c.start()
+        new_slot = c.config.nodes[3]
+        key = keys_moving_to(c, new_slot)[0]
+        old_head = c.servers[c.ring().chain(key)[0].name].node
+        c.run(old_head.put(key, b"first", request_id=b"rid-1"))
+        c.run(c.ecs.add_nodes(1, "LRU", 50))
+        chain = c.ring().chain(key)
+        assert chain[0].name == new_slot.name
+        new_head, tail = c.servers[chain[0].name].node, c.servers[chain[-1].name].node
+        assert new_head.stores["coordinator"].get(key) == b"first"
+        c.run(new_head.delete(key, request_id=b"rid-2"))
+        assert c.run(new_head.put(key, b"first", request_id=b"rid-1")) is True
+        with pytest.raises(KeyNotFound):
+            tail.get(key)
+        c.run(new_head.put(key, b"again", request_id=b"rid-3"))
+        assert tail.get(key) == b"again"
+    finally:
+        c.close()

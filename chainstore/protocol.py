@@ -19,7 +19,7 @@ from typing import Any
 from twisted.protocols import amp
 
 from chainstore.errors import ALL_ERRORS
-from chainstore.ring import NodeInfo, Ring
+from chainstore.ring import NodeInfo, Ring, parse_position, render_position
 
 
 class BigBytes(amp.Argument):
@@ -103,6 +103,8 @@ NODE_FIELDS = [
     (b"host", amp.Unicode()),
     (b"console_port", amp.Integer()),
     (b"amp_port", amp.Integer()),
+    # the ring position the ECS chose, 32 hex digits (absent: the MD5 of the console address)
+    (b"position", amp.Unicode(optional=True)),
 ]
 
 
@@ -120,14 +122,22 @@ def ring_to_wire(ring: Ring) -> dict[str, Any]:
     return {
         "epoch": ring.epoch,
         "replication": ring.replication,
-        "nodes": [{"name": n.name, "host": n.host, "console_port": n.console_port,
-                   "amp_port": n.amp_port} for n in ring.nodes],
+        "nodes": [_node_to_wire(n) for n in ring.nodes],
         "dead": sorted(ring.dead),
     }
 
 
+def _node_to_wire(node: NodeInfo) -> dict[str, Any]:
+    wire: dict[str, Any] = {"name": node.name, "host": node.host,
+                            "console_port": node.console_port, "amp_port": node.amp_port}
+    if node.token is not None:
+        wire["position"] = render_position(node.token)
+    return wire
+
+
 def ring_from_wire(wire: dict[str, Any]) -> Ring:
-    nodes = tuple(NodeInfo(n["name"], n["host"], n["console_port"], n["amp_port"])
+    nodes = tuple(NodeInfo(n["name"], n["host"], n["console_port"], n["amp_port"],
+                           token=parse_position(n["position"]) if n.get("position") else None)
                   for n in wire["nodes"])
     return Ring(nodes, epoch=wire["epoch"], replication=wire["replication"],
                 dead=frozenset(wire.get("dead") or ()))

@@ -48,6 +48,10 @@ class NodeInfo:
     host: str
     console_port: int
     amp_port: int
+    #: a ring position chosen by the ECS (see ``placement`` in docs/DESIGN.md); None: the MD5 of
+    #: the console address. Not part of a server's identity (a server knows its address, and
+    #: learns its position from the ring).
+    token: int | None = field(default=None, compare=False)
 
     @property
     def console_address(self) -> str:
@@ -55,6 +59,8 @@ class NodeInfo:
 
     @property
     def position(self) -> int:
+        if self.token is not None:
+            return self.token
         return position(self.console_address.encode("ascii"))
 
 

@@ -57,8 +57,10 @@ class KVServerService(MultiService):
                  data_dir=cfg.data_dir, backend=cfg.backend, durability=cfg.durability,
                  counts=counts)
         super().startService()
+        # Under an ECS the ring position is the one it chose (the ring says); alone, or with
+        # placement "hash", the MD5 of the console address below.
         log.info("kvserver {name}: AMP on {listen}, console on {console}, "
-                 "ring position {pos:032X}", name=me.name, listen=cfg.listen,
+                 "address hash {pos:032X}", name=me.name, listen=cfg.listen,
                  console=cfg.console, pos=me.position)
 
     def stopService(self) -> Deferred[None]:

@@ -61,6 +61,9 @@ class ECSConfig:
         " --ecs {ecs}"
     )
     register_timeout: float = 20.0
+    #: balanced: the ECS places each joining server in the middle of the largest range (the
+    #: first servers evenly); hash: at the MD5 of its console address (the classic ring)
+    placement: str = "balanced"
     log_level: str = "info"
     nodes: tuple[NodeSlot, ...] = field(default_factory=default_pool)
 
@@ -88,6 +91,8 @@ class ECSConfig:
             raise ECSConfigError("register-timeout must be more than 0 seconds")
         if self.launcher not in ("local", "ssh", "none"):
             raise ECSConfigError(f"launcher {self.launcher!r}: choose local, ssh or none")
+        if self.placement not in ("balanced", "hash"):
+            raise ECSConfigError(f"placement {self.placement!r}: choose balanced or hash")
         if self.log_level.lower() not in LEVELS:
             raise ECSConfigError(f"log-level {self.log_level!r}: choose one of {', '.join(LEVELS)}")
         names = [n.name for n in self.nodes]
@@ -120,7 +125,7 @@ _SCALARS = {
     "listen": str, "advertise": str, "state-file": str, "log-dir": str,
     "heartbeat-interval": float, "failure-timeout": float, "replication": int,
     "initial-nodes": int, "cache-strategy": str, "cache-size": int, "launcher": str,
-    "ssh-command": str, "register-timeout": float, "log-level": str,
+    "ssh-command": str, "register-timeout": float, "log-level": str, "placement": str,
 }
 OPTION_NAMES = set(_SCALARS) | {"nodes"}
 

@@ -22,7 +22,7 @@ A failure before step 5 aborts: the locks are released and the ring stays as it 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, gatherResults, succeed
@@ -33,7 +33,7 @@ from twisted.protocols import amp
 from chainstore import control
 from chainstore.protocol import ring_to_wire
 from chainstore.logs import get_logger
-from chainstore.ring import KeyRange, Ring
+from chainstore.ring import RING_BITS, KeyRange, Ring
 from ecs import planner
 from ecs.config import ECSConfig
 from ecs.protocol import AdminError
@@ -519,6 +519,7 @@ class ECS:
                 entry["last_heartbeat_s"] = round(now - self.last_seen[m.name], 2)
             if m.name in ranges:
                 entry["range"] = [f"{ranges[m.name].start:032X}", f"{ranges[m.name].end:032X}"]
+                entry["position"] = f"{ranges[m.name].end:032X}"
             members.append(entry)
         op = self.operation
         return {
@@ -540,6 +541,34 @@ class ECS:
 
     # -- reconfiguration -------------------------------------------------------------------------
 
+    def _placed(self, new_members: list[str]) -> dict[str, int | None]:
+        """The ring positions of C{new_members}: members of the current ring keep theirs; with
+        placement "balanced", the first servers are spread evenly and each later one goes to the
+        middle of the largest range (with "hash", None: the MD5 of the console address)."""
+        members = self.state.members
+        current = set(self.state.ring_members)
+        tokens: dict[str, int | None] = {n: members[n].token for n in new_members if n in current}
+        joining = [n for n in new_members if n not in current]
+        if self.config.placement != "balanced" or not joining:
+            return {**tokens, **{n: None for n in joining}}
+        taken = [members[n].info.position for n in tokens]
+        if not taken:
+            # Evenly from where the first one's address hashes to.
+            start, step = members[joining[0]].info.position, (1 << RING_BITS) // len(joining)
+            return {n: (start + i * step) % (1 << RING_BITS) for i, n in enumerate(joining)}
+        for name in joining:
+            ordered = sorted(taken)
+            gaps = [((ordered[(i + 1) % len(ordered)] - p) % (1 << RING_BITS) or 1 << RING_BITS, p)
+                    for i, p in enumerate(ordered)]
+            size, after = max(gaps)
+            token = (after + size // 2) % (1 << RING_BITS)
+            log.info("placing {name} at {token:032X}, the middle of the largest range "
+                     "({share:.1%} of the ring)", name=name, token=token,
+                     share=size / (1 << RING_BITS))
+            tokens[name] = token
+            taken.append(token)
+        return tokens
+
     async def _reconfigure(self, new_members: list[str], description: str,
                            returned: set[str] = frozenset()) -> None:
         """Take the cluster from the current ring to one of C{new_members} (see the module
@@ -547,8 +576,10 @@ class ECS:
         dead = set(self.state.dead)
         old = self.state.ring()
         epoch = self.state.allocate_epoch()
-        new = Ring(tuple(self.state.members[n].info for n in new_members), epoch=epoch,
-                   replication=self.state.replication)
+        tokens = self._placed(new_members)
+        new = Ring(tuple(replace(self.state.members[n].info, token=tokens.get(n))
+                         for n in new_members),
+                   epoch=epoch, replication=self.state.replication)
         plan = planner.plan(old, new, dead, returned)
         failures = self._failures
         self._operations += 1
@@ -636,6 +667,9 @@ class ECS:
             raise AdminError(f"{description} failed while {op.step}: {e}") from None
         # 5. Commit point: from here the change is completed, never undone.
         self.state.epoch = epoch
+        for name, member in self.state.members.items():
+            # A server that leaves the ring gives its position up; back later, it is placed anew.
+            member.token = tokens.get(name) if name in new_members else None
         self.state.ring_members = list(new_members)
         self.state.dead &= set(new_members)
         self._save()

@@ -30,10 +30,13 @@ class Member:
     origin: str = "operator"
     cache_strategy: str = ""
     cache_size: int = 0
+    #: the ring position the ECS placed it at while it is in the ring (None: the MD5 of its
+    #: console address, as with placement "hash" or a state saved before placements existed)
+    token: int | None = None
 
     @property
     def info(self) -> NodeInfo:
-        return NodeInfo(self.name, self.host, self.console_port, self.amp_port)
+        return NodeInfo(self.name, self.host, self.console_port, self.amp_port, token=self.token)
 
 
 @dataclass

@@ -46,6 +46,9 @@ class Options(usage.Options):
         ["launcher", None, None, f"local, ssh or none [default: {_D.launcher}]"],
         ["register-timeout", None, None,
          f"seconds a launched server has to register [default: {_D.register_timeout}]"],
+        ["placement", None, None,
+         "ring positions of joining servers: balanced (the middle of the largest range) or "
+         f"hash (MD5 of the console address) [default: {_D.placement}]"],
         ["log-level", None, None, f"debug, info, warn, error, critical [default: {_D.log_level}]"],
     ]
 

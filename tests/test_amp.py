@@ -134,7 +134,7 @@ def test_keyrange_keyrange_read_metadata_and_stats(wire):
     meta = wire.call(protocol.GetMetadata)
     assert meta["epoch"] == 0 and meta["replication"] == 1
     assert meta["nodes"] == [{"name": "s1", "host": "127.0.0.1", "console_port": 50001,
-                              "amp_port": 51001}]
+                              "amp_port": 51001, "position": None}]
     wire.call(protocol.Put, key=b"a", value=b"1")
     wire.call(protocol.Get, key=b"a")
     stats = json.loads(wire.call(protocol.Stats)["stats"])
@@ -257,3 +257,22 @@ def test_an_unexpected_failure_is_a_declared_server_error_and_the_connection_liv
     broken.get = real_get
     assert wire.connected
     assert wire.call(protocol.Get, key=b"k") == {"value": b"v"}
+
+
+def test_the_ring_on_the_wire_carries_the_positions_the_ecs_chose() -> None:
+    from chainstore.ring import NodeInfo, Ring
+
+    placed = NodeInfo("a", "127.0.0.1", 50001, 51001, token=5)
+    hashed = NodeInfo("b", "127.0.0.1", 50002, 51002)
+    ring = Ring((placed, hashed), epoch=3, replication=2)
+    box = amp.AmpBox()
+    wire = protocol.ring_to_wire(ring)
+    for name, argument in protocol.RING_FIELDS:
+        argument.toBox(name, box, dict(wire), None)
+    back = protocol.ring_from_wire(
+        {name.decode(): argument.fromStringProto(box[name], None)
+         for name, argument in protocol.RING_FIELDS if name in box})
+    assert [(n.name, n.token, n.position) for n in back.nodes] == \
+        [(n.name, n.token, n.position) for n in ring.nodes]
+    assert back.node("a").position == 5
+    assert back.node("b").position == hashed.position != 5

@@ -40,7 +40,7 @@ from typing import Any
 
 import pytest
 
-from chainstore.ring import NodeInfo, Ring, position
+from chainstore.ring import NodeInfo, Ring, parse_position, position
 from chainstore.storage import STORE_NAMES
 from chainstore.testing.processes import ECSProcess, pid_alive, write_ecs_config
 from ecs import protocol as admin
@@ -389,7 +389,8 @@ def ring_of(status: dict[str, Any]) -> Ring:
     nodes = []
     for name in status["ring"]:
         host, console = split_address(members[name]["console"])
-        nodes.append(NodeInfo(name, host, console, split_address(members[name]["amp"])[1]))
+        nodes.append(NodeInfo(name, host, console, split_address(members[name]["amp"])[1],
+                              token=parse_position(members[name]["position"])))
     return Ring(tuple(nodes), epoch=status["epoch"], replication=status["replication"],
                 dead=frozenset(status["dead"]))
 

@@ -244,3 +244,13 @@ def test_a_slot_may_name_its_own_ecs_endpoint_and_peer_routes():
     assert argv[argv.index("--ecs") + 1] == plain.advertise and "--peer-routes" not in argv
     with pytest.raises(ECSConfigError, match="unknown key"):
         build_config({"nodes": [{**slot, "bogus": 1}]}, {})
+
+
+def test_placement_is_balanced_by_default_settable_and_checked(tmp_path):
+    pool = POOL + "initial-nodes: 2\n"
+    assert config_from(tmp_path, pool).placement == "balanced"
+    assert config_from(tmp_path, pool + "placement: hash\n").placement == "hash"
+    assert build_config(load_yaml(write(tmp_path / "e.yaml", pool)),
+                        {"placement": "hash"}).placement == "hash"
+    assert "placement 'random': choose balanced or hash" in \
+        error_of(tmp_path, pool + "placement: random\n")

@@ -27,7 +27,7 @@ from chainstore.cache import make_cache
 from chainstore.ecs_link import COPY_BATCH_TIMEOUT, ServerControlProtocol
 from chainstore.errors import KeyNotFound, WriteLocked
 from chainstore.node import RUNNING, STOPPED, KVNode
-from chainstore.ring import NodeInfo, Ring
+from chainstore.ring import RING_BITS, NodeInfo, Ring, position
 from chainstore.storage import STORE_NAMES, StoreSet
 from ecs.config import ECSConfig, NodeSlot
 from ecs.coordinator import ECS
@@ -88,12 +88,13 @@ class FakeLauncher:
 
 class Cluster:
     def __init__(self, tmp_path: Any, replication: int = 1, initial: int = 3,
-                 slots: int = 6) -> None:
+                 slots: int = 6, placement: str = "hash") -> None:
         self.tmp_path = tmp_path
         self.clock = Clock()
+        # "hash" by default: most tests below predict a join's moves from the slots' addresses.
         self.config = ECSConfig(
             heartbeat_interval=INTERVAL, failure_timeout=TIMEOUT, replication=replication,
-            initial_nodes=initial, register_timeout=5.0, nodes=pool(slots),
+            initial_nodes=initial, register_timeout=5.0, nodes=pool(slots), placement=placement,
             state_file=str(tmp_path / "ecs" / "state.json")).validated()
         self.launcher = FakeLauncher(self)
         self.servers: dict[str, Server] = {}
@@ -808,5 +809,56 @@ def test_a_retried_write_is_not_applied_again_by_the_head_a_join_gave_its_range(
             tail.get(key)
         c.run(new_head.put(key, b"again", request_id=b"rid-3"))
         assert tail.get(key) == b"again"
+    finally:
+        c.close()
+
+
+# -- balanced placement ---------------------------------------------------------------------------
+
+def _shares(ring: Ring) -> dict[str, float]:
+    return {n.name: ((ring.range_of(i).end - ring.range_of(i).start) % (1 << RING_BITS)
+                     or 1 << RING_BITS) / (1 << RING_BITS) for i, n in enumerate(ring.nodes)}
+
+
+def test_balanced_placement_spreads_the_first_servers_and_splits_the_largest_range(tmp_path):
+    c = Cluster(tmp_path, replication=3, initial=3, placement="balanced")
+    try:
+        c.start()
+        shares = _shares(c.ring())
+        assert all(abs(s - 1 / 3) < 1e-9 for s in shares.values()), shares
+        # Every server has the ECS's positions, not the hashes of its address.
+        for server in c.servers.values():
+            assert [n.position for n in server.node.ring.nodes] == \
+                [n.position for n in c.ring().nodes]
+        place_by_role(c, KEYS)
+        c.run(c.ecs.add_nodes(1, "LRU", 50))
+        shares = _shares(c.ring())
+        # The newcomer took half of one range: 1/6 each for it and the server after it.
+        assert sorted(round(s * 6, 6) for s in shares.values()) == [1, 1, 2, 2]
+        assert round(shares["s4"] * 6, 6) == 1
+        c.check_placement(KEYS)
+        # Its position is saved: a restarted ECS resumes the same ring.
+        saved = StateFile(c.config.state_file).load()
+        assert saved is not None
+        assert [m.token for m in (saved.members[n] for n in saved.ring_members)] == \
+            [c.ecs.state.members[n].token for n in c.ecs.state.ring_members]
+        assert saved.ring().nodes == c.ring().nodes
+        assert [n.position for n in saved.ring().nodes] == [n.position for n in c.ring().nodes]
+        # A server that leaves gives its position up.
+        c.run(c.ecs.remove_node("s4"))
+        assert c.ecs.state.members["s4"].token is None
+        assert all(abs(s - 1 / 3) < 1e-9 for s in _shares(c.ring()).values())
+        c.check_placement(KEYS)
+    finally:
+        c.close()
+
+
+def test_hash_placement_puts_servers_at_the_md5_of_their_console_address(tmp_path):
+    c = Cluster(tmp_path, replication=1, initial=3, placement="hash")
+    try:
+        c.start()
+        for node in c.ring().nodes:
+            assert node.token is None
+            assert node.position == position(node.console_address.encode())
     finally:
         c.close()

@@ -27,6 +27,7 @@ import signal
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from twisted.protocols import amp
 
 from chainstore import logs, protocol
 from chainstore.errors import NotResponsible, ServerStopped, WriteLocked
-from chainstore.ring import RING_BITS, NodeInfo, Ring
+from chainstore.ring import RING_BITS, NodeInfo, Ring, parse_position
 from chainstore.testing.processes import ECSProcess, pid_alive, write_ecs_config
 from client.kvstore import KVStore
 from ecs import protocol as admin
@@ -63,8 +64,10 @@ POLL = 0.05
 
 def start_ecs(workdir: Path, **options: Any) -> ECSProcess:
     """An ECS on free ports with the settings above, its initial ring up, connected and serving."""
+    # Ring positions from the console addresses, so that the tests can choose a pool whose
+    # ranges are balanced and predict which keys a joining server takes.
     settings: dict[str, Any] = {
-        "slots": SLOTS, "initial_nodes": INITIAL, "replication": 1,
+        "placement": "hash", "slots": SLOTS, "initial_nodes": INITIAL, "replication": 1,
         "heartbeat_interval": HEARTBEAT, "failure_timeout": FAILURE_TIMEOUT,
         "cache_size": 100, "register_timeout": 20.0,
     }
@@ -139,9 +142,12 @@ def node_of(ecs: ECSProcess, name: str) -> NodeInfo:
 
 
 def ring_of(ecs: ECSProcess, status: dict[str, Any]) -> Ring:
-    """The ring a C{Status} describes, rebuilt from the pool: what the client library should see."""
-    return Ring(tuple(node_of(ecs, n) for n in status["ring"]), epoch=status["epoch"],
-                replication=status["replication"])
+    """The ring a C{Status} describes, rebuilt from the pool and the positions the ECS reports:
+    what the client library should see."""
+    positions = {m["name"]: parse_position(m["position"]) for m in status["members"]
+                 if "position" in m}
+    return Ring(tuple(replace(node_of(ecs, n), token=positions[n]) for n in status["ring"]),
+                epoch=status["epoch"], replication=status["replication"])
 
 
 def value_for(key: bytes, version: int = 0) -> bytes:

@@ -59,9 +59,12 @@ def pool_config(workdir: Path, replication: int, target_share: tuple[float, floa
     fractions of the data (ring positions hash the ports, drawn afresh for each attempt)."""
     low, high = target_share
     for _ in range(attempts):
+        # Positions from the ports (not the ECS's balanced placement), so that the shares that
+        # join and leave can be chosen here.
         path = write_ecs_config(workdir, slots=INITIAL_SERVERS + 1, initial_nodes=INITIAL_SERVERS,
                                 replication=replication, heartbeat_interval=1.0,
-                                failure_timeout=failure_timeout, cache_size=CACHE_SIZE)
+                                failure_timeout=failure_timeout, cache_size=CACHE_SIZE,
+                                placement="hash")
         pool = [slot_node(s) for s in yaml.safe_load(path.read_text())["nodes"]]
         leaving = pick_leaving(pool, target_share)
         if leaving is not None and low <= share(pool, pool[INITIAL_SERVERS]) <= high and \

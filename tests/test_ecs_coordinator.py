@@ -757,6 +757,18 @@ def test_a_range_whose_chain_all_failed_is_repaired_from_a_replica_that_comes_ba
         c.close()
 
 
+def _delete_then_retry(c: Cluster, head: KVNode, tail: KVNode, key: bytes) -> None:
+    """Another client deletes C{key}; then the put of C{b"first"} under request id rid-1 is
+    retried at C{head}: answered as done (a retry reports the key as existing), and not
+    applied again. A new request id is a new write."""
+    c.run(head.delete(key, request_id=b"rid-2"))
+    assert c.run(head.put(key, b"first", request_id=b"rid-1")) is True
+    with pytest.raises(KeyNotFound):
+        tail.get(key)
+    c.run(head.put(key, b"again", request_id=b"rid-3"))
+    assert tail.get(key) == b"again"
+
+
 def test_a_retried_write_is_not_applied_again_after_its_range_moved_to_another_store(tmp_path):
     # A put reaches every replica but its acknowledgement dies with its head; the client
     # retries with the same request id. Meanwhile the repair merges the dead head's range into
@@ -775,13 +787,7 @@ def test_a_retried_write_is_not_applied_again_after_its_range_moved_to_another_s
         assert head not in c.ecs.state.ring_members  # repaired: the range has a new owner
         new_head, *_, tail = (c.servers[n.name].node for n in c.ring().chain(key))
         assert new_head is c.servers[middle].node
-        c.run(new_head.delete(key, request_id=b"rid-2"))
-        assert c.run(new_head.put(key, b"first", request_id=b"rid-1")) is True
-        with pytest.raises(KeyNotFound):
-            tail.get(key)
-        # A new request id is a new write.
-        c.run(new_head.put(key, b"again", request_id=b"rid-3"))
-        assert tail.get(key) == b"again"
+        _delete_then_retry(c, new_head, tail, key)
     finally:
         c.close()
 
@@ -803,12 +809,7 @@ def test_a_retried_write_is_not_applied_again_by_the_head_a_join_gave_its_range(
         assert chain[0].name == new_slot.name
         new_head, tail = c.servers[chain[0].name].node, c.servers[chain[-1].name].node
         assert new_head.stores["coordinator"].get(key) == b"first"
-        c.run(new_head.delete(key, request_id=b"rid-2"))
-        assert c.run(new_head.put(key, b"first", request_id=b"rid-1")) is True
-        with pytest.raises(KeyNotFound):
-            tail.get(key)
-        c.run(new_head.put(key, b"again", request_id=b"rid-3"))
-        assert tail.get(key) == b"again"
+        _delete_then_retry(c, new_head, tail, key)
     finally:
         c.close()
 

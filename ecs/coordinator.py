@@ -82,6 +82,8 @@ class ECS:
         self.operation: Operation | None = None
         self.last_reconfiguration: dict[str, Any] | None = None
         self._operations = 0
+        # changes of whether to serve still being applied to the servers (Status waits for them)
+        self._applying_states = 0
         self._started_at = clock.seconds()
         self.heartbeats = LoopingCall(self._heartbeat_tick)
         self.heartbeats.clock = clock
@@ -386,7 +388,7 @@ class ECS:
                              "service waits for more (addNode) before it starts",
                              count=len(self.state.live_members), k=self.state.replication)
             self._save()
-            await self._set_states()
+            await self._apply_states()
             return names
         finally:
             self.busy.release()
@@ -488,7 +490,7 @@ class ECS:
         self._claim()
         self.state.serving = serving
         self._save()
-        await self._set_states()
+        await self._apply_states()
         return f"{len(self.state.ring_members)} servers {'started' if serving else 'stopped'}"
 
     async def shut_down(self) -> str:
@@ -524,7 +526,7 @@ class ECS:
         op = self.operation
         return {
             "epoch": self.state.epoch,
-            "serving": self.state.serving,
+            "serving": self.state.serving and not self._applying_states,
             "replication": self.state.replication,
             "degraded": bool(self.state.ring_members)
                         and len(self.state.live_members) < self.state.replication,
@@ -737,6 +739,16 @@ class ECS:
 
     async def _set_states(self) -> None:
         await gatherResults([Deferred.fromCoroutine(self._sync(n)) for n in list(self.links)])
+
+    async def _apply_states(self) -> None:
+        """L{_set_states} after a change of whether the service serves: until every server has
+        its state, Status does not say "serving" (a client that starts on it would be refused by
+        a server still stopped)."""
+        self._applying_states += 1
+        try:
+            await self._set_states()
+        finally:
+            self._applying_states -= 1
 
     # -- plumbing --------------------------------------------------------------------------------
 

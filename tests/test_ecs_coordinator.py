@@ -863,3 +863,19 @@ def test_hash_placement_puts_servers_at_the_md5_of_their_console_address(tmp_pat
             assert node.position == position(node.console_address.encode())
     finally:
         c.close()
+
+
+def test_status_says_serving_only_once_every_server_took_its_state(running):
+    c = running
+    c.run(c.ecs.set_serving(False))
+    assert c.ecs.status()["serving"] is False
+    c.hung.add("s2")  # its answer to SetState is late
+    d = Deferred.fromCoroutine(c.ecs.set_serving(True))
+    c.settle()
+    assert not d.called
+    assert c.ecs.state.serving and c.ecs.status()["serving"] is False
+    assert c.servers["s2"].node.state == STOPPED
+    c.hung.discard("s2")
+    c.settle(until=d)
+    assert c.ecs.status()["serving"] is True
+    assert all(s.node.state == RUNNING for s in c.servers.values())

@@ -42,6 +42,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from chainstore.cache import STRATEGIES
+from chainstore.ring import RING_BITS
 from ecs import protocol
 from ecs.protocol import AdminError
 
@@ -173,6 +174,15 @@ def format_range(entry: dict[str, Any]) -> str:
     return f"{_abbreviate(start)}..{_abbreviate(end)}"
 
 
+def format_share(entry: dict[str, Any]) -> str:
+    """The part of the key space a member heads (what balanced placement evens out)."""
+    if "range" not in entry:
+        return "-"
+    start, end = (int(bound, 16) for bound in entry["range"])
+    size = (end - start) % (1 << RING_BITS) or 1 << RING_BITS
+    return f"{size / (1 << RING_BITS):.1%}"
+
+
 def format_status(status: dict[str, Any]) -> str:
     """The human C{status}: a summary line, the ring, a table of members, the operation."""
     summary = [f"epoch {status['epoch']}", "serving" if status["serving"] else "stopped",
@@ -181,11 +191,12 @@ def format_status(status: dict[str, Any]) -> str:
         summary.append(f"DEGRADED: {len(status['ring'])} server(s) in the ring, fewer than the "
                        f"replication factor")
     lines = [", ".join(summary), "ring: " + (" ".join(status["ring"]) or "(empty)")]
-    rows = [("NAME", "STATUS", "CONSOLE", "RANGE (FROM..TO]", "HEARTBEAT", "CONNECTED")]
+    rows = [("NAME", "STATUS", "CONSOLE", "RANGE (FROM..TO]", "SHARE", "HEARTBEAT",
+             "CONNECTED")]
     for m in status["members"]:
         heartbeat = m.get("last_heartbeat_s")
         rows.append((
-            m["name"], m["status"], m["console"], format_range(m),
+            m["name"], m["status"], m["console"], format_range(m), format_share(m),
             "-" if heartbeat is None else f"{float(heartbeat):.1f}s ago",
             "yes" if m["connected"] else "no",
         ))

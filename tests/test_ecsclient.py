@@ -148,13 +148,13 @@ def test_format_status_renders_summary_ring_and_an_aligned_member_table() -> Non
     assert lines[0] == "epoch 7, serving, replication 1"
     assert lines[1] == "ring: server2 server1"
     header, *rows = lines[2:]
-    assert header.split() == ["NAME", "STATUS", "CONSOLE", "RANGE", "(FROM..TO]", "HEARTBEAT",
-                              "CONNECTED"]
+    assert header.split() == ["NAME", "STATUS", "CONSOLE", "RANGE", "(FROM..TO]", "SHARE",
+                              "HEARTBEAT", "CONNECTED"]
     assert rows[0].split() == ["server1", "active", "127.0.0.1:50001", "0DB99468..8263A01E",
-                               "0.2s", "ago", "yes"]
+                               "45.6%", "0.2s", "ago", "yes"]
     assert rows[1].split() == ["server2", "active", "127.0.0.1:50002", "8263A01E..0DB99468",
-                               "1.0s", "ago", "yes"]
-    assert rows[2].split() == ["server3", "removed", "127.0.0.1:50003", "-", "-", "no"]
+                               "54.4%", "1.0s", "ago", "yes"]
+    assert rows[2].split() == ["server3", "removed", "127.0.0.1:50003", "-", "-", "-", "no"]
     # Columns line up: every row starts its console address where the header's column starts.
     column = header.index("CONSOLE")
     assert all(row[column:].startswith("127.0.0.1:5000") for row in rows)

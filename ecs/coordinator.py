@@ -1,28 +1,17 @@
-"""The ECS's brain: membership, heartbeats and reconfiguration, free of sockets.
+"""The ECS's brain: membership, heartbeats, the admin commands and status, free of sockets.
 
 Servers reach it through links (their control connections, L{ecs.server.ECSProtocol}); admins
 through the admin commands. Time comes from an injected clock, so the state machine is tested
 with ``Clock`` and iosim.
 
-Reconfiguration (join, leave, failure) follows one sequence, for any replication factor:
-
-1. plan the data movement from the old ring to the new one (L{ecs.planner});
-2. lock writes to every changing range at its old head (reads go on);
-3. copy: for each target store, first drop the range there (a clean slate: leftovers of an
-   aborted attempt must not survive), then stream or copy it locally, batch by batch;
-4. lock reads of every changing range at its old tail, so no old tail can answer once the new
-   chain accepts writes;
-5. commit: save the new ring with a new epoch, then send it to every server (adopting a ring
-   clears a server's locks); from here on the change is redone, never undone, after an ECS crash;
-6. drop the data every server holds but no longer should.
-
-A failure before step 5 aborts: the locks are released and the ring stays as it was.
+Every ring change (join, leave, repair after a failure) runs the reconfiguration sequence of
+L{ecs.reconfiguration}, with ring positions chosen by L{ecs.placement}; L{ECS} holds the busy
+lock around it and refuses other admin commands meanwhile.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, gatherResults, succeed
@@ -31,34 +20,28 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.protocols import amp
 
 from chainstore import control
-from chainstore.protocol import ring_to_wire
 from chainstore.logs import get_logger
-from chainstore.ring import RING_BITS, KeyRange, Ring
-from ecs import planner
+from chainstore.protocol import ring_to_wire
 from ecs.config import ECSConfig
+from ecs.control_calls import CONTROL_TIMEOUT, ControlCalls
+from ecs.failures import may_revive, orphaned_ranges
 from ecs.protocol import AdminError
+from ecs.reconfiguration import Operation, Reconfigurer
 from ecs.state import ACTIVE, FAILED, IDLE, LAUNCHING, REMOVED, ClusterState, Member, StateFile
+from ecs.status import status_report
 
 log = get_logger("ecs.coordinator")
 
-CONTROL_TIMEOUT = 10.0
-
-
-@dataclass
-class Operation:
-    """The reconfiguration in progress, for C{status}."""
-
-    number: int
-    description: str
-    started: float
-    keys: int = 0
-    bytes: int = 0
-    step: str = "planning"
-    # per copy in flight: (keys, bytes) reported so far
-    copies: dict[str, tuple[int, int]] = field(default_factory=dict)
+__all__ = ["CONTROL_TIMEOUT", "ECS", "Operation"]
 
 
 class ECS:
+    """The ECS's façade: its AMP endpoint (L{ecs.server}) and C{twistd ecs} use only this.
+
+    It keeps the membership and the servers' links, runs heartbeats, answers the admin commands
+    and C{status}, and runs each ring change (L{Reconfigurer}) under its C{busy} lock.
+    """
+
     def __init__(self, config: ECSConfig, clock: IReactorTime, launcher: Any,
                  state_file: StateFile, exit: Callable[[], None] = lambda: None) -> None:
         self.config = config
@@ -75,18 +58,31 @@ class ECS:
         self._failing: set[str] = set()
         # bumped on every failure, so a change in progress knows it must not commit
         self._failures = 0
-        # control calls in flight, per server, to cancel when it fails
-        self._inflight: dict[str, set[Deferred[Any]]] = {}
+        self.calls = ControlCalls(self.links, clock)
         self._returning: set[str] = set()
         self.busy = DeferredLock()
-        self.operation: Operation | None = None
-        self.last_reconfiguration: dict[str, Any] | None = None
-        self._operations = 0
+        self.reconfigurer = Reconfigurer(self.state, clock, self._call, self._save,
+                                         self._metadata, lambda: self._failures,
+                                         config.placement)
         # changes of whether to serve still being applied to the servers (Status waits for them)
         self._applying_states = 0
         self._started_at = clock.seconds()
         self.heartbeats = LoopingCall(self._heartbeat_tick)
         self.heartbeats.clock = clock
+
+    @property
+    def operation(self) -> Operation | None:
+        """The reconfiguration in progress (None when none runs), for C{status}."""
+        return self.reconfigurer.operation
+
+    @operation.setter
+    def operation(self, operation: Operation | None) -> None:
+        self.reconfigurer.operation = operation
+
+    @property
+    def last_reconfiguration(self) -> dict[str, Any] | None:
+        """The summary of the last completed reconfiguration (None before the first)."""
+        return self.reconfigurer.last
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -166,7 +162,7 @@ class ECS:
             self.state.last_epoch = epoch
         if name not in self.state.ring_members and member.status != IDLE:
             member.status = IDLE
-        if name in self.state.dead and self._may_revive(name):
+        if name in self.state.dead and may_revive(self.state.ring(), name):
             # Every replica of its ranges went down (a whole-cluster outage): it holds every
             # acknowledged write of them, so it rejoins as it is rather than losing them.
             self.state.dead.discard(name)
@@ -259,8 +255,7 @@ class ECS:
         self._failures += 1
         # A change in progress may be waiting on the failed server: fail those calls now, so
         # the change aborts instead of hanging.
-        for d in list(self._inflight.get(name, ())):
-            d.cancel()
+        self.calls.cancel(name)
         self._spawn(self._mark_dead(name))
 
     async def _mark_dead(self, name: str) -> None:
@@ -308,7 +303,8 @@ class ECS:
                 # Dead members that registered again may give their data to ranges nobody else
                 # holds any more (nothing was written there since they went down).
                 returned = {name for name in dead if name in self.links}
-                orphaned = self._orphaned(returned) if self.state.replication > 1 else []
+                orphaned = (orphaned_ranges(self.state.ring(), returned)
+                            if self.state.replication > 1 else [])
                 if orphaned:
                     # Taking them out would drop the last copies of these ranges: wait for one
                     # of their replicas to come back (see register).
@@ -331,28 +327,6 @@ class ECS:
                     await deferLater(self.clock, attempt * 1.0, lambda: None)
         finally:
             self.busy.release()
-
-    def _orphaned(self, returned: set[str] = frozenset()) -> list[Any]:
-        """Ranges of the current ring whose every replica is dead and none of them is back.
-        (With replication 1 any failure is handled like a removal: its data is gone.)"""
-        ring = self.state.ring()
-        return [ring.range_of(i) for i in range(len(ring.nodes))
-                if not ring.chain_for_index(i)
-                and not {n.name for n in ring.ring_chain(i)} & returned]
-
-    def _may_revive(self, name: str) -> bool:
-        """Whether dead member C{name} can rejoin its chains as it is: only if every chain it is
-        in has no live member, so nothing was written there while it was away."""
-        ring = self.state.ring()
-        names = [n.name for n in ring.nodes]
-        if name not in names:
-            return False
-        me = names.index(name)
-        for position in range(ring.chain_length):
-            owner = (me - position) % len(names)
-            if ring.chain_for_index(owner):
-                return False
-        return True
 
     # -- admin commands --------------------------------------------------------------------------
 
@@ -507,235 +481,19 @@ class ECS:
         return f"shut down {len(names)} servers and the ECS"
 
     def status(self) -> dict[str, Any]:
-        now = self.clock.seconds()
-        ring = self.state.ring()
-        ranges = {n.name: ring.range_of(i) for i, n in enumerate(ring.nodes)}
-        members = []
-        for m in sorted(self.state.members.values(), key=lambda m: m.name):
-            entry: dict[str, Any] = {
-                "name": m.name, "status": m.status, "origin": m.origin,
-                "console": f"{m.host}:{m.console_port}", "amp": f"{m.host}:{m.amp_port}",
-                "connected": m.name in self.links,
-            }
-            if m.name in self.last_seen:
-                entry["last_heartbeat_s"] = round(now - self.last_seen[m.name], 2)
-            if m.name in ranges:
-                entry["range"] = [f"{ranges[m.name].start:032X}", f"{ranges[m.name].end:032X}"]
-                entry["position"] = f"{ranges[m.name].end:032X}"
-            members.append(entry)
-        op = self.operation
-        return {
-            "epoch": self.state.epoch,
-            "serving": self.state.serving and not self._applying_states,
-            "replication": self.state.replication,
-            "degraded": bool(self.state.ring_members)
-                        and len(self.state.live_members) < self.state.replication,
-            "ring": [n.name for n in ring.nodes],
-            "dead": sorted(ring.dead),
-            "members": members,
-            "operation": None if op is None else {
-                "description": op.description, "step": op.step,
-                "keys_moved": op.keys + sum(k for k, _ in op.copies.values()),
-                "bytes_moved": op.bytes + sum(b for _, b in op.copies.values()),
-                "seconds": round(now - op.started, 2),
-            },
-        }
+        """The C{Status} answer (see L{ecs.status.status_report}); "serving" only once every
+        server has its state."""
+        return status_report(self.state, self.links, self.last_seen, self.operation,
+                             self.state.serving and not self._applying_states,
+                             self.clock.seconds())
 
     # -- reconfiguration -------------------------------------------------------------------------
 
-    def _placed(self, new_members: list[str]) -> dict[str, int | None]:
-        """The ring positions of C{new_members}: members of the current ring keep theirs; with
-        placement "balanced", the first servers are spread evenly and each later one goes to the
-        middle of the largest range (with "hash", None: the MD5 of the console address)."""
-        members = self.state.members
-        current = set(self.state.ring_members)
-        tokens: dict[str, int | None] = {n: members[n].token for n in new_members if n in current}
-        joining = [n for n in new_members if n not in current]
-        if self.config.placement != "balanced" or not joining:
-            return {**tokens, **{n: None for n in joining}}
-        taken = [members[n].info.position for n in tokens]
-        if not taken:
-            # Evenly from where the first one's address hashes to.
-            start, step = members[joining[0]].info.position, (1 << RING_BITS) // len(joining)
-            return {n: (start + i * step) % (1 << RING_BITS) for i, n in enumerate(joining)}
-        for name in joining:
-            ordered = sorted(taken)
-            gaps = [((ordered[(i + 1) % len(ordered)] - p) % (1 << RING_BITS) or 1 << RING_BITS, p)
-                    for i, p in enumerate(ordered)]
-            size, after = max(gaps)
-            token = (after + size // 2) % (1 << RING_BITS)
-            log.info("placing {name} at {token:032X}, the middle of the largest range "
-                     "({share:.1%} of the ring)", name=name, token=token,
-                     share=size / (1 << RING_BITS))
-            tokens[name] = token
-            taken.append(token)
-        return tokens
-
     async def _reconfigure(self, new_members: list[str], description: str,
                            returned: set[str] = frozenset()) -> None:
-        """Take the cluster from the current ring to one of C{new_members} (see the module
-        docstring); dead members of the current ring take no part."""
-        dead = set(self.state.dead)
-        old = self.state.ring()
-        epoch = self.state.allocate_epoch()
-        tokens = self._placed(new_members)
-        new = Ring(tuple(replace(self.state.members[n].info, token=tokens.get(n))
-                         for n in new_members),
-                   epoch=epoch, replication=self.state.replication)
-        plan = planner.plan(old, new, dead, returned)
-        failures = self._failures
-        self._operations += 1
-        op = self.operation = Operation(self._operations, description, self.clock.seconds())
-        # Save the allocation first: even if we crash now, the epoch is never handed out twice.
-        self._save()
-        log.info("epoch {epoch}: {description}: {copies} copies, {moves} local moves, "
-                 "{drops} drops", epoch=epoch, description=description,
-                 copies=len(plan.copies), moves=len(plan.moves), drops=len(plan.drops))
-        for rng in plan.lost:
-            log.error("range {start:032X}-{end:032X} had no surviving replica: its data is lost",
-                      start=rng.start, end=rng.end)
-        locked: list[tuple[str, list[KeyRange], bool]] = []
-        trackers: list[tuple[str, int, planner.Copy | planner.LocalMove]] = []
-        locked_at: float | None = None
-        try:
-            # 1. The bulk of the data moves while writes go on; each source records the keys
-            #    written meanwhile.
-            op.step = "copying"
-            for move in plan.moves:
-                result = await self._call(move.server, control.TrackWrites,
-                                          store=move.source_store, start=move.range.start,
-                                          end=move.range.end)
-                trackers.append((move.server, result["tracker"], move))
-                await self._call(move.server, control.DropRange, timeout=None,
-                                 store=move.target_store, start=move.range.start,
-                                 end=move.range.end)
-                await self._call(move.server, control.MoveLocal, timeout=None,
-                                 source=move.source_store, target=move.target_store,
-                                 start=move.range.start, end=move.range.end)
-            for copy in plan.copies:
-                result = await self._call(copy.source, control.TrackWrites,
-                                          store=copy.source_store, start=copy.range.start,
-                                          end=copy.range.end)
-                trackers.append((copy.source, result["tracker"], copy))
-                await self._call(copy.target, control.DropRange, timeout=None,
-                                 store=copy.target_store, start=copy.range.start,
-                                 end=copy.range.end)
-                result = await self._copy(op, copy, epoch)
-                op.copies.clear()
-                op.keys += result["keys"]
-                op.bytes += result["bytes"]
-            # 1b. One more unlocked pass: the keys written during the bulk copy move again while
-            #     fresh trackers record the writes of this (much shorter) pass, so what is left
-            #     for the locked pass below depends on the write rate, not on the data size.
-            op.step = "catching up"
-            renewed = []
-            for server, tracker, item in trackers:
-                source_store = item.source_store
-                result = await self._call(server, control.TrackWrites, store=source_store,
-                                          start=item.range.start, end=item.range.end)
-                renewed.append((server, result["tracker"], item))
-                await self._catch_up(op, epoch, server, tracker, item)
-            trackers = renewed
-            self._check(failures)
-            # 2. Writes to the changing ranges stop at their heads, and what is in flight
-            #    reaches the tails, so every replica is identical.
-            op.step = "locking writes"
-            locked_at = self.clock.seconds()
-            for server, ranges in plan.write_locks.items():
-                await self._call(server, control.LockRanges, ranges=_wire(ranges), reads=False)
-                locked.append((server, ranges, False))
-            for server in plan.write_locks:
-                await self._call(server, control.DrainWrites, timeout=30.0)
-            # 3. Only the keys written since the last pass move again.
-            op.step = "final catch-up"
-            while trackers:
-                server, tracker, item = trackers.pop(0)
-                await self._catch_up(op, epoch, server, tracker, item)
-            self._check(failures)
-            # 4. The old tails stop reading for the switch itself.
-            op.step = "switching"
-            for server, ranges in plan.read_locks.items():
-                await self._call(server, control.LockRanges, ranges=_wire(ranges), reads=True)
-                locked.append((server, ranges, True))
-            self._check(failures)
-        except Exception as e:
-            log.error("{description} aborted at {step}: {error}", description=description,
-                      step=op.step, error=e)
-            for server, tracker, _ in trackers:
-                self._call(server, control.StopTracking, tracker=tracker).addErrback(
-                    lambda f: None)
-            await self._unlock(locked)
-            self.operation = None
-            raise AdminError(f"{description} failed while {op.step}: {e}") from None
-        # 5. Commit point: from here the change is completed, never undone.
-        self.state.epoch = epoch
-        for name, member in self.state.members.items():
-            # A server that leaves the ring gives its position up; back later, it is placed anew.
-            member.token = tokens.get(name) if name in new_members else None
-        self.state.ring_members = list(new_members)
-        self.state.dead &= set(new_members)
-        self._save()
-        metadata = self._metadata()
-        await gatherResults(
-            [self._call(n, control.SetMetadata, **metadata).addErrback(_warn, n)
-             for n in set(new_members) | (set(old_members(old)) - dead)],
-        )
-        write_locked = 0.0 if locked_at is None else self.clock.seconds() - locked_at
-        if self.state.serving:
-            # Joined servers hold their ranges now; left stopped until the drops below are
-            # done, they would keep those ranges unavailable for as long as the drops take.
-            joined = [n for n in new_members if n not in old_members(old)]
-            await gatherResults([self._call(n, control.SetState, state="running")
-                                 .addErrback(_not_started, n) for n in joined])
-        # 6. Drop what no store should hold any more.
-        op.step = "dropping moved data"
-        for drop in plan.drops:
-            try:
-                await self._call(drop.server, control.DropRange, timeout=None, store=drop.store,
-                                 start=drop.range.start, end=drop.range.end)
-            except Exception as e:
-                log.warn("could not drop {store} data on {server}: {error}", store=drop.store,
-                         server=drop.server, error=e)
-        elapsed = self.clock.seconds() - op.started
-        log.info("epoch {epoch}: {description} done in {elapsed:.2f}s, moved {keys} keys "
-                 "({nbytes} bytes); writes to the moved ranges were refused for "
-                 "{locked:.3f}s", epoch=epoch, description=description, elapsed=elapsed,
-                 keys=op.keys, nbytes=op.bytes, locked=write_locked)
-        self.last_reconfiguration = {"description": description, "seconds": elapsed,
-                                     "keys": op.keys, "bytes": op.bytes,
-                                     "write_locked_seconds": write_locked}
-        self.operation = None
-
-    async def _catch_up(self, op: Operation, epoch: int, server: str, tracker: int,
-                        item: planner.Copy | planner.LocalMove) -> None:
-        """Send again the keys C{tracker} recorded (current values, or deletions)."""
-        if isinstance(item, planner.LocalMove):
-            await self._call(server, control.MoveLocal, timeout=None,
-                             source=item.source_store, target=item.target_store,
-                             start=item.range.start, end=item.range.end, tracker=tracker)
-        else:
-            await self._copy(op, item, epoch, tracker)
-
-    def _copy(self, op: Operation, copy: planner.Copy, epoch: int,
-              tracker: int | None = None) -> Deferred[dict[str, int]]:
-        target = self.state.members[copy.target]
-        extra = {} if tracker is None else {"tracker": tracker}
-        return self._call(
-            copy.source, control.CopyRange, timeout=None, operation=op.number,
-            store=copy.source_store, start=copy.range.start, end=copy.range.end,
-            target_host=target.host, target_port=target.amp_port,
-            target_store=copy.target_store, epoch=epoch, **extra)
-
-    def _check(self, failures: int) -> None:
-        if self._failures != failures:
-            raise control.ControlFailed("a server failed while the change was running")
-
-    async def _unlock(self, locked: list[tuple[str, list[KeyRange], bool]]) -> None:
-        for server, ranges, reads in locked:
-            try:
-                await self._call(server, control.UnlockRanges, ranges=_wire(ranges), reads=reads)
-            except Exception as e:
-                log.warn("could not unlock {server}: {error}", server=server, error=e)
+        """Take the cluster from the current ring to one of C{new_members}; dead members of the
+        current ring take no part (see L{ecs.reconfiguration}). The caller holds C{busy}."""
+        await self.reconfigurer.run(new_members, description, returned)
 
     async def _set_states(self) -> None:
         await gatherResults([Deferred.fromCoroutine(self._sync(n)) for n in list(self.links)])
@@ -757,20 +515,7 @@ class ECS:
 
     def _call(self, name: str, command: type[amp.Command], timeout: float | None = CONTROL_TIMEOUT,
               **kwargs: Any) -> Deferred[Any]:
-        link = self.links.get(name)
-        if link is None:
-            return _failed(control.ControlFailed(f"{name} is not connected to the ECS"))
-        d = link.callRemote(command, **kwargs)
-        if timeout is not None:
-            d.addTimeout(timeout, self.clock)
-        inflight = self._inflight.setdefault(name, set())
-        inflight.add(d)
-
-        def done(result: Any) -> Any:
-            inflight.discard(d)
-            return result
-
-        return d.addBoth(done)
+        return self.calls.call(name, command, timeout, **kwargs)
 
     def _save(self) -> None:
         self.state_file.save(self.state)
@@ -778,26 +523,3 @@ class ECS:
     def _spawn(self, coroutine: Any) -> None:
         Deferred.fromCoroutine(coroutine).addErrback(
             lambda f: log.failure("background task failed", f))
-
-
-def old_members(ring: Ring) -> list[str]:
-    return [n.name for n in ring.nodes]
-
-
-def _wire(ranges: list[KeyRange]) -> list[dict[str, int]]:
-    return [{"start": r.start, "end": r.end} for r in ranges]
-
-
-def _warn(failure: Any, name: str) -> None:
-    log.warn("could not send the new ring to {name}: {error}", name=name,
-             error=failure.getErrorMessage())
-
-
-def _not_started(failure: Any, name: str) -> None:
-    log.warn("could not start {name}: {error}", name=name, error=failure.getErrorMessage())
-
-
-def _failed(error: Exception) -> Deferred[Any]:
-    d: Deferred[Any] = Deferred()
-    d.errback(error)
-    return d

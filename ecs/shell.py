@@ -24,7 +24,6 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -41,10 +40,10 @@ from twisted.logger import (
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from chainstore.cache import STRATEGIES
-from chainstore.ring import RING_BITS
 from ecs import protocol
 from ecs.protocol import AdminError
+from ecs.shell_commands import HELP, Command, UsageError, parse_address, parse_command
+from ecs.shell_format import ProgressPrinter, format_status
 
 PROMPT = "ECSClient> "
 DEFAULT_ECS = "127.0.0.1:49999"
@@ -52,197 +51,9 @@ DEFAULT_TIMEOUT = 30.0
 #: seconds between two C{Status} polls while a long command runs
 POLL_INTERVAL = 0.5
 
-HELP = """\
-commands (names are case-insensitive: addnode works as well as addNode):
-  start                          every server in the ring answers clients
-  stop                           every server answers server_stopped (processes keep running)
-  shutDown                       end every server process and the ECS
-  addNode <strategy> <size>      add one server with cache FIFO, LRU or LFU of <size> entries
-  addNodes <count> <strategy> <size>
-                                 add <count> servers
-  removeNode <name> [--force]    move a server's data to the others and end it (--force: even
-                                 if fewer servers than the replication factor remain)
-  status [--json]                ring, ranges, server states, last heartbeats (--json: raw JSON)
-  help                           this text
-  quit                           leave (so does the end of the input)
-addNode(s) and removeNode show progress (keys and bytes moved) until the data has moved."""
-
-
-class UsageError(Exception):
-    """A command line the shell cannot run; the message gives the right form."""
-
 
 class ShellError(Exception):
     """A command failed: the ECS refused it, or could not be reached; the message says which."""
-
-
-@dataclass(frozen=True)
-class Command:
-    """A parsed command: its canonical name and the arguments of its AMP command."""
-
-    name: str
-    arguments: dict[str, Any] = field(default_factory=dict)
-    #: C{status --json}
-    json: bool = False
-
-
-_NAMES = {name.lower(): name for name in (
-    "start", "stop", "shutDown", "addNode", "addNodes", "removeNode", "status", "help", "quit")}
-_NAMES["exit"] = "quit"
-
-_USAGE = {
-    "addNode": "addNode <strategy> <size>",
-    "addNodes": "addNodes <count> <strategy> <size>",
-    "removeNode": "removeNode <name> [--force]",
-    "status": "status [--json]",
-}
-
-
-def parse_command(words: list[str]) -> Command | None:
-    """The command in C{words} (a line split on blanks); None for an empty line.
-
-    Raises L{UsageError} for an unknown command or wrong arguments.
-    """
-    if not words:
-        return None
-    name = _NAMES.get(words[0].lower())
-    if name is None:
-        raise UsageError(f"unknown command {words[0][:40]!r}; type help for the commands")
-    args = words[1:]
-    if name == "addNode":
-        if len(args) != 2:
-            raise UsageError(f"usage: {_USAGE[name]}")
-        return Command("addNodes", _add_arguments(name, "1", *args))
-    if name == "addNodes":
-        if len(args) != 3:
-            raise UsageError(f"usage: {_USAGE[name]}")
-        return Command("addNodes", _add_arguments(name, *args))
-    if name == "removeNode":
-        force = "--force" in args
-        rest = [a for a in args if a != "--force"]
-        if len(rest) != 1 or rest[0].startswith("-"):
-            raise UsageError(f"usage: {_USAGE[name]}")
-        return Command(name, {"name": rest[0], "force": force})
-    if name == "status":
-        if args not in ([], ["--json"]):
-            raise UsageError(f"usage: {_USAGE[name]}")
-        return Command(name, json=bool(args))
-    if args:
-        raise UsageError(f"{name} takes no arguments")
-    return Command(name)
-
-
-def _add_arguments(name: str, count: str, strategy: str, size: str) -> dict[str, Any]:
-    if not count.isdigit() or int(count) < 1:
-        raise UsageError(f"{name}: count must be a whole number of 1 or more, not {count!r}")
-    if strategy.upper() not in STRATEGIES:
-        raise UsageError(f"{name}: unknown cache strategy {strategy!r}; "
-                         f"choose one of {', '.join(STRATEGIES)}")
-    if not size.isdigit():
-        raise UsageError(f"{name}: cache size must be a whole number of 0 or more, not {size!r}")
-    return {"count": int(count), "cache_strategy": strategy.upper(), "cache_size": int(size)}
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """C{HOST:PORT} as C{(host, port)}; ValueError with the reason if it is not one."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r} is not HOST:PORT with a port in 1-65535")
-    return host.strip("[]"), int(port)
-
-
-# -- rendering -------------------------------------------------------------------------------------
-
-
-def format_progress(operation: dict[str, Any]) -> str:
-    """The progress line of a running reconfiguration (the C{operation} of C{Status})."""
-    return (f"moving: {operation['step']} {operation['keys_moved']} keys, "
-            f"{operation['bytes_moved']} bytes, {float(operation['seconds']):.1f}s")
-
-
-def _abbreviate(position: str) -> str:
-    return position[:8]
-
-
-def format_range(entry: dict[str, Any]) -> str:
-    """A member's range C{(from, to]} with each end cut to 8 hex digits; C{-} if it has none."""
-    if "range" not in entry:
-        return "-"
-    start, end = entry["range"]
-    if start == end:
-        return "whole ring"
-    return f"{_abbreviate(start)}..{_abbreviate(end)}"
-
-
-def format_share(entry: dict[str, Any]) -> str:
-    """The part of the key space a member heads (what balanced placement evens out)."""
-    if "range" not in entry:
-        return "-"
-    start, end = (int(bound, 16) for bound in entry["range"])
-    size = (end - start) % (1 << RING_BITS) or 1 << RING_BITS
-    return f"{size / (1 << RING_BITS):.1%}"
-
-
-def format_status(status: dict[str, Any]) -> str:
-    """The human C{status}: a summary line, the ring, a table of members, the operation."""
-    summary = [f"epoch {status['epoch']}", "serving" if status["serving"] else "stopped",
-               f"replication {status['replication']}"]
-    if status.get("degraded"):
-        summary.append(f"DEGRADED: {len(status['ring'])} server(s) in the ring, fewer than the "
-                       f"replication factor")
-    lines = [", ".join(summary), "ring: " + (" ".join(status["ring"]) or "(empty)")]
-    rows = [("NAME", "STATUS", "CONSOLE", "RANGE (FROM..TO]", "SHARE", "HEARTBEAT",
-             "CONNECTED")]
-    for m in status["members"]:
-        heartbeat = m.get("last_heartbeat_s")
-        rows.append((
-            m["name"], m["status"], m["console"], format_range(m), format_share(m),
-            "-" if heartbeat is None else f"{float(heartbeat):.1f}s ago",
-            "yes" if m["connected"] else "no",
-        ))
-    if len(rows) == 1:
-        lines.append("no servers")
-    else:
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        for row in rows:
-            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    op = status.get("operation")
-    if op:
-        lines.append(f"operation: {op['description']}: " + format_progress(op)[len("moving: "):])
-    return "\n".join(lines)
-
-
-class ProgressPrinter:
-    """Shows progress lines as they change: on a terminal one line rewritten in place, on a pipe
-    one line per change (of step, keys or bytes: the seconds alone do not make a new line)."""
-
-    def __init__(self, out: TextIO, tty: bool) -> None:
-        self.out = out
-        self.tty = tty
-        self._last: tuple[Any, ...] | None = None
-        self._drawn = False
-
-    def update(self, operation: dict[str, Any] | None) -> None:
-        if not operation:
-            return
-        line = format_progress(operation)
-        if self.tty:
-            self.out.write("\r" + line + "\x1b[K")
-            self._drawn = True
-        else:
-            state = (operation["step"], operation["keys_moved"], operation["bytes_moved"])
-            if state == self._last:
-                return
-            self._last = state
-            self.out.write(line + "\n")
-        self.out.flush()
-
-    def finish(self) -> None:
-        """End the rewritten line, so the answer starts on a line of its own."""
-        if self._drawn:
-            self.out.write("\n")
-            self.out.flush()
-            self._drawn = False
 
 
 # -- AMP -------------------------------------------------------------------------------------------

@@ -35,22 +35,9 @@ from ecs.config import ECSConfig
 from ecs.coordinator import ECS
 from ecs.launcher import NoLauncher
 from ecs.server import ECSProtocol
-from ecs.shell import (
-    HELP,
-    AdminLink,
-    Command,
-    ProgressPrinter,
-    Quit,
-    Shell,
-    ShellError,
-    UsageError,
-    call_with_progress,
-    format_progress,
-    format_range,
-    format_status,
-    parse_address,
-    parse_command,
-)
+from ecs.shell import AdminLink, Quit, Shell, ShellError, call_with_progress
+from ecs.shell_commands import HELP, Command, UsageError, parse_address, parse_command
+from ecs.shell_format import ProgressPrinter, format_progress, format_range, format_status
 from ecs.state import StateFile
 
 # -- parsing ---------------------------------------------------------------------------------------

@@ -1,0 +1,271 @@
+"""The ECS's ring changes: one sequence for a join, a leave or a repair, for any replication
+factor (see "Reconfiguration" in docs/DESIGN.md). The servers are placed on the new ring
+(L{ecs.placement}) and the data movement from the old ring to the new one is planned
+(L{ecs.planner}); then, numbered as in L{Reconfigurer.run}:
+
+1. copy while writes go on: each source starts a write tracker on the range; for each target
+   store the range is first dropped there (a clean slate: leftovers of an aborted attempt must
+   not survive), then streamed or moved locally, batch by batch;
+1b. catch up, still unlocked: fresh trackers start and the keys written during the bulk copy
+   move again;
+2. lock writes to every changing range at its old head (reads go on) and drain them to the
+   tails;
+3. move again the keys written during the unlocked pass;
+4. lock reads of every changing range at its old tail, so no old tail can answer once the new
+   chain accepts writes;
+5. commit: save the new ring with its epoch, then send it to every server (adopting a ring
+   clears a server's locks); from here on the change is completed, never undone;
+6. drop the data every server holds but no longer should.
+
+A failure before the commit (a call failing, or a server failing meanwhile) aborts: the
+trackers stop, the locks are released and the ring stays as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IReactorTime
+
+from chainstore import control
+from chainstore.logs import get_logger
+from chainstore.ring import KeyRange, Ring
+from ecs import planner
+from ecs.placement import place
+from ecs.protocol import AdminError
+from ecs.state import ClusterState
+
+# The ECS's log lines keep the namespace they always had, whichever module now holds the code:
+# operators and bench.reconfig read the ECS log as one voice.
+log = get_logger("ecs.coordinator")
+
+
+@dataclass
+class Operation:
+    """The reconfiguration in progress, for C{status}."""
+
+    number: int
+    description: str
+    started: float
+    keys: int = 0
+    bytes: int = 0
+    step: str = "planning"
+    # per copy in flight: (keys, bytes) reported so far
+    copies: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+class Reconfigurer:
+    """Runs the ring changes of one ECS and keeps what C{status} shows of them: the
+    L{operation} in progress (None between changes) and the summary of the L{last} one.
+
+    It runs one change at a time: its caller holds the ECS's busy lock. It reaches the servers
+    through C{call} (the ECS's control call: C{call(name, command, timeout=..., **arguments)}),
+    saves C{state} with C{save}, sends C{metadata()} as the new ring, and aborts a change if
+    C{failures()} (a count the ECS bumps on every server failure) moves while it runs.
+    """
+
+    def __init__(self, state: ClusterState, clock: IReactorTime,
+                 call: Callable[..., Deferred[Any]], save: Callable[[], None],
+                 metadata: Callable[[], dict[str, Any]], failures: Callable[[], int],
+                 placement: str) -> None:
+        self.state = state
+        self.clock = clock
+        self._call = call
+        self._save = save
+        self._metadata = metadata
+        self._failures = failures
+        self.placement = placement
+        self.operation: Operation | None = None
+        self.last: dict[str, Any] | None = None
+        self._operations = 0
+
+    async def run(self, new_members: list[str], description: str,
+                  returned: set[str] = frozenset()) -> None:
+        """Take the cluster from the current ring to one of C{new_members} (see the module
+        docstring); dead members of the current ring take no part.
+
+        Raises L{AdminError} if the change aborted before its commit (the old ring stays).
+        """
+        dead = set(self.state.dead)
+        old = self.state.ring()
+        epoch = self.state.allocate_epoch()
+        tokens = place(self.state.members, self.state.ring_members, new_members,
+                       self.placement)
+        new = Ring(tuple(replace(self.state.members[n].info, token=tokens.get(n))
+                         for n in new_members),
+                   epoch=epoch, replication=self.state.replication)
+        plan = planner.plan(old, new, dead, returned)
+        failures = self._failures()
+        self._operations += 1
+        op = self.operation = Operation(self._operations, description, self.clock.seconds())
+        # Save the allocation first: even if we crash now, the epoch is never handed out twice.
+        self._save()
+        log.info("epoch {epoch}: {description}: {copies} copies, {moves} local moves, "
+                 "{drops} drops", epoch=epoch, description=description,
+                 copies=len(plan.copies), moves=len(plan.moves), drops=len(plan.drops))
+        for rng in plan.lost:
+            log.error("range {start:032X}-{end:032X} had no surviving replica: its data is lost",
+                      start=rng.start, end=rng.end)
+        locked: list[tuple[str, list[KeyRange], bool]] = []
+        trackers: list[tuple[str, int, planner.Copy | planner.LocalMove]] = []
+        locked_at: float | None = None
+        try:
+            # 1. The bulk of the data moves while writes go on; each source records the keys
+            #    written meanwhile.
+            op.step = "copying"
+            for move in plan.moves:
+                result = await self._call(move.server, control.TrackWrites,
+                                          store=move.source_store, start=move.range.start,
+                                          end=move.range.end)
+                trackers.append((move.server, result["tracker"], move))
+                await self._call(move.server, control.DropRange, timeout=None,
+                                 store=move.target_store, start=move.range.start,
+                                 end=move.range.end)
+                await self._call(move.server, control.MoveLocal, timeout=None,
+                                 source=move.source_store, target=move.target_store,
+                                 start=move.range.start, end=move.range.end)
+            for copy in plan.copies:
+                result = await self._call(copy.source, control.TrackWrites,
+                                          store=copy.source_store, start=copy.range.start,
+                                          end=copy.range.end)
+                trackers.append((copy.source, result["tracker"], copy))
+                await self._call(copy.target, control.DropRange, timeout=None,
+                                 store=copy.target_store, start=copy.range.start,
+                                 end=copy.range.end)
+                result = await self._copy(op, copy, epoch)
+                op.copies.clear()
+                op.keys += result["keys"]
+                op.bytes += result["bytes"]
+            # 1b. One more unlocked pass: the keys written during the bulk copy move again while
+            #     fresh trackers record the writes of this (much shorter) pass, so what is left
+            #     for the locked pass below depends on the write rate, not on the data size.
+            op.step = "catching up"
+            renewed = []
+            for server, tracker, item in trackers:
+                source_store = item.source_store
+                result = await self._call(server, control.TrackWrites, store=source_store,
+                                          start=item.range.start, end=item.range.end)
+                renewed.append((server, result["tracker"], item))
+                await self._catch_up(op, epoch, server, tracker, item)
+            trackers = renewed
+            self._check(failures)
+            # 2. Writes to the changing ranges stop at their heads, and what is in flight
+            #    reaches the tails, so every replica is identical.
+            op.step = "locking writes"
+            locked_at = self.clock.seconds()
+            for server, ranges in plan.write_locks.items():
+                await self._call(server, control.LockRanges, ranges=_wire(ranges), reads=False)
+                locked.append((server, ranges, False))
+            for server in plan.write_locks:
+                await self._call(server, control.DrainWrites, timeout=30.0)
+            # 3. Only the keys written since the last pass move again.
+            op.step = "final catch-up"
+            while trackers:
+                server, tracker, item = trackers.pop(0)
+                await self._catch_up(op, epoch, server, tracker, item)
+            self._check(failures)
+            # 4. The old tails stop reading for the switch itself.
+            op.step = "switching"
+            for server, ranges in plan.read_locks.items():
+                await self._call(server, control.LockRanges, ranges=_wire(ranges), reads=True)
+                locked.append((server, ranges, True))
+            self._check(failures)
+        except Exception as e:
+            log.error("{description} aborted at {step}: {error}", description=description,
+                      step=op.step, error=e)
+            for server, tracker, _ in trackers:
+                self._call(server, control.StopTracking, tracker=tracker).addErrback(
+                    lambda f: None)
+            await self._unlock(locked)
+            self.operation = None
+            raise AdminError(f"{description} failed while {op.step}: {e}") from None
+        # 5. Commit point: from here the change is completed, never undone.
+        self.state.epoch = epoch
+        for name, member in self.state.members.items():
+            # A server that leaves the ring gives its position up; back later, it is placed anew.
+            member.token = tokens.get(name) if name in new_members else None
+        self.state.ring_members = list(new_members)
+        self.state.dead &= set(new_members)
+        self._save()
+        metadata = self._metadata()
+        await gatherResults(
+            [self._call(n, control.SetMetadata, **metadata).addErrback(_warn, n)
+             for n in set(new_members) | (set(old_members(old)) - dead)],
+        )
+        write_locked = 0.0 if locked_at is None else self.clock.seconds() - locked_at
+        if self.state.serving:
+            # Joined servers hold their ranges now; left stopped until the drops below are
+            # done, they would keep those ranges unavailable for as long as the drops take.
+            joined = [n for n in new_members if n not in old_members(old)]
+            await gatherResults([self._call(n, control.SetState, state="running")
+                                 .addErrback(_not_started, n) for n in joined])
+        # 6. Drop what no store should hold any more.
+        op.step = "dropping moved data"
+        for drop in plan.drops:
+            try:
+                await self._call(drop.server, control.DropRange, timeout=None, store=drop.store,
+                                 start=drop.range.start, end=drop.range.end)
+            except Exception as e:
+                log.warn("could not drop {store} data on {server}: {error}", store=drop.store,
+                         server=drop.server, error=e)
+        elapsed = self.clock.seconds() - op.started
+        log.info("epoch {epoch}: {description} done in {elapsed:.2f}s, moved {keys} keys "
+                 "({nbytes} bytes); writes to the moved ranges were refused for "
+                 "{locked:.3f}s", epoch=epoch, description=description, elapsed=elapsed,
+                 keys=op.keys, nbytes=op.bytes, locked=write_locked)
+        self.last = {"description": description, "seconds": elapsed,
+                                     "keys": op.keys, "bytes": op.bytes,
+                                     "write_locked_seconds": write_locked}
+        self.operation = None
+
+    async def _catch_up(self, op: Operation, epoch: int, server: str, tracker: int,
+                        item: planner.Copy | planner.LocalMove) -> None:
+        """Send again the keys C{tracker} recorded (current values, or deletions)."""
+        if isinstance(item, planner.LocalMove):
+            await self._call(server, control.MoveLocal, timeout=None,
+                             source=item.source_store, target=item.target_store,
+                             start=item.range.start, end=item.range.end, tracker=tracker)
+        else:
+            await self._copy(op, item, epoch, tracker)
+
+    def _copy(self, op: Operation, copy: planner.Copy, epoch: int,
+              tracker: int | None = None) -> Deferred[dict[str, int]]:
+        target = self.state.members[copy.target]
+        extra = {} if tracker is None else {"tracker": tracker}
+        return self._call(
+            copy.source, control.CopyRange, timeout=None, operation=op.number,
+            store=copy.source_store, start=copy.range.start, end=copy.range.end,
+            target_host=target.host, target_port=target.amp_port,
+            target_store=copy.target_store, epoch=epoch, **extra)
+
+    def _check(self, failures: int) -> None:
+        if self._failures() != failures:
+            raise control.ControlFailed("a server failed while the change was running")
+
+    async def _unlock(self, locked: list[tuple[str, list[KeyRange], bool]]) -> None:
+        for server, ranges, reads in locked:
+            try:
+                await self._call(server, control.UnlockRanges, ranges=_wire(ranges), reads=reads)
+            except Exception as e:
+                log.warn("could not unlock {server}: {error}", server=server, error=e)
+
+
+def old_members(ring: Ring) -> list[str]:
+    return [n.name for n in ring.nodes]
+
+
+def _wire(ranges: list[KeyRange]) -> list[dict[str, int]]:
+    return [{"start": r.start, "end": r.end} for r in ranges]
+
+
+def _warn(failure: Any, name: str) -> None:
+    log.warn("could not send the new ring to {name}: {error}", name=name,
+             error=failure.getErrorMessage())
+
+
+def _not_started(failure: Any, name: str) -> None:
+    log.warn("could not start {name}: {error}", name=name, error=failure.getErrorMessage())
+

@@ -74,7 +74,7 @@ WRITER_TAIL = 0.5
 # -- one operation --------------------------------------------------------------------------------
 
 
-# The coordinator's summary line (ecs/coordinator.py, _reconfigure).
+# The coordinator's summary line (ecs/reconfiguration.py, Reconfigurer.run).
 _DONE = re.compile(r"epoch (?P<epoch>\d+): (?P<what>(?:adding|removing) [^\n]*?) done in "
                    r"(?P<seconds>[\d.]+)s, moved (?P<keys>\d+) keys \((?P<bytes>\d+) bytes\)"
                    r"; writes to the moved ranges were refused for (?P<locked>[\d.]+)s")

@@ -11,7 +11,7 @@ chain changes, every server of the new chain must hold the interval in the store
 - after the switch, every store that holds an interval it no longer should drops it (C{Drop}).
 
 Writes to a changing interval are locked at its old head while the data moves; reads stop at its
-old tail only for the switch itself (see L{ecs.coordinator}).
+old tail only for the switch itself (see L{ecs.reconfiguration}).
 """
 
 from __future__ import annotations

@@ -122,7 +122,9 @@ class Replica:
 
 
 def chain_id(ring: Ring, index: int) -> str:
-    return "|".join(n.name for n in ring.ring_chain(index))
+    """The identity of a range's chain: its members, and the epoch at which they formed it."""
+    names = "|".join(n.name for n in ring.ring_chain(index))
+    return f"{names}@{ring.nodes[index].chain_epoch}"
 
 
 class ChainReplicator:

@@ -105,6 +105,8 @@ NODE_FIELDS = [
     (b"amp_port", amp.Integer()),
     # the ring position the ECS chose, 32 hex digits (absent: the MD5 of the console address)
     (b"position", amp.Unicode(optional=True)),
+    # the epoch at which the chain of this server's range was formed (absent: 0)
+    (b"chain_epoch", amp.Integer(optional=True)),
 ]
 
 
@@ -132,12 +134,15 @@ def _node_to_wire(node: NodeInfo) -> dict[str, Any]:
                             "console_port": node.console_port, "amp_port": node.amp_port}
     if node.token is not None:
         wire["position"] = render_position(node.token)
+    if node.chain_epoch:
+        wire["chain_epoch"] = node.chain_epoch
     return wire
 
 
 def ring_from_wire(wire: dict[str, Any]) -> Ring:
     nodes = tuple(NodeInfo(n["name"], n["host"], n["console_port"], n["amp_port"],
-                           token=parse_position(n["position"]) if n.get("position") else None)
+                           token=parse_position(n["position"]) if n.get("position") else None,
+                           chain_epoch=n.get("chain_epoch") or 0)
                   for n in wire["nodes"])
     return Ring(nodes, epoch=wire["epoch"], replication=wire["replication"],
                 dead=frozenset(wire.get("dead") or ()))

@@ -52,6 +52,10 @@ class NodeInfo:
     #: the console address. Not part of a server's identity (a server knows its address, and
     #: learns its position from the ring).
     token: int | None = field(default=None, compare=False)
+    #: the epoch at which the chain of the range this server heads got its members (the ECS
+    #: keeps it while they stay the same); part of the chain's identity, so a server that
+    #: missed a ring in between cannot take a re-formed chain of the same names for its old one
+    chain_epoch: int = field(default=0, compare=False)
 
     @property
     def console_address(self) -> str:

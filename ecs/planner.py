@@ -84,6 +84,23 @@ def _chain(ring: Ring, pos: int) -> tuple[str, ...]:
     return tuple(n.name for n in ring.ring_chain(ring.owner_index(pos)))
 
 
+def chain_epochs(old: Ring, new: Ring) -> dict[str, int]:
+    """For each server of C{new}, the epoch at which the chain of the range it heads was formed:
+    the old one if that chain has the same members in the same order as in C{old}, else
+    C{new}'s epoch (a new chain, whose serials start again)."""
+    formed = {}
+    old_names = {n.name for n in old.nodes}
+    for index, node in enumerate(new.nodes):
+        members = [n.name for n in new.ring_chain(index)]
+        if node.name in old_names:
+            before = old.index_of(node.name)
+            if [n.name for n in old.ring_chain(before)] == members:
+                formed[node.name] = old.nodes[before].chain_epoch
+                continue
+        formed[node.name] = new.epoch
+    return formed
+
+
 def plan(old: Ring, new: Ring, dead: Collection[str] = (),
          returned: Collection[str] = ()) -> Plan:
     """The data movement that takes the cluster from C{old} to C{new}.

@@ -97,6 +97,9 @@ class Reconfigurer:
         new = Ring(tuple(replace(self.state.members[n].info, token=tokens.get(n))
                          for n in new_members),
                    epoch=epoch, replication=self.state.replication)
+        formed = planner.chain_epochs(old, new)
+        new = Ring(tuple(replace(n, chain_epoch=formed[n.name]) for n in new.nodes),
+                   epoch=epoch, replication=self.state.replication)
         plan = planner.plan(old, new, dead, returned)
         failures = self._failures()
         self._operations += 1
@@ -187,6 +190,7 @@ class Reconfigurer:
         for name, member in self.state.members.items():
             # A server that leaves the ring gives its position up; back later, it is placed anew.
             member.token = tokens.get(name) if name in new_members else None
+            member.chain_epoch = formed.get(name, 0)
         self.state.ring_members = list(new_members)
         self.state.dead &= set(new_members)
         self._save()

@@ -33,10 +33,13 @@ class Member:
     #: the ring position the ECS placed it at while it is in the ring (None: the MD5 of its
     #: console address, as with placement "hash" or a state saved before placements existed)
     token: int | None = None
+    #: while it is in the ring: the epoch at which the chain of the range it heads was formed
+    chain_epoch: int = 0
 
     @property
     def info(self) -> NodeInfo:
-        return NodeInfo(self.name, self.host, self.console_port, self.amp_port, token=self.token)
+        return NodeInfo(self.name, self.host, self.console_port, self.amp_port, token=self.token,
+                        chain_epoch=self.chain_epoch)
 
 
 @dataclass

@@ -134,7 +134,7 @@ def test_keyrange_keyrange_read_metadata_and_stats(wire):
     meta = wire.call(protocol.GetMetadata)
     assert meta["epoch"] == 0 and meta["replication"] == 1
     assert meta["nodes"] == [{"name": "s1", "host": "127.0.0.1", "console_port": 50001,
-                              "amp_port": 51001, "position": None}]
+                              "amp_port": 51001, "position": None, "chain_epoch": None}]
     wire.call(protocol.Put, key=b"a", value=b"1")
     wire.call(protocol.Get, key=b"a")
     stats = json.loads(wire.call(protocol.Stats)["stats"])

@@ -6,6 +6,8 @@ L{SimNet.set_ring}; everything else is the servers' own code over the real AMP w
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from twisted.internet.defer import Deferred
 
@@ -87,7 +89,7 @@ def test_serials_are_persisted_with_the_data(net):
         store = net.nodes[node.name].stores[STORE_NAMES[position]]
         cid, serial = store.chain_state()
         assert serial == 5
-        assert cid == "|".join(n.name for n in ring.chain(keys[0]))
+        assert cid == "|".join(n.name for n in ring.chain(keys[0])) + "@0"
 
 
 def test_writes_in_flight_are_batched_and_all_answered(net):
@@ -333,3 +335,28 @@ def test_a_restarted_middle_forwards_what_its_old_window_lost(net):
     for key in keys:
         want = b"acked" if key in keys[:5] else b"in-flight"
         assert net.nodes[tail.name].stores["replica2"].get(key) == want
+
+
+def test_a_server_that_missed_a_ring_does_not_take_a_re_formed_chain_for_its_old_one(net):
+    ring = net.cluster(3)
+    keys = keys_headed_by(ring, "n1", 6)
+    head, middle, tail = ring.chain(keys[0])
+    for key in keys[:5]:
+        net.settle(put(net, ring, key, b"old"))
+    # Meanwhile the chain changed and came back with the same members (epochs 2 and 3): the
+    # head and the middle went through it, so their stores hold another chain's state and
+    # their serials start again; the tail missed ring 2 and still holds serial 5 of the old
+    # chain. The ECS gives the re-formed chain the epoch it was formed at.
+    for node in (head, middle):
+        store = net.nodes[node.name].chain.replicas[head.name].store
+        store.set_chain_state("the chain of ring 2", 0)
+    reformed = Ring(tuple(replace(n, chain_epoch=3) if n.name == head.name else n
+                          for n in ring.nodes), epoch=3, replication=3)
+    net.set_ring(reformed)
+    tail_replica = net.nodes[tail.name].chain.replicas[head.name]
+    assert tail_replica.last_serial == 0  # a new chain: not serial 5 of the old one
+    # So the new chain's first write (serial 1 again) is applied at the tail, not skipped as
+    # one it already had (and then acknowledged without being there).
+    net.settle(put(net, reformed, keys[5], b"new"))
+    assert tail_replica.last_serial == 1
+    assert net.nodes[tail.name].get(keys[5]) == b"new"

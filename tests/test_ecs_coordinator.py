@@ -845,6 +845,13 @@ def test_balanced_placement_spreads_the_first_servers_and_splits_the_largest_ran
             [c.ecs.state.members[n].token for n in c.ecs.state.ring_members]
         assert saved.ring().nodes == c.ring().nodes
         assert [n.position for n in saved.ring().nodes] == [n.position for n in c.ring().nodes]
+        # So are the chains' formation epochs: the join re-formed exactly the chains s4 entered.
+        formed = {n.name: n.chain_epoch for n in c.ring().nodes}
+        assert {n.name: n.chain_epoch for n in saved.ring().nodes} == formed
+        assert sorted(formed.values()) == [1, c.ecs.state.epoch, c.ecs.state.epoch,
+                                           c.ecs.state.epoch]
+        for server in c.servers.values():
+            assert {n.name: n.chain_epoch for n in server.node.ring.nodes} == formed
         # A server that leaves gives its position up.
         c.run(c.ecs.remove_node("s4"))
         assert c.ecs.state.members["s4"].token is None

@@ -10,6 +10,8 @@ holds exactly what the new ring says, and that locks and sources are only at liv
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -169,3 +171,25 @@ def test_a_first_ring_moves_nothing():
     plan = planner.plan(Ring((), epoch=0, replication=3), new)
     assert plan.copies == [] and plan.moves == [] and plan.drops == [] and plan.lost == []
     assert plan.write_locks == {} and plan.read_locks == {}
+
+
+def test_a_chain_keeps_its_formation_epoch_while_its_members_stay_the_same() -> None:
+    chain_epochs = planner.chain_epochs
+    infos = [NodeInfo(f"s{i}", "127.0.0.1", 6000 + i, 7000 + i) for i in range(1, 6)]
+    first = Ring(tuple(infos[:4]), epoch=1, replication=3)
+    formed = chain_epochs(Ring((), epoch=0, replication=3), first)
+    assert set(formed.values()) == {1}
+    first = Ring(tuple(replace(n, chain_epoch=formed[n.name]) for n in first.nodes), epoch=1,
+                 replication=3)
+    # A fifth server joins: exactly the chains it enters are new (formed at epoch 2).
+    second = Ring(first.nodes + (infos[4],), epoch=2, replication=3)
+    formed = chain_epochs(first, second)
+    for i, node in enumerate(second.nodes):
+        members = [n.name for n in second.ring_chain(i)]
+        assert formed[node.name] == (2 if "s5" in members else 1), (node.name, members)
+    assert sorted(formed.values()).count(2) == 3
+    # Marking a member dead changes no chain's members (dead ones keep their places).
+    second = Ring(tuple(replace(n, chain_epoch=formed[n.name]) for n in second.nodes),
+                  epoch=2, replication=3)
+    dead = Ring(second.nodes, epoch=3, replication=3, dead=frozenset({"s2"}))
+    assert chain_epochs(second, dead) == formed

@@ -20,6 +20,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.protocols import amp
 
 from chainstore import control
+from chainstore.chain import LEASE_SECONDS
 from chainstore.logs import get_logger
 from chainstore.protocol import ring_to_wire
 from ecs.config import ECSConfig
@@ -31,6 +32,9 @@ from ecs.state import ACTIVE, FAILED, IDLE, LAUNCHING, REMOVED, ClusterState, Me
 from ecs.status import status_report
 
 log = get_logger("ecs.coordinator")
+
+# Beyond a lease, for the servers' clocks running a little apart from ours.
+LEASE_MARGIN = 0.2
 
 __all__ = ["CONTROL_TIMEOUT", "ECS", "Operation"]
 
@@ -66,6 +70,8 @@ class ECS:
                                          config.placement)
         # changes of whether to serve still being applied to the servers (Status waits for them)
         self._applying_states = 0
+        # when every read lease a server marked dead may hold has run out (ECS clock)
+        self._leases_out_at = 0.0
         self._started_at = clock.seconds()
         self.heartbeats = LoopingCall(self._heartbeat_tick)
         self.heartbeats.clock = clock
@@ -287,6 +293,11 @@ class ECS:
                     except Exception as e:
                         log.warn("could not tell {server} that {name} is dead: {error}",
                                  server=server, name=name, error=e)
+            # From now on no live server grants it a read lease (they refuse its old epoch);
+            # one it holds runs out within a lease. (A chain of one has no leases.)
+            if self.state.replication > 1:
+                self._leases_out_at = max(self._leases_out_at,
+                                          self.clock.seconds() + LEASE_SECONDS + LEASE_MARGIN)
         finally:
             self._failing.discard(name)
         self._spawn(self._repair())
@@ -295,6 +306,15 @@ class ECS:
         """Take dead members out of the ring, copying their data to restore the chains."""
         await self.busy.acquire()
         try:
+            # A dead member may be only cut off from us, still serving reads under a lease its
+            # predecessor granted before it heard of the death (that predecessor, tail now,
+            # waits the lease out before it reads or acknowledges). The repair makes new chains
+            # whose new tails would not wait: it starts only once any such lease has run out.
+            wait = self._leases_out_at - self.clock.seconds()
+            if wait > 0:
+                log.info("repairing in {wait:.1f}s, once the dead servers' read leases have "
+                         "run out", wait=wait)
+                await deferLater(self.clock, wait, lambda: None)
             for attempt in range(1, 6):
                 dead = self.state.dead & set(self.state.ring_members)
                 if not dead:

@@ -35,8 +35,9 @@ from bench.ycsb import Operations, record_keys, record_values
 from chainstore import protocol
 from chainstore.limits import check_key
 from chainstore.ring import NodeInfo, Ring
+from benchrun import start_module, stop
+from chainstore.testing.processes import pid_alive
 
-CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 class FakeClock:
@@ -264,10 +265,7 @@ def test_stop_process_terminates_then_kills_a_child_that_ignores_sigterm() -> No
 
 def _bench(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
     stderr_path = tmp_path / "bench.stderr"
-    with open(stderr_path, "wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=CHECKOUT,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
-    return proc, stderr_path
+    return start_module("bench", args, stderr_path), stderr_path
 
 
 def _started_pids(stderr_path: Path) -> dict[str, list[int]]:
@@ -288,28 +286,12 @@ def _wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-
         time.sleep(0.05)
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 def _cleanup(proc: subprocess.Popen[bytes], stderr_path: Path) -> None:
     """Whatever happened, leave no process of ours behind."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    if proc.stdout:
-        proc.stdout.close()
+    stop(proc)
     for pids in _started_pids(stderr_path).values():
         for pid in pids:
-            if not _gone(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -347,7 +329,7 @@ def test_python_m_bench_measures_real_servers_and_stops_them(tmp_path: Path) -> 
     assert all(t.startswith("NOT MEASURED") for t in report["targets"])
     pids = [pid for s in report["systems"] for pid in s["pids"]]
     assert len(pids) == 2 and [[p] for p in pids] == list(_started_pids(stderr_path).values())
-    assert all(_gone(pid) for pid in pids)
+    assert not any(pid_alive(pid) for pid in pids)
 
 
 @pytest.mark.integration
@@ -366,7 +348,7 @@ def test_ctrl_c_stops_every_server(tmp_path: Path) -> None:
     finally:
         _cleanup(proc, stderr_path)
     assert proc.returncode == 130, stderr_path.read_text()
-    assert all(_gone(pid) for group in pids.values() for pid in group)
+    assert not any(pid_alive(pid) for group in pids.values() for pid in group)
 
 
 @pytest.mark.integration
@@ -382,7 +364,7 @@ def test_a_server_dying_mid_run_fails_the_bench_and_stops_the_other(tmp_path: Pa
         _cleanup(proc, stderr_path)
     assert proc.returncode not in (0, 130)
     assert "RequestFailed" in stderr_path.read_text()
-    assert _gone(pids["echo"][0])
+    assert not pid_alive(pids["echo"][0])
 
 
 @pytest.mark.integration
@@ -411,7 +393,7 @@ def test_python_m_bench_measures_a_chain_of_three_routing_by_key(tmp_path: Path)
               if r["system"] == "single"}
     assert set(ratios) == {("C", 1), ("C", 8), ("W", 1), ("W", 8), ("load", 8)}
     assert all(ratio > 0 for ratio in ratios.values())
-    assert all(_gone(pid) for pid in chain["pids"])
+    assert not any(pid_alive(pid) for pid in chain["pids"])
 
 
 class FakeConnection:

@@ -11,9 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,8 +31,9 @@ from bench.resp import ProtocolError, RedisClient, RedisError, ReplyParser, enco
 from bench.runner import NATIVE_REDIS, Case, Measurement
 from bench.loadgen import RunResult
 from bench.ycsb import WORKLOADS, ZipfianGenerator, draw, record_values, zeta
+from benchrun import start_module, stop
+from chainstore.testing.processes import pid_alive
 
-CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 def outcome(d: Deferred[Any]) -> list[Any]:
@@ -487,35 +485,21 @@ def test_missing_programs_are_installed_with_apt_get_or_reported(monkeypatch) ->
 
 # -- python -m bench against Redis and etcd, for real -------------------------------------------
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 @pytest.mark.integration
 def test_python_m_bench_measures_redis_and_etcd_beside_the_chain(tmp_path: Path) -> None:
     # Not skipped without Redis or etcd: the benchmark installs them (as root), and a system
     # still missing makes it exit 3, which fails this test.
     out, plots = tmp_path / "results.json", tmp_path / "plots"
     stderr_path = tmp_path / "bench.stderr"
-    with open(stderr_path, "wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bench", "--systems", "chain,redis,etcd", "--workloads",
-             "W,C", "--values", "100", "--records", "100", "--ops", "100", "--repeat", "1",
-             "--inflight", "1,32", "--warmup", "10", "--seconds", "20", "--json", str(out),
-             "--plots", str(plots)],
-            cwd=CHECKOUT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+    proc = start_module(
+        "bench", ["--systems", "chain,redis,etcd", "--workloads", "W,C", "--values", "100",
+                  "--records", "100", "--ops", "100", "--repeat", "1", "--inflight", "1,32",
+                  "--warmup", "10", "--seconds", "20", "--json", str(out), "--plots", str(plots)],
+        stderr_path)
     try:
         stdout, _ = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(30)
-        if proc.stdout:
-            proc.stdout.close()
+        stop(proc)
     assert proc.returncode == 0, stderr_path.read_text()[-3000:]
     report = json.loads(out.read_text())
     assert report["missing"] == {}
@@ -549,4 +533,4 @@ def test_python_m_bench_measures_redis_and_etcd_beside_the_chain(tmp_path: Path)
     # Every server, stopped by PID: the chain's ECS and three servers, three of each peer.
     pids = {s["name"]: s["pids"] for s in report["systems"]}
     assert len(pids["redis"]) == 3 and len(pids["etcd"]) == 3 and len(pids["chain"]) == 4
-    assert all(_gone(pid) for group in pids.values() for pid in group)
+    assert not any(pid_alive(pid) for group in pids.values() for pid in group)

@@ -9,8 +9,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -32,8 +30,8 @@ from chainstore import protocol
 from chainstore.errors import KeyNotFound, NotResponsible, ServerStopped, WriteLocked
 from chainstore.ring import NodeInfo, Ring
 from chainstore.testing.processes import pid_alive
+from benchrun import start_module, stop
 
-CHECKOUT = Path(__file__).resolve().parent.parent
 # The benchmark's "ECS pid 1234 on ..." and the ECS launcher's "launched server1 (pid 1234)".
 _ECS_PID = re.compile(r"^ECS pid (\d+)", re.M)
 _LAUNCHED = re.compile(r"launched \S+ \(pid (\d+)\)")
@@ -532,20 +530,15 @@ def test_the_load_gives_up_on_a_server_that_never_serves_and_retries_nothing_els
 def test_reconfig_measures_a_join_and_a_leave_and_stops_everything(tmp_path: Path) -> None:
     out = tmp_path / "reconfig.json"
     stderr_path = tmp_path / "reconfig.stderr"
-    with open(stderr_path, "wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.reconfig", "--keys", "300,600", "--rate", "200",
-             "--replication", "3", "--ops", "join,leave", "--workdir", str(tmp_path / "work"),
-             "--json", str(out)],
-            cwd=CHECKOUT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+    proc = start_module(
+        "bench.reconfig", ["--keys", "300,600", "--rate", "200", "--replication", "3",
+                           "--ops", "join,leave", "--workdir", str(tmp_path / "work"),
+                           "--json", str(out)],
+        stderr_path)
     try:
         stdout, _ = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(30)
-        if proc.stdout:
-            proc.stdout.close()
+        stop(proc)
         # Whatever the benchmark did, nothing it started outlives the test.
         started = [int(pid) for pid in _ECS_PID.findall(stderr_path.read_text())]
         for log in (tmp_path / "work").glob("keys-*/ecs.log"):

@@ -94,11 +94,12 @@ class Reconfigurer:
         epoch = self.state.allocate_epoch()
         tokens = place(self.state.members, self.state.ring_members, new_members,
                        self.placement)
-        new = Ring(tuple(replace(self.state.members[n].info, token=tokens.get(n))
-                         for n in new_members),
-                   epoch=epoch, replication=self.state.replication)
-        formed = planner.chain_epochs(old, new)
-        new = Ring(tuple(replace(n, chain_epoch=formed[n.name]) for n in new.nodes),
+        placed = Ring(tuple(replace(self.state.members[n].info, token=tokens.get(n))
+                            for n in new_members),
+                      epoch=epoch, replication=self.state.replication)
+        # The chains' formation epochs follow from the placed ring's order.
+        formed = planner.chain_epochs(old, placed)
+        new = Ring(tuple(replace(n, chain_epoch=formed[n.name]) for n in placed.nodes),
                    epoch=epoch, replication=self.state.replication)
         plan = planner.plan(old, new, dead, returned)
         failures = self._failures()
@@ -189,8 +190,9 @@ class Reconfigurer:
         self.state.epoch = epoch
         for name, member in self.state.members.items():
             # A server that leaves the ring gives its position up; back later, it is placed anew.
-            member.token = tokens.get(name) if name in new_members else None
-            member.chain_epoch = formed.get(name, 0)
+            node = new.node(name) if name in new_members else None
+            member.token = None if node is None else node.token
+            member.chain_epoch = 0 if node is None else node.chain_epoch
         self.state.ring_members = list(new_members)
         self.state.dead &= set(new_members)
         self._save()

@@ -113,6 +113,7 @@ class ServerControlProtocol(amp.AMP):
 
     @control.StopTracking.responder
     def stop_tracking(self, tracker: int) -> dict[str, Any]:
+        self._request_marks.pop(tracker, None)
         try:
             migration.stop_tracking(self._stores(), tracker)
         except KeyError:

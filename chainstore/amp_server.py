@@ -88,9 +88,15 @@ class KVServerProtocol(amp.AMP):
                 f"copy for epoch {epoch}, but this server is at {self.node.ring.epoch}")
         if self.node.stores is None:
             raise control.ControlFailed("the stores are not open")
-        migration.receive_range(migration.store_named(self.node.stores, store), items, deletes)
-        if requests:
-            self.node.chain.adopt_requests(control.unpack_items(requests))
+        try:
+            target = migration.store_named(self.node.stores, store)
+        except ValueError as e:
+            raise control.ControlFailed(str(e)) from None  # declared: the sender's mistake
+        # Unpack the request ids before writing the batch: ids that do not unpack must not
+        # leave a batch written and the request refused.
+        adopted = list(control.unpack_items(requests)) if requests else []
+        migration.receive_range(target, items, deletes)
+        self.node.chain.adopt_requests(adopted)
         return {}
 
     @control.Replicate.responder

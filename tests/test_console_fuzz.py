@@ -15,9 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 
 from chainstore.cache import make_cache
 from chainstore.console import ConsoleProtocol
+from chainstore.limits import MAX_LINE_BYTES
 from chainstore.node import KVNode
 from chainstore.ring import NodeInfo
 from chainstore.storage import StoreSet
@@ -195,3 +197,75 @@ def test_random_bytes_in_random_chunks(node, parts, cuts):
 
     assert dict(node.stores.coordinator.items()) == model
     proto.connectionLost(None)
+
+
+# -- whole connections: over-long lines, deep pipelines, random reactor turns ----------------------
+
+CLASSIC = {b"put_success", b"put_update", b"put_error", b"get_success", b"get_error",
+           b"delete_success", b"delete_error", b"server_stopped", b"server_write_lock",
+           b"server_not_responsible", b"keyrange_success", b"keyrange_read_success", b"stats",
+           b"help", b"error"}
+
+TOO_LONG_LINE = st.integers(MAX_LINE_BYTES + 1, MAX_LINE_BYTES + 64).map(lambda n: b"x" * n)
+
+connection_lines = st.one_of(
+    request_lines().map(lambda line: line.rstrip(b"\r\n")),
+    st.binary(max_size=20).map(lambda b: b.replace(b"\n", b"")),
+    TOO_LONG_LINE,
+    st.integers(0, 40).map(lambda i: b"put p%d v%d" % (i, i)),  # writes that wait for a turn
+)
+
+
+class FailureLog:
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def __call__(self, event: dict) -> None:
+        if event.get("log_failure") is not None:
+            self.events.append(event)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(lines=st.lists(connection_lines, max_size=40), burst=st.integers(0, 600),
+       at=st.integers(0, 40), cuts=st.lists(st.integers(0, 1 << 19), max_size=10),
+       turns=st.lists(st.booleans(), max_size=10))
+def test_a_whole_connection_gets_one_classic_reply_per_line_in_order(node, lines, burst, at,
+                                                                     cuts, turns):
+    """A burst of pipelined writes (more than the console lets wait before it stops reading)
+    lands somewhere among the other lines."""
+    reset(node)
+    lines = lines[:at] + [b"put b%d v" % (i % 50) for i in range(burst)] + lines[at:]
+    failures = FailureLog()
+    globalLogPublisher.addObserver(failures)
+    try:
+        transport = StringTransport()
+        proto = ConsoleProtocol(node)
+        proto.makeConnection(transport)
+        transport.clear()
+        stream = b"".join(line + b"\r\n" for line in lines)
+        bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+        for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            proto.dataReceived(stream[start:end])  # must never raise
+            if i < len(turns) and turns[i]:
+                node.clock.advance(0)  # sometimes a reactor turn between reads, sometimes not
+        for _ in range(len(lines) // 100 + 3):
+            node.clock.advance(0)  # the writes commit; paused reading resumes and drains
+        replies = transport.value().split(b"\r\n")
+        assert replies.pop() == b""
+        assert len(replies) == len(lines)
+        for line, reply in zip(lines, replies):
+            word, _, rest = reply.partition(b" ")
+            assert word in CLASSIC, (line[:60], reply[:80])
+            if len(line) > MAX_LINE_BYTES:
+                assert reply.startswith(b"error message too long"), reply[:80]
+            elif word not in (b"error", b"keyrange_success", b"keyrange_read_success",
+                              b"stats", b"help") and word[:6] != b"server":
+                assert rest.split(b" ", 1)[0] in line, (line[:60], reply[:80])  # its own key
+        assert not transport.disconnecting  # malformed input never closes the connection
+        assert transport.producerState == "producing"  # reading was resumed, if paused
+        proto.connectionLost(None)
+    finally:
+        globalLogPublisher.removeObserver(failures)
+    assert failures.events == []  # no request failed in a way the console did not expect

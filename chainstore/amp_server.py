@@ -6,11 +6,11 @@ import json
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from chainstore import control, migration, protocol
+from chainstore.bounds import MAX_CONNECTIONS, BoundedAMP, CappedFactory
 from chainstore.errors import ServerError
 from chainstore.logs import get_logger
 from chainstore.node import KVNode
@@ -19,8 +19,21 @@ from chainstore.peers import no_delay
 log = get_logger("chainstore.amp_server")
 
 
-class KVServerProtocol(amp.AMP):
+# The largest box this listener takes. Clients and peer servers share it, so it must admit the
+# largest legitimate server-to-server box; a client's is at most a 120,000-byte value, a key and a
+# 64-byte request id (about 121 KB). Replicate batches are cut at 512 KiB of writes (a batch of one
+# write may be a 120,099-byte op; chainstore/chain.py BATCH_BYTES); a ReceiveRange batch is cut
+# once it reaches 512 KiB of keys and values (chainstore/migration.py), so it holds at most
+# 524,287 bytes plus one last 120,020-byte pair plus 5 bytes of header for each of at most 1,000
+# pairs or deletes (669,307 bytes), or 1,000 (id, key) pairs of 89 bytes. With AMP's framing
+# (a few bytes per 65,535-byte chunk) the largest is under 700,000 bytes: 1 MiB leaves room.
+SERVER_BOX_BYTES = 1024 * 1024
+
+
+class KVServerProtocol(BoundedAMP):
     """Answers clients' commands from a L{KVNode}; errors cross as the declared AMP errors."""
+
+    max_box_bytes = SERVER_BOX_BYTES
 
     def __init__(self, node: KVNode) -> None:
         super().__init__()
@@ -117,11 +130,10 @@ class KVServerProtocol(amp.AMP):
         return {"stats": json.dumps(self.node.stats(), sort_keys=True)}
 
 
-class KVServerFactory(Factory):
-    noisy = False
-
-    def __init__(self, node: KVNode) -> None:
+class KVServerFactory(CappedFactory):
+    def __init__(self, node: KVNode, max_connections: int = MAX_CONNECTIONS) -> None:
+        super().__init__(max_connections)
         self.node = node
 
-    def buildProtocol(self, addr: Any) -> KVServerProtocol:
+    def build_protocol(self, addr: Any) -> KVServerProtocol:
         return KVServerProtocol(self.node)

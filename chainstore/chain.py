@@ -58,6 +58,12 @@ LEASE_SECONDS = 2.0
 # flight than 32 did, on this 2-core machine); the window is bounded by ops, not batches, below.
 WINDOW_BATCHES = 2
 BATCH_OPS = 256
+# A batch is also cut at this many bytes of writes (past its first write), so that a Replicate box
+# stays far below the cap of a server's AMP listener (chainstore/amp_server.py): 256 writes of
+# 120 KB values would otherwise make a 30 MB box.
+BATCH_BYTES = 512 * 1024
+# Bytes of an op on the wire besides its key, value and request id (control.pack_ops' header).
+OP_HEADER_BYTES = 15
 MAX_QUEUED_OPS = 20_000
 RETRY_SECONDS = 0.2
 LEASE_RETRY_SECONDS = 0.1
@@ -119,6 +125,20 @@ class Replica:
     lease_retry: Any = None
     # names this object among every replica of the process (request ids refer to it)
     token: int = field(default_factory=lambda: next(_tokens))
+
+
+def _next_batch(pending: list[Op]) -> list[Op]:
+    """Cut the next batch off the front of C{pending}: at most BATCH_OPS writes and, past the
+    first, at most BATCH_BYTES of them as packed for a C{Replicate}."""
+    count = size = 0
+    for op in pending:
+        size += OP_HEADER_BYTES + len(op[2]) + len(op[3]) + len(op[4])
+        if count == BATCH_OPS or (count and size > BATCH_BYTES):
+            break
+        count += 1
+    batch = pending[:count]
+    del pending[:count]
+    return batch
 
 
 def chain_id(ring: Ring, index: int) -> str:
@@ -371,8 +391,7 @@ class ChainReplicator:
             return
         while replica.pending and replica.successor is not None \
                 and len(replica.window) < WINDOW_BATCHES:
-            ops = replica.pending[:BATCH_OPS]
-            del replica.pending[:BATCH_OPS]
+            ops = _next_batch(replica.pending)
             batch = _Batch(ops[0][0], ops[-1][0], ops)
             replica.window.append(batch)
             replica.batches_sent += 1

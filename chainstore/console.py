@@ -2,7 +2,9 @@
 
 One request per line (``\\r\\n`` or ``\\n``), ISO-8859-1, at most 128 KiB; one reply line per
 request, in request order even when a write completes later than the read behind it. Anything
-malformed gets ``error <description>`` and the connection goes on serving.
+malformed gets ``error <description>`` and the connection goes on serving. Reading pauses while
+too many replies wait (by count and by bytes, including the transport's unsent buffer); a client
+that shuts down its sending side still gets a reply to every request it sent, then the close.
 """
 
 from __future__ import annotations
@@ -13,9 +15,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from chainstore.bounds import (
+    MAX_CONNECTIONS,
+    REQUESTS,
+    WRITES,
+    CappedFactory,
+    Counted,
+    release_if_closing,
+    stops_reading,
+    watch_writes,
+)
 from chainstore.errors import (
     InvalidKey,
     KVError,
@@ -46,6 +59,10 @@ STATE_REPLIES: dict[type[KVError], bytes] = {
 # How many requests of one connection may wait for their replies before we stop reading from
 # it: a client pipelining without bound must not grow our memory without bound.
 MAX_PENDING = 256
+# Bytes of replies that may wait behind a slower one before we stop reading, for the same reason:
+# 256 replies of 120 KB values would be 30 MB. Replies already handed to the transport are bounded
+# by the transport itself, which pauses us (we are its producer) once its buffer is full.
+MAX_QUEUED_REPLY_BYTES = 256 * 1024
 
 TOO_LONG = b"error message too long: the limit is %d bytes per line" % MAX_LINE_BYTES
 
@@ -105,7 +122,8 @@ def parse_line(line: bytes) -> Request:
     return Request(command, key, value)
 
 
-class ConsoleProtocol(Protocol):
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class ConsoleProtocol(Counted):
     """One console connection: frames lines, runs requests on the node, orders the replies."""
 
     def __init__(self, node: KVNode) -> None:
@@ -121,10 +139,26 @@ class ConsoleProtocol(Protocol):
         # One entry per request still waiting for its reply, oldest first; an entry is None
         # until its reply is known.
         self._pending: deque[list[bytes | None]] = deque()
-        self._paused = False
+        # bytes of the replies in _pending that are known and wait to be sent
+        self._queued = 0
+        # why reading is paused: REQUESTS (too many replies wait), WRITES (the transport's
+        # buffer is full); empty while reading
+        self._pauses: set[str] = set()
         self._lost = False
+        # the client shut down its sending side: answer what it sent, then close
+        self._eof = False
+        # the transport was told to stop reading (pauseProducing)
+        self._reading_stopped = False
+        # the transport we are the producer of (see watch_writes)
+        self._consumer: Any = None
+
+    @property
+    def _paused(self) -> bool:
+        return bool(self._pauses)
 
     def connectionMade(self) -> None:
+        # The transport pauses us (pauseProducing) when its write buffer is full.
+        self._consumer = watch_writes(self, self.transport)
         me = self.node.me
         self._send(
             f"chainstore KVServer {me.name} at {me.console_address} ready; type help".encode()
@@ -134,6 +168,62 @@ class ConsoleProtocol(Protocol):
         self._lost = True
         self._pending.clear()
         self._buffer.clear()
+        super().connectionLost(reason)
+
+    def readConnectionLost(self) -> None:
+        if self._eof or self._lost:
+            return
+        self._eof = True
+        # A last line without its line end is a request cut off (the client may have died
+        # mid-line): it is not carried out, like one whose connection was lost.
+        self._process()
+        self._close_if_done()
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def _close_if_done(self) -> None:
+        if self._eof and not self._lost and not self._pending and b"\n" not in self._buffer:
+            self._lost = True
+            self.transport.loseConnection()
+
+    # -- IPushProducer: the transport's write buffer ---------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self._pause(WRITES)
+
+    def resumeProducing(self) -> None:
+        release_if_closing(self._consumer)
+        self._resume(WRITES)
+
+    def stopProducing(self) -> None:
+        self._lost = True
+
+    def _pause(self, why: str) -> None:
+        self._pauses.add(why)
+        self._update_reading()
+
+    def _resume(self, why: str) -> None:
+        if why not in self._pauses:
+            return
+        self._pauses.discard(why)
+        if self._lost:
+            return
+        if not self._pauses:
+            self._process()
+            self._close_if_done()
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        if self._lost or self._eof:
+            return
+        stop = stops_reading(self._pauses, len(self._buffer))
+        if stop != self._reading_stopped:
+            self._reading_stopped = stop
+            if stop:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if self._lost:
@@ -147,6 +237,7 @@ class ConsoleProtocol(Protocol):
             data = data[end + 1:]
         self._buffer += data
         self._process()
+        self._update_reading()
 
     def _process(self) -> None:
         """Handle every complete line in the buffer, unless paused or already doing so.
@@ -177,11 +268,11 @@ class ConsoleProtocol(Protocol):
                     self._reply_now(TOO_LONG)
                 else:
                     self._handle(line)
-                if len(self._pending) >= MAX_PENDING and not self._paused and not self._lost:
+                if (len(self._pending) >= MAX_PENDING or self._queued >= MAX_QUEUED_REPLY_BYTES) \
+                        and not self._lost:
                     # Stop reading until the replies drain; lines already received wait in the
                     # buffer, so at most MAX_PENDING requests of a connection are in flight.
-                    self._paused = True
-                    self.transport.pauseProducing()
+                    self._pause(REQUESTS)
         finally:
             self._processing = False
 
@@ -245,6 +336,7 @@ class ConsoleProtocol(Protocol):
 
     def _fill(self, reply: bytes, slot: list[bytes | None]) -> None:
         slot[0] = reply
+        self._queued += len(reply)
         self._flush()
 
     def _fail(self, failure: Failure, slot: list[bytes | None], req: Request) -> None:
@@ -256,28 +348,29 @@ class ConsoleProtocol(Protocol):
     def _reply_now(self, reply: bytes) -> None:
         if self._pending:
             self._pending.append([reply])
+            self._queued += len(reply)
         else:
             self._send(reply)
 
     def _flush(self) -> None:
         pending = self._pending
         while pending and pending[0][0] is not None:
-            self._send(pending.popleft()[0])  # type: ignore[arg-type]
-        if self._paused and len(pending) < MAX_PENDING // 2 and not self._lost:
-            self._paused = False
-            self.transport.resumeProducing()
-            self._process()
+            reply: bytes = pending.popleft()[0]  # type: ignore[assignment]
+            self._queued -= len(reply)
+            self._send(reply)
+        if len(pending) < MAX_PENDING // 2 and self._queued < MAX_QUEUED_REPLY_BYTES // 2:
+            self._resume(REQUESTS)
+        self._close_if_done()
 
     def _send(self, reply: bytes) -> None:
         if not self._lost:
             self.transport.write(reply + b"\r\n")
 
 
-class ConsoleFactory(Factory):
-    noisy = False
-
-    def __init__(self, node: KVNode) -> None:
+class ConsoleFactory(CappedFactory):
+    def __init__(self, node: KVNode, max_connections: int = MAX_CONNECTIONS) -> None:
+        super().__init__(max_connections)
         self.node = node
 
-    def buildProtocol(self, addr: Any) -> ConsoleProtocol:
+    def build_protocol(self, addr: Any) -> ConsoleProtocol:
         return ConsoleProtocol(self.node)

@@ -18,6 +18,7 @@ from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
 from chainstore import control, migration
+from chainstore.bounds import BoundedAMP
 from chainstore.protocol import ring_from_wire
 from chainstore.logs import get_logger
 from chainstore.node import RUNNING, STOPPED, KVNode
@@ -29,7 +30,7 @@ log = get_logger("chainstore.ecs_link")
 COPY_BATCH_TIMEOUT = 30.0
 
 
-class ServerControlProtocol(amp.AMP):
+class ServerControlProtocol(BoundedAMP):
     """The server's end of the ECS connection."""
 
     def __init__(self, node: KVNode, reactor: Any, shutdown: Callable[[], None],

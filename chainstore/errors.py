@@ -56,9 +56,15 @@ class ServerError(KVError):
     code = b"SERVER_ERROR"
 
 
+class InvalidRequestId(KVError):
+    """The request id is longer than a server keeps (64 bytes); nothing was applied."""
+
+    code = b"INVALID_REQUEST_ID"
+
+
 #: Every error above, for declaring them on AMP commands in one place.
 ALL_ERRORS: dict[type[Exception], bytes] = {
     cls: cls.code
     for cls in (ServerStopped, WriteLocked, NotResponsible, InvalidKey, ValueTooLarge, KeyNotFound,
-                ServerError)
+                ServerError, InvalidRequestId)
 }

@@ -4,11 +4,14 @@ The numbers come from the classic text protocol (see docs/DESIGN.md): keys of at
 without whitespace, values of at most 120,000 bytes, messages of at most 128 KiB.
 """
 
-from chainstore.errors import InvalidKey, ValueTooLarge
+from chainstore.errors import InvalidKey, InvalidRequestId, ValueTooLarge
 
 MAX_KEY_BYTES = 20
 MAX_VALUE_BYTES = 120_000
 MAX_LINE_BYTES = 128 * 1024
+# A request id is remembered by every server of the chain (up to 150,000 of them, see
+# chainstore/chain.py), so its size is bounded too; the client library draws 16 random bytes.
+MAX_REQUEST_ID_BYTES = 64
 
 # Printable ASCII without the space: whitespace would split a console line, and control or
 # non-ASCII bytes make keys that no terminal user can type back.
@@ -31,3 +34,11 @@ def check_value(value: bytes) -> bytes:
     if len(value) > MAX_VALUE_BYTES:
         raise ValueTooLarge(f"value is {len(value)} bytes, the limit is {MAX_VALUE_BYTES}")
     return value
+
+
+def check_request_id(request_id: bytes) -> bytes:
+    """Return C{request_id} if it fits, else raise L{InvalidRequestId}."""
+    if len(request_id) > MAX_REQUEST_ID_BYTES:
+        raise InvalidRequestId(f"request id is {len(request_id)} bytes, the limit is "
+                               f"{MAX_REQUEST_ID_BYTES}")
+    return request_id

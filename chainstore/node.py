@@ -19,7 +19,7 @@ from chainstore.cache import Cache
 from chainstore.chain import DELETE, PUT, ChainReplicator, Replica
 from chainstore.control import StaleEpoch
 from chainstore.errors import KeyNotFound, NotResponsible, ServerStopped, WriteLocked
-from chainstore.limits import check_key, check_value
+from chainstore.limits import check_key, check_request_id, check_value
 from chainstore.logs import get_logger
 from chainstore.peers import Connector, PeerPool, tcp_connector
 from chainstore.ring import KeyRange, NodeInfo, Ring, position
@@ -87,6 +87,7 @@ class KVNode:
         of the key's chain has applied the write."""
         check_key(key)
         check_value(value)
+        check_request_id(request_id)
         replica = self._head_replica(key)
         existed, committed = self.chain.write(replica, PUT, key, value, request_id)
         if replica.is_tail and self.cache.capacity:
@@ -97,6 +98,7 @@ class KVNode:
     def delete(self, key: bytes, request_id: bytes = b"") -> Deferred[None]:
         """Remove C{key}; fails with L{KeyNotFound} if it held no value."""
         check_key(key)
+        check_request_id(request_id)
         replica = self._head_replica(key)
         self.counts["delete"] += 1
         if replica.store.get(key) is None and request_id not in self.chain.recent:

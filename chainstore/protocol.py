@@ -53,6 +53,23 @@ class BigBytes(amp.Argument):
         objects[name.decode("ascii")] = b"".join(parts)
 
 
+class BigUnicode(BigBytes):
+    """Text of any length: UTF-8, split like L{BigBytes} (for answers such as the ECS's
+    C{Status}, whose size grows with the cluster past AMP's 64 KiB per value)."""
+
+    def toBox(self, name: bytes, strings: Any, objects: dict[str, Any], proto: Any) -> None:
+        key = name.decode("ascii")
+        if isinstance(objects.get(key), str):
+            objects = {**objects, key: objects[key].encode("utf-8")}
+        super().toBox(name, strings, objects, proto)
+
+    def fromBox(self, name: bytes, strings: Any, objects: dict[str, Any], proto: Any) -> None:
+        super().fromBox(name, strings, objects, proto)
+        key = name.decode("ascii")
+        if objects[key] is not None:
+            objects[key] = objects[key].decode("utf-8")
+
+
 class _KVCommand(amp.Command):
     errors = ALL_ERRORS
     fatalErrors: dict[type[Exception], bytes] = {}

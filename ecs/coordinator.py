@@ -36,6 +36,15 @@ log = get_logger("ecs.coordinator")
 # Beyond a lease, for the servers' clocks running a little apart from ours.
 LEASE_MARGIN = 0.2
 
+# Bounds on what registrations can make the ECS keep (and save, and put in Status): members
+# (servers it launched and servers that registered, in any state), the length of a name and of a
+# host, and the epochs a server may claim to have seen (a server only ever sees epochs this ECS
+# allocated, so a higher one is refused, except by an ECS that lost its state, below).
+MAX_MEMBERS = 256
+MAX_NAME_CHARS = 64
+MAX_HOST_CHARS = 255
+MAX_EPOCH = 2 ** 40
+
 __all__ = ["CONTROL_TIMEOUT", "ECS", "Operation"]
 
 
@@ -148,6 +157,12 @@ class ECS:
 
     def register(self, link: amp.AMP, name: str, host: str, console_port: int, amp_port: int,
                  epoch: int) -> str:
+        try:
+            self._check_registration(name, host, console_port, amp_port, epoch)
+        except control.RegistrationRefused as e:
+            log.warn("refused the registration of {name!r}: {why}", name=name[:MAX_NAME_CHARS],
+                     why=e)
+            raise
         address = (host, console_port, amp_port)
         for other in self.state.members.values():
             if other.name != name and (other.host, other.console_port) == (host, console_port) \
@@ -155,6 +170,8 @@ class ECS:
                 raise control.RegistrationRefused(
                     f"console address {host}:{console_port} belongs to {other.name}")
         member = self.state.members.get(name)
+        if member is None:
+            self._make_room()
         if member is not None and (member.host, member.console_port, member.amp_port) != address:
             if member.status in (ACTIVE, LAUNCHING) or name in self.links:
                 raise control.RegistrationRefused(
@@ -200,6 +217,44 @@ class ECS:
         log.info("{name} registered ({where})", name=name,
                  where="in the ring" if in_ring else "idle")
         return "in the ring" if in_ring else "registered; waiting to be added to the ring"
+
+    def _check_registration(self, name: str, host: str, console_port: int, amp_port: int,
+                            epoch: int) -> None:
+        """Refuse (L{control.RegistrationRefused}) what the ECS must not record."""
+        refuse = control.RegistrationRefused
+        if not name or len(name) > MAX_NAME_CHARS or not name.isprintable():
+            raise refuse(f"a server name is 1-{MAX_NAME_CHARS} printable characters")
+        if not host or len(host) > MAX_HOST_CHARS or not host.isprintable():
+            raise refuse(f"a host is 1-{MAX_HOST_CHARS} printable characters")
+        if not (0 < console_port < 65536 and 0 < amp_port < 65536):
+            raise refuse("ports are 1-65535")
+        if epoch < 0 or epoch > MAX_EPOCH:
+            raise refuse(f"epoch {epoch} is not one any ECS allocates")
+        if epoch > self.state.last_epoch and (self.resumed or self.state.ring_members):
+            # Only an ECS that started without its state file (and has formed no ring since)
+            # takes a higher epoch from a server, to stay above what that server has seen.
+            raise refuse(f"epoch {epoch} is beyond this ECS's latest, {self.state.last_epoch}: "
+                         f"no server can have seen it (was the ECS's state file replaced?)")
+        if name not in self.state.members and len(self.state.members) >= MAX_MEMBERS \
+                and not self._removable():
+            raise refuse(f"the ECS keeps at most {MAX_MEMBERS} members, and every one is in "
+                         f"the ring, connected or being launched")
+
+    def _removable(self) -> list[str]:
+        """Members the ECS may forget to make room: out of the ring, not connected, not being
+        launched; removed ones first. (A server forgotten registers again when it reconnects.)"""
+        spare = [m for m in self.state.members.values()
+                 if m.name not in self.state.ring_members and m.name not in self.links
+                 and m.status != LAUNCHING]
+        spare.sort(key=lambda m: m.status != REMOVED)
+        return [m.name for m in spare]
+
+    def _make_room(self) -> None:
+        while len(self.state.members) >= MAX_MEMBERS:
+            name = self._removable()[0]
+            del self.state.members[name]
+            self.last_seen.pop(name, None)
+            log.info("forgot member {name} to make room for a new one", name=name)
 
     def link_lost(self, link: amp.AMP) -> None:
         name = getattr(link, "server_name", None)

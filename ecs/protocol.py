@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from twisted.protocols import amp
 
+from chainstore.protocol import BigUnicode
+
 
 class AdminError(Exception):
     """The ECS refused or could not finish the command; the message says why."""
@@ -58,7 +60,10 @@ class RemoveNode(_AdminCommand):
 
 
 class Status(_AdminCommand):
-    """The ring, every member's state and last heartbeat, and the running operation (JSON)."""
+    """The ring, every member's state and last heartbeat, and the running operation (JSON).
+
+    Chunked: with the ECS's largest member table (ecs.coordinator.MAX_MEMBERS) the JSON is larger
+    than one AMP value."""
 
     arguments = _NONE
-    response = [(b"status", amp.Unicode())]
+    response = [(b"status", BigUnicode())]

@@ -6,16 +6,15 @@ import json
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from chainstore import control
+from chainstore.bounds import MAX_CONNECTIONS, BoundedAMP, CappedFactory
 from ecs import protocol
 from ecs.coordinator import ECS
 
 
-class ECSProtocol(amp.AMP):
+class ECSProtocol(BoundedAMP):
     def __init__(self, ecs: ECS) -> None:
         super().__init__()
         self.ecs = ecs
@@ -75,11 +74,10 @@ def _admin(coroutine: Any) -> Deferred[dict[str, Any]]:
     return Deferred.fromCoroutine(run())
 
 
-class ECSFactory(Factory):
-    noisy = False
-
-    def __init__(self, ecs: ECS) -> None:
+class ECSFactory(CappedFactory):
+    def __init__(self, ecs: ECS, max_connections: int = MAX_CONNECTIONS) -> None:
+        super().__init__(max_connections)
         self.ecs = ecs
 
-    def buildProtocol(self, addr: Any) -> ECSProtocol:
+    def build_protocol(self, addr: Any) -> ECSProtocol:
         return ECSProtocol(self.ecs)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.protocols import amp
-from twisted.python.failure import Failure
+from twisted.internet.defer import Deferred
 
 from chainstore import control, migration, protocol
 from chainstore.bounds import MAX_CONNECTIONS, BoundedAMP, CappedFactory
-from chainstore.errors import ServerError
+from chainstore.roles import ADMIN, CLIENT, SERVER, RoleGuard, allow
 from chainstore.logs import get_logger
 from chainstore.node import KVNode
 from chainstore.peers import no_delay
@@ -30,39 +28,29 @@ log = get_logger("chainstore.amp_server")
 SERVER_BOX_BYTES = 1024 * 1024
 
 
-class KVServerProtocol(BoundedAMP):
-    """Answers clients' commands from a L{KVNode}; errors cross as the declared AMP errors."""
+class KVServerProtocol(BoundedAMP, RoleGuard):
+    """Answers clients' commands from a L{KVNode}; errors cross as the declared AMP errors.
+
+    Clients (and admins) may use the data commands; only servers may replicate, renew a lease
+    or copy a range here.
+    """
+
+    command_roles = {
+        **allow((CLIENT, ADMIN), (protocol.Put, protocol.Get, protocol.Delete, protocol.KeyRange,
+                                  protocol.KeyRangeRead, protocol.GetMetadata, protocol.Stats)),
+        **allow((SERVER,), (control.ReceiveRange, control.Replicate, control.RenewLease)),
+    }
 
     max_box_bytes = SERVER_BOX_BYTES
 
     def __init__(self, node: KVNode) -> None:
         super().__init__()
         self.node = node
+        self.clock = node.clock
 
     def connectionMade(self) -> None:
         super().connectionMade()
         no_delay(self.transport)
-
-    def locateResponder(self, name: bytes) -> Any:
-        responder = super().locateResponder(name)
-        if responder is None:
-            return None
-
-        def guarded(box: amp.AmpBox) -> Deferred[Any]:
-            return maybeDeferred(responder, box).addErrback(self._undeclared, name)
-
-        return guarded
-
-    @staticmethod
-    def _undeclared(failure: Failure, name: bytes) -> Failure:
-        # AMP answers an undeclared error by closing the connection, which would cut off
-        # every other request on it: log it and answer the declared ServerError instead.
-        if failure.check(amp.RemoteAmpError):
-            return failure
-        log.failure("{command} failed", failure, command=name.decode("ascii", "replace"))
-        return Failure(amp.RemoteAmpError(
-            ServerError.code, f"the server failed: {failure.getErrorMessage()}", False,
-            local=failure))
 
     @protocol.Put.responder
     def put(self, key: bytes, value: bytes,

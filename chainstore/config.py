@@ -17,6 +17,15 @@ from chainstore.cache import STRATEGIES
 from chainstore.logs import LEVELS
 from chainstore.storage import BACKENDS
 from chainstore.storage.sqlitedbm import DURABILITY
+from chainstore import pki
+from chainstore.tls import (
+    Credentials,
+    TLSConfigError,
+    TLSFiles,
+    client_host_port,
+    holder_files,
+    switch,
+)
 
 
 class ConfigError(ValueError):
@@ -37,6 +46,12 @@ class ServerConfig:
     backend: str = "sqlite"
     durability: str = "crash"
     peer_routes: str | None = None
+    #: on: mutual TLS on the AMP port and every link this server dials; off: plaintext
+    tls: str = "on"
+    pki_dir: str = "data/pki"
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def validated(self) -> ServerConfig:
         if not self.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
@@ -58,7 +73,32 @@ class ServerConfig:
             endpoint_port(getattr(self, option), option)
         if self.peer_routes is not None:
             load_peer_routes(self.peer_routes)  # refuse a bad file now, not at the first dial
-        return replace(self, cache_strategy=strategy, log_level=self.log_level.lower())
+        try:
+            tls = switch(self.tls)
+        except TLSConfigError as e:
+            raise ConfigError(str(e)) from None
+        if tls == "on" and self.ecs:
+            try:
+                client_host_port(self.ecs)
+            except TLSConfigError as e:
+                raise ConfigError(f"ecs: {e}") from None
+        if tls == "on" and _split_endpoint(self.listen)[0] != "tcp":
+            raise ConfigError(
+                f"listen {self.listen!r}: with tls on give a tcp: endpoint; the server wraps it "
+                "in mutual TLS with its certificate (tls-cert)")
+        return replace(self, cache_strategy=strategy, log_level=self.log_level.lower(), tls=tls)
+
+    @property
+    def tls_files(self) -> TLSFiles | None:
+        """This server's TLS files (None: plaintext)."""
+        if self.tls == "off":
+            return None
+        return holder_files(self.pki_dir, self.name, self.tls_ca, self.tls_cert, self.tls_key)
+
+    @property
+    def tls_auto(self) -> bool:
+        """No TLS file was named: the PKI under pki-dir is used, and made when missing."""
+        return self.tls == "on" and not (self.tls_ca or self.tls_cert or self.tls_key)
 
     @property
     def advertised_host(self) -> str:
@@ -200,3 +240,28 @@ def _convert(option: str, kind: Any, raw: Any) -> Any:
     if isinstance(raw, (dict, list)):
         raise ConfigError(f"{option} must be a single value, not {raw!r}")
     return os.fspath(raw) if isinstance(raw, os.PathLike) else str(raw)
+
+
+def server_credentials(config: ServerConfig) -> Credentials | None:
+    """The server's TLS credentials, checked now (None: plaintext). With no TLS file named,
+    the PKI under pki-dir is used, made when missing: a CA, this server's certificate (for
+    its advertised host and this machine) and the client and admin certificates that
+    ``kvclient`` and ``ecsclient`` use by default."""
+    files = config.tls_files
+    if files is None:
+        return None
+    try:
+        if config.tls_auto:
+            pki.ensure(config.pki_dir, [
+                ("server", config.name, [config.advertised_host]),
+                ("client", "client", []), ("admin", "admin", [])])
+        credentials = Credentials(files)
+        who = credentials.check()
+    except (pki.PKIError, TLSConfigError, OSError) as e:
+        raise ConfigError(str(e)) from None
+    if who.role != "server" or who.name != config.name:
+        raise ConfigError(
+            f"{files.cert} is the certificate of {who.name!r} with role {who.role or 'none'}; "
+            f"this server needs one of {config.name!r} with role server "
+            f"(chainstore-pki issue server {config.name} --host {config.advertised_host})")
+    return credentials

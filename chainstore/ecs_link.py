@@ -13,16 +13,17 @@ from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, clientFromString, connectProtocol
+from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
-from chainstore import control, migration
+from chainstore import control, migration, tls
 from chainstore.bounds import BoundedAMP
 from chainstore.protocol import ring_from_wire
 from chainstore.logs import get_logger
 from chainstore.node import RUNNING, STOPPED, KVNode
 from chainstore.ring import KeyRange
+from chainstore.roles import ECS, SERVER, DialledAMP, RoleGuard, allow
 
 log = get_logger("chainstore.ecs_link")
 
@@ -30,22 +31,34 @@ log = get_logger("chainstore.ecs_link")
 COPY_BATCH_TIMEOUT = 30.0
 
 
-class ServerControlProtocol(BoundedAMP):
-    """The server's end of the ECS connection."""
+class ServerControlProtocol(BoundedAMP, RoleGuard):
+    """The server's end of the ECS connection: only the ECS's certificate may drive it."""
+
+    command_roles = allow((ECS,), (
+        control.Heartbeat, control.SetMetadata, control.SetState, control.LockRanges,
+        control.UnlockRanges, control.TrackWrites, control.StopTracking, control.DrainWrites,
+        control.CopyRange, control.MoveLocal, control.DropRange, control.ClearStores,
+        control.Shutdown))
+    peer_roles = frozenset({ECS})
 
     def __init__(self, node: KVNode, reactor: Any, shutdown: Callable[[], None],
-                 connect_peer: Callable[[str, int], Deferred[amp.AMP]] | None = None) -> None:
+                 connect_peer: Callable[[str, int], Deferred[amp.AMP]] | None = None,
+                 credentials: tls.Credentials | None = None) -> None:
         super().__init__()
         self.node = node
         self.reactor = reactor
         self.shutdown = shutdown
+        self.credentials = credentials
         # How a copy reaches the target server's AMP port; tests pass an in-memory connector.
         self.connect_peer = connect_peer or self._dial
         # write tracker -> the chain's request-id mark when it began
         self._request_marks: dict[int, int] = {}
 
     def _dial(self, host: str, port: int) -> Deferred[amp.AMP]:
-        return connectProtocol(HostnameEndpoint(self.reactor, host, port, timeout=10), amp.AMP())
+        # A copy's target checks our server certificate; we check its name is the host.
+        return connectProtocol(
+            tls.client_endpoint(self.reactor, self.credentials, host, port, 10),
+            DialledAMP((SERVER,)))
 
     def connectionLost(self, reason: Any) -> None:  # type: ignore[override]
         super().connectionLost(reason)
@@ -239,19 +252,32 @@ class ServerControlProtocol(BoundedAMP):
 class _LinkFactory(Factory):
     noisy = False
 
-    def __init__(self, node: KVNode, reactor: Any, shutdown: Callable[[], None]) -> None:
+    def __init__(self, node: KVNode, reactor: Any, shutdown: Callable[[], None],
+                 credentials: tls.Credentials | None) -> None:
         self.node, self.reactor, self.shutdown = node, reactor, shutdown
+        self.credentials = credentials
 
     def buildProtocol(self, addr: Any) -> ServerControlProtocol:
-        return ServerControlProtocol(self.node, self.reactor, self.shutdown)
+        return ServerControlProtocol(self.node, self.reactor, self.shutdown,
+                                     credentials=self.credentials)
+
+
+def ecs_endpoint(reactor: Any, description: str, credentials: tls.Credentials | None) -> Any:
+    """The ECS's client endpoint: C{description} as it is over plaintext; with TLS, its host and
+    port dialled with mutual TLS (the ECS's certificate must name that host)."""
+    if credentials is None:
+        return clientFromString(reactor, description)
+    host, port = tls.client_host_port(description)
+    return tls.client_endpoint(reactor, credentials, host, port, 10)
 
 
 def make_ecs_link(node: KVNode, description: str, reactor: Any,
-                  shutdown: Callable[[], None]) -> ClientService:
+                  shutdown: Callable[[], None],
+                  credentials: tls.Credentials | None = None) -> ClientService:
     """A service that keeps this server connected and registered to the ECS at C{description}."""
     return ClientService(
-        clientFromString(reactor, description),
-        _LinkFactory(node, reactor, shutdown),
+        ecs_endpoint(reactor, description, credentials),
+        _LinkFactory(node, reactor, shutdown, credentials),
         retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=2.0),
         clock=reactor,
     )

@@ -62,9 +62,16 @@ class InvalidRequestId(KVError):
     code = b"INVALID_REQUEST_ID"
 
 
+class PermissionDenied(KVError):
+    """The peer's certificate does not carry the role this command needs (or names another
+    server than the one it acts as); nothing was applied."""
+
+    code = b"PERMISSION_DENIED"
+
+
 #: Every error above, for declaring them on AMP commands in one place.
 ALL_ERRORS: dict[type[Exception], bytes] = {
     cls: cls.code
     for cls in (ServerStopped, WriteLocked, NotResponsible, InvalidKey, ValueTooLarge, KeyNotFound,
-                ServerError, InvalidRequestId)
+                ServerError, PermissionDenied, InvalidRequestId)
 }

@@ -11,10 +11,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.protocols import amp
 
 from chainstore.ring import NodeInfo
+from chainstore.roles import SERVER, RoleGuard
+from chainstore.tls import Credentials, client_endpoint
 
 Connector = Callable[[NodeInfo], Deferred[amp.AMP]]
 
@@ -30,8 +32,10 @@ def no_delay(transport: Any) -> None:
         set_no_delay(True)
 
 
-def tcp_connector(reactor: Any, timeout: float = 5.0, routes: Routes | None = None) -> Connector:
-    """A connector that dials a peer's AMP port over TCP.
+def tcp_connector(reactor: Any, timeout: float = 5.0, routes: Routes | None = None,
+                  credentials: Credentials | None = None) -> Connector:
+    """A connector that dials a peer's AMP port over TCP, with mutual TLS given C{credentials}
+    (the peer's certificate must name the host dialled).
 
     A peer named in C{routes} is dialled at the mapped address instead of its advertised
     C{host:amp_port} (the fault-injection harness puts a proxy there); other peers at their own.
@@ -40,12 +44,14 @@ def tcp_connector(reactor: Any, timeout: float = 5.0, routes: Routes | None = No
 
     def connect(node: NodeInfo) -> Deferred[amp.AMP]:
         host, port = routes.get(node.name, (node.host, node.amp_port))
-        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+        endpoint = client_endpoint(reactor, credentials, host, port, timeout)
         return connectProtocol(endpoint, _PeerProtocol())
     return connect
 
 
-class _PeerProtocol(amp.AMP):
+class _PeerProtocol(RoleGuard):
+    # the server we dialled must hold a server certificate
+    peer_roles = frozenset({SERVER})
     lost: Callable[[], None] | None = None
 
     def connectionMade(self) -> None:

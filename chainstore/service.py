@@ -15,9 +15,15 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 
+from chainstore import tls
 from chainstore.amp_server import KVServerFactory
 from chainstore.cache import make_cache
-from chainstore.config import ServerConfig, load_peer_routes
+from chainstore.config import (
+    ServerConfig,
+    endpoint_option,
+    load_peer_routes,
+    server_credentials,
+)
 from chainstore.console import ConsoleFactory
 from chainstore.logs import get_logger
 from chainstore.ecs_link import make_ecs_link
@@ -29,10 +35,21 @@ from chainstore.storage import StoreSet
 log = get_logger("chainstore.service")
 
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_UNSET: Any = object()
+
+
 class KVServerService(MultiService):
-    def __init__(self, config: ServerConfig, reactor: Any) -> None:
+    """C{credentials}: this server's TLS credentials, None for plaintext; by default made from
+    the configuration (L{server_credentials})."""
+
+    def __init__(self, config: ServerConfig, reactor: Any,
+                 credentials: tls.Credentials | None = _UNSET) -> None:
         super().__init__()
         self.config = config
+        if credentials is _UNSET:
+            credentials = server_credentials(config)
+        self.credentials = credentials
         me = NodeInfo(config.name, config.advertised_host, config.console_port, config.amp_port)
         # Peers named in --peer-routes are dialled at the address given there (a fault proxy).
         routes = load_peer_routes(config.peer_routes) if config.peer_routes else {}
@@ -43,11 +60,17 @@ class KVServerService(MultiService):
                            ring=Ring((), epoch=0) if config.ecs else None,
                            state=STOPPED if config.ecs else RUNNING,
                            monotonic=time.monotonic,
-                           connect=tcp_connector(reactor, routes=routes))
-        _listener(reactor, config.listen, KVServerFactory(self.node)).setServiceParent(self)
-        _listener(reactor, config.console, ConsoleFactory(self.node)).setServiceParent(self)
+                           connect=tcp_connector(reactor, routes=routes,
+                                                 credentials=credentials))
+        _listener(tls.server_endpoint(reactor, config.listen, credentials),
+                  KVServerFactory(self.node)).setServiceParent(self)
+        # The classic console has no TLS (its clients cannot do it) unless given an ssl:
+        # endpoint; the start-up warnings below say what binding it elsewhere exposes.
+        _listener(serverFromString(reactor, config.console),
+                  ConsoleFactory(self.node)).setServiceParent(self)
         if config.ecs:
-            make_ecs_link(self.node, config.ecs, reactor, reactor.stop).setServiceParent(self)
+            make_ecs_link(self.node, config.ecs, reactor, reactor.stop,
+                          credentials).setServiceParent(self)
 
     def startService(self) -> None:
         cfg, me = self.config, self.node.me
@@ -62,6 +85,19 @@ class KVServerService(MultiService):
         log.info("kvserver {name}: AMP on {listen}, console on {console}, "
                  "address hash {pos:032X}", name=me.name, listen=cfg.listen,
                  console=cfg.console, pos=me.position)
+        if self.credentials is None:
+            log.warn("TLS is off: any host that reaches the AMP port {listen} can read, change "
+                     "or delete data and act as a peer server; use tls: off only on a trusted "
+                     "single machine", listen=cfg.listen)
+        else:
+            log.info("mutual TLS with {cert} (CA {ca})", cert=self.credentials.files.cert,
+                     ca=self.credentials.files.ca)
+        console_host = endpoint_option(cfg.console, "interface") or "0.0.0.0"
+        if cfg.console.startswith("tcp:") and console_host not in _LOOPBACK:
+            log.warn("the text console {console} is plaintext with no authentication and is "
+                     "bound to {host}: anyone who reaches it can read, change and delete every "
+                     "key this server holds; bind it to 127.0.0.1 or give an ssl: endpoint",
+                     console=cfg.console, host=console_host)
 
     def stopService(self) -> Deferred[None]:
         self.node.state = STOPPED
@@ -78,8 +114,8 @@ class KVServerService(MultiService):
         return result
 
 
-def _listener(reactor: Any, description: str, factory: Any) -> StreamServerEndpointService:
-    service = StreamServerEndpointService(serverFromString(reactor, description), factory)
+def _listener(endpoint: Any, factory: Any) -> StreamServerEndpointService:
+    service = StreamServerEndpointService(endpoint, factory)
     # Fail the start (and so twistd) on a port in use, instead of only logging it.
     service._raiseSynchronously = True
     return service

@@ -9,7 +9,13 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from chainstore import logs
-from chainstore.config import ConfigError, ServerConfig, build_config, load_yaml
+from chainstore.config import (
+    ConfigError,
+    ServerConfig,
+    build_config,
+    load_yaml,
+    server_credentials,
+)
 
 DEFAULT_CONFIG = os.path.join("etc", "kvserver.yaml")
 _D = ServerConfig()
@@ -49,6 +55,16 @@ class Options(usage.Options):
         ["peer-routes", None, None,
          'YAML file of peer server name: "host:port" to dial instead of that peer\'s own AMP '
          "address (fault-injection proxies) [default: none, dial peers directly]"],
+        ["tls", None, None,
+         "on: mutual TLS on the AMP port and on every link this server dials (peers, ECS); "
+         "off: plaintext, for a trusted single machine only [default: on]"],
+        ["pki-dir", None, None,
+         f"PKI directory (chainstore-pki) used when no tls-* file is given; created with a new "
+         f"CA and this server's certificate when missing [default: {_D.pki_dir}]"],
+        ["tls-ca", None, None, "the cluster CA's certificate [default: PKI-DIR/ca.crt]"],
+        ["tls-cert", None, None,
+         "this server's certificate, role server, named after --name [default: PKI-DIR/NAME.crt]"],
+        ["tls-key", None, None, "this server's private key [default: PKI-DIR/NAME.key]"],
     ]
 
     def postOptions(self) -> None:
@@ -61,9 +77,10 @@ class Options(usage.Options):
         flags = {k: self[k] for k in
                  ("name", "listen", "console", "host", "data-dir", "cache-size",
                   "cache-strategy", "ecs", "log-level", "backend", "durability",
-                  "peer-routes")}
+                  "peer-routes", "tls", "pki-dir", "tls-ca", "tls-cert", "tls-key")}
         try:
             self.config = build_config(yaml_options, flags)
+            self.credentials = server_credentials(self.config)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -81,4 +98,4 @@ def makeService(options: Options) -> IService:
     from chainstore.service import KVServerService
 
     logs.set_level(options.config.log_level)
-    return KVServerService(options.config, reactor)
+    return KVServerService(options.config, reactor, options.credentials)

@@ -27,7 +27,7 @@ from typing import Any, Generic, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, succeed
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import deferLater
@@ -40,6 +40,8 @@ from chainstore.limits import check_key, check_value
 from chainstore.logs import get_logger
 from chainstore.peers import no_delay
 from chainstore.ring import NodeInfo, Ring
+from chainstore.roles import SERVER, RoleGuard
+from chainstore.tls import Credentials, TLSFiles, client_endpoint
 from client.errors import ClientClosed, RequestTimedOut, WrongProtocol
 
 log = get_logger("client.kvstore")
@@ -59,6 +61,9 @@ _BACK_OFF = (ServerStopped, WriteLocked)
 _CONSOLE_GREETING = b"chainstore"
 
 _T = TypeVar("_T")
+
+#: What a client presents by default: the certificate C{make run} issues to clients.
+DEFAULT_TLS = TLSFiles.in_dir(os.path.join("data", "pki"), "client")
 
 
 def key_bytes(key: Key) -> bytes:
@@ -132,8 +137,11 @@ class _Shared(Generic[_T]):
         # logged as unhandled.
 
 
-class _ClientProtocol(amp.AMP):
+class _ClientProtocol(RoleGuard):
     """One AMP connection to one server; recognises a text console answering instead."""
+
+    # Over TLS the host's certificate must be a server's (not, say, another client's).
+    peer_roles = frozenset({SERVER})
 
     def __init__(self, address: Address, on_lost: Callable[[_ClientProtocol], None]) -> None:
         super().__init__()
@@ -205,14 +213,20 @@ class KVStore:
     @param backoff_base: the cap of the first back-off; the cap doubles with each retry...
     @param backoff_max: ...up to this; each delay is uniform in [0, cap) ("full jitter").
     @param random: anything with a C{random()} method returning floats in [0, 1).
-    @param endpoint_factory: C{(host, port) -> IStreamClientEndpoint}; a TCP connection with
-        C{timeout} by default.
+    @param tls: the client's TLS files (L{TLSFiles}) or loaded L{Credentials}; by default
+        C{data/pki/client.crt}, C{client.key} and C{ca.crt} (what C{make run} creates); None
+        for plaintext (a cluster run with C{tls: off}). The files are read at once: missing
+        ones raise L{chainstore.tls.TLSConfigError}.
+    @param endpoint_factory: C{(host, port) -> IStreamClientEndpoint}; by default a TCP
+        connection with C{timeout}, with mutual TLS unless C{tls} is None (C{tls} is then
+        not used).
     """
 
     def __init__(self, reactor: Any, addresses: Iterable[Address], *, timeout: float = 10.0,
                  deadline: float = 30.0, max_retries: int = 100, max_refreshes: int = 5,
                  backoff_base: float = 0.05, backoff_max: float = 2.0,
-                 random: Any = None, endpoint_factory: EndpointFactory | None = None) -> None:
+                 random: Any = None, endpoint_factory: EndpointFactory | None = None,
+                 tls: TLSFiles | Credentials | None = DEFAULT_TLS) -> None:
         self._reactor = reactor
         self.addresses: list[Address] = [(str(h), int(p)) for h, p in addresses]
         if not self.addresses:
@@ -226,8 +240,15 @@ class KVStore:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self._random = random if random is not None else _random.Random()
-        self._endpoint_factory = endpoint_factory or (
-            lambda host, port: HostnameEndpoint(reactor, host, port, timeout=timeout))
+        if endpoint_factory is None:
+            credentials = tls if isinstance(tls, Credentials) or tls is None else \
+                Credentials(tls)
+            if credentials is not None:
+                credentials.check()
+
+            def endpoint_factory(host: str, port: int) -> IStreamClientEndpoint:
+                return client_endpoint(reactor, credentials, host, port, timeout)
+        self._endpoint_factory = endpoint_factory
         self._ring: Ring | None = None
         self._connections: dict[Address, _ClientProtocol] = {}
         self._connecting: dict[Address, _Shared[_ClientProtocol]] = {}

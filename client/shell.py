@@ -28,7 +28,7 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
-from chainstore import logs
+from chainstore import logs, tls
 from chainstore.errors import (
     InvalidKey,
     KeyNotFound,
@@ -257,6 +257,8 @@ def describe(error: Exception) -> bytes:
         text = f"cannot reach the server: {error}"
     elif isinstance(error, KeyNotFound):
         text = "no such key"
+    elif (why := tls.describe_failure(error)) is not None:
+        text = why
     else:
         text = f"{type(error).__name__}: {error}"
     return text.encode("utf-8", "replace")
@@ -314,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "unreachable (default: %(default)s)")
     parser.add_argument("--log-level", default="warn", choices=list(logs.LEVELS),
                         help="client log events shown on stderr (default: %(default)s)")
+    tls.add_arguments(parser, "client")
     return parser
 
 
@@ -328,12 +331,14 @@ def main(argv: list[str] | None = None) -> int:
             address = parse_address(args.connect)
         except ValueError as e:
             build_parser().error(f"--connect: {e}")
+    credentials = tls.credentials_from(args)
     logs.set_level(args.log_level)
     _log_to_stderr()
 
     def make_store(addr: Address) -> Any:
         from client.blocking import BlockingKVStore
-        return BlockingKVStore([addr], timeout=args.timeout, deadline=args.deadline)
+        return BlockingKVStore([addr], timeout=args.timeout, deadline=args.deadline,
+                               tls=credentials)
 
     shell = Shell(sys.stdout.buffer, make_store)
     try:

@@ -14,6 +14,15 @@ from typing import Any
 from chainstore.cache import STRATEGIES
 from chainstore.config import read_options
 from chainstore.logs import LEVELS
+from chainstore import pki
+from chainstore.tls import (
+    Credentials,
+    TLSConfigError,
+    TLSFiles,
+    client_host_port,
+    holder_files,
+    switch,
+)
 
 
 class ECSConfigError(ValueError):
@@ -31,6 +40,9 @@ class NodeSlot:
     ecs: str | None = None
     #: the server's --peer-routes file (which address to dial for which peer), if any
     peer_routes: str | None = None
+    #: the server's TLS files (default: its NAME.crt and NAME.key in the ECS's pki-dir)
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 def default_pool() -> tuple[NodeSlot, ...]:
@@ -58,13 +70,19 @@ class ECSConfig:
         "ssh {host} twistd --pidfile= -n --logfile {log} kvserver --name {name}"
         " --listen tcp:{amp_port}:interface={host} --console tcp:{console_port}:interface={host}"
         " --data-dir {data_dir} --cache-strategy {cache_strategy} --cache-size {cache_size}"
-        " --ecs {ecs}"
+        " --ecs {ecs} {tls_options}"
     )
     register_timeout: float = 20.0
     #: balanced: the ECS places each joining server in the middle of the largest range (the
     #: first servers evenly); hash: at the MD5 of its console address (the classic ring)
     placement: str = "balanced"
     log_level: str = "info"
+    #: on: mutual TLS for servers and admins (and the servers it launches); off: plaintext
+    tls: str = "on"
+    pki_dir: str = "data/pki"
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     nodes: tuple[NodeSlot, ...] = field(default_factory=default_pool)
 
     def validated(self) -> ECSConfig:
@@ -111,8 +129,40 @@ class ECSConfig:
                         f"port {n.host}:{port} is used by both {other} and {n.name}"
                         if other != n.name else
                         f"{n.name}: console-port and amp-port are both {port}")
+        try:
+            tls = switch(self.tls)
+            if tls == "on":
+                client_host_port(self.advertise)
+                for slot in self.nodes:
+                    if slot.ecs:
+                        client_host_port(slot.ecs)
+        except TLSConfigError as e:
+            raise ECSConfigError(str(e)) from None
+        if tls == "on" and not self.listen.startswith("tcp:"):
+            raise ECSConfigError(
+                f"listen {self.listen!r}: with tls on give a tcp: endpoint; the ECS wraps it in "
+                "mutual TLS with its certificate (tls-cert)")
         return replace(self, cache_strategy=self.cache_strategy.upper(),
-                       log_level=self.log_level.lower())
+                       log_level=self.log_level.lower(), tls=tls)
+
+    @property
+    def tls_files(self) -> TLSFiles | None:
+        """The ECS's own TLS files (None: plaintext)."""
+        if self.tls == "off":
+            return None
+        return holder_files(self.pki_dir, "ecs", self.tls_ca, self.tls_cert, self.tls_key)
+
+    @property
+    def tls_auto(self) -> bool:
+        """No TLS file was named: the PKI under pki-dir is used, and made when missing."""
+        return self.tls == "on" and not (self.tls_ca or self.tls_cert or self.tls_key)
+
+    def slot_tls(self, slot: NodeSlot) -> TLSFiles | None:
+        """The TLS files a launched server of C{slot} is given (None: plaintext)."""
+        mine = self.tls_files
+        if mine is None:
+            return None
+        return holder_files(self.pki_dir, slot.name, mine.ca, slot.tls_cert, slot.tls_key)
 
     def slot(self, name: str) -> NodeSlot | None:
         for slot in self.nodes:
@@ -126,6 +176,7 @@ _SCALARS = {
     "heartbeat-interval": float, "failure-timeout": float, "replication": int,
     "initial-nodes": int, "cache-strategy": str, "cache-size": int, "launcher": str,
     "ssh-command": str, "register-timeout": float, "log-level": str, "placement": str,
+    "tls": str, "pki-dir": str, "tls-ca": str, "tls-cert": str, "tls-key": str,
 }
 OPTION_NAMES = set(_SCALARS) | {"nodes"}
 
@@ -157,13 +208,16 @@ def _slot(index: int, raw: Any) -> NodeSlot:
     if unknown:
         raise ECSConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; "
                              f"known: {', '.join(sorted(_SLOT_KEYS))}")
-    ecs = raw.get("ecs")
-    routes = raw.get("peer-routes")
+    def text(key: str) -> str | None:
+        value = raw.get(key)
+        return None if value is None else str(value)
+
     return NodeSlot(name, host, console_port, amp_port, str(raw.get("data-dir", f"data/{name}")),
-                    None if ecs is None else str(ecs), None if routes is None else str(routes))
+                    text("ecs"), text("peer-routes"), text("tls-cert"), text("tls-key"))
 
 
-_SLOT_KEYS = {"name", "host", "console-port", "amp-port", "data-dir", "ecs", "peer-routes"}
+_SLOT_KEYS = {"name", "host", "console-port", "amp-port", "data-dir", "ecs", "peer-routes",
+              "tls-cert", "tls-key"}
 
 
 def build_config(yaml_options: dict[str, Any], flags: dict[str, Any]) -> ECSConfig:
@@ -181,3 +235,28 @@ def build_config(yaml_options: dict[str, Any], flags: dict[str, Any]) -> ECSConf
             except (TypeError, ValueError):
                 raise ECSConfigError(f"{option} must be a {kind.__name__}, not {raw!r}") from None
     return ECSConfig(**values).validated()
+
+
+def ecs_credentials(config: ECSConfig) -> Credentials | None:
+    """The ECS's TLS credentials, checked now (None: plaintext). With no TLS file named, the
+    PKI under pki-dir is used and completed: a CA, the ECS's certificate, one per pool slot
+    (for the slot's host), and admin's and client's, each made only when missing."""
+    files = config.tls_files
+    if files is None:
+        return None
+    try:
+        if config.tls_auto:
+            host, _ = client_host_port(config.advertise)
+            pki.ensure(config.pki_dir, [
+                ("ecs", "ecs", [host]),
+                *(("server", slot.name, [slot.host]) for slot in config.nodes
+                  if not slot.tls_cert),
+                ("admin", "admin", []), ("client", "client", [])])
+        credentials = Credentials(files)
+        who = credentials.check()
+    except (pki.PKIError, TLSConfigError, OSError) as e:
+        raise ECSConfigError(str(e)) from None
+    if who.role != "ecs":
+        raise ECSConfigError(f"{files.cert} has role {who.role or 'none'}; the ECS needs a "
+                             "certificate with role ecs (chainstore-pki issue ecs NAME --host ...)")
+    return credentials

@@ -106,6 +106,14 @@ class ProcessLauncher:
         return d
 
 
+def tls_options(config: ECSConfig, slot: NodeSlot) -> list[str]:
+    """The kvserver options that give a launched server its TLS files (or switch TLS off)."""
+    files = config.slot_tls(slot)
+    if files is None:
+        return ["--tls", "off"]
+    return ["--tls-ca", files.ca, "--tls-cert", files.cert, "--tls-key", files.key]
+
+
 class LocalLauncher(ProcessLauncher):
     def argv(self, slot: NodeSlot, cache_strategy: str, cache_size: int) -> list[str]:
         log_file = os.path.join(self.config.log_dir, f"{slot.name}.log")
@@ -118,6 +126,7 @@ class LocalLauncher(ProcessLauncher):
             "--cache-strategy", cache_strategy, "--cache-size", str(cache_size),
             "--ecs", slot.ecs or self.config.advertise, "--log-level", self.config.log_level,
             *(["--peer-routes", slot.peer_routes] if slot.peer_routes else []),
+            *tls_options(self.config, slot),
         ]
 
 
@@ -129,6 +138,7 @@ class SshLauncher(ProcessLauncher):
             "cache_strategy": cache_strategy, "cache_size": cache_size,
             "ecs": self.config.advertise,
             "log": os.path.join(self.config.log_dir, f"{slot.name}.log"),
+            "tls_options": " ".join(shlex.quote(a) for a in tls_options(self.config, slot)),
         }
         try:
             command = self.config.ssh_command.format(**fields)

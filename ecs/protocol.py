@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from twisted.protocols import amp
 
+from chainstore.errors import PermissionDenied, ServerError
 from chainstore.protocol import BigUnicode
 
 
@@ -16,7 +17,9 @@ class AdminError(Exception):
 
 
 class _AdminCommand(amp.Command):
-    errors = {AdminError: b"ADMIN_ERROR"}
+    # ServerError: a request the ECS could not even read (see chainstore.roles)
+    errors = {AdminError: b"ADMIN_ERROR", PermissionDenied: PermissionDenied.code,
+              ServerError: ServerError.code}
     fatalErrors: dict[type[Exception], bytes] = {}
 
 

@@ -10,14 +10,24 @@ from twisted.python.failure import Failure
 
 from chainstore import control
 from chainstore.bounds import MAX_CONNECTIONS, BoundedAMP, CappedFactory
+from chainstore.roles import ADMIN, SERVER, RoleGuard, allow
 from ecs import protocol
 from ecs.coordinator import ECS
 
 
-class ECSProtocol(BoundedAMP):
+class ECSProtocol(BoundedAMP, RoleGuard):
+    """Servers register and report here; admins (ecsclient) run the admin commands."""
+
+    command_roles = {
+        **allow((SERVER,), (control.Register, control.CopyProgress)),
+        **allow((ADMIN,), (protocol.Start, protocol.Stop, protocol.ShutDown, protocol.AddNodes,
+                           protocol.RemoveNode, protocol.Status)),
+    }
+
     def __init__(self, ecs: ECS) -> None:
         super().__init__()
         self.ecs = ecs
+        self.clock = ecs.clock
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         super().connectionLost(reason)
@@ -28,6 +38,8 @@ class ECSProtocol(BoundedAMP):
     @control.Register.responder
     def register(self, name: str, host: str, console_port: int, amp_port: int,
                  epoch: int) -> dict[str, Any]:
+        # A server's certificate names the one server it may register as: no impersonation.
+        self.require_name(name)
         return {"message": self.ecs.register(self, name, host, console_port, amp_port, epoch)}
 
     @control.CopyProgress.responder

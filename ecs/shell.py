@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import ConnectionClosed
 from twisted.internet.task import LoopingCall
 from twisted.logger import (
@@ -40,6 +40,9 @@ from twisted.logger import (
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from chainstore import tls
+from chainstore.errors import PermissionDenied, ServerError
+from chainstore.roles import ECS, RoleGuard
 from ecs import protocol
 from ecs.protocol import AdminError
 from ecs.shell_commands import HELP, Command, UsageError, parse_address, parse_command
@@ -91,7 +94,10 @@ def call_with_progress(proto: amp.AMP, clock: Any, command: type[amp.Command],
     return answer
 
 
-class _AdminProtocol(amp.AMP):
+class _AdminProtocol(RoleGuard):
+    # Over TLS the host we dialled must answer with the ECS's certificate.
+    peer_roles = frozenset({ECS})
+
     def __init__(self, lost: Callable[[_AdminProtocol], None]) -> None:
         super().__init__()
         self._lost = lost
@@ -116,11 +122,13 @@ class AdminLink:
     """
 
     def __init__(self, reactor: Any, host: str, port: int, timeout: float = DEFAULT_TIMEOUT,
-                 connect: Callable[[amp.AMP], Deferred[amp.AMP]] | None = None) -> None:
+                 connect: Callable[[amp.AMP], Deferred[amp.AMP]] | None = None,
+                 credentials: tls.Credentials | None = None) -> None:
         self.reactor = reactor
         self.host = host
         self.port = port
         self.timeout = timeout
+        self.credentials = credentials
         self._connect = connect or self._connect_tcp
         self._proto: amp.AMP | None = None
 
@@ -129,7 +137,8 @@ class AdminLink:
         return f"{self.host}:{self.port}"
 
     def _connect_tcp(self, proto: amp.AMP) -> Deferred[amp.AMP]:
-        endpoint = TCP4ClientEndpoint(self.reactor, self.host, self.port, timeout=self.timeout)
+        endpoint = tls.client_endpoint(self.reactor, self.credentials, self.host, self.port,
+                                       self.timeout)
         return connectProtocol(endpoint, proto)
 
     def _lost(self, proto: amp.AMP) -> None:
@@ -139,6 +148,8 @@ class AdminLink:
     async def _connected(self) -> amp.AMP:
         if self._proto is None:
             try:
+                if self.credentials is not None:
+                    self.credentials.check()
                 d = self._connect(_AdminProtocol(self._lost))
                 d.addTimeout(self.timeout, self.reactor)
                 self._proto = await d
@@ -175,8 +186,17 @@ class AdminLink:
         except ConnectionClosed:
             raise ShellError(f"lost the connection to the ECS at {self.address} during "
                              f"{command.name}; see status") from None
+        except PermissionDenied as e:
+            raise ShellError(f"the ECS refused {command.name}: {e}") from None
+        except ServerError as e:
+            raise ShellError(f"the ECS failed: {e}") from None
         except amp.RemoteAmpError as e:
             raise ShellError(f"the ECS failed: {e}") from None
+        except Exception as e:
+            why = tls.describe_failure(e)
+            if why is None:
+                raise
+            raise ShellError(f"cannot talk to the ECS at {self.address}: {why}") from None
 
     def close(self) -> None:
         if self._proto is not None and self._proto.transport is not None:
@@ -192,12 +212,13 @@ def _reason(error: BaseException) -> str:
 class BlockingAdmin:
     """L{AdminLink} for the main thread: each call waits for the reactor thread's answer."""
 
-    def __init__(self, reactor: Any, host: str, port: int, timeout: float) -> None:
+    def __init__(self, reactor: Any, host: str, port: int, timeout: float,
+                 credentials: tls.Credentials | None = None) -> None:
         from client.blocking import ensure_reactor_running
 
         self.reactor = reactor
         ensure_reactor_running(reactor)
-        self.link = AdminLink(reactor, host, port, timeout)
+        self.link = AdminLink(reactor, host, port, timeout, credentials=credentials)
         self._running: Deferred[Any] | None = None
 
     def run(self, command: Command,
@@ -330,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "moves no data (default: %(default)s)")
     parser.add_argument("command", nargs=argparse.REMAINDER,
                         help="one command to run (options of ecsclient go before it)")
+    tls.add_arguments(parser, "admin")
     return parser
 
 
@@ -349,10 +371,11 @@ def main(argv: list[str] | None = None) -> int:
             one_shot = parse_command(args.command)
         except UsageError as e:
             parser.error(str(e))
+    credentials = tls.credentials_from(args)
     _log_errors_to_stderr()
     from twisted.internet import reactor
 
-    admin = BlockingAdmin(reactor, host, port, args.timeout)
+    admin = BlockingAdmin(reactor, host, port, args.timeout, credentials)
     tty = sys.stdout.isatty()
     shell = Shell(admin, sys.stdout, sys.stderr, tty)
     try:

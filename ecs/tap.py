@@ -7,13 +7,14 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, Service
-from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from chainstore import logs
-from ecs.config import ECSConfig, ECSConfigError, build_config, load_yaml
+from chainstore.tls import server_endpoint
+from ecs.config import ECSConfig, ECSConfigError, build_config, ecs_credentials, load_yaml
 
 DEFAULT_CONFIG = os.path.join("etc", "ecs.yaml")
+log = logs.get_logger("ecs.tap")
 _D = ECSConfig()
 
 
@@ -50,6 +51,16 @@ class Options(usage.Options):
          "ring positions of joining servers: balanced (the middle of the largest range) or "
          f"hash (MD5 of the console address) [default: {_D.placement}]"],
         ["log-level", None, None, f"debug, info, warn, error, critical [default: {_D.log_level}]"],
+        ["tls", None, None,
+         "on: mutual TLS for servers and admins, and for the servers it launches; off: "
+         "plaintext, for a trusted single machine only [default: on]"],
+        ["pki-dir", None, None,
+         "PKI directory used when no tls-* file is given; on a first start a CA and the "
+         "certificates of the ECS, every pool slot, admin and client are created there "
+         f"[default: {_D.pki_dir}]"],
+        ["tls-ca", None, None, "the cluster CA's certificate [default: PKI-DIR/ca.crt]"],
+        ["tls-cert", None, None, "the ECS's certificate, role ecs [default: PKI-DIR/ecs.crt]"],
+        ["tls-key", None, None, "the ECS's private key [default: PKI-DIR/ecs.key]"],
     ]
 
     def postOptions(self) -> None:
@@ -61,6 +72,7 @@ class Options(usage.Options):
                 yaml_options = load_yaml(path)
             flags = {name: self[name] for name, *_ in self.optParameters if name != "config"}
             self.config = build_config(yaml_options, flags)
+            self.credentials = ecs_credentials(self.config)
         except ECSConfigError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -94,8 +106,16 @@ def makeService(options: Options) -> IService:
     coordinator = ECS(config, reactor, make_launcher(reactor, config), StateFile(config.state_file),
                       exit=reactor.stop)
     top = MultiService()
-    listener = StreamServerEndpointService(serverFromString(reactor, config.listen),
-                                           ECSFactory(coordinator))
+    credentials = options.credentials
+    if credentials is None:
+        log.warn("TLS is off: any host that reaches {listen} can run admin commands (shut the "
+                 "cluster down, remove servers) and register fake servers; use tls: off only "
+                 "on a trusted single machine", listen=config.listen)
+    else:
+        log.info("mutual TLS with {cert} (CA {ca})", cert=credentials.files.cert,
+                 ca=credentials.files.ca)
+    listener = StreamServerEndpointService(
+        server_endpoint(reactor, config.listen, credentials), ECSFactory(coordinator))
     listener._raiseSynchronously = True
     listener.setServiceParent(top)
     ECSService(coordinator).setServiceParent(top)

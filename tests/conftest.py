@@ -19,6 +19,19 @@ def reactor():
     return global_reactor
 
 
+@pytest.fixture(scope="session")
+def pki_dir(tmp_path_factory):
+    """A PKI made once per test session: a CA and the certificates of admin, client, ecs and
+    server1..server3 (for 127.0.0.1 and localhost)."""
+    from chainstore import pki
+
+    directory = tmp_path_factory.mktemp("pki")
+    pki.ensure(str(directory), [("admin", "admin", []), ("client", "client", []),
+                                ("ecs", "ecs", []),
+                                *(("server", f"server{i}", []) for i in range(1, 4))])
+    return directory
+
+
 @pytest.fixture
 def processes(tmp_path):
     """A L{ProcessGroup} in a fresh directory; every process it started is stopped after the test."""

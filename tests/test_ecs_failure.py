@@ -164,7 +164,7 @@ async def test_a_frozen_server_leaves_the_ring_and_stops_serving_its_old_range(c
         # on refuses its old keys (not responsible, or stopped: it is idle now).
         os.kill(pid, signal.SIGCONT)
         continued_at = reactor.seconds()
-        proto = await amp_client(reactor, node.host, node.amp_port)
+        proto = await amp_client(reactor, node.host, node.amp_port, ecs.tls("client"))
         probe_keys = list(lost)[:20]
         refused_at = None
         try:

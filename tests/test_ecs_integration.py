@@ -35,16 +35,17 @@ import pytest
 import pytest_twisted
 import yaml
 from twisted.internet.defer import DeferredSemaphore, gatherResults
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.protocols import amp
 
-from chainstore import logs, protocol
+from chainstore import logs, protocol, tls
 from chainstore.errors import NotResponsible, ServerStopped, WriteLocked
 from chainstore.ring import RING_BITS, NodeInfo, Ring, parse_position
 from chainstore.testing.processes import ECSProcess, pid_alive, write_ecs_config
+from chainstore.tls import TLSFiles
 from client.kvstore import KVStore
 from ecs import protocol as admin
 
@@ -164,7 +165,7 @@ def library(ecs: ECSProcess, reactor: Any, **knobs: Any) -> KVStore:
     knobs.setdefault("timeout", TIMEOUT)
     knobs.setdefault("deadline", 30.0)
     first = node_of(ecs, str(ecs.slots[0]["name"]))
-    return KVStore(reactor, [(first.host, first.amp_port)], **knobs)
+    return KVStore(reactor, [(first.host, first.amp_port)], tls=ecs.tls("client"), **knobs)
 
 
 async def bounded(reactor: Any, items: list[Any], work: Callable[[Any], Awaitable[Any]],
@@ -192,15 +193,17 @@ async def assert_all_readable(reactor: Any, store: KVStore, data: dict[bytes, by
     assert not wrong, f"{len(wrong)} of {len(data)} keys read back wrong, e.g. {wrong[:5]}"
 
 
-async def amp_client(reactor: Any, host: str, port: int) -> amp.AMP:
-    endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=TIMEOUT)
+async def amp_client(reactor: Any, host: str, port: int, files: TLSFiles | None) -> amp.AMP:
+    """An AMP connection presenting the certificate of C{files} (None: plaintext)."""
+    endpoint = tls.client_endpoint(reactor, tls.load(files), host, port, TIMEOUT)
     return await connectProtocol(endpoint, amp.AMP()).addTimeout(TIMEOUT, reactor)
 
 
-async def ask(reactor: Any, host: str, port: int, command: type[amp.Command],
-              timeout: float = TIMEOUT, **arguments: Any) -> dict[str, Any]:
-    """One command on a fresh AMP connection (to a server or to the ECS)."""
-    proto = await amp_client(reactor, host, port)
+async def ask(reactor: Any, host: str, port: int, files: TLSFiles | None,
+              command: type[amp.Command], timeout: float = TIMEOUT,
+              **arguments: Any) -> dict[str, Any]:
+    """One command on a fresh AMP connection (to a server or to the ECS) as C{files}'s holder."""
+    proto = await amp_client(reactor, host, port, files)
     try:
         return await proto.callRemote(command, **arguments).addTimeout(timeout, reactor)
     finally:
@@ -209,7 +212,7 @@ async def ask(reactor: Any, host: str, port: int, command: type[amp.Command],
 
 async def ecs_status(reactor: Any, ecs: ECSProcess) -> dict[str, Any]:
     """C{Status} without blocking the reactor (the test's own clients keep running)."""
-    answer = await ask(reactor, ecs.host, ecs.port, admin.Status)
+    answer = await ask(reactor, ecs.host, ecs.port, ecs.tls("admin"), admin.Status)
     return json.loads(answer["status"])
 
 
@@ -231,8 +234,8 @@ async def wait_status(reactor: Any, ecs: ECSProcess, predicate: Callable[[dict[s
         await deferLater(reactor, POLL)
 
 
-async def server_stats(reactor: Any, node: NodeInfo) -> dict[str, Any]:
-    answer = await ask(reactor, node.host, node.amp_port, protocol.Stats)
+async def server_stats(reactor: Any, ecs: ECSProcess, node: NodeInfo) -> dict[str, Any]:
+    answer = await ask(reactor, node.host, node.amp_port, ecs.tls("client"), protocol.Stats)
     return json.loads(answer["stats"])
 
 
@@ -257,7 +260,7 @@ async def assert_placement(reactor: Any, ecs: ECSProcess, status: dict[str, Any]
     for key, value in data.items():
         owned[ring.head(key).name][key] = value
     for node in ring.nodes:
-        stats = await server_stats(reactor, node)
+        stats = await server_stats(reactor, ecs, node)
         assert stats["epoch"] == ring.epoch, (node.name, stats)
         assert stats["coordinator_keys"] == len(owned[node.name]), (node.name, stats)
         assert stats["replica1_keys"] == stats["replica2_keys"] == 0, (node.name, stats)
@@ -337,13 +340,13 @@ async def test_joins_and_leaves_keep_every_key_on_its_owner(cluster, reactor):
 
         for step in ("add", "add", "remove server1", "remove server4"):
             if step == "add":
-                answer = await ask(reactor, ecs.host, ecs.port, admin.AddNodes, timeout=60,
+                answer = await ask(reactor, ecs.host, ecs.port, ecs.tls("admin"), admin.AddNodes, timeout=60,
                                    count=1, cache_strategy="LRU", cache_size=100)
                 assert len(answer["names"]) == 1
                 changed = answer["names"][0]
             else:
                 changed = step.split()[1]
-                await ask(reactor, ecs.host, ecs.port, admin.RemoveNode, timeout=60,
+                await ask(reactor, ecs.host, ecs.port, ecs.tls("admin"), admin.RemoveNode, timeout=60,
                           name=changed, force=False)
             status = await ecs_status(reactor, ecs)
             assert status["operation"] is None
@@ -387,8 +390,10 @@ class OwnershipProbe:
     """Writes one key of the moving range, alternately to its old and its new owner, over raw
     AMP (no retries), and records each answer; so the test sees the switch as the servers do."""
 
-    def __init__(self, reactor: Any, key: bytes, old: NodeInfo, new: NodeInfo) -> None:
+    def __init__(self, reactor: Any, key: bytes, old: NodeInfo, new: NodeInfo,
+                 files: TLSFiles | None) -> None:
         self.reactor = reactor
+        self.files = files
         self.key = key
         self.targets = {"old": old, "new": new}
         self.protos: dict[str, amp.AMP] = {}
@@ -404,7 +409,8 @@ class OwnershipProbe:
         sent = self.reactor.seconds()
         try:
             if which not in self.protos:
-                self.protos[which] = await amp_client(self.reactor, node.host, node.amp_port)
+                self.protos[which] = await amp_client(self.reactor, node.host, node.amp_port,
+                                                     self.files)
             await self.protos[which].callRemote(protocol.Put, key=self.key, value=value) \
                 .addTimeout(TIMEOUT, self.reactor)
         except WriteLocked:
@@ -457,7 +463,8 @@ async def test_a_join_under_writes_loses_no_acknowledged_write(cluster, reactor)
         new_ring = Ring(old_ring.nodes + (joining,), epoch=old_ring.epoch + 1, replication=1)
         moving = [k for k in data if new_ring.head(k) == joining]
         assert len(moving) > 300, "the pool's fourth slot should take a share of the keys"
-        probe = OwnershipProbe(reactor, moving[0], old_ring.head(moving[0]), joining)
+        probe = OwnershipProbe(reactor, moving[0], old_ring.head(moving[0]), joining,
+                               ecs.tls("client"))
 
         # Writers through the library: two on keys of the moving range, two on other keys; each
         # owns its keys, so the last acknowledged value of each key is known.
@@ -489,12 +496,12 @@ async def test_a_join_under_writes_loses_no_acknowledged_write(cluster, reactor)
         await deferLater(reactor, 0.3)  # the probe and the writers see the old ring first
 
         join_sent = reactor.seconds()
-        join = _deferred(ask(reactor, ecs.host, ecs.port, admin.AddNodes, timeout=60,
+        join = _deferred(ask(reactor, ecs.host, ecs.port, ecs.tls("admin"), admin.AddNodes, timeout=60,
                              count=1, cache_strategy="LRU", cache_size=100))
         await deferLater(reactor, 0.2)
         # A second admin command while the join runs is refused, clearly, and changes nothing.
         with pytest.raises(admin.AdminError, match="busy"):
-            await ask(reactor, ecs.host, ecs.port, admin.RemoveNode, name="server1", force=False)
+            await ask(reactor, ecs.host, ecs.port, ecs.tls("admin"), admin.RemoveNode, name="server1", force=False)
         answer = await join
         join_answered = reactor.seconds()
         assert answer["names"] == ["server4"]
@@ -563,7 +570,7 @@ async def test_servers_outlive_an_ecs_crash_and_the_restarted_ecs_adopts_them(cl
             await deferLater(reactor, 0.2)
         await assert_all_readable(reactor, store, data)
         for node in ring_of(ecs, before).nodes:
-            stats = await server_stats(reactor, node)
+            stats = await server_stats(reactor, ecs, node)
             assert (stats["state"], stats["epoch"]) == ("running", before["epoch"])
 
         log_before_restart = ecs.log_path.stat().st_size
@@ -574,7 +581,7 @@ async def test_servers_outlive_an_ecs_crash_and_the_restarted_ecs_adopts_them(cl
         assert after["epoch"] > before["epoch"]
         # Every server adopts the new epoch (which also clears any leftover lock)...
         for node in ring_of(ecs, after).nodes:
-            stats = await server_stats(reactor, node)
+            stats = await server_stats(reactor, ecs, node)
             assert (stats["state"], stats["epoch"]) == ("running", after["epoch"]), stats
         # ...and stays in the ring while heartbeats resume: nobody is declared failed.
         await deferLater(reactor, FAILURE_TIMEOUT + 2 * HEARTBEAT)

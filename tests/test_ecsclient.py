@@ -535,10 +535,10 @@ def test_the_real_ecs_protocol_answers_through_the_link(tmp_path: Path) -> None:
 ECSCLIENT = [sys.executable, "-c", "import sys; from ecs.shell import main; sys.exit(main())"]
 
 
-def ecsclient(ecs: str, *words: str, stdin: str | None = None,
-              timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*ECSCLIENT, "--ecs", ecs, "--timeout", "10", *words], input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
+def ecsclient(ecs: str, *words: str, stdin: str | None = None, timeout: float = 60.0,
+              tls: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*ECSCLIENT, "--ecs", ecs, "--timeout", "10", *tls, *words],
+                          input=stdin, capture_output=True, text=True, timeout=timeout)
 
 
 def console_reply(address: str, line: str) -> str:
@@ -560,9 +560,9 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
     raise AssertionError(f"not within {timeout}s: {what}")
 
 
-def test_ecsclient_says_clearly_when_the_ecs_is_unreachable() -> None:
+def test_ecsclient_says_clearly_when_the_ecs_is_unreachable(pki_dir: Path) -> None:
     port = free_port()
-    result = ecsclient(f"127.0.0.1:{port}", "status")
+    result = ecsclient(f"127.0.0.1:{port}", "status", tls=["--pki-dir", str(pki_dir)])
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.startswith(f"error: cannot reach the ECS at 127.0.0.1:{port}: ")
@@ -599,11 +599,15 @@ def test_ecsclient_administers_a_real_cluster(tmp_path: Path) -> None:
     try:
         ecs.start()
         address = ecs.address
+
+        def admin(*words: str, **options: Any) -> subprocess.CompletedProcess[str]:
+            return ecsclient(address, *words, tls=ecs.tls_args("admin"), **options)
+
         deadline = time.monotonic() + 30
         status: dict[str, Any] = {}
         while time.monotonic() < deadline:
             assert ecs.running, ecs.diagnostics()
-            result = ecsclient(address, "status", "--json")
+            result = admin("status", "--json")
             if result.returncode == 0:
                 status = json.loads(result.stdout)
                 connected = {m["name"] for m in status["members"] if m["connected"]}
@@ -617,7 +621,15 @@ def test_ecsclient_administers_a_real_cluster(tmp_path: Path) -> None:
                                  f"{ecs.diagnostics()}")
         first = sorted(status["ring"])
 
-        result = ecsclient(address, "addNode", "LRU", "100")
+        # A client's certificate is not an admin's: the ECS refuses, and says what is missing.
+        result = ecsclient(address, "stop", tls=ecs.tls_args("client"))
+        assert result.returncode == 1
+        assert result.stderr == ("error: the ECS refused stop: Stop needs the role admin; this "
+                                 "certificate's role is client\n")
+        assert admin("status", "--json").returncode == 0
+        assert json.loads(admin("status", "--json").stdout)["serving"]
+
+        result = admin("addNode", "LRU", "100")
         assert result.returncode == 0, result.stderr
         added = result.stdout.splitlines()[-1]
         assert added.startswith("added ")
@@ -625,7 +637,7 @@ def test_ecsclient_administers_a_real_cluster(tmp_path: Path) -> None:
         assert new not in first
         assert pid_alive(ecs.server_pids()[new][-1])
 
-        result = ecsclient(address, "status")
+        result = admin("status")
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
         assert lines[0].startswith("epoch ") and ", serving, " in lines[0]
@@ -638,17 +650,17 @@ def test_ecsclient_administers_a_real_cluster(tmp_path: Path) -> None:
 
         victim = first[0]
         victim_pid = ecs.server_pids()[victim][-1]
-        result = ecsclient(address, "removeNode", victim)
+        result = admin("removeNode", victim)
         assert result.returncode == 0, result.stderr
         assert result.stdout.splitlines()[-1] == f"{victim} removed; 2 servers in the ring"
         wait_for(lambda: not pid_alive(victim_pid), 15, f"{victim} (pid {victim_pid}) exits")
         status = ecs.status()
         assert victim not in status["ring"] and len(status["ring"]) == 2
 
-        result = ecsclient(address, "removeNode", "nosuchnode")
+        result = admin("removeNode", "nosuchnode")
         assert result.returncode == 1
         assert result.stderr.startswith("error: unknown server 'nosuchnode'; known servers: ")
-        result = ecsclient(address, "addNodes", "9", "LRU", "10")
+        result = admin("addNodes", "9", "LRU", "10")
         assert result.returncode == 1
         assert result.stderr.startswith("error: cannot add 9: ")
         assert "free node slot(s) in the pool" in result.stderr
@@ -658,16 +670,16 @@ def test_ecsclient_administers_a_real_cluster(tmp_path: Path) -> None:
         # server_not_responsible).
         console = next(m["console"] for m in ecs.status()["members"] if "range" in m and
                        KeyRange(*(int(end, 16) for end in m["range"])).contains_key(b"somekey"))
-        result = ecsclient(address, "stop")
+        result = admin("stop")
         assert (result.returncode, result.stdout) == (0, "2 servers stopped\n"), result.stderr
         assert console_reply(console, "get somekey") == "server_stopped"
         assert ecs.status()["serving"] is False
-        result = ecsclient(address, "START")
+        result = admin("START")
         assert (result.returncode, result.stdout) == (0, "2 servers started\n"), result.stderr
         assert console_reply(console, "get somekey") == "get_error somekey"
 
         # A pipe: every line runs, errors go to stderr, the exit status says one failed.
-        result = ecsclient(address, stdin="status --json\nremoveNode nosuchnode\nhelp\n")
+        result = admin(stdin="status --json\nremoveNode nosuchnode\nhelp\n")
         assert result.returncode == 1
         assert json.loads(result.stdout.splitlines()[0])["ring"] == status["ring"]
         assert result.stderr.startswith("error: unknown server 'nosuchnode'")
@@ -675,7 +687,7 @@ def test_ecsclient_administers_a_real_cluster(tmp_path: Path) -> None:
 
         pids = [pid for name_pids in ecs.server_pids().values() for pid in name_pids]
         assert len(pids) == 3
-        result = ecsclient(address, "shutDown")
+        result = admin("shutDown")
         assert result.returncode == 0, result.stderr
         assert result.stdout == "shut down 2 servers and the ECS\n"
         assert ecs.wait_exit(20) == 0

@@ -220,19 +220,38 @@ def test_kvclient_in_a_pipe_against_a_real_server(processes, tmp_path: Path) -> 
 @pytest.mark.integration
 def test_kvclient_says_when_it_was_given_the_console_port(processes, tmp_path: Path) -> None:
     server = processes.server().start()
-    run = kvclient(["--connect", f"{server.host}:{server.console_port}"], b"get a\n", tmp_path)
+    console = f"{server.host}:{server.console_port}"
+    # With TLS (the default) the console's plaintext greeting fails the handshake.
+    run = kvclient(["--connect", console], b"get a\n", tmp_path)
+    assert run.returncode == 1
+    [line] = run.stdout.splitlines()
+    assert line.startswith(b"error TLS handshake failed: ") and b"is this the AMP port" in line
+    # Over plaintext the client recognises the console's greeting.
+    plain = processes.server("plain", tls=False).start()
+    console = f"{plain.host}:{plain.console_port}"
+    run = kvclient(["--tls", "off", "--connect", console], b"get a\n", tmp_path)
     assert run.returncode == 1
     assert run.stdout.splitlines() == [
-        f"error {server.host}:{server.console_port} is the text console of a chainstore server, "
+        f"error {console} is the text console of a chainstore server, "
         f"not its AMP port; connect to the address of the server's --listen option".encode()]
 
 
-def test_kvclient_with_nothing_listening_fails_fast(tmp_path: Path) -> None:
+def test_kvclient_with_nothing_listening_fails_fast(tmp_path: Path, pki_dir: Path) -> None:
+    from chainstore.testing.processes import free_port
+
+    run = kvclient(["--pki-dir", str(pki_dir), "--connect", f"127.0.0.1:{free_port()}"], b"",
+                   tmp_path)
+    assert run.returncode == 1
+    assert run.stdout.startswith(b"error cannot reach the server: Connection was refused")
+
+
+def test_kvclient_without_its_certificate_says_which_file_is_missing(tmp_path: Path) -> None:
     from chainstore.testing.processes import free_port
 
     run = kvclient(["--connect", f"127.0.0.1:{free_port()}"], b"", tmp_path)
     assert run.returncode == 1
-    assert run.stdout.startswith(b"error cannot reach the server: Connection was refused")
+    assert run.stdout.startswith(b"error cannot read data/pki/ca.crt: No such file")
+    assert b"chainstore-pki" in run.stdout and b"tls: off" in run.stdout
 
 
 def test_kvclient_prompts_on_a_terminal(tmp_path: Path) -> None:

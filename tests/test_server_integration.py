@@ -10,10 +10,10 @@ import subprocess
 
 import pytest
 import pytest_twisted
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.protocols import amp
 
-from chainstore import protocol
+from chainstore import protocol, tls
 from chainstore.errors import InvalidKey, KeyNotFound
 from chainstore.limits import MAX_VALUE_BYTES
 from chainstore.testing.processes import KVServerProcess
@@ -76,7 +76,8 @@ def test_the_readme_check_console_greets_puts_and_gets(server):
 
 @pytest_twisted.ensureDeferred
 async def test_amp_put_get_of_a_120000_byte_value(server, reactor):
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", server.amp_port, timeout=TIMEOUT)
+    endpoint = tls.client_endpoint(reactor, tls.load(server.tls("client")), "127.0.0.1",
+                                   server.amp_port, TIMEOUT)
     client = await connectProtocol(endpoint, amp.AMP()).addTimeout(TIMEOUT, reactor)
     try:
         # Printable bytes only, so that the console can show the same value afterwards.

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from chainstore.tls import TLSFiles
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
@@ -45,6 +48,21 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def connect(host: str, port: int, tls: TLSFiles | None, timeout: float = 10.0) -> socket.socket:
+    """A blocking connection to an AMP port: mutual TLS with C{tls} (the peer's certificate
+    must name C{host}), or plaintext if C{tls} is None."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    if tls is None:
+        return sock
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca)
+        context.load_cert_chain(tls.cert, tls.key)
+        return context.wrap_socket(sock, server_hostname=host)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def stdout_path(log_path: Path) -> Path:
@@ -80,9 +98,13 @@ class KVServerProcess:
 
     def __init__(self, workdir: str | os.PathLike[str], name: str = "kvserver",
                  host: str = "127.0.0.1", console_port: int | None = None,
-                 amp_port: int | None = None, extra_args: Sequence[str] = ()) -> None:
+                 amp_port: int | None = None, extra_args: Sequence[str] = (),
+                 tls: bool = True) -> None:
         self.workdir = Path(workdir)
         self.name = name
+        #: the PKI the server makes on its first start (every server of one work directory
+        #: shares it), or None with tls off
+        self.pki_dir: Path | None = self.workdir.resolve() / "data" / "pki" if tls else None
         self.host = host
         spare = iter(free_ports(2, host))
         self.console_port = console_port or next(spare)
@@ -112,8 +134,14 @@ class KVServerProcess:
             "--listen", f"tcp:{self.amp_port}:interface={self.host}",
             "--console", f"tcp:{self.console_port}:interface={self.host}",
             "--data-dir", str(self.data_dir),
+            *(["--pki-dir", str(self.pki_dir)] if self.pki_dir else ["--tls", "off"]),
             *self.extra_args,
         ]
+
+    def tls(self, holder: str = "client") -> TLSFiles | None:
+        """The TLS files of C{holder} (client, admin, or a server's name) in this server's
+        PKI, for a test's own connections; None with tls off."""
+        return None if self.pki_dir is None else TLSFiles.in_dir(str(self.pki_dir), holder)
 
     def start(self, timeout: float = 20.0) -> KVServerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -217,6 +245,7 @@ def write_ecs_config(workdir: str | os.PathLike[str], *, slots: int = 4, initial
         "heartbeat-interval": heartbeat_interval,
         "failure-timeout": failure_timeout,
         "initial-nodes": initial_nodes,
+        "pki-dir": str(workdir / "data" / "pki"),
         "nodes": [
             {"name": f"server{i}", "host": host, "console-port": slot_ports[2 * i - 2],
              "amp-port": slot_ports[2 * i - 1], "data-dir": str(workdir / f"server{i}")}
@@ -267,6 +296,11 @@ class ECSProcess:
             if field.startswith("interface="):
                 self.host = field.split("=", 1)[1]
         self.log_path = self.workdir / "ecs.log"
+        tls_on = str(self.config.get("tls", "on")).lower() not in ("off", "false", "no", "0")
+        #: where the ECS keeps (and on its first start makes) the cluster's PKI; None: tls off
+        self.pki_dir: Path | None = (
+            (self.workdir / str(self.config.get("pki-dir", "data/pki"))).resolve()
+            if tls_on else None)
         self.proc: subprocess.Popen[bytes] | None = None
         #: every server PID the ECS reported launching, read from its log: name -> pids
         self.launched: dict[str, list[int]] = {}
@@ -275,6 +309,17 @@ class ECSProcess:
     def address(self) -> str:
         """C{HOST:PORT}, as C{ecsclient --ecs} takes it."""
         return f"{self.host}:{self.port}"
+
+    def tls(self, holder: str = "admin") -> TLSFiles | None:
+        """The TLS files of C{holder} (admin, client, ecs or a slot's server) in the ECS's
+        PKI; None with tls off."""
+        return None if self.pki_dir is None else TLSFiles.in_dir(str(self.pki_dir), holder)
+
+    def tls_args(self, holder: str = "admin") -> list[str]:
+        """The options that make ecsclient or kvclient use C{holder}'s certificate."""
+        if self.pki_dir is None:
+            return ["--tls", "off"]
+        return ["--pki-dir", str(self.pki_dir), "--cert-name", holder]
 
     @property
     def pid(self) -> int:
@@ -337,7 +382,7 @@ class ECSProcess:
         box = command.makeArguments(arguments, None)
         box[b"_command"] = command.commandName
         box[b"_ask"] = b"1"
-        with socket.create_connection((self.host, self.port), timeout=timeout) as s:
+        with connect(self.host, self.port, self.tls("admin"), timeout) as s:
             s.sendall(box.serialize())
             reply = _read_amp_box(s.makefile("rb"))
         if b"_error" in reply:

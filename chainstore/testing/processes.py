@@ -262,6 +262,31 @@ class ECSError(RuntimeError):
     """The ECS answered an admin command with an error (the message is the ECS's)."""
 
 
+class AMPError(RuntimeError):
+    """An AMP error answer: its code and description."""
+
+    def __init__(self, code: bytes, description: str) -> None:
+        super().__init__(f"{code.decode(errors='replace')}: {description}")
+        self.code, self.description = code, description
+
+
+def amp_call(host: str, port: int, tls: TLSFiles | None, command: Any, timeout: float = 10.0,
+             /, **arguments: Any) -> dict[str, Any]:
+    """One AMP command on a fresh blocking connection (mutual TLS as C{tls}'s holder, or
+    plaintext); its answer, or L{AMPError}. OSError (ssl.SSLError among them) or
+    ConnectionError if the connection fails or closes first."""
+    box = command.makeArguments(arguments, None)
+    box[b"_command"] = command.commandName
+    box[b"_ask"] = b"1"
+    with connect(host, port, tls, timeout) as s:
+        s.sendall(box.serialize())
+        reply = _read_amp_box(s.makefile("rb"))
+    if b"_error" in reply:
+        raise AMPError(reply.get(b"_error_code", b""),
+                       reply.get(b"_error_description", b"").decode(errors="replace"))
+    return command.parseResponse(reply, None)
+
+
 class ECSProcess:
     """One ``twistd -n ecs`` process and the servers it launches, tracked by PID.
 
@@ -379,15 +404,11 @@ class ECSProcess:
         Raises L{ECSError} with the ECS's message if it answers with an error, OSError if it
         cannot be reached or does not answer within C{timeout} seconds.
         """
-        box = command.makeArguments(arguments, None)
-        box[b"_command"] = command.commandName
-        box[b"_ask"] = b"1"
-        with connect(self.host, self.port, self.tls("admin"), timeout) as s:
-            s.sendall(box.serialize())
-            reply = _read_amp_box(s.makefile("rb"))
-        if b"_error" in reply:
-            raise ECSError(reply.get(b"_error_description", b"").decode(errors="replace"))
-        return command.parseResponse(reply, None)
+        try:
+            return amp_call(self.host, self.port, self.tls("admin"), command, timeout,
+                            **arguments)
+        except AMPError as e:
+            raise ECSError(e.description) from None
 
     def server_pids(self) -> dict[str, list[int]]:
         """Every server PID the ECS has logged launching so far: name -> pids (oldest first)."""
@@ -482,5 +503,5 @@ def _read_amp_box(stream: Any) -> dict[bytes, bytes]:
 def _read_exact(stream: Any, n: int) -> bytes:
     data = stream.read(n)
     if len(data) != n:
-        raise ConnectionError("the ECS closed the connection before answering")
+        raise ConnectionError("the peer closed the connection before answering")
     return data

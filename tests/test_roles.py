@@ -1,0 +1,158 @@
+"""RoleGuard without sockets: the role table, the handshake timeout, the dialled peer's role."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from OpenSSL.crypto import X509
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.protocols import amp
+
+from chainstore import control, pki, protocol, tls
+from chainstore.errors import PermissionDenied
+from chainstore.roles import CLIENT, SERVER, RoleGuard, allow
+
+
+class TLSTransport(StringTransport):
+    """A transport that looks like TLS: it has a peer certificate (None before the handshake)."""
+
+    def __init__(self, cert_path: str | None = None) -> None:
+        super().__init__()
+        self.cert = None
+        if cert_path is not None:
+            with open(cert_path, "rb") as f:
+                self.cert = X509.from_cryptography(x509.load_pem_x509_certificate(f.read()))
+        self.aborted = False
+
+    def getPeerCertificate(self) -> Any:
+        return self.cert
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        self.loseConnection()
+
+
+class Echo(amp.Command):
+    arguments = [(b"text", amp.Unicode())]
+    response = [(b"text", amp.Unicode())]
+    errors = {PermissionDenied: PermissionDenied.code}
+
+
+class Secret(Echo):
+    commandName = b"Secret"
+
+
+class Guarded(RoleGuard):
+    command_roles = allow((CLIENT,), (Echo,))
+
+    @Echo.responder
+    def echo(self, text: str) -> dict[str, Any]:
+        return {"text": text}
+
+    @Secret.responder
+    def secret(self, text: str) -> dict[str, Any]:
+        return {"text": "the secret"}
+
+
+def ask(proto: amp.AMP, transport: StringTransport, command: type[amp.Command],
+        **arguments: Any) -> dict[bytes, bytes]:
+    box = command.makeArguments(arguments, proto)
+    box[b"_command"], box[b"_ask"] = command.commandName, b"7"
+    transport.clear()
+    proto.dataReceived(box.serialize())
+    [answer] = amp.parseString(transport.value())
+    return answer
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: Any) -> Path:
+    directory = tmp_path_factory.mktemp("roles-pki")
+    pki.ensure(str(directory), [("client", "alice", []), ("server", "server1", [])])
+    return directory
+
+
+def connected(transport: StringTransport, clock: Clock | None = None) -> Guarded:
+    proto = Guarded()
+    proto.clock = clock
+    proto.makeConnection(transport)
+    return proto
+
+
+def test_a_command_is_answered_for_its_roles_and_refused_for_the_others(certs: Path) -> None:
+    transport = TLSTransport(str(certs / "alice.crt"))
+    proto = connected(transport)
+    assert ask(proto, transport, Echo, text="hi")[b"text"] == b"hi"
+    # Not in the table: nobody may send it over TLS.
+    answer = ask(proto, transport, Secret, text="hi")
+    assert answer[b"_error_code"] == PermissionDenied.code
+    assert answer[b"_error_description"] == b"Secret is not accepted on this port"
+
+    transport = TLSTransport(str(certs / "server1.crt"))
+    proto = connected(transport)
+    answer = ask(proto, transport, Echo, text="hi")
+    assert answer[b"_error_code"] == PermissionDenied.code
+    assert answer[b"_error_description"] == (
+        b"Echo needs the role client; this certificate's role is server")
+
+
+def test_before_the_handshake_a_peer_has_no_role(certs: Path) -> None:
+    transport = TLSTransport(None)
+    proto = connected(transport)
+    answer = ask(proto, transport, Echo, text="hi")
+    assert answer[b"_error_code"] == PermissionDenied.code
+
+
+def test_plaintext_is_trusted_as_configured() -> None:
+    transport = StringTransport()
+    proto = connected(transport)
+    assert ask(proto, transport, Echo, text="hi")[b"text"] == b"hi"
+    assert ask(proto, transport, Secret, text="x")[b"text"] == b"the secret"
+
+
+def test_a_connection_that_does_not_finish_its_handshake_is_closed(certs: Path) -> None:
+    clock = Clock()
+    transport = TLSTransport(None)
+    connected(transport, clock)
+    clock.advance(tls.HANDSHAKE_TIMEOUT - 0.1)
+    assert not transport.aborted
+    clock.advance(0.2)
+    assert transport.aborted
+
+    done = TLSTransport(str(certs / "alice.crt"))
+    proto = connected(done, clock)
+    proto.handshakeCompleted()
+    clock.advance(tls.HANDSHAKE_TIMEOUT * 2)
+    assert not done.aborted
+    assert not clock.getDelayedCalls()
+
+
+def test_a_dialled_peer_of_another_role_is_hung_up_on(certs: Path) -> None:
+    # The client library dials a server; a client's certificate answering is not one.
+    impostor = TLSTransport(str(certs / "alice.crt"))
+    proto = connected(impostor)
+    proto.peer_roles = frozenset({SERVER})
+    proto.handshakeCompleted()
+    assert impostor.aborted
+
+    genuine = TLSTransport(str(certs / "server1.crt"))
+    proto = connected(genuine)
+    proto.peer_roles = frozenset({SERVER})
+    proto.handshakeCompleted()
+    assert not genuine.aborted
+
+
+def test_every_command_a_server_or_the_ecs_answers_has_its_roles() -> None:
+    from chainstore.amp_server import KVServerProtocol
+    from chainstore.ecs_link import ServerControlProtocol
+    from ecs.server import ECSProtocol
+
+    for kind in (KVServerProtocol, ServerControlProtocol, ECSProtocol):
+        # AMP's own StartTLS is answered by none (TLS is set up before AMP starts).
+        names = set(kind._commandDispatch) - {b"StartTLS"}
+        assert names and names == set(kind.command_roles), kind
+    assert KVServerProtocol.command_roles[protocol.Put.commandName] == {"client", "admin"}
+    assert KVServerProtocol.command_roles[control.Replicate.commandName] == {"server"}

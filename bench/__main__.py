@@ -4,7 +4,11 @@ Systems (``--systems``, default ``chain,single,redis,etcd``): ``chain``, an ECS 
 ``twistd kvserver`` processes replicating every range three ways (puts to each key's head,
 gets to its tail); ``single``, one unreplicated server; ``redis``, a primary and two replicas,
 each write followed by ``WAIT 2 0``; ``etcd``, three members, linearizable reads; ``echo``, a
-bare AMP echo server (what AMP itself costs; not in the default set). Redis and etcd come from
+bare AMP echo server over plaintext (what AMP itself costs; not in the default set). chain and
+single run with mutual TLS, chainstore's default, the load generator presenting the ``client``
+certificate of their PKI; ``chain-plain`` and ``single-plain`` are the same processes with tls
+off (not in the default set): ``--systems chain,chain-plain`` shows what TLS costs, and judges
+the target that it costs at most 20% of the chain's put throughput. Redis and etcd come from
 Debian's packages: missing ones are installed with apt-get when this runs as root, and a system
 still missing is reported as such (and the exit status is 3).
 
@@ -36,7 +40,8 @@ from bench.peers import (EtcdSystem, RedisSystem, ensure_installed, program_vers
 from bench.plots import matplotlib_missing, write_plots
 from bench.report import format_native, format_table, summarize, target_verdicts
 from bench.runner import NATIVE_REDIS, Case, Measurement, Settings, run_session
-from bench.systems import ChainSystem, EchoSystem, SingleSystem, SystemUnderTest
+from bench.systems import (ChainSystem, EchoSystem, SingleSystem, SystemUnderTest, chain_plain,
+                           single_plain)
 from bench.ycsb import DISTRIBUTIONS, WORKLOADS, ZIPFIAN_CONSTANT, parse_names
 from chainstore.limits import MAX_KEY_BYTES, MAX_VALUE_BYTES
 
@@ -45,8 +50,8 @@ SYSTEM_MISSING = 3
 
 #: What --systems may name.
 SYSTEMS: dict[str, Callable[[str], SystemUnderTest]] = {
-    "chain": ChainSystem, "single": SingleSystem, "redis": RedisSystem, "etcd": EtcdSystem,
-    "echo": EchoSystem}
+    "chain": ChainSystem, "chain-plain": chain_plain, "single": SingleSystem,
+    "single-plain": single_plain, "redis": RedisSystem, "etcd": EtcdSystem, "echo": EchoSystem}
 DEFAULT_SYSTEMS = ("chain", "single", "redis", "etcd")
 RESULTS = Path(__file__).resolve().parent / "results"
 MIN_KEY_BYTES = 8
@@ -92,10 +97,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=(
             "YCSB-style workloads (A 50/50 read/update, B 95/5, C read only, W update only) "
             "over a loaded record set, against a chainstore chain of three, one unreplicated "
-            "chainstore server, Redis (primary + 2 replicas, SET + WAIT 2 0) and etcd (3 "
-            "members, linearizable reads), through one load generator; throughput and "
-            "p50/p99/p99.9 latency, the ratio chain / each system, the issue's targets, a "
-            "JSON file and PNG plots."),
+            "chainstore server (both with mutual TLS, the default; chain-plain and "
+            "single-plain: the same with tls off), Redis (primary + 2 replicas, SET + WAIT 2 "
+            "0) and etcd (3 members, linearizable reads), through one load generator; "
+            "throughput and p50/p99/p99.9 latency, the ratio chain / each system, the issue's "
+            "targets, a JSON file and PNG plots."),
     )
     parser.add_argument("--systems", type=_names(list(SYSTEMS), "systems"),
                         default=DEFAULT_SYSTEMS,

@@ -1,6 +1,9 @@
 """The cluster that L{bench.reconfig} measures: an ECS config whose joining and leaving servers
 head comparable shares of the ring, the ECS's admin commands over AMP, waiting until its ring
-serves, and reading the ring and routing by it."""
+serves, and reading the ring and routing by it.
+
+Every connection is mutual TLS with a certificate of the PKI the ECS made (C{admin} for its
+admin commands, C{client} for the servers), or plaintext if the ECS runs with tls off."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from bench.systems import ChainRouter, amp_connection
 from chainstore import protocol
 from chainstore.ring import RING_BITS, NodeInfo, Ring
 from chainstore.testing.processes import ECSProcess, ProcessFailed, write_ecs_config
+from chainstore.tls import Credentials, load
 from ecs import protocol as admin
 
 INITIAL_SERVERS = 3
@@ -74,11 +78,29 @@ def pool_config(workdir: Path, replication: int, target_share: tuple[float, floa
                             f"in {target_share}")
 
 
+# Loaded once per PKI and holder (Credentials reads its files again if they change).
+_loaded: dict[tuple[str, str], Credentials] = {}
+
+
+def credentials_of(ecs: ECSProcess, holder: str) -> Credentials | None:
+    """The credentials of C{holder} (C{admin}, C{client}) in C{ecs}'s PKI; None with tls off.
+    The ECS makes the PKI on its first start: call this once it has started."""
+    files = ecs.tls(holder)
+    if files is None:
+        return None
+    key = (files.cert, files.key)
+    if key not in _loaded:
+        loaded = load(files)
+        assert loaded is not None
+        _loaded[key] = loaded
+    return _loaded[key]
+
+
 async def ask_ecs(reactor: Any, ecs: ECSProcess, command: type[amp.Command],
                   **arguments: Any) -> dict[str, Any]:
     """One admin command over a fresh AMP connection (not the blocking L{ECSProcess.call}: a
     thread blocked in a long C{AddNodes} would hold up the reactor's shutdown on Ctrl-C)."""
-    proto = await amp_connection(reactor, (ecs.host, ecs.port))
+    proto = await amp_connection(reactor, (ecs.host, ecs.port), credentials_of(ecs, "admin"))
     try:
         return await proto.callRemote(command, **arguments)
     finally:
@@ -115,17 +137,20 @@ async def wait_serving(reactor: Any, ecs: ECSProcess, servers: int,
     raise MeasurementFailed(f"the ring did not start serving in {timeout}s (last: {last})")
 
 
-async def fetch_ring(reactor: Any, node: NodeInfo) -> Ring:
-    conn = await amp_connection(reactor, (node.host, node.amp_port))
+async def fetch_ring(reactor: Any, node: NodeInfo, credentials: Credentials | None) -> Ring:
+    conn = await amp_connection(reactor, (node.host, node.amp_port), credentials)
     try:
         return protocol.ring_from_wire(await conn.callRemote(protocol.GetMetadata))
     finally:
         conn.transport.loseConnection()
 
 
-async def router_for(reactor: Any, ring: Ring, conns: dict[str, Any]) -> ChainRouter:
-    """A router for C{ring}, reusing C{conns} and dialing the servers it lacks (into C{conns})."""
+async def router_for(reactor: Any, ring: Ring, conns: dict[str, Any],
+                     credentials: Credentials | None) -> ChainRouter:
+    """A router for C{ring}, reusing C{conns} and dialing the servers it lacks (into C{conns})
+    with C{credentials}."""
     for node in ring.live_nodes:
         if node.name not in conns:
-            conns[node.name] = await amp_connection(reactor, (node.host, node.amp_port))
-    return ChainRouter(ring, conns)
+            conns[node.name] = await amp_connection(reactor, (node.host, node.amp_port),
+                                                    credentials)
+    return ChainRouter(ring, conns, credentials)

@@ -52,8 +52,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from bench.cluster import (CACHE_SIZE, INITIAL_SERVERS, STORES, MeasurementFailed, ask_ecs,
-                           fetch_ring, pool_config, router_for, slot_node, status_of,
-                           wait_serving)
+                           credentials_of, fetch_ring, pool_config, router_for, slot_node,
+                           status_of, wait_serving)
 from bench.dataset import keys_to_verify, load, verify
 from bench.driver import INTERRUPTED, interrupt_on_sigterm, log, run_reactor
 from bench.memory import MemorySampler
@@ -190,13 +190,13 @@ async def run_op(reactor: Any, ecs: ECSProcess, settings: argparse.Namespace, op
     conns = writer.router.conns
     survivor = next(n for n in ring.live_nodes if n.name != server) if op == "leave" else \
         NodeInfo(server, *_address(ecs, server))
-    new_ring = await fetch_ring(reactor, survivor)
+    new_ring = await fetch_ring(reactor, survivor, writer.router.credentials)
     if new_ring.epoch <= ring.epoch:
         raise MeasurementFailed(f"the ring is still at epoch {new_ring.epoch} after the {op}")
     gone = conns.pop(server, None) if op == "leave" else None
     if gone is not None and gone.transport is not None:
         gone.transport.loseConnection()
-    router = await router_for(reactor, new_ring, conns)
+    router = await router_for(reactor, new_ring, conns, writer.router.credentials)
 
     what = f"{'adding' if op == 'join' else 'removing'} {server}"
     summary = ecs_summary(ecs.log_path.read_text(errors="replace"), what)
@@ -244,9 +244,10 @@ async def measure(reactor: Any, ecs: ECSProcess, settings: argparse.Namespace, k
     status = await wait_serving(reactor, ecs, INITIAL_SERVERS)
     slots = {str(s["name"]): slot_node(s) for s in ecs.slots}
     joining = next(name for name in slots if name not in status["ring"])
-    ring = await fetch_ring(reactor, slots[status["ring"][0]])
+    credentials = credentials_of(ecs, "client")
+    ring = await fetch_ring(reactor, slots[status["ring"][0]], credentials)
     conns: dict[str, Any] = {}
-    router = await router_for(reactor, ring, conns)
+    router = await router_for(reactor, ring, conns, credentials)
 
     def pids() -> dict[str, int]:
         return {name: found[-1] for name, found in ecs.server_pids().items() if found}

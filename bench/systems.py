@@ -5,10 +5,13 @@ driver; the load generator reaches it over loopback AMP. A system names the oper
 serves in the order a key set must see them (writes before the reads of the same keys), and
 the system its figures are divided by in the table (L{SystemUnderTest.compare_to}).
 
-Here chainstore's systems: L{EchoSystem} (a bare AMP server: what AMP and Twisted cost),
-L{SingleSystem} (one unreplicated ``twistd kvserver``) and L{ChainSystem} (an ECS and three
-servers replicating every range three ways; the client sends each put to its key's head and
-each get to its tail). The peers, Redis and etcd, are in L{bench.peers}.
+Here chainstore's systems: L{EchoSystem} (a bare AMP server over plaintext: what AMP and
+Twisted cost), L{SingleSystem} (one unreplicated ``twistd kvserver``) and L{ChainSystem} (an
+ECS and three servers replicating every range three ways; the client sends each put to its
+key's head and each get to its tail). Both run with mutual TLS, as chainstore does by default,
+the client presenting the C{client} certificate of the PKI the processes made; their
+C{-plain} variants (L{single_plain}, L{chain_plain}) run the same processes with ``tls off``,
+so one session shows what TLS costs. The peers, Redis and etcd, are in L{bench.peers}.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.protocols import amp
 
 from bench.echo_server import Echo
 from chainstore import protocol
 from chainstore.ring import Ring, position
+from chainstore.tls import Credentials, client_endpoint, load
 from chainstore.testing.processes import ECSProcess, KVServerProcess, ProcessFailed, free_port
 
 HOST = "127.0.0.1"
@@ -47,11 +51,13 @@ class RingChanged(Exception):
     """The chain's ring changed during the session: its figures mix two configurations."""
 
 
-async def amp_connection(reactor: Any, address: tuple[str, int]) -> amp.AMP:
-    """One raw AMP connection to C{address}."""
+async def amp_connection(reactor: Any, address: tuple[str, int],
+                         credentials: Credentials | None = None) -> amp.AMP:
+    """One raw AMP connection to C{address}: mutual TLS with C{credentials} (the server's
+    certificate must name the host dialled), plaintext if None."""
     host, port = address
     return await connectProtocol(
-        TCP4ClientEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT), amp.AMP())
+        client_endpoint(reactor, credentials, host, port, CONNECT_TIMEOUT), amp.AMP())
 
 
 class SystemUnderTest(ABC):
@@ -91,11 +97,16 @@ class SystemUnderTest(ABC):
         "put" of C{value}, or a "get" whose Deferred fires with the value stored (None if
         none is); fail if the system refuses it."""
 
+    def credentials(self) -> Credentials | None:
+        """What its clients present over TLS, read once it has started (None: plaintext)."""
+        return None
+
     async def connect(self, reactor: Any, count: int, inflight: int = 1) -> list[Any]:
         """C{count} client handles for L{request}: here, AMP connections to L{address}, on
         which AMP multiplexes any number of requests. (Systems whose protocol cannot, such
         as HTTP/1.1, open C{inflight} connections behind one handle instead.)"""
-        return [await amp_connection(reactor, self.address) for _ in range(count)]
+        credentials = self.credentials()
+        return [await amp_connection(reactor, self.address, credentials) for _ in range(count)]
 
     def disconnect(self, handles: Sequence[Any]) -> None:
         """Close what L{connect} opened."""
@@ -139,14 +150,21 @@ def process_cpu_seconds(pid: int) -> float | None:
 
 class SingleSystem(SystemUnderTest):
     """One real ``twistd kvserver`` with its default settings, in its own data directory:
-    no ECS, a chain of one (no replication)."""
+    no ECS, a chain of one (no replication). With C{tls} (the default, as chainstore's) it
+    makes its PKI on its first start and the client presents its C{client} certificate;
+    without, it is started with ``--tls off`` and named C{single-plain}."""
 
     name = "single"
     operations = ("put", "get")
     compare_to = "echo"
 
-    def __init__(self, workdir: str | os.PathLike[str]) -> None:
-        self.server = KVServerProcess(workdir, name="bench-kvserver", host=HOST)
+    def __init__(self, workdir: str | os.PathLike[str], tls: bool = True) -> None:
+        if not tls:
+            self.name = "single-plain"
+            self.compare_to = "single"
+        self.server = KVServerProcess(workdir, name="bench-kvserver" if tls else "bench-kvserver-plain",
+                                      host=HOST, tls=tls)
+        self._credentials: Credentials | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -162,13 +180,19 @@ class SingleSystem(SystemUnderTest):
     def stop(self) -> None:
         self.server.stop()
 
+    def credentials(self) -> Credentials | None:
+        if self._credentials is None:
+            self._credentials = load(self.server.tls("client"))
+        return self._credentials
+
     def request(self, op: str, conn: amp.AMP, key: bytes, value: bytes) -> Deferred[Any]:
         return kv_request(self.name, op, conn, key, value)
 
     def describe(self) -> dict[str, Any]:
         # The server runs with the defaults of chainstore.config (sqlite, durability crash,
         # LRU cache of 1000): the argv says so, and which flags a later run changed.
-        return {**super().describe(), "argv": self.server.argv()[3:]}
+        return {**super().describe(), "tls": self.server.pki_dir is not None,
+                "argv": self.server.argv()[3:]}
 
 
 def kv_request(system: str, op: str, conn: amp.AMP, key: bytes, value: bytes) -> Deferred[Any]:
@@ -252,7 +276,7 @@ class EchoSystem(SystemUnderTest):
         raise ValueError(f"{self.name} has no operation {op!r}")
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "argv": self.argv()[1:]}
+        return {**super().describe(), "tls": False, "argv": self.argv()[1:]}
 
 
 class ChainRouter:
@@ -260,12 +284,15 @@ class ChainRouter:
     for each range the connections to its chain's head and tail.
 
     Routing a key costs one MD5 and one bisection (L{Ring.owner_index}), so a request costs the
-    load generator about what a request to the single server does.
+    load generator about what a request to the single server does. C{credentials} are what its
+    connections were dialled with (None: plaintext), for the servers it dials later.
     """
 
-    def __init__(self, ring: Ring, conns: dict[str, amp.AMP]) -> None:
+    def __init__(self, ring: Ring, conns: dict[str, amp.AMP],
+                 credentials: Credentials | None = None) -> None:
         self.ring = ring
         self.conns = conns
+        self.credentials = credentials
         chains = [ring.chain_for_index(i) for i in range(len(ring))]
         self._heads = [conns[chain[0].name] for chain in chains]
         self._tails = [conns[chain[-1].name] for chain in chains]
@@ -292,15 +319,27 @@ class ChainSystem(SystemUnderTest):
     compare_to = "single"
 
     def __init__(self, workdir: str | os.PathLike[str], servers: int = 3, replication: int = 3,
-                 slots: int = 4) -> None:
+                 slots: int = 4, tls: bool = True) -> None:
+        if not tls:
+            self.name = "chain-plain"
+            self.compare_to = "chain"
         self.servers = servers
         self.replication = replication
         # Where GetMetadata is asked once the ring serves (before: the pool's first slot).
         self._serving: tuple[str, int] | None = None
-        self.ecs = ECSProcess(Path(workdir) / "chain", slots=slots, initial_nodes=servers,
+        # With TLS the ECS makes the cluster's PKI (a certificate per slot, and the client's)
+        # in its pki-dir on its first start; tls off makes it and its servers plaintext.
+        self.ecs = ECSProcess(Path(workdir) / self.name, slots=slots, initial_nodes=servers,
                               replication=replication, heartbeat_interval=1.0,
-                              failure_timeout=3.0, host=HOST)
+                              failure_timeout=3.0, host=HOST,
+                              **({} if tls else {"tls": "off"}))
         self.ring: Ring | None = None
+        self._credentials: Credentials | None = None
+
+    def credentials(self) -> Credentials | None:
+        if self._credentials is None:
+            self._credentials = load(self.ecs.tls("client"))
+        return self._credentials
 
     @property
     def address(self) -> tuple[str, int]:
@@ -344,7 +383,8 @@ class ChainSystem(SystemUnderTest):
             self.ecs.stop()
 
     async def connect(self, reactor: Any, count: int, inflight: int = 1) -> list[ChainRouter]:
-        first = await amp_connection(reactor, self.address)
+        credentials = self.credentials()
+        first = await amp_connection(reactor, self.address, credentials)
         try:
             ring = protocol.ring_from_wire(await first.callRemote(protocol.GetMetadata))
         finally:
@@ -355,9 +395,10 @@ class ChainSystem(SystemUnderTest):
             self.ring = ring
         routers = []
         for _ in range(count):
-            conns = {node.name: await amp_connection(reactor, (node.host, node.amp_port))
+            conns = {node.name: await amp_connection(reactor, (node.host, node.amp_port),
+                                                     credentials)
                      for node in ring.nodes}
-            routers.append(ChainRouter(ring, conns))
+            routers.append(ChainRouter(ring, conns, credentials))
         return routers
 
     def disconnect(self, handles: Sequence[ChainRouter]) -> None:
@@ -383,9 +424,21 @@ class ChainSystem(SystemUnderTest):
 
     def describe(self) -> dict[str, Any]:
         ring = self.ring
-        return {**super().describe(), "ecs_pid": self.ecs.pid if self.ecs.proc else None,
+        return {**super().describe(), "tls": self.ecs.pki_dir is not None,
+                "ecs_pid": self.ecs.pid if self.ecs.proc else None,
                 "replication": None if ring is None else ring.replication,
                 "epoch": None if ring is None else ring.epoch,
                 "servers": [] if ring is None else [
                     {"name": n.name, "amp": f"{n.host}:{n.amp_port}",
                      "console": n.console_address} for n in ring.nodes]}
+
+
+def single_plain(workdir: str | os.PathLike[str]) -> SingleSystem:
+    """L{SingleSystem} started with ``--tls off``: the same server over plaintext AMP."""
+    return SingleSystem(workdir, tls=False)
+
+
+def chain_plain(workdir: str | os.PathLike[str]) -> ChainSystem:
+    """L{ChainSystem} with ``tls: off`` in the ECS's config: the ECS and the servers it
+    launches speak plaintext AMP, so its figures beside the chain's are what TLS costs."""
+    return ChainSystem(workdir, tls=False)

@@ -144,7 +144,8 @@ class Writer:
                     newest = ring
                     break
             if newest.epoch > self.router.ring.epoch:
-                self.router = await router_for(self.reactor, newest, self.router.conns)
+                self.router = await router_for(self.reactor, newest, self.router.conns,
+                                               self.router.credentials)
         except Exception as e:
             self.log.errors.append(f"+{self.now():.3f}s ring refresh: {e}")
         finally:

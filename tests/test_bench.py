@@ -26,11 +26,11 @@ from twisted.test import iosim
 
 from bench.echo_server import Echo, EchoProtocol
 from bench.loadgen import ClosedLoop, RequestFailed, RunResult, percentile
-from bench.report import format_table, summarize, target_verdicts
+from bench.report import TARGETS, format_table, summarize, target_verdicts
 from bench.runner import (Case, LoadIncomplete, Measurement, rotated, run_operations,
                           run_session, Settings)
 from bench.systems import (ChainRouter, ChainSystem, EchoSystem, SingleSystem, SystemUnderTest,
-                           stop_process)
+                           chain_plain, single_plain, stop_process)
 from bench.ycsb import Operations, record_keys, record_values
 from chainstore import protocol
 from chainstore.limits import check_key
@@ -396,6 +396,61 @@ def test_python_m_bench_measures_a_chain_of_three_routing_by_key(tmp_path: Path)
     assert not any(pid_alive(pid) for pid in chain["pids"])
 
 
+@pytest.mark.integration
+def test_python_m_bench_measures_the_chain_with_and_without_tls_side_by_side(
+        tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    proc, stderr_path = _bench(tmp_path, "--systems", "chain,chain-plain", "--workloads", "W,C",
+                               "--distributions", "uniform", "--records", "60", "--ops", "60",
+                               "--repeat", "1", "--inflight", "32", "--warmup", "10",
+                               "--seconds", "20", "--json", str(out), *_TINY)
+    try:
+        stdout, _ = proc.communicate(timeout=90)
+    finally:
+        _cleanup(proc, stderr_path)
+    assert proc.returncode == 0, stderr_path.read_text()
+    report = json.loads(out.read_text())
+    systems = {s["name"]: s for s in report["systems"]}
+    # A TLS client cannot talk to a plaintext server nor the reverse: every run completing
+    # proves each system was dialled the way it was started.
+    assert systems["chain"]["tls"] is True and systems["chain-plain"]["tls"] is False
+    assert all(len(s["pids"]) == 4 and len(s["servers"]) == 3 for s in systems.values())
+    runs = [r for r in report["runs"] if r["workload"] != "load"]
+    assert sorted((r["system"], r["workload"]) for r in runs) == [
+        ("chain", "C"), ("chain", "W"), ("chain-plain", "C"), ("chain-plain", "W")]
+    assert all(r["completed"] == 60 for r in runs)
+    summary = {(r["system"], r["workload"]): r for r in report["summary"]}
+    for workload in ("W", "C"):
+        chain, plain = summary[("chain", workload)], summary[("chain-plain", workload)]
+        assert plain["chain_ratio"] == pytest.approx(chain["ops_per_s"] / plain["ops_per_s"])
+    assert re.search(r"^W\s+uniform\s+100\s+32\s+chain-plain\s", stdout.decode(), re.M)
+    [tls_target] = [t for t in report["targets"] if t.split(": ", 1)[1].startswith("TLS costs")]
+    assert re.match(r"(PASS|FAIL): TLS costs at most 20% of chain put throughput .*\(W, uniform, "
+                    r"100 B, 32 in flight\): chain [\d,]+ ops/s, chain-plain [\d,]+ ops/s, "
+                    r"ratio \d+% \(target >= 80%\)$", tls_target), tls_target
+    assert tls_target in stdout.decode()
+    assert not any(pid_alive(pid) for s in systems.values() for pid in s["pids"])
+
+
+def test_the_plain_systems_run_the_same_processes_with_tls_off(tmp_path: Path) -> None:
+    # Nothing is started: the argv and the ECS's config say how they would be.
+    single, plain = SingleSystem(tmp_path), single_plain(tmp_path)
+    assert (single.name, plain.name) == ("single", "single-plain")
+    assert "--pki-dir" in single.server.argv() and "--tls" not in single.server.argv()
+    argv = plain.server.argv()
+    assert argv[argv.index("--tls") + 1] == "off" and "--pki-dir" not in argv
+    assert plain.server.data_dir != single.server.data_dir
+    chain, chain_off = ChainSystem(tmp_path), chain_plain(tmp_path)
+    assert (chain.name, chain_off.name) == ("chain", "chain-plain")
+    assert chain.ecs.pki_dir is not None and chain_off.ecs.pki_dir is None
+    assert chain_off.ecs.workdir != chain.ecs.workdir
+    assert [s["amp-port"] for s in chain.ecs.slots] != [s["amp-port"] for s in chain_off.ecs.slots]
+    # Before a start there is no PKI to read: the TLS systems cannot be dialled yet.
+    with pytest.raises(ValueError, match="cannot read"):
+        single.credentials()
+    assert plain.credentials() is None and chain_off.credentials() is None
+
+
 class FakeConnection:
     """Answers every command with a canned response and records what was sent."""
 
@@ -576,7 +631,30 @@ def test_the_report_takes_medians_and_divides_the_chain_by_each_system() -> None
     assert verdicts[1].startswith("NOT MEASURED: chain get >= etcd linearizable get")
     assert verdicts[2].startswith("FAIL: chain put >= 50% of single put") and "44%" in verdicts[2]
     assert verdicts[3].startswith("PASS: stretch chain put >= 50% of redis") and "57%" in verdicts[3]
+    assert verdicts[4].startswith("NOT MEASURED: TLS costs at most 20% of chain put")
     alone = [r for r in rows if r.system != "etcd"]
     assert target_verdicts(alone, {"etcd": "etcd missing (Debian package etcd-server)"},
                            ("zipfian",))[0] == (
         "NOT MEASURED: chain put >= etcd put (W, zipfian, 100 B, 32 in flight): etcd not measured")
+
+
+def test_the_tls_target_divides_the_chain_by_the_chain_over_plaintext() -> None:
+    def m(system: str, rate: float, workload: str = "W") -> Measurement:
+        result = RunResult(inflight=32, completed=1000, elapsed=1000 / rate,
+                           latencies=[0.001] * 1000)
+        return Measurement(system, Case(workload, "uniform", 100, 32), 1, result, None, None)
+
+    [tls] = [t for t in TARGETS if t.versus == "chain-plain"]
+    cheap = summarize([m("chain", 8500), m("chain-plain", 10000)])
+    assert next(r for r in cheap if r.system == "chain-plain").chain_ratio == pytest.approx(0.85)
+    assert target_verdicts(cheap, {}, ("uniform",), [tls]) == [
+        "PASS: TLS costs at most 20% of chain put throughput (chain >= 80% of chain-plain put) "
+        "(W, uniform, 100 B, 32 in flight): chain 8,500 ops/s, chain-plain 10,000 ops/s, "
+        "ratio 85% (target >= 80%)"]
+    costly = summarize([m("chain", 7000), m("chain-plain", 10000)])
+    [verdict] = target_verdicts(costly, {}, ("uniform",), [tls])
+    assert verdict.startswith("FAIL: TLS costs") and "ratio 70%" in verdict
+    # Gets do not count, and a run without chain-plain says so.
+    reads = summarize([m("chain", 1000, "C"), m("chain-plain", 10000, "C"), m("chain", 9000)])
+    [verdict] = target_verdicts(reads, {}, ("uniform",), [tls])
+    assert verdict.startswith("NOT MEASURED: TLS costs") and "chain-plain not measured" in verdict

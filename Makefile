@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: run run-standalone test bench torture venv clean
+.PHONY: run run-standalone test bench flood torture venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ $(BENCH_STAMP): $(STAMP)
 # options (python -m bench --help).
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# A client that pipelines gets of a 120,000-byte value and never reads, on the console and over
+# AMP with TLS: the server's RSS growth and another client's worst latency (about 30 s);
+# FLOOD_ARGS adds options (python -m bench.flood --help).
+flood: $(STAMP)
+	$(BIN)/python -m bench.flood $(FLOOD_ARGS)
 
 # Every fault scenario for about a minute each against a real cluster (see README,
 # "Fault-injection tests"); TORTURE_ARGS adds options (--seed N, --scenario NAME).

@@ -25,7 +25,7 @@ from chainstore.logs import get_logger
 from chainstore.protocol import ring_to_wire
 from ecs.config import ECSConfig
 from ecs.control_calls import CONTROL_TIMEOUT, ControlCalls
-from ecs.failures import may_revive, orphaned_ranges
+from ecs.failures import may_revive, missing_members, orphaned_ranges
 from ecs.protocol import AdminError
 from ecs.reconfiguration import Operation, Reconfigurer
 from ecs.state import ACTIVE, FAILED, IDLE, LAUNCHING, REMOVED, ClusterState, Member, StateFile
@@ -185,12 +185,15 @@ class ECS:
             self.state.last_epoch = epoch
         if name not in self.state.ring_members and member.status != IDLE:
             member.status = IDLE
-        if name in self.state.dead and may_revive(self.state.ring(), name):
-            # Every replica of its ranges went down (a whole-cluster outage): it holds every
-            # acknowledged write of them, so it rejoins as it is rather than losing them.
+        if name in self.state.dead and may_revive(self.state.ring(), name,
+                                                  self.state.departures()):
+            # Every replica of its ranges went down (a whole-cluster outage) and it left each
+            # of their chains last: it holds every acknowledged write of them, so it rejoins as
+            # it is rather than losing them. (One that left earlier would serve a stale copy.)
             self.state.dead.discard(name)
             self.state.epoch = self.state.allocate_epoch()
             member.status = ACTIVE
+            member.left_at = 0
             self._failing.discard(name)
             log.warn("epoch {epoch}: {name} is back and every replica of its ranges was down: "
                      "it rejoins its chains", epoch=self.state.epoch, name=name)
@@ -326,6 +329,8 @@ class ECS:
             self.state.epoch = self.state.allocate_epoch()
             self.state.dead.add(name)
             self.state.members[name].status = FAILED
+            # The order members leave a chain in says which of them holds its every write.
+            self.state.members[name].left_at = self.state.epoch
             self._save()
             live = self.state.live_members
             log.warn("epoch {epoch}: {name} is dead; chains skip it ({live} live servers{deg})",
@@ -378,14 +383,21 @@ class ECS:
                 # Dead members that registered again may give their data to ranges nobody else
                 # holds any more (nothing was written there since they went down).
                 returned = {name for name in dead if name in self.links}
-                orphaned = (orphaned_ranges(self.state.ring(), returned)
+                ring = self.state.ring()
+                left = self.state.departures()
+                orphaned = (orphaned_ranges(ring, returned, left)
                             if self.state.replication > 1 else [])
                 if orphaned:
-                    # Taking them out would drop the last copies of these ranges: wait for one
-                    # of their replicas to come back (see register).
+                    # Taking them out would drop the last copies of these ranges, and copying
+                    # them from a replica that left its chain early would bring back a stale
+                    # copy: wait for the last of each chain to leave (see register).
+                    waiting = missing_members(ring, returned, left)
                     log.error("not repairing: every replica of {count} range(s) is down "
-                              "({names}); waiting for one of them to come back",
-                              count=len(orphaned), names=", ".join(sorted(dead)))
+                              "({names}); waiting for {waiting} to come back, the last of "
+                              "their chains to leave",
+                              count=len(orphaned), names=", ".join(sorted(dead)),
+                              waiting=", ".join(waiting) or "an operator (the order in which "
+                              "they left is not known)")
                     return
                 try:
                     await self._reconfigure(

@@ -16,11 +16,12 @@ old tail only for the switch itself (see L{ecs.reconfiguration}).
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from chainstore.ring import KeyRange, Ring
 from chainstore.storage import STORE_NAMES
+from ecs.failures import last_to_leave
 
 
 @dataclass(frozen=True)
@@ -102,14 +103,16 @@ def chain_epochs(old: Ring, new: Ring) -> dict[str, int]:
 
 
 def plan(old: Ring, new: Ring, dead: Collection[str] = (),
-         returned: Collection[str] = ()) -> Plan:
+         returned: Collection[str] = (), left: Mapping[str, int] | None = None) -> Plan:
     """The data movement that takes the cluster from C{old} to C{new}.
 
     C{dead} names servers of the old ring that cannot take part (failed): they are neither
     sources nor lock holders, and nothing is dropped on them. Members the old ring itself
     marks dead count as dead too. C{returned} names dead members that are reachable again:
-    they serve as copy sources of the intervals that have no live member left (their data is
-    the only copy there, and nothing was written to it since), and take no other part.
+    one serves as the copy source of an interval that has no live member left if it is the
+    member of the interval's old chain that left last (C{left}: the epoch each dead member was
+    marked dead in; see L{ecs.failures.last_to_leave}): it holds every write the chain
+    acknowledged, and nothing was written since. Returned members take no other part.
     """
     dead = set(dead) | set(old.dead)
     result = Plan()
@@ -117,7 +120,8 @@ def plan(old: Ring, new: Ring, dead: Collection[str] = (),
         if before == after:
             continue
         alive = [name for name in before if name not in dead]
-        sources = alive or [name for name in before if name in returned]
+        last = None if alive else last_to_leave(before, left or {})
+        sources = alive or [name for name in before if name == last and name in returned]
         if alive:
             # Writes enter at the head; if it died, the surviving first member is the one a
             # stale client could still reach with the old ring.

@@ -101,7 +101,7 @@ class Reconfigurer:
         formed = planner.chain_epochs(old, placed)
         new = Ring(tuple(replace(n, chain_epoch=formed[n.name]) for n in placed.nodes),
                    epoch=epoch, replication=self.state.replication)
-        plan = planner.plan(old, new, dead, returned)
+        plan = planner.plan(old, new, dead, returned, self.state.departures())
         failures = self._failures()
         self._operations += 1
         op = self.operation = Operation(self._operations, description, self.clock.seconds())

@@ -35,6 +35,10 @@ class Member:
     token: int | None = None
     #: while it is in the ring: the epoch at which the chain of the range it heads was formed
     chain_epoch: int = 0
+    #: while it is a dead ring member: the epoch in which the ECS marked it dead (0 otherwise,
+    #: and in a state saved before this was kept). Of a chain whose members are all dead, the
+    #: one that left last holds every write the chain acknowledged (see ecs.failures).
+    left_at: int = 0
 
     @property
     def info(self) -> NodeInfo:
@@ -69,6 +73,11 @@ class ClusterState:
     @property
     def live_members(self) -> list[str]:
         return [n for n in self.ring_members if n not in self.dead]
+
+    def departures(self) -> dict[str, int]:
+        """The epoch in which each dead ring member was marked dead (see L{Member.left_at})."""
+        return {n: self.members[n].left_at for n in self.ring_members
+                if n in self.dead and n in self.members}
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -707,7 +707,12 @@ def test_a_restarted_ecs_relaunches_servers_that_do_not_come_back(running):
     running.check_placement(KEYS)
 
 
-def test_a_whole_cluster_outage_keeps_the_last_copies_and_the_first_back_rejoins(tmp_path):
+def last_to_leave(c: Cluster, names: list[str]) -> str:
+    """Of dead members C{names}, the one the ECS marked dead last."""
+    return max(names, key=lambda n: c.ecs.state.members[n].left_at)
+
+
+def test_a_whole_cluster_outage_keeps_the_last_copies_and_the_last_to_leave_rejoins(tmp_path):
     c = Cluster(tmp_path, replication=3, initial=3)
     try:
         c.start()
@@ -720,9 +725,15 @@ def test_a_whole_cluster_outage_keeps_the_last_copies_and_the_first_back_rejoins
         assert c.ecs.state.dead == set(members)
         assert c.ecs.state.ring_members == members
         assert c.ecs.status()["degraded"]
-        # One comes back on its files: nothing can have been written while all were down, so
-        # it rejoins its chains and serves again; the others are repaired away meanwhile.
-        back = members[1]
+        # One that left before another comes back on its files: the chain may have taken
+        # writes after it left, so it does not rejoin and the range stays down.
+        back = last_to_leave(c, members)
+        early = next(n for n in members if n != back)
+        c.start_server(c.config.slot(early))
+        c.pass_time(4 * INTERVAL)
+        assert c.ecs.state.dead == set(members) and c.ecs.state.ring_members == members
+        # The last to leave comes back: nothing can have been written since it left, so it
+        # rejoins its chains and serves again; the others are repaired away meanwhile.
         c.start_server(c.config.slot(back))
         c.pass_time(4 * INTERVAL)
         assert back in c.ecs.state.ring_members and back not in c.ecs.state.dead
@@ -747,9 +758,9 @@ def test_a_range_whose_chain_all_failed_is_repaired_from_a_replica_that_comes_ba
         assert c.ecs.state.dead == set(chain)
         members = list(c.ecs.state.ring_members)
         assert sorted(members) == sorted(n.name for n in ring.nodes)  # nothing repaired away
-        # The middle of that chain comes back on its files (it is stale for other ranges, so it
-        # cannot simply rejoin): the repair now copies the orphaned range from it.
-        back = chain[1]
+        # The last of that chain to leave comes back on its files (it is stale for other
+        # ranges, so it cannot simply rejoin): the repair now copies the orphaned range from it.
+        back = last_to_leave(c, chain)
         c.start_server(c.config.slot(back))
         c.pass_time(8 * INTERVAL)
         survivors = [n for n in members if n not in chain]
@@ -758,6 +769,76 @@ def test_a_range_whose_chain_all_failed_is_repaired_from_a_replica_that_comes_ba
         c.hung.add(back)
         # Every key, the orphaned range's included, is on each of its three new replicas.
         c.check_placement(KEYS, read=False)
+    finally:
+        c.close()
+
+
+def cut_from_ecs(c: Cluster, name: str) -> list[tuple[frozenset[str], iosim.IOPump]]:
+    """A partition between server C{name} and the ECS only: its control link stands still
+    (what either side sends waits), its links to other servers go on. Returns the cut link."""
+    control_link = c.servers[name].control
+    cut = [(names, pump) for names, pump in c.pumps if pump.client is control_link]
+    c.pumps = [entry for entry in c.pumps if entry not in cut]
+    return cut
+
+
+@pytest.mark.parametrize("initial", [3, 5])
+def test_a_chain_that_left_one_by_one_comes_back_only_from_the_last_to_leave(tmp_path,
+                                                                             initial):
+    # The torture run orphan-range seed 8080 (docs/DESIGN.md, "When every replica of a range
+    # is down"): the head of a chain is killed, a second later its middle is cut off from the
+    # ECS, a second later its tail pauses. The ECS marks them dead in that order, every replica
+    # of the range down. The tail wakes, learns the first two deaths (not its own), and as the
+    # only member left acknowledges a new value. Then the others come back first: the range
+    # must stay down rather than come back from their stale copies (with 3 servers a member
+    # would rejoin its chains as it is, with 5 the repair would copy the range from it), until
+    # the tail, the last to leave, returns.
+    c = Cluster(tmp_path, replication=3, initial=initial, slots=initial)
+    try:
+        c.start()
+        key = KEYS[0]
+        head, middle, tail = (n.name for n in c.ring().chain(key))
+        members = list(c.ecs.state.ring_members)
+        c.run(c.servers[head].node.put(key, b"v1"))
+        c.drop(head)
+        c.pass_time(INTERVAL)
+        middle_link = cut_from_ecs(c, middle)
+        c.pass_time(INTERVAL)
+        c.hung.add(tail)
+        c.pass_time(TIMEOUT + 4 * INTERVAL)
+        left = c.ecs.state.departures()
+        assert left[head] < left[middle] < left[tail]
+        assert c.ecs.state.ring_members == members  # nothing repaired away
+        # The tail wakes: it adopts the rings the ECS sent it while it was paused (the first
+        # two deaths), then loses its link to the ECS, which had marked it dead meanwhile.
+        c.hung.discard(tail)
+        c.settle()
+        assert [n.name for n in c.servers[tail].node.ring.chain(key)] == [tail]
+        c.run(c.servers[tail].node.put(key, b"v2"))
+        assert c.servers[middle].node.stores[STORE_NAMES[1]].get(key) == b"v1"
+
+        def still_down() -> None:
+            assert c.ecs.state.ring_members == members
+            assert {head, middle, tail} <= c.ecs.state.dead
+
+        # The head, the first to leave, restarts on its files; then the middle's partition
+        # heals and it reconnects. Neither holds v2: the range stays down.
+        c.start_server(c.config.slot(head))
+        c.pass_time(2 * LEASE_SECONDS + 4 * INTERVAL)
+        still_down()
+        c.pumps.extend(middle_link)
+        c.settle()
+        c.connect_to_ecs(c.servers[middle])
+        c.pass_time(2 * LEASE_SECONDS + 4 * INTERVAL)
+        still_down()
+        # The tail reconnects: the range comes back from it, with the value it acknowledged.
+        c.connect_to_ecs(c.servers[tail])
+        c.pass_time(2 * LEASE_SECONDS + 4 * INTERVAL)
+        assert not c.ecs.state.dead
+        chain = c.ring().chain(key)
+        assert c.servers[chain[-1].name].node.get(key) == b"v2"
+        for role, node in enumerate(chain):
+            assert c.servers[node.name].node.stores[STORE_NAMES[role]].get(key) == b"v2"
     finally:
         c.close()
 

@@ -193,3 +193,22 @@ def test_a_chain_keeps_its_formation_epoch_while_its_members_stay_the_same() -> 
                   epoch=2, replication=3)
     dead = Ring(second.nodes, epoch=3, replication=3, dead=frozenset({"s2"}))
     assert chain_epochs(second, dead) == formed
+
+
+def test_a_range_whose_replicas_all_died_is_copied_only_from_the_last_to_leave():
+    # Five servers, a chain of three all dead, marked in epochs 2, 3, 4: its tail left last.
+    old = Ring(tuple(POOL[:5]), epoch=4, replication=3)
+    first, second, last = (n.name for n in old.ring_chain(0))
+    left = {first: 2, second: 3, last: 4}
+    dead = set(left)
+    new = Ring(tuple(n for n in old.nodes if n.name not in dead), epoch=5, replication=3)
+
+    def sources(returned: set[str]) -> set[str]:
+        """The dead members the plan copies from (only ever for the orphaned range)."""
+        return {c.source for c in planner.plan(old, new, dead, returned, left).copies} & dead
+
+    # Those that left earlier lack what the chain acknowledged after they left.
+    assert sources({first, second}) == set()
+    assert sources({first, second, last}) == {last}
+    # Without the order in which they left, none of them is a safe source.
+    assert planner.plan(old, new, dead, {first, second, last}).lost

@@ -145,7 +145,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
               _s(7.0, "pause", role="other", label="P"), _s(10.0, "resume", label="P"),
               _s(10.5, "heal_all"), _s(11.0, "recover")), 14.0),
     # Past the fault tolerance: three failures in a row on the ring leave one range with no live
-    # replica; the ECS repairs it from the first of them that registers again.
+    # replica; the ECS repairs it only from the last of them to leave its chain, once it is back
+    # (the others lack what the chain acknowledged after they left: seed 8080 caught that).
     Scenario("orphan-range", "kill a middle, cut its tail from the ECS and pause the server "
              "after the tail: every replica of one range down at once, then all back",
              (_s(0.5, "kill", role="middle", label="A"),

@@ -202,13 +202,14 @@ def server_endpoint(reactor: Any, description: str,
 
 
 def client_endpoint(reactor: Any, credentials: Credentials | None, host: str, port: int,
-                    timeout: float = 10.0) -> IStreamClientEndpoint:
-    """A dialler of C{host:port}: TLS that checks the peer's certificate names C{host}, and
-    presents ours, unless C{credentials} is None (plaintext)."""
+                    timeout: float = 10.0, name: str | None = None) -> IStreamClientEndpoint:
+    """A dialler of C{host:port}: TLS that checks the peer's certificate names C{host} (or
+    C{name}, the peer's own host, when C{host:port} is a TCP relay in front of it, such as a
+    fault proxy), and presents ours, unless C{credentials} is None (plaintext)."""
     endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     if credentials is None:
         return endpoint
-    return wrapClientTLS(_ClientCreator(credentials, host), endpoint)
+    return wrapClientTLS(_ClientCreator(credentials, name or host), endpoint)
 
 
 def client_host_port(description: str) -> tuple[str, int]:

@@ -3,7 +3,11 @@
     python -m torture                      # the CI schedule: six scenarios of 15 s
     python -m torture --long               # every scenario for a minute each (make torture)
     python -m torture --scenario kill-tail --seed 42 [--seconds 30]
+    python -m torture --tls off            # a plaintext cluster, for comparison
     python -m torture --list
+
+Every link (clients, servers, the ECS, the harness's admin link) is mutual TLS by default, with
+a PKI that each scenario's ECS creates in its work directory.
 
 Prints a table (one row per scenario), writes a JSON summary, keeps the evidence of every
 scenario that did not pass in torture-runs/<run id>/<scenario>/ and exits 1 if any did not.
@@ -49,6 +53,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--netns", action="store_true",
                         help="run each server in its own network namespace, linked by a veth "
                              "pair (root and iproute2's ip command needed)")
+    parser.add_argument("--tls", choices=("on", "off"), default="on",
+                        help="on: mutual TLS on every link; off: a plaintext cluster (tls: off "
+                             "everywhere), for comparison [default: on]")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return parser.parse_args(argv)
 
@@ -68,14 +75,15 @@ async def run(reactor: Any, args: argparse.Namespace, out: Any) -> int:
         levels.setLogLevelForNamespace(namespace, LogLevel.info)
     globalLogBeginner.beginLoggingTo(
         [FilteringLogObserver(textFileLogObserver(log_file), [levels])], redirectStandardIO=False)
-    out.write(f"torture run {run_id}: {len(plan)} scenario(s), seed {seed}; log: "
-              f"{run_dir / 'harness.log'}\n")
+    out.write(f"torture run {run_id}: {len(plan)} scenario(s), seed {seed}, TLS {args.tls}; "
+              f"log: {run_dir / 'harness.log'}\n")
     out.flush()
     results = []
     for scenario, scenario_seconds in plan:
         network = Namespaces(f"{run_id}/{scenario.name}") if args.netns else None
         result = await run_scenario(reactor, scenario, seed, scenario_seconds,
-                                    run_dir / scenario.name, keep=args.keep, network=network)
+                                    run_dir / scenario.name, keep=args.keep, network=network,
+                                    tls=args.tls == "on")
         results.append(result)
         verdict = "pass" if result.passed else "FAIL"
         out.write(f"  {scenario.name}: {verdict} ({result.seconds:.1f} s, "

@@ -13,6 +13,15 @@ links, all proxied (see L{torture.proxy.ProxyFabric}):
 
 The admin commands go straight to the ECS: the harness itself is never partitioned.
 
+Every link is mutual TLS (unless the cluster is made with C{tls=False}) with the PKI in
+C{WORKDIR/data/pki}, which the ECS completes on its start: a CA and the certificates of the ECS,
+every slot, C{admin} (the harness's admin link) and C{client} (the workload). The proxies pass
+TLS through untouched, so a dialling side checks its peer's certificate against the proxy's
+address (a server's peer routes and ECS link) or, for the clients, the server's own host; in
+loopback both are 127.0.0.1, which every certificate the ECS issues names. In namespaces a
+server or the ECS is also dialled at proxies on 10.N.i.1: the harness issues those
+certificates itself, with every such address, before the ECS starts (L{Cluster.dialled_hosts}).
+
 Everything here runs in the harness's reactor thread. The process helpers of
 L{chainstore.testing.processes} block while a process starts; they run in a worker thread
 (C{deferToThread}) so the proxies keep moving bytes meanwhile.
@@ -35,15 +44,17 @@ from typing import Any
 
 import yaml
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import connectProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.protocols import amp
 
+from chainstore import pki, roles
 from chainstore.logs import get_logger
 from chainstore.ring import Ring
 from chainstore.storage import STORE_NAMES
 from chainstore.testing.processes import ECSProcess, KVServerProcess, free_port
+from chainstore.tls import Credentials, TLSFiles, client_endpoint, load
 from client.kvstore import KVStore
 from ecs import protocol as admin
 from torture.proxy import FaultProxy, ProxyFabric
@@ -64,11 +75,12 @@ class Cluster:
 
     @param workdir: the ECS's config, state and log, and each server's data directory and log.
     @param heartbeat: the ECS's heartbeat interval; @param failure_timeout: its failure timeout.
+    @param tls: mutual TLS on every link (the default), or plaintext (C{tls: off}) everywhere.
     """
 
     def __init__(self, reactor: Any, workdir: str | Path, *, servers: int = 5,
                  replication: int = 3, heartbeat: float = 0.3,
-                 failure_timeout: float = 1.5, network: Any = None) -> None:
+                 failure_timeout: float = 1.5, network: Any = None, tls: bool = True) -> None:
         self.reactor = reactor
         #: where each server lives: L{Loopback} (default) or L{Namespaces}
         self.network = network or Loopback()
@@ -77,6 +89,11 @@ class Cluster:
         self.replication = replication
         self.heartbeat = heartbeat
         self.failure_timeout = failure_timeout
+        self.tls = tls
+        #: the cluster's PKI (the ECS's pki-dir, and where KVServerProcess points servers), or
+        #: None with TLS off
+        self.pki_dir: Path | None = self.workdir / "data" / "pki" if tls else None
+        self._credentials: dict[str, Credentials | None] = {}
         self.fabric = ProxyFabric(reactor)
         self.servers: dict[str, KVServerProcess] = {}
         self.ports: dict[str, tuple[int, int]] = {}  # name -> (amp, console)
@@ -95,9 +112,20 @@ class Cluster:
         """The real AMP addresses of every server (clients map them to their proxies)."""
         return [(self.network.server_host(name), self.ports[name][0]) for name in self.names]
 
+    def credentials(self, holder: str) -> Credentials | None:
+        """The loaded TLS files of C{holder} (C{admin}, C{client}) in the cluster's PKI, or
+        None with TLS off; the ECS must have started (it issues them)."""
+        if self.pki_dir is None:
+            return None
+        if holder not in self._credentials:
+            self._credentials[holder] = load(TLSFiles.in_dir(str(self.pki_dir), holder))
+        return self._credentials[holder]
+
     def endpoint_factory(self, timeout: float) -> Any:
-        """A client library C{endpoint_factory} that dials every server through its proxy."""
-        return self.fabric.endpoint_factory(CLIENT, timeout=timeout)
+        """A client library C{endpoint_factory} that dials every server through its proxy,
+        with the C{client} certificate."""
+        return self.fabric.endpoint_factory(CLIENT, timeout=timeout,
+                                            credentials=self.credentials(CLIENT))
 
     async def start(self, timeout: float = 60.0) -> None:
         """Start the proxies, the ECS and every server; return once all are in the ring and
@@ -117,6 +145,8 @@ class Cluster:
             self._proxy(name, ECS, HOST, self.ecs_port)
         for name in self.names:
             self.fabric.write_routes(name, self.routes_path(name), targets=self.names)
+        if self.pki_dir is not None:
+            self._issue_certificates(self.pki_dir)
         self._write_ecs_config()
         self.ecs = ECSProcess(self.workdir, self.config_path).start()
         for name in self.names:
@@ -142,6 +172,25 @@ class Cluster:
     def routes_path(self, name: str) -> Path:
         return self.workdir / f"{name}.routes.yaml"
 
+    def dialled_hosts(self) -> dict[str, list[str]]:
+        """Node name (the ECS, each server) -> every host it is dialled at: its own, and the
+        address of every proxy in front of it."""
+        hosts = {ECS: [HOST], **{name: [self.network.server_host(name)] for name in self.names}}
+        for (_, target), proxy in sorted(self.fabric.proxies.items()):
+            if target in hosts and proxy.interface not in hosts[target]:
+                hosts[target].append(proxy.interface)
+        return hosts
+
+    def _issue_certificates(self, pki_dir: Path) -> None:
+        # The ECS issues what is missing on its start, for its advertised host and each slot's
+        # host (and this machine); a node dialled at any other address (a proxy in a
+        # namespace's link) gets its certificate here first, naming them all.
+        holders = [("ecs" if name == ECS else "server", name, hosts)
+                   for name, hosts in self.dialled_hosts().items()
+                   if set(hosts[1:]) - set(pki.LOCAL_HOSTS)]
+        if holders:
+            pki.ensure(str(pki_dir), holders)
+
     def _write_ecs_config(self) -> None:
         config = {
             "listen": f"tcp:{self.ecs_port}:interface={HOST}",
@@ -155,6 +204,8 @@ class Cluster:
             "initial-nodes": 0,
             "launcher": "none",
             "register-timeout": 10.0,
+            "tls": "on" if self.tls else "off",
+            "pki-dir": str(self.workdir / "data" / "pki"),
             "nodes": [{"name": name, "host": self.network.server_host(name),
                        "console-port": self.ports[name][1],
                        "amp-port": self.ports[name][0], "data-dir": str(self.workdir / name),
@@ -168,7 +219,7 @@ class Cluster:
         amp_port, console_port = self.ports[name]
         return _ServerProcess(self.network.argv_prefix(name), self.workdir, name,
                               self.network.server_host(name), console_port=console_port,
-                              amp_port=amp_port,
+                              amp_port=amp_port, tls=self.tls,
                               extra_args=["--ecs", self.fabric.endpoint(name, ECS),
                                           "--peer-routes", str(self.routes_path(name))])
 
@@ -250,9 +301,11 @@ class Cluster:
 
     async def admin(self, command: type[amp.Command], timeout: float = 30.0,
                     **arguments: Any) -> dict[str, Any]:
-        """Send one admin command straight to the ECS (never through a proxy)."""
-        endpoint = HostnameEndpoint(self.reactor, HOST, self.ecs_port, timeout=5)
-        proto = await connectProtocol(endpoint, amp.AMP())
+        """Send one admin command straight to the ECS (never through a proxy), with the
+        C{admin} certificate."""
+        endpoint = client_endpoint(self.reactor, self.credentials("admin"), HOST,
+                                   self.ecs_port, timeout=5)
+        proto = await connectProtocol(endpoint, roles.DialledAMP((roles.ECS,)))
         try:
             d = proto.callRemote(command, **arguments)
             d.addTimeout(timeout, self.reactor)
@@ -361,7 +414,8 @@ class Cluster:
 
     async def ring(self) -> Ring:
         """The current ring, as a server hands it to clients (dead members marked)."""
-        store = KVStore(self.reactor, self.amp_addresses, timeout=2.0, deadline=10.0)
+        store = KVStore(self.reactor, self.amp_addresses, timeout=2.0, deadline=10.0,
+                        tls=self.credentials(CLIENT))
         try:
             return await store.refresh_metadata()
         finally:

@@ -3,7 +3,7 @@
 ``tc netem`` is not available where the harness runs, so every link between two servers (and
 between a client or the ECS and a server) goes through a L{FaultProxy}: a port on 127.0.0.1
 that opens one connection to its target for each connection it accepts and copies the bytes both
-ways. "forward" is the direction from the connecting side to the target, "backward" the answers.
+ways (TLS between the two ends passes through untouched: the proxy never holds a key). "forward" is the direction from the connecting side to the target, "backward" the answers.
 Faults are switched while connections are open:
 
  - L{FaultProxy.delay}: every chunk waits the given latency before it is passed on, in order.
@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chainstore.logs import get_logger
+from chainstore.tls import Credentials, client_endpoint
 
 log = get_logger("torture.proxy")
 
@@ -483,18 +484,23 @@ class ProxyFabric:
                         encoding="utf-8")
         return path
 
-    def endpoint_factory(self, source: str,
-                         timeout: float = 10.0) -> Callable[[str, int], IStreamClientEndpoint]:
+    def endpoint_factory(self, source: str, timeout: float = 10.0,
+                         credentials: Credentials | None = None
+                         ) -> Callable[[str, int], IStreamClientEndpoint]:
         """A client library C{endpoint_factory} for C{source}: an address that a link from
-        C{source} proxies is dialled at its proxy, any other address directly."""
+        C{source} proxies is dialled at its proxy, any other address directly.
+
+        With C{credentials}, mutual TLS end to end through the proxy (which passes the bytes
+        on untouched): the server's certificate must name the host the client meant to reach,
+        the server's own, not the proxy's address, as it would behind any TCP relay."""
         by_target = {(p.target_host, p.target_port): p
                      for (s, _), p in self.proxies.items() if s == source}
 
         def factory(host: str, port: int) -> IStreamClientEndpoint:
             proxy = by_target.get((host, port))
-            if proxy is not None:
-                host, port = proxy.address
-            return HostnameEndpoint(self.reactor, host, port, timeout=timeout)
+            dial_host, dial_port = proxy.address if proxy is not None else (host, port)
+            return client_endpoint(self.reactor, credentials, dial_host, dial_port, timeout,
+                                   name=host)
         return factory
 
     def between(self, a: str, b: str) -> list[FaultProxy]:

@@ -200,17 +200,20 @@ def scenario_rng(name: str, seed: int) -> random.Random:
 
 async def run_scenario(reactor: Any, scenario: Scenario, seed: int, seconds: float,
                        folder: Path, *, workload: WorkloadConfig | None = None,
-                       keep: str = "failed", network: Any = None) -> ScenarioResult:
+                       keep: str = "failed", network: Any = None,
+                       tls: bool = True) -> ScenarioResult:
     """Run C{scenario} for C{seconds} (quiet, faults, heal) in C{folder}; see the module
     docstring for the phases. C{keep}: "failed" keeps C{folder} only if the scenario did not
     pass (with the evidence of L{torture.report.keep_evidence}); "always", "never".
-    C{network}: where the servers live (L{torture.cluster.Namespaces}; loopback by default)."""
+    C{network}: where the servers live (L{torture.cluster.Namespaces}; loopback by default).
+    C{tls}: mutual TLS on every link (the default), or a plaintext cluster for comparison."""
     config = workload or WorkloadConfig()
     rng = scenario_rng(scenario.name, seed)
+    options = [*([] if network is None else ["--netns"]), *([] if tls else ["--tls off"])]
     result = ScenarioResult(scenario.name, seed, 0.0, planned=seconds,
-                            options="" if network is None else "--netns")
+                            options=" ".join(options))
     started = reactor.seconds()
-    cluster = Cluster(reactor, folder / "cluster", network=network)
+    cluster = Cluster(reactor, folder / "cluster", network=network, tls=tls)
     history = History(reactor.seconds)
     load: Workload | None = None
     nemesis: Nemesis | None = None
@@ -239,7 +242,8 @@ async def run_scenario(reactor: Any, scenario: Scenario, seed: int, seconds: flo
         await _sleep(reactor, HEAL)
         await load.stop()
         await cluster.wait_healthy(RECOVERY_BOUND)
-        reads = await final_reads(reactor, history, cluster.amp_addresses, config.key_names())
+        reads = await final_reads(reactor, history, cluster.amp_addresses, config.key_names(),
+                                  tls=cluster.credentials("client"))
         ring = await cluster.ring()
         await cluster.shut_down()
         summary = check_all(history, final_reads=reads, ring=ring, dumps=cluster.dumps(),

@@ -26,6 +26,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 
 from chainstore.logs import get_logger
+from chainstore.tls import Credentials
 from client.kvstore import KVStore
 from torture.history import DELETE, GET, OK, PUT, UNKNOWN, History, classify_error
 
@@ -67,19 +68,23 @@ class Counts:
 class Workload:
     """C{config.clients} clients running until L{stop}; the history records every operation.
 
-    @param endpoint_factory: how the clients dial the servers (through the fault proxies).
+    @param endpoint_factory: how the clients dial the servers (through the fault proxies);
+        it does TLS itself (L{torture.proxy.ProxyFabric.endpoint_factory}).
+    @param tls: the clients' credentials when they dial directly (no C{endpoint_factory});
+        None: plaintext.
     @param rng: the source of every choice (keys, kinds, pauses): a seeded run repeats them.
     """
 
     def __init__(self, reactor: Any, history: History, addresses: Sequence[tuple[str, int]],
                  config: WorkloadConfig, rng: random.Random, endpoint_factory: Any = None,
-                 run_tag: str = "") -> None:
+                 run_tag: str = "", tls: Credentials | None = None) -> None:
         self.reactor = reactor
         self.history = history
         self.addresses = list(addresses)
         self.config = config
         self.keys = config.key_names()
         self.endpoint_factory = endpoint_factory
+        self.tls = tls
         # One generator per client, seeded from the run's: the choices of a client do not
         # depend on how the others' operations interleave with it.
         self._rngs = [random.Random(rng.random()) for _ in range(config.clients)]
@@ -93,7 +98,7 @@ class Workload:
         for number in range(1, self.config.clients + 1):
             store = KVStore(self.reactor, self.addresses, timeout=self.config.timeout,
                             deadline=self.config.deadline,
-                            endpoint_factory=self.endpoint_factory,
+                            endpoint_factory=self.endpoint_factory, tls=self.tls,
                             random=random.Random(self._rngs[number - 1].random()))
             self._stores.append(store)
             self._loops.append(Deferred.fromCoroutine(self._client(number, store)))
@@ -154,11 +159,13 @@ async def record(history: History, counts: Counts, process: int, kind: str, key:
 
 async def final_reads(reactor: Any, history: History, addresses: Sequence[tuple[str, int]],
                       keys: Sequence[bytes], *, attempts: int = 5, timeout: float = 2.0,
-                      deadline: float = 10.0) -> dict[bytes, bytes | None]:
+                      deadline: float = 10.0,
+                      tls: Credentials | None = None) -> dict[bytes, bytes | None]:
     """Read every key once more (after healing and recovery), recorded in the history as
-    process L{FINAL_READER}; a read that ends without an answer is retried, at most
+    process L{FINAL_READER}, straight from the servers (no proxy) with the client credentials
+    C{tls} (None: plaintext); a read that ends without an answer is retried, at most
     C{attempts} times. Returns key -> value (C{None}: absent) for every key that was read."""
-    store = KVStore(reactor, addresses, timeout=timeout, deadline=deadline)
+    store = KVStore(reactor, addresses, timeout=timeout, deadline=deadline, tls=tls)
     counts = Counts()
     found: dict[bytes, bytes | None] = {}
     try:

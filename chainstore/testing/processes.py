@@ -106,7 +106,9 @@ class KVServerProcess:
         #: shares it), or None with tls off
         self.pki_dir: Path | None = self.workdir.resolve() / "data" / "pki" if tls else None
         self.host = host
-        spare = iter(free_ports(2, host))
+        # Only for ports not given: C{host} may be an address of another network namespace
+        # (the harness's --netns), which cannot be bound from this one.
+        spare = iter(free_ports(2, host) if console_port is None or amp_port is None else ())
         self.console_port = console_port or next(spare)
         self.amp_port = amp_port or next(spare)
         self.data_dir = self.workdir / name

@@ -381,7 +381,7 @@ class ECS:
                     return
                 remaining = [n for n in self.state.ring_members if n not in dead]
                 # Dead members that registered again may give their data to ranges nobody else
-                # holds any more (nothing was written there since they went down).
+                # holds any more, each to those whose chain it left last (see ecs.failures).
                 returned = {name for name in dead if name in self.links}
                 ring = self.state.ring()
                 left = self.state.departures()
@@ -393,11 +393,11 @@ class ECS:
                     # copy: wait for the last of each chain to leave (see register).
                     waiting = missing_members(ring, returned, left)
                     log.error("not repairing: every replica of {count} range(s) is down "
-                              "({names}); waiting for {waiting} to come back, the last of "
-                              "their chains to leave",
+                              "({names}); {waiting}",
                               count=len(orphaned), names=", ".join(sorted(dead)),
-                              waiting=", ".join(waiting) or "an operator (the order in which "
-                              "they left is not known)")
+                              waiting=f"waiting for {', '.join(waiting)} to come back, the "
+                              "last to leave their chains" if waiting else "the order they "
+                              "left in is not known (a state saved by an older ECS)")
                     return
                 try:
                     await self._reconfigure(

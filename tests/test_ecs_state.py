@@ -74,6 +74,20 @@ def test_old_files_without_last_epoch_still_load(tmp_path):
     assert loaded.allocate_epoch() == 8
 
 
+def test_the_order_dead_members_left_in_survives_a_reload_and_old_files_have_none(tmp_path):
+    state = sample_state()
+    state.members["a"].left_at, state.members["b"].left_at = 5, 6
+    state.dead = {"a", "b"}
+    path = str(tmp_path / "state.json")
+    StateFile(path).save(state)
+    assert StateFile(path).load().departures() == {"a": 5, "b": 6}
+    data = state.to_json()
+    for member in data["members"]:
+        del member["left_at"]  # saved by an ECS that did not keep it
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert StateFile(str(tmp_path / "old.json")).load().departures() == {"a": 0, "b": 0}
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.sampled_from(["allocate", "commit", "reload"]), max_size=30))
 def test_allocated_epochs_strictly_increase_across_reloads(tmp_path_factory, steps):

@@ -1,14 +1,15 @@
 """``python -m bench``: YCSB-style workloads against chainstore and its peers, in one session.
 
-Systems (``--systems``, default ``chain,single,redis,etcd``): ``chain``, an ECS with three
+Systems (``--systems``, default ``chain,chain-plain,single,redis,etcd``): ``chain``, an ECS with three
 ``twistd kvserver`` processes replicating every range three ways (puts to each key's head,
 gets to its tail); ``single``, one unreplicated server; ``redis``, a primary and two replicas,
 each write followed by ``WAIT 2 0``; ``etcd``, three members, linearizable reads; ``echo``, a
 bare AMP echo server over plaintext (what AMP itself costs; not in the default set). chain and
 single run with mutual TLS, chainstore's default, the load generator presenting the ``client``
 certificate of their PKI; ``chain-plain`` and ``single-plain`` are the same processes with tls
-off (not in the default set): ``--systems chain,chain-plain`` shows what TLS costs, and judges
-the target that it costs at most 20% of the chain's put throughput. Redis and etcd come from
+off (``chain-plain`` is in the default set, so that every default run shows what TLS costs and
+judges the target that it costs at most 20% of the chain's put throughput; Redis and etcd run
+plaintext, so ``chain-plain`` is the like-for-like beside them). Redis and etcd come from
 Debian's packages: missing ones are installed with apt-get when this runs as root, and a system
 still missing is reported as such (and the exit status is 3).
 
@@ -52,7 +53,7 @@ SYSTEM_MISSING = 3
 SYSTEMS: dict[str, Callable[[str], SystemUnderTest]] = {
     "chain": ChainSystem, "chain-plain": chain_plain, "single": SingleSystem,
     "single-plain": single_plain, "redis": RedisSystem, "etcd": EtcdSystem, "echo": EchoSystem}
-DEFAULT_SYSTEMS = ("chain", "single", "redis", "etcd")
+DEFAULT_SYSTEMS = ("chain", "chain-plain", "single", "redis", "etcd")
 RESULTS = Path(__file__).resolve().parent / "results"
 MIN_KEY_BYTES = 8
 

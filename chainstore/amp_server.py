@@ -87,8 +87,8 @@ class KVServerProtocol(BoundedAMP, RoleGuard):
         if epoch <= self.node.ring.epoch:
             raise control.StaleEpoch(
                 f"copy for epoch {epoch}, but this server is at {self.node.ring.epoch}")
-        if self.node.stores is None:
-            raise control.ControlFailed("the stores are not open")
+        if self.node.stores is None or self.node.failure is not None:
+            raise control.ControlFailed(self.node.failure or "the stores are not open")
         try:
             target = migration.store_named(self.node.stores, store)
         except ValueError as e:

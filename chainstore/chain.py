@@ -17,6 +17,9 @@ third of the lease and counted from when the request was sent, so a tail paused 
 failure timeout does not answer reads when it wakes. A predecessor that becomes tail because its
 successor failed waits until the lease it granted has run out before it reads or acknowledges.
 See docs/DESIGN.md, "Chain replication".
+
+A storage error stops all of it (L{ChainReplicator.fail}): a write is forwarded or acknowledged
+only once its store has committed it, and after a failure nothing is.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from itertools import count
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
@@ -42,7 +45,7 @@ from chainstore.control import (
     pack_ops,
     unpack_ops,
 )
-from chainstore.errors import NotResponsible, ServerStopped
+from chainstore.errors import NotResponsible, ServerStopped, StorageFailed
 from chainstore.logs import get_logger
 from chainstore.peers import PeerPool
 from chainstore.ring import KeyRange, NodeInfo, Ring, position
@@ -170,12 +173,16 @@ class ChainReplicator:
         self._turn_call: Any = None
         self._lease_loop = LoopingCall(self._renew_leases)
         self._lease_loop.clock = clock
+        #: the storage error that stopped this server's chains, None while they work
+        self.failed: StorageFailed | None = None
 
     # -- configuration ---------------------------------------------------------------------------
 
     def adopt(self, ring: Ring, stores: Any) -> None:
         """Re-derive every replica's links from C{ring}; called for every new epoch."""
         self.epoch = ring.epoch
+        if self.failed is not None:
+            return
         old = self.replicas
         self.replicas = {}
         names = [n.name for n in ring.nodes]
@@ -284,6 +291,29 @@ class ChainReplicator:
                 replica.lease_retry.cancel()
             self._fail_waiters(replica, ServerStopped("the server is stopping"))
 
+    def fail(self, error: StorageFailed) -> None:
+        """A store failed: every waiting write fails with C{error}; nothing more is committed,
+        forwarded, acknowledged, read (no lease) or granted. For good (a restart clears it)."""
+        if self.failed is not None:
+            return
+        self.failed = error
+        if self._turn_call is not None and self._turn_call.active():
+            self._turn_call.cancel()
+        self._turn.clear()
+        if self._lease_loop.running:
+            self._lease_loop.stop()
+        for replica in self.replicas.values():
+            # Not forwarded: a write is forwarded only once committed here, and these may not
+            # be. Their waiters fail below; answers still on their way are ignored (generation).
+            replica.pending.clear()
+            replica.window.clear()
+            replica.lease_until = 0.0
+            for call in (replica.retry, replica.lease_retry):
+                if call is not None and call.active():
+                    call.cancel()
+            self._fail_waiters(replica, error)
+        self.peers.close()
+
     # -- the head --------------------------------------------------------------------------------
 
     def write(self, replica: Replica, kind: int, key: bytes, value: bytes,
@@ -300,10 +330,18 @@ class ChainReplicator:
             # drains every write to its tail before it commits. The write is in this store; answer once this head's writes are at the
             # tail, and never apply it twice (a later write may have replaced it).
             return True, self.settled(replica)
+        if self.failed is not None:
+            raise self.failed
         if len(replica.pending) + sum(len(b.ops) for b in replica.window) > MAX_QUEUED_OPS:
             raise ServerStopped("replication is backed up; retry shortly")
         serial = replica.last_serial + 1
-        existed = replica.store.apply_one(kind, key, value, serial)
+        try:
+            existed = replica.store.apply_one(kind, key, value, serial)
+        except StorageFailed as e:
+            # The group transaction is rolled back, so are the turn's earlier writes: fail them
+            # all (they are queued but not forwarded; nothing is until its commit).
+            self.fail(e)
+            raise
         replica.last_serial = serial
         self.remember(replica.token, request_id, serial, key)
         if not replica.is_tail:
@@ -318,6 +356,8 @@ class ChainReplicator:
     def receive(self, epoch: int, owner: str, payload: bytes,
                 resumed: bool = False) -> Deferred[int] | int:
         """A C{Replicate} from our predecessor: apply in order, forward, answer when acked."""
+        if self.failed is not None:
+            raise ControlFailed(str(self.failed))
         if epoch != self.epoch:
             raise StaleEpoch(f"writes of epoch {epoch}; this server is at {self.epoch}")
         replica = self.replicas.get(owner)
@@ -337,7 +377,13 @@ class ChainReplicator:
                 log.warn("{owner}'s chain resumes at serial {serial} after {last}: skipping "
                          "writes its predecessor never forwarded", owner=owner,
                          serial=fresh[0][0], last=replica.last_serial)
-            replica.store.apply_ops(fresh, fresh[-1][0])
+            try:
+                replica.store.apply_ops(fresh, fresh[-1][0])
+            except StorageFailed as e:
+                # Nothing of the batch is applied (one transaction): the predecessor keeps it
+                # in its window and resends it to whoever the ECS makes its successor.
+                self.fail(e)
+                raise ControlFailed(str(e)) from None
             replica.last_serial = fresh[-1][0]
             for op in fresh:
                 self.remember(replica.token, op[4], op[0], op[2])
@@ -372,7 +418,14 @@ class ChainReplicator:
     def _end_turn(self) -> None:
         turn, self._turn = self._turn, set()
         for replica in turn:
-            replica.store.commit()
+            try:
+                replica.store.commit()
+            except StorageFailed as e:
+                # Every store's turn fails with it: no write of this turn is forwarded or
+                # acknowledged (some may be committed in another store: their outcome is
+                # unknown to their clients, which is what the error they get says).
+                self.fail(e)
+                return
         for replica in turn:
             if self.replicas.get(replica.owner) is not replica:
                 continue
@@ -384,7 +437,11 @@ class ChainReplicator:
     def commit_now(self, store: Store) -> None:
         """Commit C{store}'s waiting writes before a read of it: nobody reads uncommitted data."""
         if store.uncommitted:
-            store.commit()
+            try:
+                store.commit()
+            except StorageFailed as e:
+                self.fail(e)
+                raise
 
     def _flush(self, replica: Replica) -> None:
         if replica.paused:
@@ -454,6 +511,8 @@ class ChainReplicator:
         return self._wait(replica, replica.last_serial)
 
     def _wait(self, replica: Replica, serial: int) -> Deferred[int]:
+        if self.failed is not None:
+            return fail(self.failed)
         if replica.acked >= serial:
             return succeed(replica.acked)
         d: Deferred[int] = Deferred()
@@ -554,6 +613,8 @@ class ChainReplicator:
 
     def grant_lease(self, epoch: int, owner: str) -> float:
         """Our successor, the tail of C{owner}'s range, renews its lease."""
+        if self.failed is not None:
+            raise ControlFailed(str(self.failed))
         if epoch != self.epoch:
             raise StaleEpoch(f"lease for epoch {epoch}; this server is at {self.epoch}")
         replica = self.replicas.get(owner)

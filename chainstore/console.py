@@ -33,6 +33,7 @@ from chainstore.errors import (
     InvalidKey,
     KVError,
     NotResponsible,
+    ServerError,
     ServerStopped,
     ValueTooLarge,
     WriteLocked,
@@ -324,10 +325,18 @@ class ConsoleProtocol(Counted):
 
     @staticmethod
     def _error_reply(req: Request, error: KVError | None) -> bytes:
-        if error is not None:
-            state = STATE_REPLIES.get(type(error))
-            if state is not None:
-                return state
+        """The reply to a request that raised C{error} (None: an unexpected exception).
+
+        A failure of the server (L{ServerError}, such as a failed store, or a bug) is
+        ``error <reason>``, never ``get_error``/``delete_error``, which mean "not found"."""
+        if error is None:
+            return b"error the server failed to carry out the request; see its log"
+        state = STATE_REPLIES.get(type(error))
+        if state is not None:
+            return state
+        if isinstance(error, ServerError):
+            reason = " ".join(str(error).split())  # one line, whatever the backend said
+            return b"error " + reason.encode("latin-1", "replace")
         if req.command == "put":
             return b"put_error %s %s" % (req.key, req.value)
         if req.command in ("get", "delete"):

@@ -98,6 +98,9 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
     def set_state(self, state: str) -> dict[str, Any]:
         if state not in (RUNNING, STOPPED):
             raise control.ControlFailed(f"unknown state {state!r}")
+        if self.node.failure is not None:
+            # A server whose storage failed never serves again (it drops this link too).
+            raise control.ControlFailed(self.node.failure)
         if state != self.node.state:
             log.info("now {state}", state=state)
         self.node.state = state
@@ -222,7 +225,7 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
     @control.ClearStores.responder
     def clear_stores(self) -> dict[str, Any]:
         for store in self._stores().stores.values():
-            store.db.clear()
+            store.clear()
             # The serials go with the data: a chain of the same names may be formed again
             # with this server, and a serial kept from before would make it skip new writes.
             store.set_chain_state("", 0)

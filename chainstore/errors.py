@@ -50,10 +50,17 @@ class KeyNotFound(KVError):
 
 
 class ServerError(KVError):
-    """The server failed to carry out the request (a storage error, a bug); it logged why and
-    goes on serving. Whether a write took effect is unknown."""
+    """The server failed to carry out the request (a storage error, a bug); it logged why.
+    Whether a write took effect is unknown."""
 
     code = b"SERVER_ERROR"
+
+
+class StorageFailed(ServerError):
+    """A store of this server failed (disk full, I/O error, corruption): the server stopped
+    serving at once and answers every request with this until it is restarted (see
+    docs/DESIGN.md, "When storage fails"). It crosses AMP as L{ServerError}, whose code it
+    shares; whether a write took effect is unknown."""
 
 
 class InvalidRequestId(KVError):

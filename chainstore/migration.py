@@ -21,7 +21,6 @@ from chainstore.control import ReceiveRange, pack_items, unpack_items
 from chainstore.logs import get_logger
 from chainstore.ring import KeyRange, position
 from chainstore.storage import STORE_NAMES, Store
-from chainstore.storage.sqlitedbm import SQLiteDBM
 
 log = get_logger("chainstore.migration")
 
@@ -54,15 +53,7 @@ def batches(store: Store, rng: KeyRange) -> Iterator[list[tuple[bytes, bytes]]]:
 def write_batch(store: Store, puts: list[tuple[bytes, bytes]],
                 deletes: list[bytes] | tuple[()] = ()) -> None:
     """Apply a batch to a store, atomically where the backend can."""
-    db = store.db
-    if isinstance(db, SQLiteDBM):
-        db.update_many(puts, list(deletes))
-        return
-    for key, value in puts:
-        db[key] = value
-    for key in deletes:
-        if key in db:
-            del db[key]
+    store.write_batch(puts, deletes)
 
 
 async def copy_range(
@@ -190,10 +181,8 @@ async def move_local(source: Store, target: Store, rng: KeyRange, clock: IReacto
 def key_batches(store: Store, rng: KeyRange) -> Iterator[list[bytes]]:
     """The keys of C{store} in C{rng}, in batches; values are not read."""
     batch: list[bytes] = []
-    # SQLite pages its keys (deleting behind the cursor is safe); another dbm's key list is in
-    # memory anyway, and copying it lets the batches be deleted while we go.
-    keys = iter(store.db) if isinstance(store.db, SQLiteDBM) else iter(sorted(store.db.keys()))
-    for key in keys:
+    # Store.keys() lets the batches be deleted while we go.
+    for key in store.keys():
         if position(key) in rng:
             batch.append(key)
             if len(batch) >= BATCH_KEYS:

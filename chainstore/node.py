@@ -18,7 +18,13 @@ from twisted.internet.interfaces import IReactorTime
 from chainstore.cache import Cache
 from chainstore.chain import DELETE, PUT, ChainReplicator, Replica
 from chainstore.control import StaleEpoch
-from chainstore.errors import KeyNotFound, NotResponsible, ServerStopped, WriteLocked
+from chainstore.errors import (
+    KeyNotFound,
+    NotResponsible,
+    ServerStopped,
+    StorageFailed,
+    WriteLocked,
+)
 from chainstore.limits import check_key, check_request_id, check_value
 from chainstore.logs import get_logger
 from chainstore.peers import Connector, PeerPool, tcp_connector
@@ -29,6 +35,8 @@ log = get_logger("chainstore.node")
 
 STOPPED = "stopped"
 RUNNING = "running"
+# A store failed: the server answers every request with StorageFailed until it is restarted.
+FAILED = "failed"
 
 
 class KVNode:
@@ -37,6 +45,9 @@ class KVNode:
     C{stores} is None until the service opens them; until then and while C{state} is
     L{STOPPED}, every client request is refused with L{ServerStopped}. Assigning C{stores} or
     C{ring} re-derives the server's place in every chain (L{ChainReplicator.adopt}).
+
+    Storage is fail-stop: the first error of a store puts the node in state L{FAILED} for
+    good (L{storage_failed}); see docs/DESIGN.md, "When storage fails".
     """
 
     def __init__(self, me: NodeInfo, cache: Cache, clock: IReactorTime,
@@ -60,6 +71,10 @@ class KVNode:
         self.read_locks: list[KeyRange] = []
         self.counts: Counter[str] = Counter()
         self.started_at = clock.seconds()
+        #: why the storage failed (state FAILED), None while it works
+        self.failure: str | None = None
+        #: called once with the reason when the storage fails (the service drops its ECS link)
+        self.failure_listeners: list[Callable[[str], None]] = []
 
     @property
     def stores(self) -> StoreSet | None:
@@ -68,7 +83,29 @@ class KVNode:
     @stores.setter
     def stores(self, stores: StoreSet | None) -> None:
         self._stores = stores
+        if stores is not None:
+            for store in stores.stores.values():
+                store.on_failure = self.storage_failed
         self.chain.adopt(self._ring, stores)
+
+    def storage_failed(self, store: Store, reason: str) -> None:
+        """A store failed: stop serving at once and for good. Every write waiting for its
+        answer fails, nothing not committed is forwarded or read, the other stores' uncommitted
+        writes are rolled back, and the listeners (the ECS link) are told."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        self.state = FAILED
+        log.critical("storage failed, this server stops serving: {reason}", reason=reason)
+        self.cache.clear()
+        self.chain.fail(StorageFailed(f"storage failed: {reason}"))
+        if self._stores is not None:
+            self._stores.abandon()
+        for listener in self.failure_listeners:
+            try:
+                listener(reason)
+            except Exception:
+                log.failure("a storage failure listener failed")
 
     @property
     def ring(self) -> Ring:
@@ -151,6 +188,8 @@ class KVNode:
         return True
 
     def _serving(self) -> StoreSet:
+        if self.failure is not None:
+            raise StorageFailed(f"storage failed: {self.failure}")
         if self.state != RUNNING or self._stores is None:
             raise ServerStopped("the server is not serving requests")
         return self._stores
@@ -199,7 +238,9 @@ class KVNode:
             "deletes": self.counts["delete"],
         }
         stats.update(self.cache.stats())
-        if self._stores is not None:
+        if self.failure is not None:
+            stats["failure"] = f"storage failed: {self.failure}"
+        elif self._stores is not None:
             for name, store in self._stores.stores.items():
                 stats[f"{name}_keys"] = len(store)
         stats.update(self.chain.stats())

@@ -2,11 +2,14 @@
 
 The listeners are child services; the stores belong to the parent, which opens them before
 starting its children and closes them only after every child has stopped, so no request can
-reach a closed store.
+reach a closed store. A start that cannot succeed (a port in use, a data directory that cannot
+be written, a store file that fails its check) logs one line and raises L{StartupError}, whose
+traceback ``twistd kvserver`` does not print (chainstore/tap.py).
 """
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from typing import Any
 
@@ -14,6 +17,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 
 from chainstore import tls
 from chainstore.amp_server import KVServerFactory
@@ -30,9 +34,13 @@ from chainstore.ecs_link import make_ecs_link
 from chainstore.node import RUNNING, STOPPED, KVNode
 from chainstore.peers import tcp_connector
 from chainstore.ring import NodeInfo, Ring
-from chainstore.storage import StoreSet
+from chainstore.storage import StoreIntegrityError, StoreSet
 
 log = get_logger("chainstore.service")
+
+
+class StartupError(Exception):
+    """The server cannot start; the message, one line, says why (it is logged as it is)."""
 
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -68,13 +76,43 @@ class KVServerService(MultiService):
         # endpoint; the start-up warnings below say what binding it elsewhere exposes.
         _listener(serverFromString(reactor, config.console),
                   ConsoleFactory(self.node)).setServiceParent(self)
+        self.ecs_link: Any = None
         if config.ecs:
-            make_ecs_link(self.node, config.ecs, reactor, reactor.stop,
-                          credentials).setServiceParent(self)
+            self.ecs_link = make_ecs_link(self.node, config.ecs, reactor, reactor.stop,
+                                          credentials)
+            self.ecs_link.setServiceParent(self)
+        self.node.failure_listeners.append(self._storage_failed)
+
+    def _storage_failed(self, reason: str) -> None:
+        # Fail-stop: the server leaves the ECS for good (no link, no heartbeats), so the ECS's
+        # failure detector declares it failed and repairs its ranges from the other replicas.
+        # The listeners stay up, answering every request with the error.
+        if self.ecs_link is not None and self.ecs_link.running:
+            log.warn("leaving the ECS: it will treat this server as failed")
+            self.ecs_link.stopService()
+
+    def _cannot_start(self, reason: str) -> StartupError:
+        log.critical("kvserver {name} cannot start: {reason}", name=self.config.name,
+                     reason=reason)
+        return StartupError(reason)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            why = getattr(e.socketError, "strerror", None) or e.socketError
+            raise self._cannot_start(
+                f"cannot listen on {e.interface or '0.0.0.0'}:{e.port}: {why}") from None
 
     def startService(self) -> None:
         cfg, me = self.config, self.node.me
-        self.node.stores = StoreSet.open(cfg.data_dir, cfg.backend, cfg.durability)
+        try:
+            self.node.stores = StoreSet.open(cfg.data_dir, cfg.backend, cfg.durability)
+        except StoreIntegrityError as e:
+            raise self._cannot_start(f"refusing to start: {e}") from None
+        except (OSError, sqlite3.Error) as e:
+            raise self._cannot_start(
+                f"cannot open the stores in {cfg.data_dir}: {e}") from None
         counts = {name: len(s) for name, s in self.node.stores.stores.items()}
         log.info("opened stores in {data_dir} ({backend}, durability {durability}): {counts}",
                  data_dir=cfg.data_dir, backend=cfg.backend, durability=cfg.durability,

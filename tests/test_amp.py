@@ -251,12 +251,24 @@ def test_an_unexpected_failure_is_a_declared_server_error_and_the_connection_liv
     node.cache.clear()
     broken = node.stores.coordinator.db
     real_get = broken.get
-    broken.get = lambda *a: (_ for _ in ()).throw(OSError("disk on fire"))
+    broken.get = lambda *a: (_ for _ in ()).throw(RuntimeError("a bug"))
     message = wire.fails(ServerError, protocol.Get, key=b"k")
-    assert "disk on fire" in message
+    assert "a bug" in message
     broken.get = real_get
     assert wire.connected
     assert wire.call(protocol.Get, key=b"k") == {"value": b"v"}
+
+
+def test_a_storage_error_is_a_server_error_and_the_server_stops_serving(node, wire):
+    # Fail-stop (docs/DESIGN.md, "When storage fails"): the error answers the request, and
+    # every later one, with the reason; the connection lives.
+    wire.call(protocol.Put, key=b"k", value=b"v")
+    node.cache.clear()
+    node.stores.coordinator.db.get = lambda *a: (_ for _ in ()).throw(OSError("disk on fire"))
+    assert "disk on fire" in wire.fails(ServerError, protocol.Get, key=b"k")
+    assert wire.connected
+    assert "storage failed" in wire.fails(ServerError, protocol.Put, key=b"k2", value=b"v")
+    assert json.loads(wire.call(protocol.Stats)["stats"])["state"] == "failed"
 
 
 def test_the_ring_on_the_wire_carries_the_positions_the_ecs_chose() -> None:

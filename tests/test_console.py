@@ -20,6 +20,7 @@ from chainstore.node import STOPPED, KVNode
 from simnet import SimNet
 from chainstore.ring import KeyRange, NodeInfo, Ring, position, render_position
 from chainstore.storage import StoreSet
+from chainstore.testing import faults
 
 ME = NodeInfo("s1", "127.0.0.1", 50001, 51001)
 OTHER = NodeInfo("s2", "127.0.0.1", 50002, 51002)
@@ -103,13 +104,28 @@ def test_put_get_delete_replies_exactly(conn):
     assert stored(conn.node) == {}
 
 
-def test_put_error_when_the_store_fails(conn):
-    # A storage failure (here: the store is closed under the node) is not a client's fault:
-    # the classic reply is put_error <key> <value>, and the connection goes on.
+def test_a_failed_store_answers_error_with_the_reason_never_not_found(conn):
+    # A storage failure is not "not found": get_error and delete_error would tell a classic
+    # client the key is absent. Every request gets error <reason>, and stats shows it.
+    assert conn.ask(b"put k v") == b"put_success k"
+    conn.node.cache.clear()
+    faults.inject(conn.node.stores.coordinator).arm(faults.CORRUPT, faults.reads)
+    reply = conn.ask(b"get k")
+    assert reply.startswith(b"error storage failed: store coordinator") and b"malformed" in reply
+    for line in (b"get k", b"delete k", b"put k w"):
+        assert conn.ask(line).startswith(b"error storage failed: "), line
+    assert conn.ask(b"help").startswith(b"help ")
+    stats = json.loads(conn.ask(b"stats")[len(b"stats "):])
+    assert stats["state"] == "failed" and "malformed" in stats["failure"]
+
+
+def test_an_unexpected_failure_answers_error_not_get_error(conn):
+    # Not a storage error (the store was closed under the node: a bug): still never "not
+    # found", and the connection goes on.
     conn.node.stores.coordinator.db.close()
-    assert conn.ask(b"put k some value") == b"put_error k some value"
-    assert conn.ask(b"get k") == b"get_error k"
-    assert conn.ask(b"delete k") == b"delete_error k"
+    assert conn.ask(b"put k some value").startswith(b"error ")
+    assert conn.ask(b"get k").startswith(b"error ")
+    assert conn.ask(b"delete k").startswith(b"error ")
     assert conn.ask(b"help").startswith(b"help ")
 
 

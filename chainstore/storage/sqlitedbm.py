@@ -174,10 +174,10 @@ class SQLiteDBM:
         try:
             conn.executemany(_PUT, ((_bytes(k), _bytes(v)) for k, v in puts))
             conn.executemany("DELETE FROM kv WHERE k = ?", ((_bytes(k),) for k in deletes))
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            self._rollback()
             raise
-        conn.execute("COMMIT")
 
     def chain_state(self) -> tuple[str, int]:
         """The chain identity and last applied serial recorded with the data."""
@@ -207,7 +207,9 @@ class SQLiteDBM:
                 if not existed:
                     conn.execute(_INSERT, (key, value))
         except BaseException:
-            conn.execute("ROLLBACK")
+            # Every write of the group goes: the caller must treat them all as failed (the
+            # server stops serving, see chainstore/node.py), never forward or answer them.
+            self._rollback()
             self._group_serial = None
             raise
         return existed
@@ -225,9 +227,33 @@ class SQLiteDBM:
         """
         if self._group_serial is not None:
             conn = self._conn
-            conn.execute(_SET_SERIAL, (self._group_serial,))
+            try:
+                conn.execute(_SET_SERIAL, (self._group_serial,))
+                conn.execute("COMMIT")
+            except BaseException:
+                # A COMMIT that fails (a full disk) may leave the transaction open: its writes
+                # would then be read on this connection and committed by whatever statement
+                # comes next. Roll it back; the marker goes only once nothing is open.
+                self._rollback()
+                self._group_serial = None
+                raise
             self._group_serial = None
-            conn.execute("COMMIT")
+
+    def abandon(self) -> None:
+        """Roll back the group transaction of L{apply_one}: its writes were never committed,
+        so nobody was told they were done, and they must not become durable later."""
+        if self._group_serial is not None:
+            self._rollback()
+            self._group_serial = None
+
+    def _rollback(self) -> None:
+        # After some failures SQLite has already rolled the transaction back itself, and a
+        # second ROLLBACK would raise "no transaction is active".
+        if self._db is not None and self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     def apply_ops(self, ops: Iterable[tuple[bool, bytes, bytes]], serial: int) -> None:
         """Writes (delete?, key, value) in order and the serial of the last, atomically."""
@@ -242,10 +268,10 @@ class SQLiteDBM:
                 else:
                     conn.executemany(_PUT, ((key, value) for _, key, value in run))
             conn.execute(_SET_SERIAL, (serial,))
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            self._rollback()
             raise
-        conn.execute("COMMIT")
 
     def clear(self) -> None:
         self.commit()
@@ -273,6 +299,23 @@ class SQLiteDBM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_file(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong with the SQLite file at C{path} (C{PRAGMA quick_check}, which reads every
+    page but does not compare indexes with their tables), or None if nothing is."""
+    try:
+        db = sqlite3.connect(os.fspath(path), isolation_level=None)
+    except sqlite3.Error as e:
+        return str(e)
+    try:
+        rows = db.execute("PRAGMA quick_check").fetchall()
+    except sqlite3.Error as e:
+        return str(e)
+    finally:
+        db.close()
+    problems = [str(row[0]) for row in rows if row[0] != "ok"]
+    return "; ".join(problems[:3]) or None
 
 
 def open(path: str | os.PathLike[str], flag: str = "c", durability: str = "crash") -> SQLiteDBM:

@@ -3,17 +3,28 @@
 A server is the head of its own range (``coordinator``), the middle of its predecessor's
 (``replica1``) and the tail of its predecessor's predecessor's (``replica2``). A standalone server
 keeps its data in ``coordinator`` only.
+
+Storage is fail-stop (docs/DESIGN.md, "When storage fails"): the first error of a backend (disk
+full, I/O error, corruption) marks the store failed, rolls back what it had not committed, tells
+its owner (L{Store.on_failure}) and raises L{StorageFailed}; a failed store never reads or writes
+again. Beside the stores a manifest (chainstore/storage/integrity.py) records which of them
+have held data, so that a store file found missing, empty or corrupt at start is refused
+(L{StoreIntegrityError}) rather than taken for a new, empty store.
 """
 
 from __future__ import annotations
 
 import dbm.dumb
+import functools
 import os
-from collections.abc import Callable, Iterator
-from typing import Any
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
+from chainstore.errors import StorageFailed
 from chainstore.ring import position
 from chainstore.storage import sqlitedbm
+from chainstore.storage.integrity import Manifest, check_stores
 from chainstore.storage.rwlock import ReadWriteLock
 
 STORE_NAMES = ("coordinator", "replica1", "replica2")
@@ -32,28 +43,87 @@ def _open_dumb(path: str, durability: str) -> Any:
 #: Backend name -> opener(path without suffix, durability) returning a dbm-like mapping.
 BACKENDS: dict[str, Callable[[str, str], Any]] = {"sqlite": _open_sqlite, "dumb": _open_dumb}
 
+#: What a backend raises when its storage fails: SQLite's errors (a full disk is
+#: "database or disk is full", corruption "database disk image is malformed"), and the OS's.
+STORAGE_ERRORS = (sqlite3.Error, OSError)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _guarded(method: _F) -> _F:
+    """Refuse once the store has failed; turn a storage error into L{StorageFailed}."""
+    @functools.wraps(method)
+    def guarded(self: Store, *args: Any, **kwargs: Any) -> Any:
+        if self.failure is not None:
+            raise StorageFailed(f"storage failed: {self.failure}")
+        try:
+            return method(self, *args, **kwargs)
+        except STORAGE_ERRORS as e:
+            raise self._failed(e) from e
+    return guarded  # type: ignore[return-value]
+
 
 class Store:
-    """One named dbm mapping of bytes to bytes, and the lock that guards moving it."""
+    """One named dbm mapping of bytes to bytes, and the lock that guards moving it.
 
-    def __init__(self, name: str, db: Any) -> None:
+    Every operation raises L{StorageFailed} once the store has failed (see the module
+    docstring); L{on_failure} is called once, with the store and the reason, when it does.
+    """
+
+    def __init__(self, name: str, db: Any, path: str = "") -> None:
         self.name = name
         self.db = db
+        self.path = path or name
         self.lock = ReadWriteLock()
         # Backends without a place for it (dbm.dumb) keep the chain state in memory only.
         self._chain_state: tuple[str, int] = ("", 0)
         # Dirty sets of copies in progress (chainstore/migration.py): range -> keys written.
         self.trackers: dict[int, tuple[Any, set[bytes]]] = {}
+        #: why the store failed, None while it works
+        self.failure: str | None = None
+        self.on_failure: Callable[[Store, str], None] = lambda store, reason: None
+        #: whether the manifest records that this store has held data; the first write of a
+        #: value calls L{on_first_data} (which records it) when it is not
+        self.held_data = True
+        self.on_first_data: Callable[[Store], None] = lambda store: None
+        # a put waits in the open group transaction (apply_one)
+        self._group_puts = False
 
+    def _failed(self, error: Exception) -> StorageFailed:
+        if self.failure is None:
+            self.failure = f"store {self.name} ({self.path}): {error}"
+            self.abandon()
+            self.on_failure(self, self.failure)
+        return StorageFailed(f"storage failed: {self.failure}")
+
+    def abandon(self) -> None:
+        """Roll back writes not yet committed (L{apply_one}): nobody was told they were done.
+        Never raises: it runs while the store is failing or the server stops."""
+        self._group_puts = False
+        if isinstance(self.db, sqlitedbm.SQLiteDBM):
+            try:
+                self.db.abandon()
+            except Exception:
+                pass
+
+    def _wrote(self) -> None:
+        if not self.held_data:
+            self.on_first_data(self)
+            self.held_data = True
+
+    @_guarded
     def get(self, key: bytes) -> bytes | None:
         return self.db.get(key)
 
+    @_guarded
     def put(self, key: bytes, value: bytes) -> bool:
         """Store C{value}; return True if the key already held a value."""
         existed = key in self.db
         self.db[key] = value
+        self._wrote()
         return existed
 
+    @_guarded
     def delete(self, key: bytes) -> bool:
         """Remove C{key}; return False if it held no value."""
         try:
@@ -69,6 +139,9 @@ class Store:
         iteration runs are allowed; a key deleted meanwhile may still be yielded (with its old
         value) or skipped, but it is never an error.
         """
+        return self._guarded_iter(self._items, after)
+
+    def _items(self, after: bytes | None) -> Iterator[tuple[bytes, bytes]]:
         if isinstance(self.db, sqlitedbm.SQLiteDBM):
             return self.db.items(after)
         # dbm.dumb lists its keys in insertion order, and its items() would read every value
@@ -78,14 +151,59 @@ class Store:
             keys = [k for k in keys if k > after]
         return self._dumb_items(keys)
 
+    def keys(self) -> Iterator[bytes]:
+        """Every key in byte order; values are not read. Deleting keys already passed is
+        safe (SQLite pages by key; another backend's key list is copied first)."""
+        def keys() -> Iterator[bytes]:
+            if isinstance(self.db, sqlitedbm.SQLiteDBM):
+                return iter(self.db)
+            return iter(sorted(self.db.keys()))
+        return self._guarded_iter(keys)
+
+    def _guarded_iter(self, start: Callable[..., Iterator[Any]], *args: Any) -> Iterator[Any]:
+        it = self._guarded_call(start, *args)
+        while True:
+            try:
+                item = self._guarded_call(next, it)
+            except StopIteration:
+                return
+            yield item
+
+    @_guarded
+    def _guarded_call(self, function: Callable[..., Any], *args: Any) -> Any:
+        return function(*args)
+
     def _dumb_items(self, keys: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
         for key in keys:
             value = self.db.get(key)
             if value is not None:
                 yield key, value
 
+    @_guarded
     def __len__(self) -> int:
         return len(self.db)
+
+    @_guarded
+    def write_batch(self, puts: list[tuple[bytes, bytes]],
+                    deletes: Iterable[bytes] = ()) -> None:
+        """Apply a batch (a range copy's), atomically where the backend can; deleting a
+        missing key is not an error."""
+        db = self.db
+        if isinstance(db, sqlitedbm.SQLiteDBM):
+            db.update_many(puts, list(deletes))
+        else:
+            for key, value in puts:
+                db[key] = value
+            for key in deletes:
+                if key in db:
+                    del db[key]
+        if puts:
+            self._wrote()
+
+    @_guarded
+    def clear(self) -> None:
+        """Delete every key (the serials stay: see L{set_chain_state})."""
+        self.db.clear()
 
     # -- chain replication: writes with their serial (chainstore/chain.py) ------------------
 
@@ -96,18 +214,21 @@ class Store:
                 if pos in rng:
                     dirty.add(key)
 
+    @_guarded
     def chain_state(self) -> tuple[str, int]:
         """(chain identity, last applied serial) recorded with this store's data."""
         if isinstance(self.db, sqlitedbm.SQLiteDBM):
             return self.db.chain_state()
         return self._chain_state
 
+    @_guarded
     def set_chain_state(self, chain: str, serial: int) -> None:
         if isinstance(self.db, sqlitedbm.SQLiteDBM):
             self.db.set_chain_state(chain, serial)
         else:
             self._chain_state = (chain, serial)
 
+    @_guarded
     def apply_one(self, kind: int, key: bytes, value: bytes, serial: int) -> bool:
         """Apply one write (kind 0 put, 1 delete) with its serial; whether the key existed.
 
@@ -117,20 +238,27 @@ class Store:
         if self.trackers:
             self._track((key,))
         if isinstance(self.db, sqlitedbm.SQLiteDBM):
-            return self.db.apply_one(kind == 1, key, value, serial)
+            existed: bool = self.db.apply_one(kind == 1, key, value, serial)
+            self._group_puts = self._group_puts or kind == 0
+            return existed
         existed = self.put(key, value) if kind == 0 else self.delete(key)
         self._chain_state = (self._chain_state[0], serial)
         return existed
 
+    @_guarded
     def commit(self) -> None:
         """Make the writes of L{apply_one} durable (one commit for all of them)."""
         if isinstance(self.db, sqlitedbm.SQLiteDBM):
             self.db.commit()
+            if self._group_puts:
+                self._group_puts = False
+                self._wrote()
 
     @property
     def uncommitted(self) -> bool:
         return isinstance(self.db, sqlitedbm.SQLiteDBM) and self.db.uncommitted
 
+    @_guarded
     def apply_ops(self, ops: list[tuple[int, int, bytes, bytes, bytes]], serial: int) -> None:
         """Apply replicated writes (serial, kind, key, value, request id) in order, atomically
         where the backend can, recording C{serial} as the last applied."""
@@ -139,19 +267,31 @@ class Store:
             self._track(op[2] for op in ops)
         if isinstance(self.db, sqlitedbm.SQLiteDBM):
             self.db.apply_ops(((op[1] == 1, op[2], op[3]) for op in ops), serial)
-            return
-        for _, kind, key, value, _ in ops:
-            if kind == 0:
-                self.db[key] = value
-            else:
-                self.delete(key)
-        self._chain_state = (self._chain_state[0], serial)
+        else:
+            for _, kind, key, value, _ in ops:
+                if kind == 0:
+                    self.db[key] = value
+                elif key in self.db:
+                    del self.db[key]
+            self._chain_state = (self._chain_state[0], serial)
+        if any(op[1] == 0 for op in ops):
+            self._wrote()
 
+    @_guarded
     def sync(self) -> None:
         self.db.sync()
 
     def close(self) -> None:
-        self.db.close()
+        """Close the file. A failed store is closed without committing anything more, and
+        without raising (its failure was reported when it happened)."""
+        if self.failure is None:
+            self.db.close()
+            return
+        self.abandon()
+        try:
+            self.db.close()
+        except Exception:
+            pass
 
 
 class StoreSet:
@@ -162,14 +302,37 @@ class StoreSet:
 
     @classmethod
     def open(cls, directory: str, backend: str = "sqlite", durability: str = "crash") -> StoreSet:
+        """Open (or create) the stores of C{directory}. With the SQLite backend, first check
+        them against the manifest (L{check_stores}): L{StoreIntegrityError} if one is not
+        what it should be."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown storage backend {backend!r}; known: {sorted(BACKENDS)}")
         os.makedirs(directory, exist_ok=True)
+        manifest = Manifest(directory)
+        if backend == "sqlite":
+            check_stores(directory, manifest, STORE_NAMES)
         opener = BACKENDS[backend]
-        return cls({
-            name: Store(name, opener(os.path.join(directory, name), durability))
-            for name in STORE_NAMES
-        })
+        stores: dict[str, Store] = {}
+        try:
+            for name in STORE_NAMES:
+                path = os.path.join(directory, name)
+                store = stores[name] = Store(name, opener(path, durability), path)
+                store.on_first_data = manifest.record
+                # A file with data the manifest does not know (written before manifests
+                # existed, or just before a crash) is recorded now.
+                store.held_data = name in manifest.held
+                if not store.held_data and len(store) > 0:
+                    store._wrote()
+        except BaseException:
+            for store in stores.values():
+                store.close()
+            raise
+        return cls(stores)
+
+    def abandon(self) -> None:
+        """Roll back every store's uncommitted writes (L{Store.abandon})."""
+        for store in self.stores.values():
+            store.abandon()
 
     def __getitem__(self, name: str) -> Store:
         return self.stores[name]

@@ -20,6 +20,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport, Synchr
 from twisted.protocols import amp
 from twisted.python import usage
 
+from chainstore import pki, tls
 from chainstore.config import ServerConfig, load_peer_routes
 from chainstore.peers import PeerPool, tcp_connector
 from chainstore.ring import NodeInfo
@@ -450,6 +451,61 @@ async def test_fabric_links_routes_and_one_way_drops(reactor, net, tmp_path):
             fabric.partition("a", "nobody")
         fabric.heal()
         assert not ab.partitioned
+    finally:
+        await within(reactor, fabric.close())
+        await net.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_fabric_clients_speak_tls_through_the_proxy_to_the_server_they_meant(
+        reactor, net, tmp_path):
+    directory = str(tmp_path / "pki")
+    pki.init_ca(directory)
+    # Certificates for the server's own host only: neither names the proxy's 127.0.0.1.
+    pki.issue(directory, "server", "named", ["localhost"])
+    pki.issue(directory, "server", "elsewhere", ["127.0.0.2"])
+    pki.issue(directory, "client", "client")
+
+    accepted: list[Peer] = []
+
+    def build() -> Peer:
+        peer = Peer(echo=True)
+        accepted.append(peer)
+        net.peers.append(peer)
+        return peer
+
+    async def listen(holder: str) -> int:
+        endpoint = tls.server_endpoint(reactor, "tcp:0:interface=127.0.0.1",
+                                       tls.load(tls.TLSFiles.in_dir(directory, holder)))
+        port = await endpoint.listen(Factory.forProtocol(build))
+        net.ports.append(port)
+        return port.getHost().port
+
+    named, elsewhere = await listen("named"), await listen("elsewhere")
+    fabric = ProxyFabric(reactor)
+    try:
+        proxy = fabric.add("client", "named", "localhost", named)
+        fabric.add("client", "elsewhere", "localhost", elsewhere)
+        factory = fabric.endpoint_factory(
+            "client", credentials=tls.load(tls.TLSFiles.in_dir(directory, "client")))
+
+        # Dialled at the proxy, checked against the host the client meant (localhost).
+        via = Peer()
+        await within(reactor, connectProtocol(factory("localhost", named), via))
+        net.peers.append(via)
+        via.transport.write(b"hello")
+        assert await received(reactor, via, 5) == b"hello"
+        assert proxy.accepted == 1 and proxy.forwarded[FORWARD] > 5  # TLS records, not b"hello"
+        assert tls.peer_identity(accepted[0].transport) == pki.Identity("client", "client")
+        assert tls.peer_identity(via.transport) == pki.Identity("named", "server")
+
+        # A server whose certificate does not name the host meant is refused, proxy or not.
+        wrong = Peer()
+        await within(reactor, connectProtocol(factory("localhost", elsewhere), wrong))
+        wrong.transport.write(b"secret")
+        await within(reactor, wrong.closed)
+        assert not wrong.data and fabric.proxy("client", "elsewhere").accepted == 1
+        assert all(not peer.data for peer in accepted[1:])
     finally:
         await within(reactor, fabric.close())
         await net.close()

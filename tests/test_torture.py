@@ -17,14 +17,17 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+import yaml
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
+from chainstore import pki
 from chainstore.errors import InvalidKey, KeyNotFound, NotResponsible, ValueTooLarge
 from chainstore.ring import NodeInfo, Ring
 from client.errors import RequestTimedOut
 from torture.checker import check_all
-from torture.cluster import Loopback, Namespaces, listen_port
+from torture.__main__ import parse_args
+from torture.cluster import CLIENT, ECS, Cluster, Loopback, Namespaces, listen_port
 from torture.history import DELETE, FAIL, GET, OK, PUT, UNKNOWN, History
 from torture.nemesis import DELAY, KILL, LEAVE, PARTITION, PAUSE, Nemesis, NemesisError
 from torture.report import (ScenarioResult, anomaly_text, exit_code, format_table,
@@ -393,6 +396,80 @@ def test_namespaces_are_named_after_the_run_and_addressed_apart() -> None:
     assert a.proxy_host("client") == "127.0.0.1"
     assert a.argv_prefix("server4") == ["ip", "netns", "exec", a.namespace("server4")]
     assert Loopback().server_host("server1") == "127.0.0.1" and Loopback().argv_prefix("x") == []
+
+
+class _Proxy:
+    """What L{Cluster.dialled_hosts} reads of a proxy: the address it listens on."""
+
+    def __init__(self, interface: str) -> None:
+        self.interface = interface
+        self.address = (interface, 4000)
+
+
+def _namespaced_cluster(tmp_path: Path) -> tuple[Cluster, Namespaces]:
+    # The links Cluster.start makes, without namespaces or sockets: clients' proxies on this
+    # machine, every server's proxies (to its peers and to the ECS) at its own end of its link.
+    net = Namespaces("20260101-000000-1/kill-tail")
+    cluster = Cluster(None, tmp_path, servers=3, network=net)
+    net.index = {name: i for i, name in enumerate(cluster.names, 1)}
+    for name in cluster.names:
+        cluster.fabric.proxies[(CLIENT, name)] = _Proxy(net.proxy_host(CLIENT))  # type: ignore
+        cluster.fabric.proxies[(name, ECS)] = _Proxy(net.proxy_host(name))  # type: ignore
+        for other in cluster.names:
+            if other != name:
+                cluster.fabric.proxies[(other, name)] = _Proxy(  # type: ignore
+                    net.proxy_host(other))
+    return cluster, net
+
+
+def test_certificates_name_every_address_a_node_is_dialled_at_in_namespaces(
+        tmp_path: Path) -> None:
+    cluster, net = _namespaced_cluster(tmp_path)
+    hosts = cluster.dialled_hosts()
+    link = [net.proxy_host(n) for n in cluster.names]
+    assert hosts[ECS] == ["127.0.0.1", *link]
+    assert hosts["server2"] == [net.server_host("server2"), "127.0.0.1", link[0], link[2]]
+    assert cluster.pki_dir is not None
+    cluster._issue_certificates(cluster.pki_dir)
+    issued = {c.name: set(c.hosts) for c in pki.list_issued(str(cluster.pki_dir))}
+    assert issued[ECS] == {*hosts[ECS], *pki.LOCAL_HOSTS}
+    for name in cluster.names:
+        assert issued[name] == {*hosts[name], *pki.LOCAL_HOSTS}
+    # admin and client are left to the ECS, which adds what is missing on its start.
+    assert set(issued) == {ECS, *cluster.names}
+
+
+def test_on_loopback_the_harness_leaves_the_whole_pki_to_the_ecs(tmp_path: Path) -> None:
+    cluster = Cluster(None, tmp_path, servers=3)
+    for name in cluster.names:
+        for source in (CLIENT, ECS, *cluster.names):
+            if source != name:
+                cluster.fabric.proxies[(source, name)] = _Proxy("127.0.0.1")  # type: ignore
+    assert set(cluster.dialled_hosts()["server1"]) == {"127.0.0.1"}
+    assert cluster.pki_dir is not None
+    cluster._issue_certificates(cluster.pki_dir)
+    assert not cluster.pki_dir.exists()
+
+
+def test_tls_is_on_unless_turned_off(tmp_path: Path) -> None:
+    assert parse_args([]).tls == "on" and parse_args(["--tls", "off"]).tls == "off"
+    for tls in (True, False):
+        cluster = Cluster(None, tmp_path / str(tls), servers=1, tls=tls)
+        cluster.workdir.mkdir()
+        cluster.ports["server1"] = (7001, 7002)
+        cluster.fabric.proxies[("server1", ECS)] = _Proxy("127.0.0.1")  # type: ignore
+        cluster._write_ecs_config()
+        config = yaml.safe_load(cluster.config_path.read_text())
+        argv = cluster._server_process("server1").argv()
+        if tls:
+            assert cluster.pki_dir == (tmp_path / "True").resolve() / "data" / "pki"
+            assert config["tls"] == "on" and config["pki-dir"] == str(cluster.pki_dir)
+            # the server's --pki-dir is the ECS's, where the ECS issued its certificate
+            assert argv[argv.index("--pki-dir") + 1] == str(cluster.pki_dir)
+        else:
+            assert cluster.pki_dir is None and cluster.credentials("admin") is None
+            assert config["tls"] == "off"
+            assert argv[argv.index("--tls") + 1] == "off" and "--pki-dir" not in argv
 
 
 def test_listen_ports_lie_below_the_ephemeral_range() -> None:

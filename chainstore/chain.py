@@ -30,9 +30,10 @@ from itertools import count
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.defer import Deferred, TimeoutError, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from chainstore.control import (
@@ -69,6 +70,10 @@ BATCH_BYTES = 512 * 1024
 OP_HEADER_BYTES = 15
 MAX_QUEUED_OPS = 20_000
 RETRY_SECONDS = 0.2
+# A Replicate not answered within this is taken for a lost successor (a hung process, a half-open
+# connection): the connection is dropped and the window resent on a new one. Generous: the answer
+# waits for the rest of the chain, and a new tail waits out a lease before it answers.
+REPLICATE_TIMEOUT = 10.0
 LEASE_RETRY_SECONDS = 0.1
 # Enough for every write of the clients' retry deadline at full speed (about 30 s at 5,000
 # writes/s); an entry costs about 150 bytes.
@@ -173,6 +178,7 @@ class ChainReplicator:
         self._turn_call: Any = None
         self._lease_loop = LoopingCall(self._renew_leases)
         self._lease_loop.clock = clock
+        self._lease_loop_done: Deferred[Any] | None = None
         #: the storage error that stopped this server's chains, None while they work
         self.failed: StorageFailed | None = None
 
@@ -272,15 +278,16 @@ class ChainReplicator:
     def _update_lease_loop(self) -> None:
         needs = any(r.is_tail and r.predecessor is not None for r in self.replicas.values())
         if needs and not self._lease_loop.running:
-            self._lease_loop.start(self.lease / 3, now=True)
+            self._lease_loop_done = self._lease_loop.start(self.lease / 3, now=True)
+            self._lease_loop_done.addErrback(
+                lambda f: log.failure("the lease loop stopped; tails may refuse reads", f))
         elif not needs and self._lease_loop.running:
             self._lease_loop.stop()
         elif needs:
             # A tail that has just taken its role asks at once, not at the next round: it
             # refuses every read until it holds a lease.
             for replica in list(self.replicas.values()):
-                if self._lacks_lease(replica):
-                    self._renew(replica)
+                self._retry_lease(replica)
 
     def stop(self) -> None:
         if self._lease_loop.running:
@@ -459,13 +466,30 @@ class ChainReplicator:
         generation, successor, epoch = replica.generation, replica.successor, self.epoch
         assert successor is not None
         payload = pack_ops(batch.ops)
-        d = self.peers.get(successor)
-        resumed = replica.resumed
-        d.addCallback(lambda proto: proto.callRemote(Replicate, epoch=epoch,
-                                                     owner=replica.owner, ops=payload,
-                                                     resumed=resumed))
+        d = self._call_peer(successor, REPLICATE_TIMEOUT, Replicate, epoch=epoch,
+                            owner=replica.owner, ops=payload, resumed=replica.resumed)
         d.addCallbacks(self._answered, self._send_failed, (replica, generation), None,
                        (replica, generation, successor))
+
+    def _call_peer(self, node: NodeInfo, timeout: float, command: Any,
+                   **arguments: Any) -> Deferred[Any]:
+        """C{command} to peer C{node} over the pool, failing with L{TimeoutError} if it is not
+        answered within C{timeout} (dial included). A call that times out is taken for a lost
+        peer (hung, or a half-open connection): its connection is aborted, so the next call to
+        C{node} dials again."""
+        used: list[Any] = []
+
+        def call(proto: Any) -> Deferred[Any]:
+            used.append(proto)
+            return proto.callRemote(command, **arguments)
+
+        def timed_out(failure: Failure) -> Failure:
+            if failure.check(TimeoutError) and used:
+                self.peers.drop(node, abort=True, proto=used[0])
+            return failure
+
+        d = self.peers.get(node).addCallback(call)
+        return d.addTimeout(timeout, self.clock).addErrback(timed_out)
 
     def _answered(self, result: dict[str, int], replica: Replica, generation: int) -> None:
         if generation == replica.generation:
@@ -577,16 +601,22 @@ class ChainReplicator:
         return replica.tail_from <= now < replica.lease_until
 
     def _renew_leases(self) -> None:
+        # Never raises: a LoopingCall whose function raises stops for good, and then every
+        # tail of this server would refuse reads from its next lease's end on.
         for replica in list(self.replicas.values()):
-            if replica.is_tail and replica.predecessor is not None:
-                self._renew(replica)
+            try:
+                if replica.is_tail and replica.predecessor is not None:
+                    self._renew(replica)
+            except Exception:
+                log.failure("renewing the lease of {owner}'s range failed", owner=replica.owner,
+                            level=LogLevel.error)
 
     def _renew(self, replica: Replica) -> None:
         assert replica.predecessor is not None
         sent = self.monotonic()
-        d = self.peers.get(replica.predecessor)
-        d.addCallback(lambda proto: proto.callRemote(
-            RenewLease, epoch=self.epoch, owner=replica.owner))
+        # An answer later than a lease grants nothing (the lease runs from the request).
+        d = self._call_peer(replica.predecessor, self.lease, RenewLease, epoch=self.epoch,
+                            owner=replica.owner)
         d.addCallbacks(self._renewed, self._renew_failed, (replica, sent), None, (replica,))
 
     def _lacks_lease(self, replica: Replica) -> bool:
@@ -595,8 +625,12 @@ class ChainReplicator:
                 and replica.lease_until <= self.monotonic())
 
     def _retry_lease(self, replica: Replica) -> None:
-        if self._lacks_lease(replica):
-            self._renew(replica)
+        try:
+            if self._lacks_lease(replica):
+                self._renew(replica)
+        except Exception:
+            log.failure("renewing the lease of {owner}'s range failed", owner=replica.owner,
+                        level=LogLevel.error)
 
     def _renewed(self, result: dict[str, float], replica: Replica, sent: float) -> None:
         replica.lease_until = max(replica.lease_until, sent + min(result["seconds"], self.lease))

@@ -98,10 +98,18 @@ class PeerPool:
         for waiter in self._dialing.pop(key, []):
             waiter.errback(failure)
 
-    def drop(self, node: NodeInfo) -> None:
-        proto = self._open.pop(f"{node.host}:{node.amp_port}", None)
+    def drop(self, node: NodeInfo, abort: bool = False, proto: amp.AMP | None = None) -> None:
+        """Forget the connection to C{node}: the next use dials again. With C{abort} (a peer
+        that stopped answering) it is closed at once, without flushing what is unsent. Given
+        C{proto}, only that connection is closed (a newer one to C{node} stays)."""
+        key = f"{node.host}:{node.amp_port}"
+        if proto is None or self._open.get(key) is proto:
+            proto = self._open.pop(key, None)
         if proto is not None and proto.transport is not None:
-            proto.transport.loseConnection()
+            if abort:
+                proto.transport.abortConnection()
+            else:
+                proto.transport.loseConnection()
 
     def close(self) -> None:
         for proto in list(self._open.values()):

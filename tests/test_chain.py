@@ -360,3 +360,67 @@ def test_a_server_that_missed_a_ring_does_not_take_a_re_formed_chain_for_its_old
     net.settle(put(net, reformed, keys[5], b"new"))
     assert tail_replica.last_serial == 1
     assert net.nodes[tail.name].get(keys[5]) == b"new"
+
+
+# -- liveness: the lease loop and calls to hung peers --------------------------------------------
+
+def test_the_lease_loop_survives_an_exception(net, monkeypatch):
+    ring = net.cluster(3)
+    key = keys_headed_by(ring, "n0", 1)[0]
+    head, middle, tail = ring.chain(key)
+    net.settle(put(net, ring, key, b"v"))
+    net.run(1.0)
+    tail_chain = net.nodes[tail.name].chain
+    assert net.nodes[tail.name].get(key) == b"v"
+    real_get = tail_chain.peers.get
+    raised = []
+
+    def get_once(node):
+        if not raised:
+            raised.append(node)
+            raise RuntimeError("injected")
+        return real_get(node)
+
+    monkeypatch.setattr(tail_chain.peers, "get", get_once)
+    net.run(1.0)  # a renewal round raised
+    assert raised
+    # Leases go on being renewed: the tail still reads, many leases later.
+    net.run(5 * chain.LEASE_SECONDS)
+    assert tail_chain._lease_loop.running
+    assert net.nodes[tail.name].get(key) == b"v"
+
+
+def black_hole(net: SimNet, source: str, target: str) -> None:
+    """The open connection from C{source} to C{target} delivers nothing any more and never
+    closes (a half-open TCP connection, or a peer hung on it); new connections work."""
+    net.links = [(s, t, p) for s, t, p in net.links if (s, t) != (source, target)]
+
+
+def test_a_replicate_to_a_hung_connection_times_out_and_is_resent_on_a_new_one(net):
+    ring = net.cluster(3)
+    keys = keys_headed_by(ring, "n0", 2)
+    head, middle, tail = ring.chain(keys[0])
+    net.settle(put(net, ring, keys[0], b"first"))
+    black_hole(net, head.name, middle.name)
+    done = put(net, ring, keys[1], b"second")
+    net.run(chain.REPLICATE_TIMEOUT - 1.0)
+    assert not done.called
+    # The forward times out: the head drops the connection, dials again and resends.
+    net.run(2.0)
+    assert done.called and done.result is False
+    assert net.nodes[tail.name].get(keys[1]) == b"second"
+
+
+def test_a_lease_renewal_on_a_hung_connection_times_out_and_the_next_one_redials(net):
+    ring = net.cluster(3)
+    key = keys_headed_by(ring, "n0", 1)[0]
+    head, middle, tail = ring.chain(key)
+    net.settle(put(net, ring, key, b"v"))
+    net.run(1.0)
+    black_hole(net, tail.name, middle.name)
+    net.run(2 * chain.LEASE_SECONDS)
+    # The renewals that hung timed out and the connection was dialled again: the tail holds
+    # a lease and reads (renewals stuck on the old connection would never be answered).
+    assert net.nodes[tail.name].get(key) == b"v"
+    net.run(5 * chain.LEASE_SECONDS)
+    assert net.nodes[tail.name].get(key) == b"v"

@@ -17,6 +17,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import LogLevel
 from twisted.protocols import amp
 
 from chainstore import control
@@ -44,6 +45,10 @@ MAX_MEMBERS = 256
 MAX_NAME_CHARS = 64
 MAX_HOST_CHARS = 255
 MAX_EPOCH = 2 ** 40
+
+# A failed repair is tried again after 1 s, then 2, 4, ... up to 30 s, until it succeeds.
+REPAIR_RETRY_FIRST = 1.0
+REPAIR_RETRY_MAX = 30.0
 
 __all__ = ["CONTROL_TIMEOUT", "ECS", "Operation"]
 
@@ -84,6 +89,9 @@ class ECS:
         self._started_at = clock.seconds()
         self.heartbeats = LoopingCall(self._heartbeat_tick)
         self.heartbeats.clock = clock
+        # repairs failed in a row, and the retry scheduled after the last of them
+        self._repair_failures = 0
+        self._repair_retry: Any = None
 
     @property
     def operation(self) -> Operation | None:
@@ -110,7 +118,8 @@ class ECS:
         # relaunched): they get register-timeout, not failure-timeout, before counting as
         # failed; without replicas a failure would hand their data to nobody.
         self._returning = set(self.state.ring_members) if self.resumed else set()
-        self.heartbeats.start(self.config.heartbeat_interval, now=False)
+        self.heartbeats.start(self.config.heartbeat_interval, now=False).addErrback(
+            lambda f: log.failure("heartbeats stopped: failures go unnoticed", f))
         return Deferred.fromCoroutine(self._bring_up())
 
     async def _bring_up(self) -> None:
@@ -120,8 +129,8 @@ class ECS:
             elif self.config.initial_nodes:
                 await self.add_nodes(self.config.initial_nodes, self.config.cache_strategy,
                                      self.config.cache_size, start=True)
-        except Exception as e:
-            log.error("could not bring the ring up: {error}", error=e)
+        except Exception:
+            log.failure("could not bring the ring up", level=LogLevel.error)
 
     async def _resume(self) -> None:
         # A fresh epoch for the same ring: every server that reconnects adopts it, which also
@@ -151,6 +160,8 @@ class ECS:
     def stop(self) -> Deferred[Any]:
         if self.heartbeats.running:
             self.heartbeats.stop()
+        if self._repair_retry is not None and self._repair_retry.active():
+            self._repair_retry.cancel()
         return self.launcher.stop_all()
 
     # -- servers ---------------------------------------------------------------------------------
@@ -275,8 +286,8 @@ class ECS:
                 await self._call(name, control.SetMetadata, **self._metadata())
             serving = self.state.serving and name in self.state.ring_members
             await self._call(name, control.SetState, state="running" if serving else "stopped")
-        except Exception as e:
-            log.warn("could not update {name}: {error}", name=name, error=e)
+        except Exception:
+            log.failure("could not update {name}", name=name, level=LogLevel.warn)
 
     def copy_progress(self, operation: int, keys: int, nbytes: int, source: str) -> None:
         op = self.operation
@@ -345,14 +356,18 @@ class ECS:
             names = [n.name for n in ring.nodes]
             i = names.index(name)
             clockwise = names[i + 1:] + names[:i]
+            # All at once, so one hung server delays nobody (it fails within the call's
+            # timeout, or sooner when it is declared failed); a predecessor whose resend reaches
+            # a successor still in the old epoch is refused and resends a moment later.
             metadata = self._metadata()
-            for server in clockwise:
-                if server in self.links:
-                    try:
-                        await self._call(server, control.SetMetadata, **metadata)
-                    except Exception as e:
-                        log.warn("could not tell {server} that {name} is dead: {error}",
-                                 server=server, name=name, error=e)
+
+            def not_told(failure: Any, server: str) -> None:
+                log.failure("could not tell {server} that {name} is dead", failure,
+                            LogLevel.warn, server=server, name=name)
+
+            await gatherResults([
+                self._call(server, control.SetMetadata, **metadata).addErrback(not_told, server)
+                for server in clockwise if server in self.links])
             # From now on no live server grants it a read lease (they refuse its old epoch);
             # one it holds runs out within a lease. (A chain of one has no leases.)
             if self.state.replication > 1:
@@ -363,7 +378,11 @@ class ECS:
         self._spawn(self._repair())
 
     async def _repair(self) -> None:
-        """Take dead members out of the ring, copying their data to restore the chains."""
+        """Take dead members out of the ring, copying their data to restore the chains.
+
+        A repair that fails is tried again with back-off (L{REPAIR_RETRY_FIRST} doubling up to
+        L{REPAIR_RETRY_MAX}) until one succeeds; the ECS is not busy in between, so admin
+        commands run meanwhile (an addNode or removeNode also takes the dead members out)."""
         await self.busy.acquire()
         try:
             # A dead member may be only cut off from us, still serving reads under a lease its
@@ -375,45 +394,55 @@ class ECS:
                 log.info("repairing in {wait:.1f}s, once the dead servers' read leases have "
                          "run out", wait=wait)
                 await deferLater(self.clock, wait, lambda: None)
-            for attempt in range(1, 6):
-                dead = self.state.dead & set(self.state.ring_members)
-                if not dead:
-                    return
-                remaining = [n for n in self.state.ring_members if n not in dead]
-                # Dead members that registered again may give their data to ranges nobody else
-                # holds any more, each to those whose chain it left last (see ecs.failures).
-                returned = {name for name in dead if name in self.links}
-                ring = self.state.ring()
-                left = self.state.departures()
-                orphaned = (orphaned_ranges(ring, returned, left)
-                            if self.state.replication > 1 else [])
-                if orphaned:
-                    # Taking them out would drop the last copies of these ranges, and copying
-                    # them from a replica that left its chain early would bring back a stale
-                    # copy: wait for the last of each chain to leave (see register).
-                    waiting = missing_members(ring, returned, left)
-                    log.error("not repairing: every replica of {count} range(s) is down "
-                              "({names}); {waiting}",
-                              count=len(orphaned), names=", ".join(sorted(dead)),
-                              waiting=f"waiting for {', '.join(waiting)} to come back, the "
-                              "last to leave their chains" if waiting else "the order they "
-                              "left in is not known (a state saved by an older ECS)")
-                    return
-                try:
-                    await self._reconfigure(
-                        remaining, f"repair after the failure of {', '.join(sorted(dead))}",
-                        returned)
-                    for name in returned:
-                        # Back and registered, now out of the ring: ready to be added again.
-                        self.state.members[name].status = IDLE
-                    self._save()
-                    return
-                except Exception as e:
-                    log.warn("repair attempt {attempt} failed: {error}", attempt=attempt,
-                             error=e)
-                    await deferLater(self.clock, attempt * 1.0, lambda: None)
+            dead = self.state.dead & set(self.state.ring_members)
+            if not dead:
+                self._repair_failures = 0
+                return
+            remaining = [n for n in self.state.ring_members if n not in dead]
+            # Dead members that registered again may give their data to ranges nobody else
+            # holds any more, each to those whose chain it left last (see ecs.failures).
+            returned = {name for name in dead if name in self.links}
+            ring = self.state.ring()
+            left = self.state.departures()
+            orphaned = (orphaned_ranges(ring, returned, left)
+                        if self.state.replication > 1 else [])
+            if orphaned:
+                # Taking them out would drop the last copies of these ranges, and copying
+                # them from a replica that left its chain early would bring back a stale
+                # copy: wait for the last of each chain to leave (see register).
+                waiting = missing_members(ring, returned, left)
+                log.error("not repairing: every replica of {count} range(s) is down "
+                          "({names}); {waiting}",
+                          count=len(orphaned), names=", ".join(sorted(dead)),
+                          waiting=f"waiting for {', '.join(waiting)} to come back, the "
+                          "last to leave their chains" if waiting else "the order they "
+                          "left in is not known (a state saved by an older ECS)")
+                return
+            try:
+                await self._reconfigure(
+                    remaining, f"repair after the failure of {', '.join(sorted(dead))}",
+                    returned)
+                for name in returned:
+                    # Back and registered, now out of the ring: ready to be added again.
+                    self.state.members[name].status = IDLE
+                self._save()
+                self._repair_failures = 0
+                return
+            except Exception:
+                self._repair_failures += 1
+                delay = min(REPAIR_RETRY_MAX,
+                            REPAIR_RETRY_FIRST * 2 ** (self._repair_failures - 1))
+                log.failure("repair attempt {attempt} failed; trying again in {delay:.0f}s",
+                            level=LogLevel.warn, attempt=self._repair_failures,
+                            delay=delay)
+                self._repair_later(delay)
         finally:
             self.busy.release()
+
+    def _repair_later(self, delay: float) -> None:
+        if self._repair_retry is None or not self._repair_retry.active():
+            self._repair_retry = self.clock.callLater(
+                delay, lambda: self._spawn(self._repair()))
 
     # -- admin commands --------------------------------------------------------------------------
 

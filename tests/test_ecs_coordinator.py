@@ -972,3 +972,51 @@ def test_status_says_serving_only_once_every_server_took_its_state(running):
     c.settle(until=d)
     assert c.ecs.status()["serving"] is True
     assert all(s.node.state == RUNNING for s in c.servers.values())
+
+
+# -- liveness: repairs retried until they succeed, ring pushes in parallel ------------------------
+
+def test_the_ecs_repairs_after_more_than_five_failed_attempts(running, monkeypatch):
+    ecs = running.ecs
+    real_run = ecs.reconfigurer.run
+    attempts: list[str] = []
+
+    def failing_run(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(args[1])
+        if len(attempts) <= 7:
+            return fail(control.ControlFailed(f"injected failure {len(attempts)}"))
+        return Deferred.fromCoroutine(real_run(*args, **kwargs))
+
+    monkeypatch.setattr(ecs.reconfigurer, "run", failing_run)
+    running.drop("s2")
+    running.pass_time(TIMEOUT + 2 * INTERVAL)
+    assert "s2" in ecs.state.dead and attempts
+    # Back-off (1, 2, 4, ... up to 30 s): seven failures take about two minutes; between the
+    # attempts the ECS is not busy.
+    running.pass_time(50)
+    assert len(attempts) == 6 and "s2" in ecs.state.ring_members
+    assert not ecs.busy.locked
+    running.pass_time(80)
+    assert len(attempts) == 8
+    assert "s2" not in ecs.state.ring_members and not ecs.state.dead
+    for name in ("s1", "s3"):
+        assert running.servers[name].node.ring.epoch == ecs.state.epoch
+
+
+def test_a_hung_server_does_not_delay_the_others_hearing_of_a_death(running):
+    ecs = running.ecs
+    names = [n.name for n in running.ring().nodes]
+    dead, successor, other = names[1], names[2], names[0]
+    # The dead member's successor, the first to be told, no longer answers (not yet declared
+    # failed itself). Half-way between two heartbeat rounds (whose answers would make the ECS
+    # resend the ring to a server behind), the ECS declares the first one failed.
+    running.drop(dead)
+    running.hung.add(successor)
+    running.clock.advance(INTERVAL / 2)
+    ecs._failing.add(dead)
+    ecs._declare_failed(dead)
+    running.settle()
+    assert dead in ecs.state.dead and successor not in ecs.state.dead
+    # The other server has the new epoch at once, not after the hung one's call times out.
+    assert running.servers[other].node.ring.epoch == ecs.state.epoch
+    assert dead in running.servers[other].node.ring.dead

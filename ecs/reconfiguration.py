@@ -29,6 +29,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import LogLevel
 
 from chainstore import control
 from chainstore.logs import get_logger
@@ -178,8 +179,8 @@ class Reconfigurer:
                 locked.append((server, ranges, True))
             self._check(failures)
         except Exception as e:
-            log.error("{description} aborted at {step}: {error}", description=description,
-                      step=op.step, error=e)
+            log.failure("{description} aborted at {step}", level=LogLevel.error,
+                        description=description, step=op.step)
             for server, tracker, _ in trackers:
                 self._call(server, control.StopTracking, tracker=tracker).addErrback(
                     lambda f: None)
@@ -268,10 +269,9 @@ def _wire(ranges: list[KeyRange]) -> list[dict[str, int]]:
 
 
 def _warn(failure: Any, name: str) -> None:
-    log.warn("could not send the new ring to {name}: {error}", name=name,
-             error=failure.getErrorMessage())
+    log.failure("could not send the new ring to {name}", failure, LogLevel.warn, name=name)
 
 
 def _not_started(failure: Any, name: str) -> None:
-    log.warn("could not start {name}: {error}", name=name, error=failure.getErrorMessage())
+    log.failure("could not start {name}", failure, LogLevel.warn, name=name)
 

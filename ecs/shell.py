@@ -90,7 +90,8 @@ def call_with_progress(proto: amp.AMP, clock: Any, command: type[amp.Command],
         return result
 
     answer.addBoth(done)
-    loop.start(interval, now=False)
+    # poll() never raises; were the loop to stop anyway, only progress lines would be lost.
+    loop.start(interval, now=False).addErrback(lambda failure: None)
     return answer
 
 

@@ -87,6 +87,12 @@ class KVServerProtocol(BoundedAMP, RoleGuard):
         if epoch <= self.node.ring.epoch:
             raise control.StaleEpoch(
                 f"copy for epoch {epoch}, but this server is at {self.node.ring.epoch}")
+        # And only of the attempt the ECS last prepared this target for (wiping the range
+        # first): a late batch of an aborted attempt would bring back stale or deleted keys.
+        prepared = self.node.copy_attempt
+        if prepared is not None and epoch != prepared:
+            raise control.StaleEpoch(
+                f"copy of attempt {epoch}, but this server was prepared for attempt {prepared}")
         if self.node.stores is None or self.node.failure is not None:
             raise control.ControlFailed(self.node.failure or "the stores are not open")
         try:

@@ -10,7 +10,10 @@ Who sends what:
   stores, C{ClearStores} before a fresh join, C{Shutdown} to end its process.
 - While a server executes C{CopyRange} it sends C{ReceiveRange} batches to the target server's AMP
   port (the server-to-server link), one batch in flight at a time, so memory stays bounded by the
-  batch size whatever the range size, and reports C{CopyProgress} to the ECS.
+  batch size whatever the range size, and reports C{CopyProgress} to the ECS. Copies are fenced:
+  the epoch a copy carries identifies its reconfiguration attempt, a target takes batches only
+  of the attempt its last C{DropRange} with C{attempt} prepared it for, and a source whose ECS
+  link drops stops streaming.
 
 Ranges are (start, end] of the ring as 128-bit integers (see L{chainstore.ring.KeyRange}).
 """
@@ -160,9 +163,16 @@ class MoveLocal(_ControlCommand):
 
 
 class DropRange(_ControlCommand):
-    """Delete the keys in (start, end] from C{store} (data the server no longer holds)."""
+    """Delete the keys in (start, end] from C{store} (data the server no longer holds).
 
-    arguments = [(b"store", amp.Unicode()), (b"start", amp.Integer()), (b"end", amp.Integer())]
+    With C{attempt} (the epoch of the reconfiguration attempt, which every attempt allocates
+    anew): the drop prepares the store as the target of that attempt's copy, and from now on
+    the server accepts C{ReceiveRange} batches of that attempt only (a late batch of an aborted
+    one is refused with L{StaleEpoch}).
+    """
+
+    arguments = [(b"store", amp.Unicode()), (b"start", amp.Integer()), (b"end", amp.Integer()),
+                 (b"attempt", amp.Integer(optional=True))]
     response = [(b"keys", amp.Integer())]
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
@@ -53,6 +53,8 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
         self.connect_peer = connect_peer or self._dial
         # write tracker -> the chain's request-id mark when it began
         self._request_marks: dict[int, int] = {}
+        # copies and local moves running for the ECS on this link, cancelled if it drops
+        self._running: set[Deferred[Any]] = set()
 
     def _dial(self, host: str, port: int) -> Deferred[amp.AMP]:
         # A copy's target checks our server certificate; we check its name is the host.
@@ -69,6 +71,23 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
         if self.node.stores is not None:
             for store in self.node.stores.stores.values():
                 store.trackers.clear()
+        # Nor may its copies and moves: the retry wipes their targets first, and a batch sent
+        # after that would bring back stale or deleted keys. (A target also refuses batches of
+        # an attempt it was not last prepared for, for a source that never sees the drop.)
+        for running in list(self._running):
+            running.cancel()
+
+    def _run(self, coroutine: Any) -> Deferred[Any]:
+        """Run a copy or a move for the ECS; it is cancelled if this link drops."""
+        d = Deferred.fromCoroutine(coroutine)
+        if not d.called:
+            self._running.add(d)
+            d.addBoth(self._ended, d)
+        return d
+
+    def _ended(self, result: Any, d: Deferred[Any]) -> Any:
+        self._running.discard(d)
+        return result
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -145,7 +164,7 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
     def copy_range(self, operation: int, store: str, start: int, end: int, target_host: str,
                    target_port: int, target_store: str, epoch: int,
                    tracker: int | None = None) -> Deferred[dict[str, Any]]:
-        return Deferred.fromCoroutine(self._copy_range(
+        return self._run(self._copy_range(
             operation, store, KeyRange(start, end), target_host, target_port, target_store,
             epoch, tracker))
 
@@ -161,6 +180,8 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
         requests = self.node.chain.requests_since(mark, rng)
         try:
             target = await self.connect_peer(host, port)
+        except CancelledError:
+            raise control.ControlFailed("copy cancelled: the ECS link dropped") from None
         except Exception as e:
             raise control.ControlFailed(f"cannot reach {host}:{port}: {e}") from None
 
@@ -178,6 +199,10 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
                     COPY_BATCH_TIMEOUT)
             await migration.send_requests(requests, target, target_store, epoch, self.reactor,
                                           COPY_BATCH_TIMEOUT)
+        except CancelledError:
+            log.info("copy of {store} to {host}:{port} stopped: the ECS link dropped",
+                     store=store, host=host, port=port)
+            raise control.ControlFailed("copy cancelled: the ECS link dropped") from None
         except Exception as e:
             if type(e) in control.CONTROL_ERRORS:
                 raise
@@ -206,15 +231,23 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
                                                          self._tracked(tracker))})
 
         async def move() -> dict[str, Any]:
-            keys = await migration.move_local(from_store, to_store, KeyRange(start, end),
-                                              self.reactor)
+            try:
+                keys = await migration.move_local(from_store, to_store, KeyRange(start, end),
+                                                  self.reactor)
+            except CancelledError:
+                raise control.ControlFailed("move cancelled: the ECS link dropped") from None
             return {"keys": keys}
 
-        return Deferred.fromCoroutine(move())
+        return self._run(move())
 
     @control.DropRange.responder
-    def drop_range(self, store: str, start: int, end: int) -> Deferred[dict[str, Any]]:
+    def drop_range(self, store: str, start: int, end: int,
+                   attempt: int | None = None) -> Deferred[dict[str, Any]]:
         target = self._store(store)
+        if attempt is not None:
+            # From now on only this attempt's batches land here; set before the drop starts,
+            # so none of an older attempt lands while it runs either.
+            self.node.copy_attempt = attempt
 
         async def drop() -> dict[str, Any]:
             keys = await migration.drop_range(target, KeyRange(start, end), self.reactor)

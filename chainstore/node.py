@@ -69,6 +69,11 @@ class KVNode:
         # Ranges whose tail role is being handed over: reads are refused for the moment of the
         # switch, so an old tail never answers after a new one has committed a write.
         self.read_locks: list[KeyRange] = []
+        # The reconfiguration attempt (its epoch) the ECS last prepared this server for as a
+        # copy's target (C{DropRange} with C{attempt}): C{ReceiveRange} batches of any other
+        # attempt are refused, so a late batch of an aborted attempt cannot land after the
+        # retry wiped the range. None until the first preparation.
+        self.copy_attempt: int | None = None
         self.counts: Counter[str] = Counter()
         self.started_at = clock.seconds()
         #: why the storage failed (state FAILED), None while it works

@@ -5,7 +5,9 @@ factor (see "Reconfiguration" in docs/DESIGN.md). The servers are placed on the 
 
 1. copy while writes go on: each source starts a write tracker on the range; for each target
    store the range is first dropped there (a clean slate: leftovers of an aborted attempt must
-   not survive), then streamed or moved locally, batch by batch;
+   not survive), then streamed or moved locally, batch by batch; the wipe also fences the
+   target: it takes batches only of this attempt (its epoch), never a late one of an aborted
+   attempt;
 1b. catch up, still unlocked: fresh trackers start and the keys written during the bulk copy
    move again;
 2. lock writes to every changing range at its old head (reads go on) and drain them to the
@@ -137,9 +139,11 @@ class Reconfigurer:
                                           store=copy.source_store, start=copy.range.start,
                                           end=copy.range.end)
                 trackers.append((copy.source, result["tracker"], copy))
+                # The wipe prepares the target for this attempt: from now on it refuses
+                # batches of any other (a late one of an aborted attempt must not land).
                 await self._call(copy.target, control.DropRange, timeout=None,
                                  store=copy.target_store, start=copy.range.start,
-                                 end=copy.range.end)
+                                 end=copy.range.end, attempt=epoch)
                 result = await self._copy(op, copy, epoch)
                 op.copies.clear()
                 op.keys += result["keys"]

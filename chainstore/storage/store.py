@@ -14,7 +14,6 @@ have held data, so that a store file found missing, empty or corrupt at start is
 
 from __future__ import annotations
 
-import dbm.dumb
 import functools
 import os
 import sqlite3
@@ -24,24 +23,26 @@ from typing import Any, TypeVar
 from chainstore.errors import StorageFailed
 from chainstore.ring import position
 from chainstore.storage import sqlitedbm
+from chainstore.storage.backend import Backend, DumbDBM
 from chainstore.storage.integrity import Manifest, check_stores
 from chainstore.storage.rwlock import ReadWriteLock
 
 STORE_NAMES = ("coordinator", "replica1", "replica2")
 
 
-def _open_sqlite(path: str, durability: str) -> Any:
+def _open_sqlite(path: str, durability: str) -> Backend:
     return sqlitedbm.open(path + ".sqlite", "c", durability=durability)
 
 
-def _open_dumb(path: str, durability: str) -> Any:
+def _open_dumb(path: str, durability: str) -> Backend:
     # Kept for comparison and for users who need a plain dbm file: it loses its index on
     # kill -9 (see docs/DESIGN.md), so it is never the default.
-    return dbm.dumb.open(path, "c")
+    return DumbDBM(path)
 
 
-#: Backend name -> opener(path without suffix, durability) returning a dbm-like mapping.
-BACKENDS: dict[str, Callable[[str, str], Any]] = {"sqlite": _open_sqlite, "dumb": _open_dumb}
+#: Backend name -> opener(path without suffix, durability) returning a L{Backend}.
+BACKENDS: dict[str, Callable[[str, str], Backend]] = {
+    "sqlite": _open_sqlite, "dumb": _open_dumb}
 
 #: What a backend raises when its storage fails: SQLite's errors (a full disk is
 #: "database or disk is full", corruption "database disk image is malformed"), and the OS's.
@@ -64,19 +65,17 @@ def _guarded(method: _F) -> _F:
 
 
 class Store:
-    """One named dbm mapping of bytes to bytes, and the lock that guards moving it.
+    """One named mapping of bytes to bytes (a L{Backend}), and the lock that guards moving it.
 
     Every operation raises L{StorageFailed} once the store has failed (see the module
     docstring); L{on_failure} is called once, with the store and the reason, when it does.
     """
 
-    def __init__(self, name: str, db: Any, path: str = "") -> None:
+    def __init__(self, name: str, db: Backend, path: str = "") -> None:
         self.name = name
         self.db = db
         self.path = path or name
         self.lock = ReadWriteLock()
-        # Backends without a place for it (dbm.dumb) keep the chain state in memory only.
-        self._chain_state: tuple[str, int] = ("", 0)
         # Dirty sets of copies in progress (chainstore/migration.py): range -> keys written.
         self.trackers: dict[int, tuple[Any, set[bytes]]] = {}
         #: why the store failed, None while it works
@@ -100,11 +99,10 @@ class Store:
         """Roll back writes not yet committed (L{apply_one}): nobody was told they were done.
         Never raises: it runs while the store is failing or the server stops."""
         self._group_puts = False
-        if isinstance(self.db, sqlitedbm.SQLiteDBM):
-            try:
-                self.db.abandon()
-            except Exception:
-                pass
+        try:
+            self.db.abandon()
+        except Exception:
+            pass
 
     def _wrote(self) -> None:
         if not self.held_data:
@@ -139,26 +137,12 @@ class Store:
         iteration runs are allowed; a key deleted meanwhile may still be yielded (with its old
         value) or skipped, but it is never an error.
         """
-        return self._guarded_iter(self._items, after)
-
-    def _items(self, after: bytes | None) -> Iterator[tuple[bytes, bytes]]:
-        if isinstance(self.db, sqlitedbm.SQLiteDBM):
-            return self.db.items(after)
-        # dbm.dumb lists its keys in insertion order, and its items() would read every value
-        # at once; sort the keys (they are in memory anyway) and read the values lazily.
-        keys = sorted(self.db.keys())
-        if after is not None:
-            keys = [k for k in keys if k > after]
-        return self._dumb_items(keys)
+        return self._guarded_iter(self.db.items, after)
 
     def keys(self) -> Iterator[bytes]:
         """Every key in byte order; values are not read. Deleting keys already passed is
         safe (SQLite pages by key; another backend's key list is copied first)."""
-        def keys() -> Iterator[bytes]:
-            if isinstance(self.db, sqlitedbm.SQLiteDBM):
-                return iter(self.db)
-            return iter(sorted(self.db.keys()))
-        return self._guarded_iter(keys)
+        return self._guarded_iter(iter, self.db)
 
     def _guarded_iter(self, start: Callable[..., Iterator[Any]], *args: Any) -> Iterator[Any]:
         it = self._guarded_call(start, *args)
@@ -173,12 +157,6 @@ class Store:
     def _guarded_call(self, function: Callable[..., Any], *args: Any) -> Any:
         return function(*args)
 
-    def _dumb_items(self, keys: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
-        for key in keys:
-            value = self.db.get(key)
-            if value is not None:
-                yield key, value
-
     @_guarded
     def __len__(self) -> int:
         return len(self.db)
@@ -188,15 +166,7 @@ class Store:
                     deletes: Iterable[bytes] = ()) -> None:
         """Apply a batch (a range copy's), atomically where the backend can; deleting a
         missing key is not an error."""
-        db = self.db
-        if isinstance(db, sqlitedbm.SQLiteDBM):
-            db.update_many(puts, list(deletes))
-        else:
-            for key, value in puts:
-                db[key] = value
-            for key in deletes:
-                if key in db:
-                    del db[key]
+        self.db.update_many(puts, list(deletes))
         if puts:
             self._wrote()
 
@@ -217,16 +187,11 @@ class Store:
     @_guarded
     def chain_state(self) -> tuple[str, int]:
         """(chain identity, last applied serial) recorded with this store's data."""
-        if isinstance(self.db, sqlitedbm.SQLiteDBM):
-            return self.db.chain_state()
-        return self._chain_state
+        return self.db.chain_state()
 
     @_guarded
     def set_chain_state(self, chain: str, serial: int) -> None:
-        if isinstance(self.db, sqlitedbm.SQLiteDBM):
-            self.db.set_chain_state(chain, serial)
-        else:
-            self._chain_state = (chain, serial)
+        self.db.set_chain_state(chain, serial)
 
     @_guarded
     def apply_one(self, kind: int, key: bytes, value: bytes, serial: int) -> bool:
@@ -237,26 +202,26 @@ class Store:
         """
         if self.trackers:
             self._track((key,))
-        if isinstance(self.db, sqlitedbm.SQLiteDBM):
-            existed: bool = self.db.apply_one(kind == 1, key, value, serial)
-            self._group_puts = self._group_puts or kind == 0
-            return existed
-        existed = self.put(key, value) if kind == 0 else self.delete(key)
-        self._chain_state = (self._chain_state[0], serial)
+        existed = self.db.apply_one(kind == 1, key, value, serial)
+        if kind == 0:
+            # A backend without transactions (dbm.dumb) has written it already.
+            if self.db.uncommitted:
+                self._group_puts = True
+            else:
+                self._wrote()
         return existed
 
     @_guarded
     def commit(self) -> None:
         """Make the writes of L{apply_one} durable (one commit for all of them)."""
-        if isinstance(self.db, sqlitedbm.SQLiteDBM):
-            self.db.commit()
-            if self._group_puts:
-                self._group_puts = False
-                self._wrote()
+        self.db.commit()
+        if self._group_puts:
+            self._group_puts = False
+            self._wrote()
 
     @property
     def uncommitted(self) -> bool:
-        return isinstance(self.db, sqlitedbm.SQLiteDBM) and self.db.uncommitted
+        return self.db.uncommitted
 
     @_guarded
     def apply_ops(self, ops: list[tuple[int, int, bytes, bytes, bytes]], serial: int) -> None:
@@ -265,15 +230,7 @@ class Store:
         if self.trackers:
             # A middle or tail store may be the source of a move as well as a head's.
             self._track(op[2] for op in ops)
-        if isinstance(self.db, sqlitedbm.SQLiteDBM):
-            self.db.apply_ops(((op[1] == 1, op[2], op[3]) for op in ops), serial)
-        else:
-            for _, kind, key, value, _ in ops:
-                if kind == 0:
-                    self.db[key] = value
-                elif key in self.db:
-                    del self.db[key]
-            self._chain_state = (self._chain_state[0], serial)
+        self.db.apply_ops(((op[1] == 1, op[2], op[3]) for op in ops), serial)
         if any(op[1] == 0 for op in ops):
             self._wrote()
 

@@ -1,0 +1,161 @@
+"""What a store needs of its file: the L{Backend} protocol, and the ``dbm.dumb`` backend.
+
+L{chainstore.storage.store.Store} talks to its backend only through L{Backend}; the SQLite
+file (L{chainstore.storage.sqlitedbm.SQLiteDBM}, the default) and L{DumbDBM} both implement
+it, so the store never asks which one it has. Keys and values are bytes; iteration is in byte
+order of the keys whatever the backend (a migration streams a range in that order).
+"""
+
+from __future__ import annotations
+
+import dbm.dumb
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A mapping of bytes to bytes in one file, with the chain state recorded beside it."""
+
+    def get(self, key: bytes) -> bytes | None: ...
+    def __setitem__(self, key: bytes, value: bytes) -> None: ...
+    def __delitem__(self, key: bytes) -> None:
+        """Remove C{key}; L{KeyError} if it holds no value."""
+    def __contains__(self, key: object) -> bool: ...
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Every key in byte order, values unread; deleting keys already passed is safe."""
+
+    def items(self, after: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """The pairs in key order, strictly after C{after}; writes meanwhile are allowed."""
+
+    def update_many(self, puts: Iterable[tuple[bytes, bytes]],
+                    deletes: Iterable[bytes] = ()) -> None:
+        """The puts, then the deletes (a missing key is no error), atomically if it can."""
+
+    def clear(self) -> None:
+        """Delete every key; the chain state stays."""
+
+    def chain_state(self) -> tuple[str, int]:
+        """(chain identity, serial of the last applied write)."""
+
+    def set_chain_state(self, chain: str, serial: int) -> None: ...
+
+    def apply_one(self, delete: bool, key: bytes, value: bytes, serial: int) -> bool:
+        """One write and its serial, in the group transaction if the backend has one (made
+        durable by L{commit}); whether the key held a value."""
+
+    def apply_ops(self, ops: Iterable[tuple[bool, bytes, bytes]], serial: int) -> None:
+        """Writes (delete?, key, value) in order and the serial of the last, atomically if
+        it can."""
+
+    @property
+    def uncommitted(self) -> bool:
+        """Whether writes of L{apply_one} wait for L{commit}."""
+
+    def commit(self) -> None: ...
+
+    def abandon(self) -> None:
+        """Roll back the writes of L{apply_one} not committed yet (if it can)."""
+
+    def sync(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class DumbDBM:
+    """L{Backend} on the stdlib ``dbm.dumb`` (``--backend dumb``).
+
+    No transactions: every write is applied at once, L{commit} and L{abandon} do nothing, and
+    a batch is not atomic. It loses updates on ``kill -9`` (docs/DESIGN.md), and its chain
+    state lives only in memory, which is why a server under an ECS refuses it
+    (L{chainstore.config.ServerConfig.validated}).
+    """
+
+    def __init__(self, path: str) -> None:
+        self._db: Any = dbm.dumb.open(path, "c")
+        self._chain_state: tuple[str, int] = ("", 0)
+
+    def get(self, key: bytes) -> bytes | None:
+        value: bytes | None = self._db.get(key)
+        return value
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        self._db[key] = value
+
+    def __delitem__(self, key: bytes) -> None:
+        del self._db[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._db
+
+    def __len__(self) -> int:
+        return len(self._db)
+
+    def __iter__(self) -> Iterator[bytes]:
+        # dbm.dumb lists its keys in insertion order; the list is a copy (they are in memory).
+        return iter(sorted(self._db.keys()))
+
+    def items(self, after: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        # dbm.dumb's own items() would read every value at once: read them lazily.
+        keys = sorted(self._db.keys())
+        if after is not None:
+            keys = [k for k in keys if k > after]
+        return self._items(keys)
+
+    def _items(self, keys: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
+        for key in keys:
+            value = self._db.get(key)
+            if value is not None:
+                yield key, value
+
+    def update_many(self, puts: Iterable[tuple[bytes, bytes]],
+                    deletes: Iterable[bytes] = ()) -> None:
+        for key, value in puts:
+            self._db[key] = value
+        for key in deletes:
+            if key in self._db:
+                del self._db[key]
+
+    def clear(self) -> None:
+        self._db.clear()
+
+    def chain_state(self) -> tuple[str, int]:
+        return self._chain_state
+
+    def set_chain_state(self, chain: str, serial: int) -> None:
+        self._chain_state = (chain, serial)
+
+    def apply_one(self, delete: bool, key: bytes, value: bytes, serial: int) -> bool:
+        existed = key in self._db
+        if delete:
+            if existed:
+                del self._db[key]
+        else:
+            self._db[key] = value
+        self._chain_state = (self._chain_state[0], serial)
+        return existed
+
+    def apply_ops(self, ops: Iterable[tuple[bool, bytes, bytes]], serial: int) -> None:
+        for delete, key, value in ops:
+            if not delete:
+                self._db[key] = value
+            elif key in self._db:
+                del self._db[key]
+        self._chain_state = (self._chain_state[0], serial)
+
+    @property
+    def uncommitted(self) -> bool:
+        return False
+
+    def commit(self) -> None:
+        pass
+
+    def abandon(self) -> None:
+        pass
+
+    def sync(self) -> None:
+        self._db.sync()
+
+    def close(self) -> None:
+        self._db.close()

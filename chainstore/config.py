@@ -66,6 +66,12 @@ class ServerConfig:
             raise ConfigError(f"log-level {self.log_level!r}: choose one of {', '.join(LEVELS)}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+        if self.backend == "dumb" and self.ecs:
+            # dbm.dumb has no place for the chain state: its serial would live only in memory,
+            # and a restarted replica could not tell which writes it holds.
+            raise ConfigError(
+                "backend 'dumb' cannot serve under an ECS (ecs is set): it keeps the chain "
+                "serial only in memory; use backend sqlite")
         if self.durability not in DURABILITY:
             raise ConfigError(
                 f"durability {self.durability!r}: choose one of {', '.join(DURABILITY)}")

@@ -142,6 +142,18 @@ def test_bad_flags_are_usage_errors(argv, words):
         assert word in message, message
 
 
+def test_the_dumb_backend_is_refused_under_an_ecs(elsewhere):
+    # Its chain serial lives only in memory: unsafe for a replica.
+    message = refused("--backend", "dumb", "--ecs", "tcp:127.0.0.1:5000", "--tls", "off")
+    for word in ("backend 'dumb'", "ECS", "sqlite"):
+        assert word in message, message
+    config = write(elsewhere / "kv.yaml", "backend: dumb\necs: tcp:127.0.0.1:5000\ntls: off\n")
+    assert "backend 'dumb'" in refused("--config", config)
+    # Standalone it stays available, and sqlite under an ECS is fine.
+    assert parse("--backend", "dumb").backend == "dumb"
+    assert parse("--ecs", "tcp:127.0.0.1:5000", "--tls", "off").backend == "sqlite"
+
+
 def test_unknown_flag_is_refused():
     refused("--cache-sise", "3")
 

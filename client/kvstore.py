@@ -7,7 +7,8 @@ hides the cluster's transient states from its caller:
 - C{ServerStopped}, C{WriteLocked}: back off exponentially with full jitter, retry until the
   deadline, then raise the last error.
 - C{NotResponsible}: the ring changed; fetch it again (first from the server that refused) and
-  retry at once, a bounded number of times.
+  retry at once, up to C{max_refreshes} times; then, since the fresh ring still names a server
+  that refuses (a new tail waiting for its read lease), back off and retry until the deadline.
 - connection refused or lost, or no answer within the per-request timeout (a hung server): fetch
   the ring from another known server, back off, retry while a whole attempt fits before the
   deadline, then raise (L{RequestTimedOut} for a timeout: the write may or may not have
@@ -209,7 +210,8 @@ class KVStore:
     @param deadline: seconds after which a request that keeps meeting transient errors gives up
         and raises the last one.
     @param max_retries: at most this many back-offs per request.
-    @param max_refreshes: at most this many ring refreshes per request after C{NotResponsible}.
+    @param max_refreshes: at most this many immediate ring refreshes per request after
+        C{NotResponsible}; later ones wait a back-off first.
     @param backoff_base: the cap of the first back-off; the cap doubles with each retry...
     @param backoff_max: ...up to this; each delay is uniform in [0, cap) ("full jitter").
     @param random: anything with a C{random()} method returning floats in [0, 1).
@@ -357,15 +359,18 @@ class KVStore:
                     address = (node.host, node.amp_port)
                 proto = await self._connection(address)
                 return await self._call(proto, command, arguments)
-            except NotResponsible:
+            except NotResponsible as e:
                 refreshes += 1
-                if refreshes > self.max_refreshes:
-                    raise
-                log.debug("{address} is not responsible for this {command}; refreshing the ring",
-                          address=_show(address), command=command.__name__)
-                # The refusing server knows the newer ring: ask it first, and retry at once.
+                # The refusing server knows the newer ring: ask it first.
                 refresh, prefer, avoid = True, address, None
-                continue
+                if refreshes <= self.max_refreshes:
+                    log.debug("{address} is not responsible for this {command}; refreshing the "
+                              "ring", address=_show(address), command=command.__name__)
+                    continue  # at once: the ring moved on
+                # Refused again on a fresh ring: a transient state of the server the ring
+                # names (a new tail waiting for its first read lease, a server that has not
+                # heard of the ring yet), so back off like ServerStopped until the deadline.
+                error = e
             except _BACK_OFF as e:
                 error: Exception = e
             except _UNREACHABLE as e:

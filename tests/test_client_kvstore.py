@@ -403,18 +403,39 @@ def test_not_responsible_refreshes_the_ring_and_retries_at_once(net: FakeNetwork
     assert net.clock.seconds() == 0
 
 
-def test_not_responsible_forever_gives_up_after_max_refreshes(net: FakeNetwork) -> None:
+def test_not_responsible_forever_backs_off_after_max_refreshes_and_gives_up_at_the_deadline(
+        net: FakeNetwork) -> None:
     node, address = standalone(net)
+    sent: list[float] = []
 
     def refuse(key: bytes, value: bytes, request_id: bytes = b"") -> Any:
+        sent.append(net.clock.seconds())
         raise NotResponsible("confused server")
 
     node.put = refuse  # type: ignore[method-assign]
-    store = make_store(net, [address], max_refreshes=3)
+    store = make_store(net, [address], max_refreshes=3, deadline=5.0)
     with pytest.raises(NotResponsible):
         drive(net, store.put("a", "1"))
-    assert len(net.commands("Put")) == 4
-    assert len(net.commands("GetMetadata")) == 4
+    # Four at once (the first and three refreshes), then backed off, never past the deadline.
+    assert sent[:4] == [0, 0, 0, 0] and len(sent) > 5
+    assert all(b > a for a, b in zip(sent[4:], sent[5:])) and sent[-1] <= 5.0
+    assert len(net.commands("GetMetadata")) == len(sent)
+
+
+def test_a_new_tail_waiting_for_its_read_lease_is_retried_until_it_has_one(
+        net: FakeNetwork) -> None:
+    node, address = standalone(net)
+    real_get = node.get
+    refusals = iter(range(8))
+
+    def get(key: bytes) -> Any:
+        if next(refusals, None) is not None:
+            raise NotResponsible("server0 holds no read lease for this key's range")
+        return real_get(key)
+
+    drive(net, make_store(net, [address]).put("a", "1"))
+    node.get = get  # type: ignore[method-assign]
+    assert drive(net, make_store(net, [address], max_refreshes=3).get("a")) == b"1"
 
 
 def test_a_refused_connection_learns_the_ring_from_another_server(net: FakeNetwork) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.protocols import amp
 
 from chainstore import control, migration, protocol
-from chainstore.bounds import MAX_CONNECTIONS, BoundedAMP, CappedFactory
+from chainstore.bounds import BACKLOG, MAX_CONNECTIONS, BoundedAMP, CappedFactory
 from chainstore.roles import ADMIN, CLIENT, SERVER, RoleGuard, allow
 from chainstore.logs import get_logger
 from chainstore.node import KVNode
@@ -26,6 +27,11 @@ log = get_logger("chainstore.amp_server")
 # pairs or deletes (669,307 bytes), or 1,000 (id, key) pairs of 89 bytes. With AMP's framing
 # (a few bytes per 65,535-byte chunk) the largest is under 700,000 bytes: 1 MiB leaves room.
 SERVER_BOX_BYTES = 1024 * 1024
+
+# The commands held back, and reading paused, while the write backlog is over its bounds. Only
+# clients' writes: peers' Replicate boxes must always be read, or two heads each waiting for the
+# other to acknowledge would never drain (and reads add nothing to the backlog).
+BACKLOGGED_COMMANDS = frozenset((protocol.Put.commandName, protocol.Delete.commandName))
 
 
 class KVServerProtocol(BoundedAMP, RoleGuard):
@@ -47,10 +53,40 @@ class KVServerProtocol(BoundedAMP, RoleGuard):
         super().__init__()
         self.node = node
         self.clock = node.clock
+        self._gone = False
+        # the wait for room of a write held back by the backlog (at most one: reading pauses)
+        self._room: Deferred[None] | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         no_delay(self.transport)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._gone = True
+        if self._room is not None:
+            self._room.cancel()  # the held write is dropped: nobody waits for its answer
+        super().connectionLost(reason)
+
+    def dispatchCommand(self, box: amp.AmpBox) -> Deferred[Any]:
+        if self.node.chain.backlogged and box.get(amp.COMMAND) in BACKLOGGED_COMMANDS:
+            return self._hold(box)
+        return super().dispatchCommand(box)
+
+    def _hold(self, box: amp.AmpBox) -> Deferred[Any]:
+        """Carry out the write C{box} once the backlog has room; read nothing until then."""
+        answer: Deferred[Any] = Deferred()
+        self._pause(BACKLOG)
+
+        def room(_: None) -> None:
+            self._room = None
+            if self._gone:
+                return
+            super(KVServerProtocol, self).dispatchCommand(box).chainDeferred(answer)
+            self._resume(BACKLOG)
+
+        self._room = self.node.chain.wait_for_room()
+        self._room.addCallbacks(room, lambda f: f.trap(CancelledError))
+        return answer
 
     @protocol.Put.responder
     def put(self, key: bytes, value: bytes,

@@ -39,8 +39,10 @@ MAX_UNANSWERED = 256
 #: a 120,000-byte value in two 65,535-byte chunks plus a key and a request id.
 CONTROL_BOX_BYTES = 256 * 1024
 
-# Why reading is paused: the transport's buffer is full, or too many requests are unanswered.
-WRITES, REQUESTS = "writes", "requests"
+# Why reading is paused: the transport's buffer is full, too many requests are unanswered, or a
+# write was read while the server's write backlog is over its bounds (chainstore/chain.py
+# MAX_QUEUED_BYTES; the write waits, held, for room).
+WRITES, REQUESTS, BACKLOG = "writes", "requests", "backlog"
 # Paused because the transport's buffer is full, a protocol stops handling what it receives at
 # once but stops reading the socket only once this much is waiting unhandled. A TLS transport
 # says its buffer is full whenever it holds writes back until its handshake is done, and the
@@ -51,7 +53,8 @@ READ_AHEAD_BYTES = 64 * 1024
 def stops_reading(pauses: set[str], unhandled: int) -> bool:
     """Whether a protocol paused for C{pauses}, with C{unhandled} bytes received and not yet
     handled, should stop reading its socket."""
-    return REQUESTS in pauses or (bool(pauses) and unhandled > READ_AHEAD_BYTES)
+    return REQUESTS in pauses or BACKLOG in pauses \
+        or (bool(pauses) and unhandled > READ_AHEAD_BYTES)
 
 
 def watch_writes(producer: IPushProducer, transport: Any) -> Any:

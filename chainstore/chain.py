@@ -59,7 +59,7 @@ Op = tuple[int, int, bytes, bytes, bytes]  # serial, kind, key, value, request i
 LEASE_SECONDS = 2.0
 # Batches in flight per link. Few: while they travel, new writes gather into the next batch, so
 # under load each message carries many writes (measured: 1-2 gave ~10% more chain puts at 32 in
-# flight than 32 did, on this 2-core machine); the window is bounded by ops, not batches, below.
+# flight than 32 did, on this 2-core machine); the backlog is bounded in writes and bytes, below.
 WINDOW_BATCHES = 2
 BATCH_OPS = 256
 # A batch is also cut at this many bytes of writes (past its first write), so that a Replicate box
@@ -68,7 +68,15 @@ BATCH_OPS = 256
 BATCH_BYTES = 512 * 1024
 # Bytes of an op on the wire besides its key, value and request id (control.pack_ops' header).
 OP_HEADER_BYTES = 15
+# The write backlog of this server: writes applied here and not yet acknowledged by their
+# successor (every replica's queued and in-flight writes, as a head and as a middle). Past either
+# bound, its client connections stop reading requests (L{ChainReplicator.backlogged}; they wait
+# in L{ChainReplicator.wait_for_room}) until the backlog is down to half of both; nothing is
+# refused. Counted as a Replicate packs them (key, value, request id, OP_HEADER_BYTES): 20,000
+# writes of 120 KB would be 2.4 GB, hence the bound in bytes. A middle's queue is bounded by its
+# predecessor's window (WINDOW_BATCHES batches), so only what heads take from clients can grow.
 MAX_QUEUED_OPS = 20_000
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
 RETRY_SECONDS = 0.2
 # A Replicate not answered within this is taken for a lost successor (a hung process, a half-open
 # connection): the connection is dropped and the window resent on a new one. Generous: the answer
@@ -85,6 +93,11 @@ class _Batch:
     first: int
     last: int
     ops: list[Op]
+    size: int = 0  # bytes of its ops (_op_bytes)
+
+
+def _op_bytes(op: Op) -> int:
+    return OP_HEADER_BYTES + len(op[2]) + len(op[3]) + len(op[4])
 
 
 _tokens = count(1)
@@ -133,6 +146,19 @@ class Replica:
     lease_retry: Any = None
     # names this object among every replica of the process (request ids refer to it)
     token: int = field(default_factory=lambda: next(_tokens))
+    # writes in pending and window, and their bytes (_op_bytes): this replica's backlog
+    queued_ops: int = 0
+    queued_bytes: int = 0
+
+    def queue(self, ops: list[Op]) -> None:
+        self.pending.extend(ops)
+        self.queued_ops += len(ops)
+        self.queued_bytes += sum(_op_bytes(op) for op in ops)
+
+    def drop_queue(self) -> None:
+        self.pending.clear()
+        self.window.clear()
+        self.queued_ops = self.queued_bytes = 0
 
 
 def _next_batch(pending: list[Op]) -> list[Op]:
@@ -140,7 +166,7 @@ def _next_batch(pending: list[Op]) -> list[Op]:
     first, at most BATCH_BYTES of them as packed for a C{Replicate}."""
     count = size = 0
     for op in pending:
-        size += OP_HEADER_BYTES + len(op[2]) + len(op[3]) + len(op[4])
+        size += _op_bytes(op)
         if count == BATCH_OPS or (count and size > BATCH_BYTES):
             break
         count += 1
@@ -181,6 +207,11 @@ class ChainReplicator:
         self._lease_loop_done: Deferred[Any] | None = None
         #: the storage error that stopped this server's chains, None while they work
         self.failed: StorageFailed | None = None
+        #: the write backlog passed MAX_QUEUED_OPS or MAX_QUEUED_BYTES and is not yet down to
+        #: half of both: client connections read no further write (see L{wait_for_room})
+        self.backlogged = False
+        self._room_waiters: deque[Deferred[None]] = deque()
+        self._releasing = False
 
     # -- configuration ---------------------------------------------------------------------------
 
@@ -196,6 +227,7 @@ class ChainReplicator:
             for replica in old.values():
                 self._fail_waiters(replica, NotResponsible("this server left the chain"))
             self._update_lease_loop()
+            self._update_backlog()
             return
         me_index = names.index(self.me.name)
         n = len(ring.nodes)
@@ -222,6 +254,7 @@ class ChainReplicator:
         for replica in old.values():
             self._fail_waiters(replica, NotResponsible("this server left the range's chain"))
         self._update_lease_loop()
+        self._update_backlog()
 
     def _open_replica(self, owner: str, cid: str, store_name: str, store: Store) -> Replica:
         stored_chain, serial = store.chain_state()
@@ -271,8 +304,7 @@ class ChainReplicator:
     def _take_tail(self, replica: Replica, generation: int) -> None:
         if replica.generation != generation or not replica.is_tail:
             return
-        replica.window.clear()
-        replica.pending.clear()
+        replica.drop_queue()
         self._advance(replica, replica.last_serial)
 
     def _update_lease_loop(self) -> None:
@@ -312,14 +344,15 @@ class ChainReplicator:
         for replica in self.replicas.values():
             # Not forwarded: a write is forwarded only once committed here, and these may not
             # be. Their waiters fail below; answers still on their way are ignored (generation).
-            replica.pending.clear()
-            replica.window.clear()
+            replica.drop_queue()
             replica.lease_until = 0.0
             for call in (replica.retry, replica.lease_retry):
                 if call is not None and call.active():
                     call.cancel()
             self._fail_waiters(replica, error)
         self.peers.close()
+        # Writes held back by the backlog go on, to be refused with the error.
+        self._update_backlog()
 
     # -- the head --------------------------------------------------------------------------------
 
@@ -339,8 +372,8 @@ class ChainReplicator:
             return True, self.settled(replica)
         if self.failed is not None:
             raise self.failed
-        if len(replica.pending) + sum(len(b.ops) for b in replica.window) > MAX_QUEUED_OPS:
-            raise ServerStopped("replication is backed up; retry shortly")
+        # Not refused when the backlog is over its bounds: the connections stop reading then
+        # (backlogged), so at most the writes they had already read come in past them.
         serial = replica.last_serial + 1
         try:
             existed = replica.store.apply_one(kind, key, value, serial)
@@ -352,8 +385,9 @@ class ChainReplicator:
         replica.last_serial = serial
         self.remember(replica.token, request_id, serial, key)
         if not replica.is_tail:
-            replica.pending.append((serial, kind, key, value, request_id))
+            replica.queue([(serial, kind, key, value, request_id)])
             replica.forwarded = serial
+            self._update_backlog()
         # Committed, then forwarded (or, at a tail, acknowledged) at the end of this turn.
         self._end_turn_later(replica)
         return existed, self._wait(replica, serial)
@@ -407,7 +441,8 @@ class ChainReplicator:
         onward = [op for op in ops if op[0] > replica.forwarded]
         if onward:
             replica.forwarded = onward[-1][0]
-            replica.pending.extend(onward)
+            replica.queue(onward)
+            self._update_backlog()
             self._end_turn_later(replica)
         if replica.acked >= last:
             return replica.acked
@@ -456,7 +491,7 @@ class ChainReplicator:
         while replica.pending and replica.successor is not None \
                 and len(replica.window) < WINDOW_BATCHES:
             ops = _next_batch(replica.pending)
-            batch = _Batch(ops[0][0], ops[-1][0], ops)
+            batch = _Batch(ops[0][0], ops[-1][0], ops, sum(_op_bytes(op) for op in ops))
             replica.window.append(batch)
             replica.batches_sent += 1
             replica.ops_sent += len(ops)
@@ -521,10 +556,55 @@ class ChainReplicator:
             replica.acked = acked
         window, waiters = replica.window, replica.waiters
         while window and window[0].last <= replica.acked:
-            window.popleft()
+            batch = window.popleft()
+            replica.queued_ops -= len(batch.ops)
+            replica.queued_bytes -= batch.size
         while waiters and waiters[0][0] <= replica.acked:
             waiters.popleft()[1].callback(replica.acked)
         self._flush(replica)
+        self._update_backlog()
+
+    # -- the write backlog -----------------------------------------------------------------------
+
+    def backlog(self) -> tuple[int, int]:
+        """(writes, bytes) applied here and not yet acknowledged by a successor."""
+        replicas = self.replicas.values()
+        return sum(r.queued_ops for r in replicas), sum(r.queued_bytes for r in replicas)
+
+    def wait_for_room(self) -> Deferred[None]:
+        """Fires when the backlog is down to half its bounds (L{backlogged} is False), one
+        waiter at a time, oldest first: a waiter's write may fill it again, and then the others
+        wait on. Cancel it when its connection is lost."""
+        def cancel(d: Deferred[None]) -> None:
+            if d in self._room_waiters:
+                self._room_waiters.remove(d)
+
+        d: Deferred[None] = Deferred(cancel)
+        self._room_waiters.append(d)
+        self._release()
+        return d
+
+    def _update_backlog(self) -> None:
+        ops, size = self.backlog()
+        if not self.backlogged:
+            if ops > MAX_QUEUED_OPS or size > MAX_QUEUED_BYTES:
+                self.backlogged = True
+                log.info("{ops} writes ({size} bytes) wait for their successors: client "
+                         "connections stop reading until half have been acknowledged",
+                         ops=ops, size=size)
+        elif ops <= MAX_QUEUED_OPS // 2 and size <= MAX_QUEUED_BYTES // 2:
+            self.backlogged = False
+            self._release()
+
+    def _release(self) -> None:
+        if self._releasing:
+            return  # the loop below is running: it goes on while there is room
+        self._releasing = True
+        try:
+            while self._room_waiters and not self.backlogged:
+                self._room_waiters.popleft().callback(None)
+        finally:
+            self._releasing = False
 
     def settle_heads(self) -> Deferred[Any]:
         """Fires once every write taken so far by this server as a head is at its tail."""

@@ -14,12 +14,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chainstore.bounds import (
+    BACKLOG,
     MAX_CONNECTIONS,
     REQUESTS,
     WRITES,
@@ -152,6 +153,8 @@ class ConsoleProtocol(Counted):
         self._reading_stopped = False
         # the transport we are the producer of (see watch_writes)
         self._consumer: Any = None
+        # the wait for room of a write held back by the write backlog (reading is paused)
+        self._room: Deferred[None] | None = None
 
     @property
     def _paused(self) -> bool:
@@ -169,6 +172,8 @@ class ConsoleProtocol(Counted):
         self._lost = True
         self._pending.clear()
         self._buffer.clear()
+        if self._room is not None:
+            self._room.cancel()  # the held write is dropped: nobody waits for its reply
         super().connectionLost(reason)
 
     def readConnectionLost(self) -> None:
@@ -283,21 +288,44 @@ class ConsoleProtocol(Counted):
         except ConsoleError as e:
             self._reply_now(b"error " + str(e).encode("latin-1", "replace"))
             return
+        if request.command in ("put", "delete") and self.node.chain.backlogged:
+            # The server's write backlog is over its bounds: this write waits for room, in its
+            # place among the replies, and nothing more is read until then.
+            slot: list[bytes | None] = [None]
+            self._pending.append(slot)
+            self._pause(BACKLOG)
+            self._room = self.node.chain.wait_for_room()
+            self._room.addCallbacks(self._room_made, lambda f: f.trap(CancelledError),
+                                    (slot, request))
+            return
+        self._carry_out(request, None)
+
+    def _room_made(self, _: None, slot: list[bytes | None], request: Request) -> None:
+        self._room = None
+        if self._lost:
+            return
+        self._carry_out(request, slot)
+        self._resume(BACKLOG)
+
+    def _carry_out(self, request: Request, slot: list[bytes | None] | None) -> None:
+        """Run C{request}; its reply goes in C{slot}, or (None) in a new one."""
         try:
             result = self._dispatch(request)
         except KVError as e:
-            self._reply_now(self._error_reply(request, e))
-            return
+            result = self._error_reply(request, e)
         except Exception:
             log.failure("console request {command} failed", command=request.command)
-            self._reply_now(self._error_reply(request, None))
-            return
-        if isinstance(result, Deferred):
-            slot: list[bytes | None] = [None]
+            result = self._error_reply(request, None)
+        if slot is None:
+            if not isinstance(result, Deferred):
+                self._reply_now(result)
+                return
+            slot = [None]
             self._pending.append(slot)
+        if isinstance(result, Deferred):
             result.addCallbacks(self._fill, self._fail, (slot,), None, (slot, request))
         else:
-            self._reply_now(result)
+            self._fill(result, slot)
 
     def _dispatch(self, req: Request) -> bytes | Deferred[bytes]:
         node, key = self.node, req.key

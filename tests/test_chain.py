@@ -10,10 +10,15 @@ from dataclasses import replace
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
-from chainstore import chain
+from chainstore import chain, protocol
+from chainstore.amp_server import KVServerProtocol
+from chainstore.console import ConsoleFactory
 from chainstore.control import StaleEpoch, pack_ops
-from chainstore.errors import KeyNotFound, NotResponsible, ServerStopped
+from chainstore.errors import KeyNotFound, NotResponsible
 from chainstore.ring import Ring
 from chainstore.storage import STORE_NAMES
 from simnet import SimNet
@@ -111,21 +116,84 @@ def test_writes_in_flight_are_batched_and_all_answered(net):
     assert (stats["batches_sent"], stats["writes_sent"]) == (3, 600)
 
 
-def test_the_window_is_bounded_and_backpressure_reaches_the_client(net, monkeypatch):
-    monkeypatch.setattr(chain, "WINDOW_BATCHES", 2)
-    monkeypatch.setattr(chain, "MAX_QUEUED_OPS", 1000)
+def put_boxes(keys: list[bytes], value: bytes) -> bytes:
+    """The bytes of a client's Put boxes, one per key, as they arrive on the wire."""
+    out = b""
+    for i, key in enumerate(keys):
+        box = protocol.Put.makeArguments({"key": key, "value": value}, None)
+        box[b"_command"], box[b"_ask"] = b"Put", b"%d" % (i + 1)
+        out += box.serialize()
+    return out
+
+
+BOUND = 1_000_000
+VALUE = b"v" * 100_000
+ONE_WRITE = chain.OP_HEADER_BYTES + 5 + len(VALUE)
+
+
+def test_a_backed_up_head_stops_reading_its_clients_refuses_nothing_and_resumes(net, monkeypatch):
+    monkeypatch.setattr(chain, "MAX_QUEUED_BYTES", BOUND)
     ring = net.cluster(3)
-    net.kill("n1")  # the middle answers nothing: the window fills
-    keys = keys_headed_by(ring, "n0", 1100)
-    pending = [put(net, ring, k, b"v") for k in keys[:1001]]
+    *keys, c1, c2 = keys_headed_by(ring, "n0", 42)
+    node = net.nodes["n0"]
+    client, transport = KVServerProtocol(node), StringTransport()
+    client.makeConnection(transport)
+    console = ConsoleFactory(node).buildProtocol(None)
+    console.makeConnection(StringTransport())
+    console.transport.clear()
+    # 40 writes of 100 KB, all read at once; the successor has acknowledged none of them.
+    client.dataReceived(put_boxes(keys, VALUE))
+    net.clock.advance(0)  # committed and forwarded; the Replicate is not delivered
+    successor = ring.chain(keys[0])[1].name
+    black_hole(net, "n0", successor)  # ... and never will be on this connection
+    head = node.chain.replicas["n0"]
+    # Past the bound the connection reads nothing more: the write that crossed it is the last.
+    assert node.chain.backlogged and transport.producerState == "paused"
+    assert BOUND < node.chain.backlog()[1] <= BOUND + ONE_WRITE
+    assert head.last_serial == BOUND // ONE_WRITE + 1
+    assert transport.value() == b""  # nothing refused (and nothing acknowledged yet)
+    # The console's writes wait too, in order, behind the reads before them.
+    console.dataReceived(b"put %s x\nput %s y\n" % (c1, c2))
+    assert console.transport.producerState == "paused" and console.transport.value() == b""
+    # Replication from peers goes on: n0 is the tail of another range, and answers its middle.
+    other_head = next(n.name for n in ring.nodes
+                      if ring.chain(keys_headed_by(ring, n.name, 1)[0])[-1].name == "n0")
+    other = keys_headed_by(ring, other_head, 1)[0]
+    assert net.settle(net.nodes[other_head].put(other, b"w"), seconds=5.0) is False
+    assert node.chain.backlogged and transport.producerState == "paused"
+    assert head.last_serial == BOUND // ONE_WRITE + 1
+    # The forward times out, is resent on a new connection and acknowledged: the backlog
+    # drains, the held writes go on and so does reading, in rounds of about half the bound.
+    most = 0
+    for _ in range(200):
+        net.run(0.5)
+        most = max(most, node.chain.backlog()[1])
+        if transport.value().count(b"_answer") == len(keys):
+            break
+    assert transport.value().count(b"_answer") == len(keys)
+    assert b"_error" not in transport.value()
+    assert most <= BOUND + ONE_WRITE
+    assert not node.chain.backlogged and transport.producerState == "producing"
+    assert console.transport.value() == b"put_success %s\r\nput_success %s\r\n" % (c1, c2)
+    for key in keys:
+        assert set(replicas_of(net, ring, key).values()) == {VALUE}
+
+
+def test_a_held_write_of_a_closed_connection_is_dropped(net, monkeypatch):
+    monkeypatch.setattr(chain, "MAX_QUEUED_BYTES", BOUND)
+    ring = net.cluster(3)
+    keys = keys_headed_by(ring, "n0", 12)
+    node = net.nodes["n0"]
+    client, transport = KVServerProtocol(node), StringTransport()
+    client.makeConnection(transport)
+    client.dataReceived(put_boxes(keys, VALUE))
+    net.clock.advance(0)
+    assert node.chain.backlogged and len(node.chain._room_waiters) == 1
+    client.connectionLost(Failure(ConnectionDone()))
+    assert not node.chain._room_waiters  # it holds nothing for a connection that is gone
     net.run(1.0)
-    head = net.nodes["n0"].chain.replicas["n0"]
-    assert len(head.window) == 2
-    with pytest.raises(ServerStopped):
-        put(net, ring, keys[1001], b"v")
-    assert not any(d.called for d in pending)
-    for d in pending:
-        d.addErrback(lambda f: f.trap(ServerStopped, NotResponsible))
+    assert not node.chain.backlogged
+    assert node.stores[STORE_NAMES[0]].get(keys[-1]) is None
 
 
 def test_a_duplicate_request_id_is_not_applied_twice(net):

@@ -534,3 +534,10 @@ def test_python_m_bench_measures_redis_and_etcd_beside_the_chain(tmp_path: Path)
     pids = {s["name"]: s["pids"] for s in report["systems"]}
     assert len(pids["redis"]) == 3 and len(pids["etcd"]) == 3 and len(pids["chain"]) == 4
     assert not any(pid_alive(pid) for group in pids.values() for pid in group)
+
+
+def test_successive_free_port_calls_never_hand_out_a_port_twice() -> None:
+    from chainstore.testing.processes import free_ports
+
+    seen = [port for _ in range(200) for port in free_ports(5)]
+    assert len(set(seen)) == len(seen)

@@ -510,14 +510,19 @@ async def test_a_join_under_writes_loses_no_acknowledged_write(cluster, reactor)
         logs.set_level("info")
 
         # The old owner accepted, then refused writes as locked, then sent clients away; the
-        # new owner accepted only after that; never both at once.
-        assert probe.outcomes("old") == ACCEPTED + LOCKED + NOT_RESPONSIBLE, probe.log
+        # new owner accepted only after that; never both at once. The lock lasts tens of
+        # milliseconds, less than a probe's round trip on a loaded machine, so the probe may
+        # miss it (the library's writers, below, must meet it).
+        assert probe.outcomes("old") in (ACCEPTED + LOCKED + NOT_RESPONSIBLE,
+                                         ACCEPTED + NOT_RESPONSIBLE), probe.log
         assert probe.outcomes("new").endswith(ACCEPTED), probe.log
         assert set(probe.outcomes("new")) <= {ABSENT, STOPPED, NOT_RESPONSIBLE, ACCEPTED}
         locked = probe.times("old", LOCKED)
-        assert join_sent <= min(locked) and max(locked) <= join_answered
+        if locked:
+            assert join_sent <= min(locked) and max(locked) <= join_answered
+            assert min(probe.times("old", NOT_RESPONSIBLE)) > max(locked)
         assert max(probe.times("old", ACCEPTED)) < min(probe.times("new", ACCEPTED))
-        assert min(probe.times("old", NOT_RESPONSIBLE)) > max(locked)
+        assert max(probe.times("old", ACCEPTED)) < min(probe.times("old", NOT_RESPONSIBLE))
 
         # The library met the lock, backed off and retried, only while the join ran; every
         # write it acknowledged is there afterwards, on the right server.

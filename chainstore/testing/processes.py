@@ -8,6 +8,7 @@ test fails.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -35,16 +36,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# The ports this process handed out lately: the kernel may give a port that was bound and
+# closed again to the next bind, so two free_ports calls (etcd's, then Redis's) could overlap.
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=4096)
+
+
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """C{count} distinct free TCP ports: all bound at once, so the kernel cannot hand out one
-    port twice (as separate L{free_port} calls may)."""
+    port twice (as separate L{free_port} calls may), and none handed out by an earlier call of
+    this process."""
     sockets = []
+    ports: list[int] = []
     try:
-        for _ in range(count):
+        for _ in range(count + len(_HANDED_OUT) + 64):  # bound: each bind is a new port
+            if len(ports) == count:
+                break
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sockets.append(s)
             s.bind((host, 0))
-        return [s.getsockname()[1] for s in sockets]
+            port = s.getsockname()[1]
+            if port not in _HANDED_OUT:
+                ports.append(port)
+        if len(ports) < count:
+            raise OSError(f"no {count} free ports on {host}")
+        _HANDED_OUT.extend(ports)
+        return ports
     finally:
         for s in sockets:
             s.close()

@@ -17,12 +17,12 @@ from chainstore.cache import STRATEGIES
 from chainstore.logs import LEVELS
 from chainstore.storage import BACKENDS
 from chainstore.storage.sqlitedbm import DURABILITY
-from chainstore import pki
 from chainstore.tls import (
     Credentials,
     TLSConfigError,
     TLSFiles,
     client_host_port,
+    holder_credentials,
     holder_files,
     switch,
 )
@@ -257,17 +257,10 @@ def server_credentials(config: ServerConfig) -> Credentials | None:
     if files is None:
         return None
     try:
-        if config.tls_auto:
-            pki.ensure(config.pki_dir, [
-                ("server", config.name, [config.advertised_host]),
-                ("client", "client", []), ("admin", "admin", [])])
-        credentials = Credentials(files)
-        who = credentials.check()
-    except (pki.PKIError, TLSConfigError, OSError) as e:
+        return holder_credentials(
+            files, "server", config.name, config.pki_dir if config.tls_auto else None,
+            [("server", config.name, [config.advertised_host]),
+             ("client", "client", []), ("admin", "admin", [])],
+            f"chainstore-pki issue server {config.name} --host {config.advertised_host}")
+    except TLSConfigError as e:
         raise ConfigError(str(e)) from None
-    if who.role != "server" or who.name != config.name:
-        raise ConfigError(
-            f"{files.cert} is the certificate of {who.name!r} with role {who.role or 'none'}; "
-            f"this server needs one of {config.name!r} with role server "
-            f"(chainstore-pki issue server {config.name} --host {config.advertised_host})")
-    return credentials

@@ -155,6 +155,28 @@ class Credentials:
         return options
 
 
+def holder_credentials(files: TLSFiles, role: str, name: str | None, pki_dir: str | None,
+                       holders: list[tuple[str, str, list[str]]], fix: str) -> Credentials:
+    """A process's own credentials, checked at start: with C{pki_dir}, the PKI there is first
+    completed with C{holders} (each made only when missing); then the files must load and name
+    a holder of C{role} (and C{name}, if given). Raises L{TLSConfigError} naming the file and
+    C{fix}, the command that would issue the right certificate."""
+    try:
+        if pki_dir is not None:
+            pki.ensure(pki_dir, holders)
+        credentials = Credentials(files)
+        who = credentials.check()
+    except (pki.PKIError, OSError) as e:
+        raise TLSConfigError(str(e)) from None
+    if who.role != role or (name is not None and who.name != name):
+        wanted = f"one of {name!r}" if name is not None else "one"
+        raise TLSConfigError(
+            f"{files.cert} is the certificate of {who.name!r} with role {who.role or 'none'}; "
+            f"this {'server' if role == 'server' else role.upper()} needs {wanted} with role "
+            f"{role} ({fix})")
+    return credentials
+
+
 def load(files: TLSFiles | None) -> Credentials | None:
     """Credentials of C{files}, read now (None stays None: plaintext)."""
     if files is None:

@@ -14,12 +14,12 @@ from typing import Any
 from chainstore.cache import STRATEGIES
 from chainstore.config import read_options
 from chainstore.logs import LEVELS
-from chainstore import pki
 from chainstore.tls import (
     Credentials,
     TLSConfigError,
     TLSFiles,
     client_host_port,
+    holder_credentials,
     holder_files,
     switch,
 )
@@ -245,18 +245,12 @@ def ecs_credentials(config: ECSConfig) -> Credentials | None:
     if files is None:
         return None
     try:
-        if config.tls_auto:
-            host, _ = client_host_port(config.advertise)
-            pki.ensure(config.pki_dir, [
-                ("ecs", "ecs", [host]),
-                *(("server", slot.name, [slot.host]) for slot in config.nodes
-                  if not slot.tls_cert),
-                ("admin", "admin", []), ("client", "client", [])])
-        credentials = Credentials(files)
-        who = credentials.check()
-    except (pki.PKIError, TLSConfigError, OSError) as e:
+        host, _ = client_host_port(config.advertise)
+        return holder_credentials(
+            files, "ecs", None, config.pki_dir if config.tls_auto else None,
+            [("ecs", "ecs", [host]),
+             *(("server", slot.name, [slot.host]) for slot in config.nodes if not slot.tls_cert),
+             ("admin", "admin", []), ("client", "client", [])],
+            "chainstore-pki issue ecs NAME --host ...")
+    except TLSConfigError as e:
         raise ECSConfigError(str(e)) from None
-    if who.role != "ecs":
-        raise ECSConfigError(f"{files.cert} has role {who.role or 'none'}; the ECS needs a "
-                             "certificate with role ecs (chainstore-pki issue ecs NAME --host ...)")
-    return credentials

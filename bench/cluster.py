@@ -19,7 +19,7 @@ from twisted.protocols import amp
 from bench.systems import ChainRouter, amp_connection
 from chainstore import protocol
 from chainstore.ring import RING_BITS, NodeInfo, Ring
-from chainstore.testing.processes import ECSProcess, ProcessFailed, write_ecs_config
+from harness.processes import ECSProcess, ProcessFailed, write_ecs_config
 from chainstore.tls import Credentials, load
 from ecs import protocol as admin
 

@@ -58,7 +58,7 @@ from bench.memory import MemorySampler, read_memory
 from bench.systems import CONNECT_TIMEOUT, HOST, amp_connection
 from chainstore import protocol
 from chainstore.limits import MAX_LINE_BYTES, MAX_VALUE_BYTES
-from chainstore.testing.processes import KVServerProcess
+from harness.processes import KVServerProcess
 from chainstore.tls import client_endpoint, load
 
 SCENARIOS = ("console", "amp")

@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from bench.http11 import ConnectionPool, HTTP11Client, Response
 from bench.resp import RedisClient, Reply, blocking_command
 from bench.systems import HOST, CONNECT_TIMEOUT, SystemUnderTest, stop_process
-from chainstore.testing.processes import ProcessFailed, free_ports
+from harness.processes import ProcessFailed, free_ports
 
 #: The Debian package that brings each program the peers need.
 PACKAGES = {"redis-server": "redis-server", "redis-benchmark": "redis-tools",

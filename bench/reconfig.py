@@ -62,7 +62,7 @@ from bench.systems import ChainRouter
 from bench.writer import Writer
 from chainstore import protocol
 from chainstore.ring import NodeInfo
-from chainstore.testing.processes import ECSProcess, ProcessFailed
+from harness.processes import ECSProcess, ProcessFailed
 from ecs import protocol as admin
 
 STATUS_EVERY = 0.1

@@ -35,7 +35,7 @@ from bench.echo_server import Echo
 from chainstore import protocol
 from chainstore.ring import Ring, position
 from chainstore.tls import Credentials, client_endpoint, load
-from chainstore.testing.processes import ECSProcess, KVServerProcess, ProcessFailed, free_port
+from harness.processes import ECSProcess, KVServerProcess, ProcessFailed, free_port
 
 HOST = "127.0.0.1"
 CONNECT_TIMEOUT = 10.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chainstore.testing.processes import ProcessGroup
+from harness.processes import ProcessGroup
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from chainstore import protocol
 from chainstore.limits import check_key
 from chainstore.ring import NodeInfo, Ring
 from benchrun import start_module, stop
-from chainstore.testing.processes import pid_alive
+from harness.processes import pid_alive
 
 
 

@@ -19,7 +19,7 @@ from twisted.protocols import amp
 from bench.flood import (KEY, Flooder, ProbeResult, amp_flood, console_flood, parse_args, probe,
                          verdicts)
 from chainstore import protocol
-from chainstore.testing.processes import pid_alive
+from harness.processes import pid_alive
 from benchrun import start_module, stop
 
 

@@ -32,7 +32,7 @@ from bench.runner import NATIVE_REDIS, Case, Measurement
 from bench.loadgen import RunResult
 from bench.ycsb import WORKLOADS, ZipfianGenerator, draw, record_values, zeta
 from benchrun import start_module, stop
-from chainstore.testing.processes import pid_alive
+from harness.processes import pid_alive
 
 
 
@@ -537,7 +537,7 @@ def test_python_m_bench_measures_redis_and_etcd_beside_the_chain(tmp_path: Path)
 
 
 def test_successive_free_port_calls_never_hand_out_a_port_twice() -> None:
-    from chainstore.testing.processes import free_ports
+    from harness.processes import free_ports
 
     seen = [port for _ in range(200) for port in free_ports(5)]
     assert len(set(seen)) == len(seen)

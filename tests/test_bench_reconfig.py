@@ -29,7 +29,7 @@ from bench.writer import Writer
 from chainstore import protocol
 from chainstore.errors import KeyNotFound, NotResponsible, ServerStopped, WriteLocked
 from chainstore.ring import NodeInfo, Ring
-from chainstore.testing.processes import pid_alive
+from harness.processes import pid_alive
 from benchrun import start_module, stop
 
 # The benchmark's "ECS pid 1234 on ..." and the ECS launcher's "launched server1 (pid 1234)".

@@ -42,7 +42,7 @@ import pytest
 
 from chainstore.ring import NodeInfo, Ring, parse_position, position
 from chainstore.storage import STORE_NAMES
-from chainstore.testing.processes import ECSProcess, pid_alive, write_ecs_config
+from harness.processes import ECSProcess, pid_alive, write_ecs_config
 from ecs import protocol as admin
 
 # Real processes (integration) that the tests kill or freeze (fault).

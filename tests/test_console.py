@@ -20,7 +20,7 @@ from chainstore.node import STOPPED, KVNode
 from simnet import SimNet
 from chainstore.ring import KeyRange, NodeInfo, Ring, position, render_position
 from chainstore.storage import StoreSet
-from chainstore.testing import faults
+from harness import faults
 
 ME = NodeInfo("s1", "127.0.0.1", 50001, 51001)
 OTHER = NodeInfo("s2", "127.0.0.1", 50002, 51002)

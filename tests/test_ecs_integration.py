@@ -44,7 +44,7 @@ from twisted.protocols import amp
 from chainstore import logs, protocol, tls
 from chainstore.errors import NotResponsible, ServerStopped, WriteLocked
 from chainstore.ring import RING_BITS, NodeInfo, Ring, parse_position
-from chainstore.testing.processes import ECSProcess, pid_alive, write_ecs_config
+from harness.processes import ECSProcess, pid_alive, write_ecs_config
 from chainstore.tls import TLSFiles
 from client.kvstore import KVStore
 from ecs import protocol as admin

@@ -29,7 +29,7 @@ from twisted.protocols import amp
 from twisted.test import iosim
 
 from chainstore.ring import KeyRange
-from chainstore.testing.processes import ECSProcess, free_port, pid_alive
+from harness.processes import ECSProcess, free_port, pid_alive
 from ecs import protocol
 from ecs.config import ECSConfig
 from ecs.coordinator import ECS

@@ -237,7 +237,7 @@ def test_kvclient_says_when_it_was_given_the_console_port(processes, tmp_path: P
 
 
 def test_kvclient_with_nothing_listening_fails_fast(tmp_path: Path, pki_dir: Path) -> None:
-    from chainstore.testing.processes import free_port
+    from harness.processes import free_port
 
     run = kvclient(["--pki-dir", str(pki_dir), "--connect", f"127.0.0.1:{free_port()}"], b"",
                    tmp_path)
@@ -246,7 +246,7 @@ def test_kvclient_with_nothing_listening_fails_fast(tmp_path: Path, pki_dir: Pat
 
 
 def test_kvclient_without_its_certificate_says_which_file_is_missing(tmp_path: Path) -> None:
-    from chainstore.testing.processes import free_port
+    from harness.processes import free_port
 
     run = kvclient(["--connect", f"127.0.0.1:{free_port()}"], b"", tmp_path)
     assert run.returncode == 1

@@ -11,7 +11,7 @@ from twisted.plugin import getPlugins
 from twisted.plugins import __path__ as plugin_path
 
 from chainstore import tap
-from chainstore.testing.processes import TWISTD
+from harness.processes import TWISTD
 
 REPO = Path(__file__).resolve().parent.parent
 

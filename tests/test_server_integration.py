@@ -16,7 +16,7 @@ from twisted.protocols import amp
 from chainstore import protocol, tls
 from chainstore.errors import InvalidKey, KeyNotFound
 from chainstore.limits import MAX_VALUE_BYTES
-from chainstore.testing.processes import KVServerProcess
+from harness.processes import KVServerProcess
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,5 @@
 """Fail-stop storage (docs/DESIGN.md, "When storage fails"): a store that fails (a full disk, an
-I/O error, corruption; injected with chainstore.testing.faults) stops the server at once. Every
+I/O error, corruption; injected with harness.faults) stops the server at once. Every
 waiting write is answered with an error, nothing uncommitted is read or forwarded, nothing is
 acknowledged that is not committed, and the server leaves the ECS."""
 
@@ -20,7 +20,7 @@ from chainstore.node import KVNode
 from chainstore.ring import NodeInfo, Ring
 from chainstore.service import KVServerService
 from chainstore.storage import StoreSet, sqlitedbm
-from chainstore.testing import faults
+from harness import faults
 from simnet import SimNet
 
 ME = NodeInfo("s1", "127.0.0.1", 50001, 51001)

@@ -16,7 +16,7 @@ import pytest
 
 from chainstore.storage import StoreIntegrityError, StoreSet
 from chainstore.storage.integrity import MANIFEST
-from chainstore.testing.processes import KVServerProcess
+from harness.processes import KVServerProcess
 
 
 def filled(directory: Path, keys: int = 500) -> None:

@@ -21,7 +21,7 @@ import pytest_twisted
 
 from chainstore import control, pki, protocol, tls
 from chainstore.errors import PermissionDenied
-from chainstore.testing.processes import (
+from harness.processes import (
     AMPError,
     ECSProcess,
     KVServerProcess,

@@ -23,7 +23,7 @@ server or the ECS is also dialled at proxies on 10.N.i.1: the harness issues tho
 certificates itself, with every such address, before the ECS starts (L{Cluster.dialled_hosts}).
 
 Everything here runs in the harness's reactor thread. The process helpers of
-L{chainstore.testing.processes} block while a process starts; they run in a worker thread
+L{harness.processes} block while a process starts; they run in a worker thread
 (C{deferToThread}) so the proxies keep moving bytes meanwhile.
 """
 
@@ -53,7 +53,7 @@ from chainstore import pki, roles
 from chainstore.logs import get_logger
 from chainstore.ring import Ring
 from chainstore.storage import STORE_NAMES
-from chainstore.testing.processes import ECSProcess, KVServerProcess, free_port
+from harness.processes import ECSProcess, KVServerProcess, free_port
 from chainstore.tls import Credentials, TLSFiles, client_endpoint, load
 from client.kvstore import KVStore
 from ecs import protocol as admin

@@ -66,12 +66,8 @@ class ECSConfig:
     cache_strategy: str = "LRU"
     cache_size: int = 1000
     launcher: str = "local"
-    ssh_command: str = (
-        "ssh {host} twistd --pidfile= -n --logfile {log} kvserver --name {name}"
-        " --listen tcp:{amp_port}:interface={host} --console tcp:{console_port}:interface={host}"
-        " --data-dir {data_dir} --cache-strategy {cache_strategy} --cache-size {cache_size}"
-        " --ecs {ecs} {tls_options}"
-    )
+    #: split like a shell command line; {command} is the remote command (ecs/launcher.py)
+    ssh_command: str = "ssh -o BatchMode=yes {host} {command}"
     register_timeout: float = 20.0
     #: balanced: the ECS places each joining server in the middle of the largest range (the
     #: first servers evenly); hash: at the MD5 of its console address (the classic ring)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import re
 import signal
 import socket
 import ssl
@@ -23,6 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from twisted.internet.testing import StringTransport
+from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from chainstore.tls import TLSFiles
 
@@ -292,17 +295,34 @@ def amp_call(host: str, port: int, tls: TLSFiles | None, command: Any, timeout: 
              /, **arguments: Any) -> dict[str, Any]:
     """One AMP command on a fresh blocking connection (mutual TLS as C{tls}'s holder, or
     plaintext); its answer, or L{AMPError}. OSError (ssl.SSLError among them) or
-    ConnectionError if the connection fails or closes first."""
-    box = command.makeArguments(arguments, None)
-    box[b"_command"] = command.commandName
-    box[b"_ask"] = b"1"
+    ConnectionError if the connection fails or closes first.
+
+    Twisted's own AMP encodes the call and decodes the answer: an L{amp.AMP} writes to a
+    L{StringTransport} that this function sends and is fed what the socket receives, so no
+    reactor runs and the answer's Deferred fires during C{dataReceived}. The call goes through
+    L{amp.AMP.callRemoteString}, which keeps the code of an error the command does not declare
+    (C{callRemote} would make it UNKNOWN)."""
+    wire = StringTransport()
+    protocol = amp.AMP()
+    protocol.makeConnection(wire)
+    box = command.makeArguments(arguments, protocol)
+    answers: list[Any] = []
+    protocol.callRemoteString(command.commandName, True,
+                              **{key.decode("ascii"): value for key, value in box.items()}
+                              ).addBoth(answers.append)
     with connect(host, port, tls, timeout) as s:
-        s.sendall(box.serialize())
-        reply = _read_amp_box(s.makefile("rb"))
-    if b"_error" in reply:
-        raise AMPError(reply.get(b"_error_code", b""),
-                       reply.get(b"_error_description", b"").decode(errors="replace"))
-    return command.parseResponse(reply, None)
+        s.sendall(wire.value())
+        while not answers:
+            data = s.recv(65536)
+            if not data:
+                raise ConnectionError("the peer closed the connection before answering")
+            protocol.dataReceived(data)
+    if isinstance(answers[0], Failure):
+        error = answers[0].value
+        if isinstance(error, amp.RemoteAmpError):
+            raise AMPError(error.errorCode, error.description)
+        answers[0].raiseException()
+    return command.parseResponse(answers[0], protocol)
 
 
 class ECSProcess:
@@ -312,8 +332,8 @@ class ECSProcess:
     at C{config_path} (written by L{write_ecs_config} with C{config_options} when not given); it
     logs to C{workdir}/ecs.log. L{status} and L{call} speak AMP to it over a plain blocking socket,
     so tests and benchmark drivers need no reactor. L{stop} ends the ECS and then, by PID, every
-    server process it ever launched that is still alive (the PIDs come from its launcher's log
-    lines), also when the ECS itself was killed.
+    server process it ever launched that is still alive (the PIDs come from the launcher's
+    record, L{launches}), also when the ECS itself was killed.
 
         ecs = ECSProcess(tmp_path).start()
         try:
@@ -345,7 +365,7 @@ class ECSProcess:
             (self.workdir / str(self.config.get("pki-dir", "data/pki"))).resolve()
             if tls_on else None)
         self.proc: subprocess.Popen[bytes] | None = None
-        #: every server PID the ECS reported launching, read from its log: name -> pids
+        #: every server PID the ECS recorded launching (L{launches}): name -> pids
         self.launched: dict[str, list[int]] = {}
 
     @property
@@ -428,13 +448,27 @@ class ECSProcess:
         except AMPError as e:
             raise ECSError(e.description) from None
 
+    @property
+    def launched_path(self) -> Path:
+        """The ECS launcher's record of the processes it started (ecs/launcher.py), beside
+        its state file."""
+        state_file = self.workdir / str(self.config.get("state-file", "data/ecs/state.json"))
+        return state_file.parent / "launched.json"
+
+    def launches(self) -> list[dict[str, Any]]:
+        """Every launch the ECS has recorded so far, oldest first: name, pid (the process it
+        spawned), server_pid, host, console_port, amp_port, log, running."""
+        try:
+            return list(json.loads(self.launched_path.read_text(encoding="utf-8"))["launched"])
+        except FileNotFoundError:
+            return []
+
     def server_pids(self) -> dict[str, list[int]]:
-        """Every server PID the ECS has logged launching so far: name -> pids (oldest first)."""
-        if self.log_path.exists():
-            for match in _LAUNCHED.finditer(self.log_path.read_text(errors="replace")):
-                pids = self.launched.setdefault(match["name"], [])
-                if int(match["pid"]) not in pids:
-                    pids.append(int(match["pid"]))
+        """Every server PID the ECS has launched so far: name -> pids (oldest first)."""
+        for launch in self.launches():
+            pids = self.launched.setdefault(launch["name"], [])
+            if launch["server_pid"] is not None and launch["server_pid"] not in pids:
+                pids.append(launch["server_pid"])
         return self.launched
 
     def live_server_pids(self) -> list[int]:
@@ -486,10 +520,6 @@ class ECSProcess:
         return diagnostics(self.proc, self.log_path)
 
 
-# The launcher's line "launched server1 (pid 1234): ..." (ecs/launcher.py).
-_LAUNCHED = re.compile(r"launched (?P<name>\S+) \(pid (?P<pid>\d+)\)")
-
-
 def pid_alive(pid: int) -> bool:
     """Whether process C{pid} exists and is not a zombie (an exited child not yet reaped)."""
     try:
@@ -506,20 +536,3 @@ def pid_alive(pid: int) -> bool:
         except PermissionError:
             return True
         return True
-
-
-def _read_amp_box(stream: Any) -> dict[bytes, bytes]:
-    """Read one AMP box (2-byte length, key, 2-byte length, value, ..., empty key)."""
-    box: dict[bytes, bytes] = {}
-    while True:
-        key = _read_exact(stream, int.from_bytes(_read_exact(stream, 2), "big"))
-        if not key:
-            return box
-        box[key] = _read_exact(stream, int.from_bytes(_read_exact(stream, 2), "big"))
-
-
-def _read_exact(stream: Any, n: int) -> bytes:
-    data = stream.read(n)
-    if len(data) != n:
-        raise ConnectionError("the peer closed the connection before answering")
-    return data

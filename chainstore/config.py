@@ -85,7 +85,8 @@ class ServerConfig:
             raise ConfigError(str(e)) from None
         if tls == "on" and self.ecs:
             try:
-                client_host_port(self.ecs)
+                for description in self.ecs.split(","):
+                    client_host_port(description.strip())
             except TLSConfigError as e:
                 raise ConfigError(f"ecs: {e}") from None
         if tls == "on" and _split_endpoint(self.listen)[0] != "tcp":
@@ -229,6 +230,9 @@ def build_config(yaml_options: dict[str, Any], flags: dict[str, Any]) -> ServerC
         for option, raw in source.items():
             if raw is None:
                 continue
+            if option == "ecs" and isinstance(raw, (list, tuple)):
+                # several ECS (one leads): a YAML list, or --ecs repeated
+                raw = ",".join(str(item) for item in raw)
             field = OPTION_NAMES[option]
             values[field.name] = _convert(option, field.type, raw)
     return ServerConfig(**values).validated()

@@ -41,11 +41,17 @@ class ControlFailed(Exception):
     """A control command could not be carried out; the message says why."""
 
 
+class NotLeader(Exception):
+    """This ECS is a standby (several ECS, one leader): the message names the leader,
+    "not the leader; the leader is HOST:PORT", so a server or an admin can dial it."""
+
+
 CONTROL_ERRORS = {
     **ALL_ERRORS,
     StaleEpoch: b"STALE_EPOCH",
     RegistrationRefused: b"REGISTRATION_REFUSED",
     ControlFailed: b"CONTROL_FAILED",
+    NotLeader: b"NOT_LEADER",
 }
 
 RANGE_FIELDS = [(b"start", amp.Integer()), (b"end", amp.Integer())]
@@ -59,12 +65,15 @@ class _ControlCommand(amp.Command):
 # -- server -> ECS -------------------------------------------------------------------------------
 
 class Register(_ControlCommand):
-    """A server announces itself; the answer says whether it is in the ring and serving."""
+    """A server announces itself; the answer says whether it is in the ring and serving. A
+    standby ECS refuses it with L{NotLeader}, naming the leader."""
 
     arguments = [(b"name", amp.Unicode()), (b"host", amp.Unicode()),
                  (b"console_port", amp.Integer()), (b"amp_port", amp.Integer()),
                  (b"epoch", amp.Integer())]
-    response = [(b"message", amp.Unicode())]
+    # ecs_epoch: the newest epoch this ECS has committed; a server that has seen a newer one
+    # is talking to a deposed leader and hangs up (several ECS, see ecs.leadership)
+    response = [(b"message", amp.Unicode()), (b"ecs_epoch", amp.Integer(optional=True))]
 
 
 class CopyProgress(_ControlCommand):

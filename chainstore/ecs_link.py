@@ -4,18 +4,28 @@ The server dials the ECS (``--ecs``) and keeps that connection up with reconnect
 (``ClientService``). On every connection it sends C{Register}; the ECS then drives the server over
 the same connection. While the ECS is unreachable the server keeps serving on the ring it last
 received.
+
+With several ECS (``--ecs`` a list: one leads, the others stand by) the server dials them in
+turn; a standby refuses C{Register} with L{control.NotLeader} naming the leader, which is dialled
+next. A leader silent for L{LEADER_SILENCE} seconds (paused, or cut off) is hung up on, so the
+server finds the next leader. Whatever the ECS, the server refuses control commands from one
+whose epoch is behind the newest epoch it has seen (a deposed leader): C{Heartbeat} and
+C{SetMetadata} carry the ECS's epoch, and the C{Register} answer its newest committed one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
+from zope.interface import implementer
 
 from chainstore import control, migration, tls
 from chainstore.bounds import BoundedAMP
@@ -30,6 +40,13 @@ log = get_logger("chainstore.ecs_link")
 #: Seconds a copy's target has to confirm one batch before the copy fails.
 COPY_BATCH_TIMEOUT = 30.0
 
+#: With several ECS: seconds without a heartbeat after which the server hangs up on its ECS
+#: and dials the next (the ECS heartbeats every second by default).
+LEADER_SILENCE = 3.0
+
+#: Control commands that carry the ECS's epoch; the others are fenced by the link's epoch.
+_EPOCH_CARRIERS = ("Heartbeat", "SetMetadata")
+
 
 class ServerControlProtocol(BoundedAMP, RoleGuard):
     """The server's end of the ECS connection: only the ECS's certificate may drive it."""
@@ -43,9 +60,15 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
 
     def __init__(self, node: KVNode, reactor: Any, shutdown: Callable[[], None],
                  connect_peer: Callable[[str, int], Deferred[amp.AMP]] | None = None,
-                 credentials: tls.Credentials | None = None) -> None:
+                 credentials: tls.Credentials | None = None,
+                 endpoints: LeaderEndpoints | None = None) -> None:
         super().__init__()
         self.node = node
+        # several ECS: where a standby's NotLeader points, and the silence watch
+        self.endpoints = endpoints
+        self._silence: Any = None
+        #: the newest epoch this link's ECS has shown (None: none yet)
+        self.ecs_epoch: int | None = None
         self.reactor = reactor
         self.shutdown = shutdown
         self.credentials = credentials
@@ -64,6 +87,8 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
 
     def connectionLost(self, reason: Any) -> None:  # type: ignore[override]
         super().connectionLost(reason)
+        if self._silence is not None and self._silence.active():
+            self._silence.cancel()
         # Any change the ECS was making through this link fails on its side when the link
         # drops, and it aborts; locks and write trackers it left here must not outlive it.
         self.node.write_locks.clear()
@@ -89,8 +114,51 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
         self._running.discard(d)
         return result
 
+    def _watch(self) -> None:
+        """(Re)arm the silence watch: with several ECS, a silent one is hung up on."""
+        if self.endpoints is None or len(self.endpoints.endpoints) < 2:
+            return
+        if self._silence is not None and self._silence.active():
+            self._silence.reset(LEADER_SILENCE)
+            return
+        self._silence = self.reactor.callLater(LEADER_SILENCE, self._silent)
+
+    def _silent(self) -> None:
+        log.warn("no heartbeat from the ECS for {s}s: dialling the next ECS", s=LEADER_SILENCE)
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _seen(self, epoch: int) -> None:
+        """Refuse (L{control.StaleEpoch}) an ECS behind the newest epoch this server has seen;
+        else remember its epoch for the link's other commands."""
+        if epoch < self.node.ring.epoch:
+            raise control.StaleEpoch(
+                f"this ECS is at epoch {epoch}, this server has seen epoch "
+                f"{self.node.ring.epoch}: it is not the leader any more")
+        self.ecs_epoch = max(epoch, self.ecs_epoch or 0)
+
+    def locateResponder(self, name: bytes) -> Any:
+        responder = super().locateResponder(name)
+        if responder is None or name.decode("ascii", "replace") in _EPOCH_CARRIERS:
+            return responder
+
+        def fenced(box: Any) -> Any:
+            epoch = self.ecs_epoch
+            if epoch is not None and epoch < self.node.ring.epoch:
+                log.warn("refused {command} from an ECS at epoch {epoch}: this server has "
+                         "seen epoch {newest}", command=name.decode("ascii", "replace"),
+                         epoch=epoch, newest=self.node.ring.epoch)
+                return fail(amp.RemoteAmpError(
+                    control.CONTROL_ERRORS[control.StaleEpoch],
+                    f"this ECS is at epoch {epoch}, this server has seen epoch "
+                    f"{self.node.ring.epoch}: it is not the leader any more"))
+            return responder(box)
+
+        return fenced
+
     def connectionMade(self) -> None:
         super().connectionMade()
+        self._watch()
         me = self.node.me
         d = self.callRemote(control.Register, name=me.name, host=me.host,
                             console_port=me.console_port, amp_port=me.amp_port,
@@ -98,19 +166,37 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
         d.addCallbacks(self._registered, self._refused)
 
     def _registered(self, result: dict[str, Any]) -> None:
+        epoch = result.get("ecs_epoch")
+        if epoch is not None:
+            try:
+                self._seen(epoch)
+            except control.StaleEpoch as e:
+                log.warn("hanging up on the ECS: {why}", why=e)
+                self.transport.loseConnection()
+                return
         log.info("registered with the ECS: {message}", message=result["message"])
 
     def _refused(self, failure: Any) -> None:
-        log.error("the ECS refused this server: {error}", error=failure.getErrorMessage())
+        if failure.check(control.NotLeader):
+            leader = re.search(r"the leader is (\S+)$", failure.getErrorMessage())
+            if leader and self.endpoints is not None:
+                self.endpoints.follow(leader.group(1))
+            log.info("{error}: dialling the leader", error=failure.getErrorMessage())
+        else:
+            log.error("the ECS refused this server: {error}", error=failure.getErrorMessage())
         self.transport.loseConnection()
 
     @control.Heartbeat.responder
     def heartbeat(self, epoch: int) -> dict[str, Any]:
+        self._seen(epoch)
+        self._watch()
         return {"epoch": self.node.ring.epoch, "state": self.node.state}
 
     @control.SetMetadata.responder
     def set_metadata(self, **wire: Any) -> dict[str, Any]:
-        self.node.set_ring(ring_from_wire(wire))
+        ring = ring_from_wire(wire)
+        self.node.set_ring(ring)
+        self.ecs_epoch = max(ring.epoch, self.ecs_epoch or 0)
         return {}
 
     @control.SetState.responder
@@ -289,13 +375,49 @@ class _LinkFactory(Factory):
     noisy = False
 
     def __init__(self, node: KVNode, reactor: Any, shutdown: Callable[[], None],
-                 credentials: tls.Credentials | None) -> None:
+                 credentials: tls.Credentials | None,
+                 endpoints: LeaderEndpoints | None = None) -> None:
         self.node, self.reactor, self.shutdown = node, reactor, shutdown
         self.credentials = credentials
+        self.endpoints = endpoints
 
     def buildProtocol(self, addr: Any) -> ServerControlProtocol:
         return ServerControlProtocol(self.node, self.reactor, self.shutdown,
-                                     credentials=self.credentials)
+                                     credentials=self.credentials, endpoints=self.endpoints)
+
+
+@implementer(IStreamClientEndpoint)
+class LeaderEndpoints:
+    """The ECS endpoints of a list, dialled in turn; after a standby named the leader
+    (L{follow}), the leader's next."""
+
+    def __init__(self, endpoints: Sequence[Any], addresses: Sequence[str | None]) -> None:
+        self.endpoints = list(endpoints)
+        self.addresses = list(addresses)
+        self._next = 0
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        index = self._next
+        self._next = (index + 1) % len(self.endpoints)
+        return self.endpoints[index].connect(factory)
+
+    def follow(self, address: str) -> None:
+        """Dial C{address} (HOST:PORT) next, if it is one of ours."""
+        if address in self.addresses:
+            self._next = self.addresses.index(address)
+
+
+def ecs_descriptions(value: str) -> list[str]:
+    """The ECS endpoints of C{--ecs}: one, or several separated by commas."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _address(description: str) -> str | None:
+    try:
+        host, port = tls.client_host_port(description)
+    except tls.TLSConfigError:
+        return None
+    return f"{host}:{port}"
 
 
 def ecs_endpoint(reactor: Any, description: str, credentials: tls.Credentials | None) -> Any:
@@ -310,10 +432,14 @@ def ecs_endpoint(reactor: Any, description: str, credentials: tls.Credentials | 
 def make_ecs_link(node: KVNode, description: str, reactor: Any,
                   shutdown: Callable[[], None],
                   credentials: tls.Credentials | None = None) -> ClientService:
-    """A service that keeps this server connected and registered to the ECS at C{description}."""
+    """A service that keeps this server connected and registered to the ECS at C{description}
+    (several, comma-separated: to whichever leads)."""
+    descriptions = ecs_descriptions(description)
+    endpoints = LeaderEndpoints([ecs_endpoint(reactor, d, credentials) for d in descriptions],
+                                [_address(d) for d in descriptions])
     return ClientService(
-        ecs_endpoint(reactor, description, credentials),
-        _LinkFactory(node, reactor, shutdown, credentials),
+        endpoints,
+        _LinkFactory(node, reactor, shutdown, credentials, endpoints),
         retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=2.0),
         clock=reactor,
     )

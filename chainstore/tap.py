@@ -46,7 +46,8 @@ class Options(usage.Options):
          f"cache eviction: FIFO, LRU or LFU [default: {_D.cache_strategy}]"],
         ["ecs", None, None,
          "client endpoint of the ECS, such as tcp:127.0.0.1:49999; the server registers there "
-         "and serves once the ECS starts it [default: none, run standalone]"],
+         "and serves once the ECS starts it; several ECS (one leads): repeat it or separate "
+         "them with commas [default: none, run standalone]"],
         ["log-level", None, None,
          f"debug, info, warn, error or critical [default: {_D.log_level}]"],
         ["backend", None, None, f"store backend: sqlite or dumb [default: {_D.backend}]"],
@@ -67,6 +68,10 @@ class Options(usage.Options):
          "this server's certificate, role server, named after --name [default: PKI-DIR/NAME.crt]"],
         ["tls-key", None, None, "this server's private key [default: PKI-DIR/NAME.key]"],
     ]
+
+    def opt_ecs(self, value: str) -> None:
+        # repeatable: every --ecs adds ECS endpoints
+        self["ecs"] = value if not self.get("ecs") else f"{self['ecs']},{value}"
 
     def postOptions(self) -> None:
         path = self["config"]

@@ -80,6 +80,16 @@ class ECSConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     nodes: tuple[NodeSlot, ...] = field(default_factory=default_pool)
+    #: file: the state in state-file, one ECS; etcd: in etcd, several ECS with one leader
+    state: str = "file"
+    #: the etcd members' client URLs (http://HOST:PORT), with state etcd
+    etcd_endpoints: tuple[str, ...] = ()
+    #: the key prefix of this cluster's state and leader key in etcd
+    etcd_prefix: str = "/chainstore"
+    #: seconds of the leader's etcd lease: a dead leader is replaced within about this
+    lease_ttl: int = 2
+    #: this ECS's name among several (default: its advertise HOST:PORT)
+    name: str = ""
 
     def validated(self) -> ECSConfig:
         if self.heartbeat_interval <= 0:
@@ -109,6 +119,18 @@ class ECSConfig:
             raise ECSConfigError(f"placement {self.placement!r}: choose balanced or hash")
         if self.log_level.lower() not in LEVELS:
             raise ECSConfigError(f"log-level {self.log_level!r}: choose one of {', '.join(LEVELS)}")
+        if self.state not in ("file", "etcd"):
+            raise ECSConfigError(f"state {self.state!r}: choose file or etcd")
+        if self.state == "etcd":
+            if not self.etcd_endpoints:
+                raise ECSConfigError("state etcd needs etcd-endpoints (http://HOST:PORT, ...)")
+            for url in self.etcd_endpoints:
+                if not re.fullmatch(r"http://[^/\s]+:\d+/?", url):
+                    raise ECSConfigError(f"etcd-endpoints: {url!r} is not http://HOST:PORT")
+            if self.lease_ttl < 2:
+                raise ECSConfigError("lease-ttl must be at least 2 seconds (etcd's minimum)")
+            if not self.etcd_prefix.startswith("/"):
+                raise ECSConfigError(f"etcd-prefix {self.etcd_prefix!r} must start with /")
         names = [n.name for n in self.nodes]
         if len(set(names)) != len(names):
             raise ECSConfigError("two node slots share a name")
@@ -130,8 +152,9 @@ class ECSConfig:
             if tls == "on":
                 client_host_port(self.advertise)
                 for slot in self.nodes:
-                    if slot.ecs:
-                        client_host_port(slot.ecs)
+                    for description in (slot.ecs or "").split(","):
+                        if description.strip():
+                            client_host_port(description.strip())
         except TLSConfigError as e:
             raise ECSConfigError(str(e)) from None
         if tls == "on" and not self.listen.startswith("tcp:"):
@@ -173,8 +196,9 @@ _SCALARS = {
     "initial-nodes": int, "cache-strategy": str, "cache-size": int, "launcher": str,
     "ssh-command": str, "register-timeout": float, "log-level": str, "placement": str,
     "tls": str, "pki-dir": str, "tls-ca": str, "tls-cert": str, "tls-key": str,
+    "state": str, "etcd-prefix": str, "lease-ttl": int, "name": str,
 }
-OPTION_NAMES = set(_SCALARS) | {"nodes"}
+OPTION_NAMES = set(_SCALARS) | {"nodes", "etcd-endpoints"}
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -225,12 +249,29 @@ def build_config(yaml_options: dict[str, Any], flags: dict[str, Any]) -> ECSConf
                     raise ECSConfigError("nodes must be a non-empty list of node slots")
                 values["nodes"] = tuple(_slot(i, r) for i, r in enumerate(raw))
                 continue
+            if option == "etcd-endpoints":
+                values["etcd_endpoints"] = endpoint_list(raw, option, ECSConfigError)
+                continue
             kind = _SCALARS[option]
             try:
                 values[option.replace("-", "_")] = kind(raw)
             except (TypeError, ValueError):
                 raise ECSConfigError(f"{option} must be a {kind.__name__}, not {raw!r}") from None
     return ECSConfig(**values).validated()
+
+
+def endpoint_list(raw: Any, option: str, error: type[Exception]) -> tuple[str, ...]:
+    """A list of endpoints given as a YAML list or a comma-separated string (or a list of
+    comma-separated strings: a repeated command-line option)."""
+    items = raw if isinstance(raw, (list, tuple)) else [raw]
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise error(f"{option} must be a list or a comma-separated string, not {item!r}")
+        out += [part.strip() for part in item.split(",") if part.strip()]
+    if not out:
+        raise error(f"{option} is empty")
+    return tuple(out)
 
 
 def ecs_credentials(config: ECSConfig) -> Credentials | None:

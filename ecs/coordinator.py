@@ -29,7 +29,7 @@ from ecs.control_calls import CONTROL_TIMEOUT, ControlCalls
 from ecs.failures import may_revive, missing_members, orphaned_ranges
 from ecs.protocol import AdminError
 from ecs.reconfiguration import Operation, Reconfigurer
-from ecs.state import ACTIVE, FAILED, IDLE, LAUNCHING, REMOVED, ClusterState, Member, StateFile
+from ecs.state import ACTIVE, FAILED, IDLE, LAUNCHING, REMOVED, ClusterState, Member, StateStore
 from ecs.status import status_report
 
 log = get_logger("ecs.coordinator")
@@ -61,7 +61,7 @@ class ECS:
     """
 
     def __init__(self, config: ECSConfig, clock: IReactorTime, launcher: Any,
-                 state_file: StateFile, exit: Callable[[], None] = lambda: None) -> None:
+                 state_file: StateStore, exit: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self.clock = clock
         self.launcher = launcher
@@ -70,6 +70,11 @@ class ECS:
         loaded = state_file.load()
         self.resumed = loaded is not None
         self.state = loaded or ClusterState(replication=config.replication)
+        # The newest epoch allocated and saved: heartbeats carry it, never one allocated and not
+        # yet saved (with etcd, committed), so no server sees an epoch a deposed leader
+        # allocated after it lost the lead, and servers refuse an ECS whose epoch is behind
+        # theirs (chainstore.ecs_link).
+        self.committed_epoch = self.state.last_epoch
         self.links: dict[str, amp.AMP] = {}
         self.last_seen: dict[str, float] = {}
         self._waiting: dict[str, list[Deferred[None]]] = {}
@@ -136,7 +141,7 @@ class ECS:
         # A fresh epoch for the same ring: every server that reconnects adopts it, which also
         # clears any lock an interrupted reconfiguration left behind.
         self.state.epoch = self.state.allocate_epoch()
-        self._save()
+        await self._save()
         log.info("resumed epoch {epoch} with ring {ring}", epoch=self.state.epoch,
                  ring=self.state.ring_members)
         # Servers that outlived the ECS reconnect by themselves: relaunching them at once
@@ -164,10 +169,27 @@ class ECS:
             self._repair_retry.cancel()
         return self.launcher.stop_all()
 
+    def abdicate(self) -> None:
+        """Stop acting at once, without touching the servers' processes: another ECS leads now.
+        Heartbeats and repairs stop, every server link is closed (the servers dial the next
+        ECS of their list and find the new leader), and a change in progress fails at its next
+        call or save (a deposed leader's saves are refused)."""
+        if self.heartbeats.running:
+            self.heartbeats.stop()
+        if self._repair_retry is not None and self._repair_retry.active():
+            self._repair_retry.cancel()
+        for name, link in list(self.links.items()):
+            self.calls.cancel(name)
+            if link.transport is not None:
+                link.transport.loseConnection()
+        self.links.clear()
+
     # -- servers ---------------------------------------------------------------------------------
 
     def register(self, link: amp.AMP, name: str, host: str, console_port: int, amp_port: int,
-                 epoch: int) -> str:
+                 epoch: int) -> Deferred[str]:
+        """Record C{name} at its address and take C{link} as its control link once the state
+        is saved; the answer says whether it is in the ring. A refusal is raised at once."""
         try:
             self._check_registration(name, host, console_port, amp_port, epoch)
         except control.RegistrationRefused as e:
@@ -211,7 +233,9 @@ class ECS:
             revived = True
         else:
             revived = False
-        self._save()
+        return self._save().addCallback(lambda _: self._registered_link(link, name, revived))
+
+    def _registered_link(self, link: amp.AMP, name: str, revived: bool) -> str:
         self.links[name] = link
         self._returning.discard(name)
         link.server_name = name  # type: ignore[attr-defined]
@@ -302,7 +326,7 @@ class ECS:
             now = self.clock.seconds()
             for name, link in list(self.links.items()):
                 d = self._call(name, control.Heartbeat, timeout=self.config.heartbeat_interval,
-                               epoch=self.state.epoch)
+                               epoch=self.committed_epoch)
                 d.addCallbacks(self._heard, lambda f: None, (name,))
             for name in list(self.state.ring_members):
                 silent = now - self.last_seen.get(name, self._started_at)
@@ -342,7 +366,7 @@ class ECS:
             self.state.members[name].status = FAILED
             # The order members leave a chain in says which of them holds its every write.
             self.state.members[name].left_at = self.state.epoch
-            self._save()
+            await self._save()
             live = self.state.live_members
             log.warn("epoch {epoch}: {name} is dead; chains skip it ({live} live servers{deg})",
                      epoch=self.state.epoch, name=name, live=len(live),
@@ -425,7 +449,7 @@ class ECS:
                 for name in returned:
                     # Back and registered, now out of the ring: ready to be added again.
                     self.state.members[name].status = IDLE
-                self._save()
+                await self._save()
                 self._repair_failures = 0
                 return
             except Exception:
@@ -477,7 +501,7 @@ class ECS:
                     log.warn("{count} servers, fewer than the replication factor {k}: the "
                              "service waits for more (addNode) before it starts",
                              count=len(self.state.live_members), k=self.state.replication)
-            self._save()
+            await self._save()
             await self._apply_states()
             return names
         finally:
@@ -508,7 +532,7 @@ class ECS:
                 self.state.members[slot.name].status = FAILED
                 raise AdminError(f"could not launch {slot.name}: {e}") from None
             launched.append(slot.name)
-        self._save()
+        await self._save()
         try:
             await gatherResults([self._registered(n) for n in launched], consumeErrors=True)
         except Exception:
@@ -516,7 +540,7 @@ class ECS:
                 if name not in self.links:
                     self.state.members[name].status = FAILED
                     self.launcher.stop(name)
-            self._save()
+            await self._save()
             missing = [n for n in launched if n not in self.links]
             raise AdminError(
                 f"{', '.join(missing)} did not register within {self.config.register_timeout}s;"
@@ -557,7 +581,7 @@ class ECS:
             member.status = REMOVED
             if len(remaining) < self.state.replication:
                 self.state.serving = False
-            self._save()
+            await self._save()
             if name in self.links:
                 try:
                     await self._call(name, control.Shutdown)
@@ -579,7 +603,7 @@ class ECS:
                 f"{self.state.replication}: add servers first")
         self._claim()
         self.state.serving = serving
-        self._save()
+        await self._save()
         await self._apply_states()
         return f"{len(self.state.ring_members)} servers {'started' if serving else 'stopped'}"
 
@@ -592,7 +616,7 @@ class ECS:
             except Exception as e:
                 log.warn("{name} did not take its shutdown: {error}", name=name, error=e)
         self.state.serving = False
-        self._save()
+        await self._save()
         self.clock.callLater(0.2, self.exit)
         return f"shut down {len(names)} servers and the ECS"
 
@@ -633,8 +657,13 @@ class ECS:
               **kwargs: Any) -> Deferred[Any]:
         return self.calls.call(name, command, timeout, **kwargs)
 
-    def _save(self) -> None:
-        self.state_file.save(self.state)
+    def _save(self) -> Deferred[None]:
+        epoch = self.state.last_epoch
+
+        def saved(_: None) -> None:
+            self.committed_epoch = max(self.committed_epoch, epoch)
+
+        return self.state_file.save(self.state).addCallback(saved)
 
     def _spawn(self, coroutine: Any) -> None:
         Deferred.fromCoroutine(coroutine).addErrback(

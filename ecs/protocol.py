@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from twisted.protocols import amp
 
+from chainstore.control import NotLeader
 from chainstore.errors import PermissionDenied, ServerError
 from chainstore.protocol import BigUnicode
 
@@ -18,8 +19,9 @@ class AdminError(Exception):
 
 class _AdminCommand(amp.Command):
     # ServerError: a request the ECS could not even read (see chainstore.roles)
+    # NotLeader: a standby ECS answers every admin command with the leader's address
     errors = {AdminError: b"ADMIN_ERROR", PermissionDenied: PermissionDenied.code,
-              ServerError: ServerError.code}
+              ServerError: ServerError.code, NotLeader: b"NOT_LEADER"}
     fatalErrors: dict[type[Exception], bytes] = {}
 
 

@@ -71,7 +71,7 @@ class Reconfigurer:
     """
 
     def __init__(self, state: ClusterState, clock: IReactorTime,
-                 call: Callable[..., Deferred[Any]], save: Callable[[], None],
+                 call: Callable[..., Deferred[Any]], save: Callable[[], Deferred[None]],
                  metadata: Callable[[], dict[str, Any]], failures: Callable[[], int],
                  placement: str) -> None:
         self.state = state
@@ -109,7 +109,7 @@ class Reconfigurer:
         self._operations += 1
         op = self.operation = Operation(self._operations, description, self.clock.seconds())
         # Save the allocation first: even if we crash now, the epoch is never handed out twice.
-        self._save()
+        await self._save()
         log.info("epoch {epoch}: {description}: {copies} copies, {moves} local moves, "
                  "{drops} drops", epoch=epoch, description=description,
                  copies=len(plan.copies), moves=len(plan.moves), drops=len(plan.drops))
@@ -200,7 +200,7 @@ class Reconfigurer:
             member.chain_epoch = 0 if node is None else node.chain_epoch
         self.state.ring_members = list(new_members)
         self.state.dead &= set(new_members)
-        self._save()
+        await self._save()
         metadata = self._metadata()
         await gatherResults(
             [self._call(n, control.SetMetadata, **metadata).addErrback(_warn, n)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -13,6 +13,17 @@ from chainstore.bounds import MAX_CONNECTIONS, BoundedAMP, CappedFactory
 from chainstore.roles import ADMIN, SERVER, RoleGuard, allow
 from ecs import protocol
 from ecs.coordinator import ECS
+from ecs.leadership import Fixed
+
+
+class Leader(Protocol):
+    """Which L{ECS} answers: C{current()} raises L{control.NotLeader} on a standby."""
+
+    clock: Any
+
+    def current(self) -> ECS: ...
+
+    def ha_status(self) -> dict[str, Any]: ...
 
 
 class ECSProtocol(BoundedAMP, RoleGuard):
@@ -24,27 +35,41 @@ class ECSProtocol(BoundedAMP, RoleGuard):
                            protocol.RemoveNode, protocol.Status)),
     }
 
-    def __init__(self, ecs: ECS) -> None:
+    def __init__(self, ecs: ECS | Leader) -> None:
         super().__init__()
-        self.ecs = ecs
-        self.clock = ecs.clock
+        self.leader: Leader = Fixed(ecs) if isinstance(ecs, ECS) else ecs
+        self.clock = self.leader.clock
+        # the ECS this server registered with (a leader deposed since still forgets the link)
+        self.registered_with: ECS | None = None
+
+    @property
+    def ecs(self) -> ECS:
+        """The leading ECS; on a standby, L{control.NotLeader} naming the leader."""
+        return self.leader.current()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         super().connectionLost(reason)
-        self.ecs.link_lost(self)
+        if self.registered_with is not None:
+            self.registered_with.link_lost(self)
 
     # -- from servers ----------------------------------------------------------------------------
 
     @control.Register.responder
     def register(self, name: str, host: str, console_port: int, amp_port: int,
-                 epoch: int) -> dict[str, Any]:
+                 epoch: int) -> Deferred[dict[str, Any]]:
         # A server's certificate names the one server it may register as: no impersonation.
         self.require_name(name)
-        return {"message": self.ecs.register(self, name, host, console_port, amp_port, epoch)}
+        ecs = self.ecs
+        d = ecs.register(self, name, host, console_port, amp_port, epoch)
+        self.registered_with = ecs
+        return d.addCallback(lambda message: {"message": message,
+                                              "ecs_epoch": ecs.committed_epoch})
 
     @control.CopyProgress.responder
     def copy_progress(self, operation: int, keys: int, bytes: int) -> dict[str, Any]:
-        self.ecs.copy_progress(operation, keys, bytes, getattr(self, "server_name", "?"))
+        if self.registered_with is not None:
+            self.registered_with.copy_progress(operation, keys, bytes,
+                                               getattr(self, "server_name", "?"))
         return {}
 
     # -- from admins -----------------------------------------------------------------------------
@@ -76,7 +101,8 @@ class ECSProtocol(BoundedAMP, RoleGuard):
 
     @protocol.Status.responder
     def status(self) -> dict[str, Any]:
-        return {"status": json.dumps(self.ecs.status(), sort_keys=True)}
+        return {"status": json.dumps({**self.ecs.status(), **self.leader.ha_status()},
+                                     sort_keys=True)}
 
 
 def _admin(coroutine: Any) -> Deferred[dict[str, Any]]:
@@ -87,7 +113,7 @@ def _admin(coroutine: Any) -> Deferred[dict[str, Any]]:
 
 
 class ECSFactory(CappedFactory):
-    def __init__(self, ecs: ECS, max_connections: int = MAX_CONNECTIONS) -> None:
+    def __init__(self, ecs: ECS | Leader, max_connections: int = MAX_CONNECTIONS) -> None:
         super().__init__(max_connections)
         self.ecs = ecs
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, succeed
 
 from chainstore.ring import NodeInfo, Ring
 
@@ -101,7 +103,20 @@ class ClusterState:
                    replication=int(data.get("replication", 1)))
 
 
+class StateStore(Protocol):
+    """Where the ECS keeps its L{ClusterState}: L{StateFile} (one ECS) or
+    L{ecs.etcd_state.EtcdState} (several, one leader). C{save} fires once the state is durable
+    (and, with etcd, committed by the leader: it fails if this ECS no longer leads); the ECS
+    awaits it before it sends anything the state allocated, such as an epoch."""
+
+    def load(self) -> ClusterState | None: ...
+
+    def save(self, state: ClusterState) -> Deferred[None]: ...
+
+
 class StateFile:
+    """The state in one JSON file (C{state: file}, the default)."""
+
     def __init__(self, path: str) -> None:
         self.path = path
 
@@ -112,7 +127,8 @@ class StateFile:
         except FileNotFoundError:
             return None
 
-    def save(self, state: ClusterState) -> None:
+    def save(self, state: ClusterState) -> Deferred[None]:
+        """Write C{state} now (the Deferred has fired when this returns)."""
         directory = os.path.dirname(self.path) or "."
         os.makedirs(directory, exist_ok=True)
         tmp = self.path + ".tmp"
@@ -126,3 +142,4 @@ class StateFile:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        return succeed(None)

@@ -61,7 +61,23 @@ class Options(usage.Options):
         ["tls-ca", None, None, "the cluster CA's certificate [default: PKI-DIR/ca.crt]"],
         ["tls-cert", None, None, "the ECS's certificate, role ecs [default: PKI-DIR/ecs.crt]"],
         ["tls-key", None, None, "the ECS's private key [default: PKI-DIR/ecs.key]"],
+        ["state", None, None,
+         "file: the state in state-file (one ECS); etcd: in etcd, several ECS of which one "
+         f"leads [default: {_D.state}]"],
+        ["etcd-endpoints", None, None,
+         "with state etcd: the etcd members, http://HOST:PORT,... (repeatable)"],
+        ["etcd-prefix", None, None, f"this cluster's etcd key prefix [default: {_D.etcd_prefix}]"],
+        ["lease-ttl", None, None,
+         f"seconds of the leader's etcd lease [default: {_D.lease_ttl}]"],
+        ["name", None, None, "this ECS's name among several [default: its advertise HOST:PORT]"],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.etcd_endpoints: list[str] = []
+
+    def opt_etcd_endpoints(self, value: str) -> None:
+        self.etcd_endpoints.append(value)
 
     def postOptions(self) -> None:
         path = self["config"]
@@ -71,6 +87,7 @@ class Options(usage.Options):
             else:
                 yaml_options = load_yaml(path)
             flags = {name: self[name] for name, *_ in self.optParameters if name != "config"}
+            flags["etcd-endpoints"] = self.etcd_endpoints or None
             self.config = build_config(yaml_options, flags)
             self.credentials = ecs_credentials(self.config)
         except ECSConfigError as e:
@@ -103,9 +120,15 @@ def makeService(options: Options) -> IService:
 
     config: ECSConfig = options.config
     logs.set_level(config.log_level)
-    coordinator = ECS(config, reactor, make_launcher(reactor, config), StateFile(config.state_file),
-                      exit=reactor.stop)
+    launcher = make_launcher(reactor, config)
     top = MultiService()
+    leader: Any
+    if config.state == "etcd":
+        leader = ha_leadership(config, reactor, launcher)
+        leader.setServiceParent(top)
+    else:
+        leader = coordinator = ECS(config, reactor, launcher, StateFile(config.state_file),
+                                   exit=reactor.stop)
     credentials = options.credentials
     if credentials is None:
         log.warn("TLS is off: any host that reaches {listen} can run admin commands (shut the "
@@ -115,8 +138,24 @@ def makeService(options: Options) -> IService:
         log.info("mutual TLS with {cert} (CA {ca})", cert=credentials.files.cert,
                  ca=credentials.files.ca)
     listener = StreamServerEndpointService(
-        server_endpoint(reactor, config.listen, credentials), ECSFactory(coordinator))
+        server_endpoint(reactor, config.listen, credentials), ECSFactory(leader))
     listener._raiseSynchronously = True
     listener.setServiceParent(top)
-    ECSService(coordinator).setServiceParent(top)
+    if config.state == "file":
+        ECSService(coordinator).setServiceParent(top)
     return top
+
+
+def ha_leadership(config: ECSConfig, reactor: Any, launcher: Any) -> Any:
+    """With state etcd: the service that campaigns and runs a coordinator while it leads."""
+    from ecs.coordinator import ECS
+    from ecs.etcd import EtcdClient, http_post
+    from ecs.leadership import Leadership, address_of
+
+    client = EtcdClient(config.etcd_endpoints, http_post(reactor))
+    name = config.name or address_of(config.advertise)
+    log.info("state in etcd {endpoints} under {prefix}; campaigning as {name}",
+             endpoints=",".join(config.etcd_endpoints), prefix=config.etcd_prefix, name=name)
+    return Leadership(client, reactor, config.etcd_prefix, name, config.advertise,
+                      config.lease_ttl,
+                      lambda store: ECS(config, reactor, launcher, store, exit=reactor.stop))

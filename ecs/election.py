@@ -1,0 +1,149 @@
+"""Leader election among ECS processes on an etcd lease-backed key.
+
+Each ECS holds a lease of C{ttl} seconds. A standby tries, every C{interval}, one transaction:
+"if ``PREFIX/leader`` does not exist, create it attached to my lease, else read it"; the one that
+creates it leads until its lease ends. The leader renews its lease every C{interval}; it counts
+itself deposed as soon as a renewal says the lease is gone, or when C{ttl} (less a margin) has
+passed since it sent the last renewal etcd confirmed. That deadline is a timer of its own, so a
+hung etcd request cannot keep a leader believing it leads after etcd let the lease go. When the
+leader dies or is cut from etcd, etcd deletes the key with the lease and the next standby tick
+takes over: a takeover within C{ttl + interval} plus a request's time.
+
+Being deposed is never a danger to the data: every state change the leader saves is fenced on
+its lease (L{ecs.etcd_state}); stepping down in time only keeps a deposed leader from *talking*
+to servers (which refuse its old epoch anyway).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import LogLevel
+
+from chainstore.logs import get_logger
+from ecs.etcd import EtcdClient, absent, get, key_value, put
+from ecs.etcd_state import leader_key, parse_leader
+
+log = get_logger("ecs.election")
+
+#: A leader stands down this long before its lease could have run out at etcd.
+DEPOSE_MARGIN = 0.2
+
+
+class Election:
+    """Campaigns for the leader key; C{on_elected(lease)} when this ECS wins (a Deferred: the
+    takeover; if it fails the ECS stands down), C{on_deposed()} when it stops leading."""
+
+    def __init__(self, client: EtcdClient, clock: IReactorTime, prefix: str, record: bytes,
+                 ttl: int, on_elected: Callable[[int], Any], on_deposed: Callable[[], None],
+                 interval: float | None = None) -> None:
+        self.client = client
+        self.clock = clock
+        self.key = leader_key(prefix)
+        self.record = record
+        self.ttl = ttl
+        self.interval = interval if interval is not None else max(0.1, ttl / 4)
+        self.on_elected = on_elected
+        self.on_deposed = on_deposed
+        self.lease = 0
+        self.leading = False
+        #: the leader key's record (parsed JSON) as last read; ours while we lead
+        self.leader: dict[str, Any] | None = None
+        self._deadline: Any = None
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = clock
+
+    def start(self) -> None:
+        self._loop.start(self.interval, now=True).addErrback(
+            lambda f: log.failure("the election loop stopped", f))
+
+    async def stop(self) -> None:
+        """Stop campaigning; a leader revokes its lease so a standby takes over at once."""
+        if self._loop.running:
+            self._loop.stop()
+        lease, leading = self.lease, self.leading
+        if leading:
+            self.depose("this ECS is stopping")
+        if lease:
+            try:
+                await self.client.revoke(lease)
+            except Exception as e:
+                log.warn("could not revoke lease {lease:x}: {error}", lease=lease, error=e)
+
+    def depose(self, why: str) -> None:
+        """Stop leading now (idempotent); the lease is dropped and a new one campaigns."""
+        if not self.leading:
+            return
+        self.leading = False
+        self.leader = None
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        log.warn("no longer the leader: {why}", why=why)
+        lease, self.lease = self.lease, 0
+        # Let the key go at once (if etcd still has it) so that another ECS need not wait out
+        # the lease; best effort: it expires by itself anyway.
+        Deferred.fromCoroutine(self.client.revoke(lease)).addErrback(lambda f: None)
+        try:
+            self.on_deposed()
+        except Exception:
+            log.failure("standing down failed")
+
+    async def _tick(self) -> None:
+        try:
+            if self.leading:
+                await self._renew()
+            else:
+                await self._campaign()
+        except Exception as e:
+            # etcd unreachable or refusing: the leader's deadline stands it down in time; a
+            # standby simply tries again next tick.
+            log.debug("election round failed: {error}", error=e)
+
+    async def _renew(self) -> None:
+        lease, sent = self.lease, self.clock.seconds()
+        ttl = await self.client.keep_alive(lease)
+        if not self.leading or lease != self.lease:
+            return
+        if ttl <= 0:
+            self.depose(f"lease {lease:x} expired")
+            return
+        self._arm(sent + ttl - DEPOSE_MARGIN)
+
+    def _arm(self, at: float) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = self.clock.callLater(
+            max(0.0, at - self.clock.seconds()),
+            lambda: self.depose(f"lease not renewed within its {self.ttl}s"))
+
+    async def _campaign(self) -> None:
+        if self.lease:
+            if await self.client.keep_alive(self.lease) <= 0:
+                self.lease = 0
+        if not self.lease:
+            self.lease = await self.client.grant(self.ttl)
+        lease, sent = self.lease, self.clock.seconds()
+        won, responses = await self.client.txn(
+            [absent(self.key)], [put(self.key, self.record, lease)], [get(self.key)])
+        if not won:
+            kvs = responses[0].get("response_range", {}).get("kvs") or [] if responses else []
+            previous = self.leader
+            self.leader = parse_leader(key_value(kvs[0]).value) if kvs else None
+            if self.leader != previous and self.leader:
+                log.info("standing by; the leader is {leader}", leader=self.leader.get("name"))
+            return
+        if not self._loop.running or lease != self.lease:
+            return
+        self.leading = True
+        self.leader = parse_leader(self.record)
+        self._arm(sent + self.ttl - DEPOSE_MARGIN)
+        log.info("elected leader (lease {lease:x}, {ttl}s)", lease=lease, ttl=self.ttl)
+        try:
+            await maybeDeferred(self.on_elected, lease)
+        except Exception:
+            log.failure("taking over failed; standing down", level=LogLevel.error)
+            self.depose("the takeover failed")

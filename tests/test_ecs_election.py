@@ -1,0 +1,387 @@
+"""Several ECS, one leader, state in etcd: the election, the fenced commit of a deposed leader and
+epochs across leaders, with a Clock and an in-memory etcd (L{tests.fake_etcd})."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+
+from chainstore import control
+from ecs.config import ECSConfig
+from ecs.coordinator import ECS
+from ecs.election import DEPOSE_MARGIN, Election
+from ecs.etcd import EtcdClient, EtcdUnavailable, unb64
+from ecs.etcd_state import Deposed, EtcdState, leader_key, leader_record, state_key
+from ecs.leadership import Leadership
+from ecs.server import ECSProtocol
+from ecs.state import ACTIVE, ClusterState, Member
+from tests.fake_etcd import FakeEtcd
+
+PREFIX = "/test"
+TTL = 2
+STEP = 0.05
+
+
+def result(d: Deferred[Any]) -> Any:
+    """The result of a Deferred that has fired (its failure raised)."""
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+class Candidate:
+    """One ECS process's election (no coordinator), recording when it led."""
+
+    def __init__(self, etcd: FakeEtcd, name: str) -> None:
+        self.transport = etcd.client()
+        self.client = EtcdClient(["http://etcd:2379"], self.transport.post)
+        self.elected: list[float] = []
+        self.deposed: list[float] = []
+        self.election = Election(self.client, etcd.clock, PREFIX,
+                                 leader_record(name, f"tcp:127.0.0.1:{name}", f"127.0.0.1:{name}"),
+                                 TTL, self._elected, self._deposed)
+        self.clock = etcd.clock
+        self.dead = False
+
+    def _elected(self, lease: int) -> None:
+        self.elected.append(self.clock.seconds())
+
+    def _deposed(self) -> None:
+        self.deposed.append(self.clock.seconds())
+
+    def kill(self) -> None:
+        """SIGKILL: nothing more is sent; the lease runs out at etcd."""
+        self.dead = True
+        self.election._loop.stop()
+        if self.election._deadline is not None and self.election._deadline.active():
+            self.election._deadline.cancel()
+
+
+def run(clock: Clock, seconds: float, candidates: list[Candidate]) -> None:
+    """Advance in small steps, checking that at most one candidate believes it leads."""
+    for _ in range(int(seconds / STEP)):
+        clock.advance(STEP)
+        leading = [c for c in candidates if c.election.leading and not c.dead]
+        assert len(leading) <= 1, "two ECS lead at once"
+
+
+def test_one_leader_and_standbys_that_know_it() -> None:
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    a, b, c = (Candidate(etcd, n) for n in ("1", "2", "3"))
+    for x in (a, b, c):
+        x.election.start()
+    run(clock, 3, [a, b, c])
+    assert a.election.leading and a.elected == [0]
+    assert not b.election.leading and not c.election.leading
+    assert b.election.leader == {"name": "1", "advertise": "tcp:127.0.0.1:1",
+                                 "admin": "127.0.0.1:1"}
+    # the leader renews its lease: still leading long after the TTL
+    run(clock, 10, [a, b, c])
+    assert a.election.leading and not a.deposed
+
+
+def test_a_killed_leader_is_replaced_within_ttl_and_a_tick() -> None:
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    a, b = Candidate(etcd, "1"), Candidate(etcd, "2")
+    a.election.start()
+    clock.advance(0.01)
+    b.election.start()
+    run(clock, 2, [a, b])
+    killed_at = clock.seconds()
+    a.kill()
+    run(clock, TTL + 2, [a, b])
+    assert b.election.leading
+    # the lease was last renewed at most one interval before the kill
+    assert b.elected[0] - killed_at <= TTL + b.election.interval + STEP
+    assert b.election.leader["name"] == "2"
+
+
+def test_a_leader_cut_from_etcd_stands_down_before_another_is_elected() -> None:
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    a, b = Candidate(etcd, "1"), Candidate(etcd, "2")
+    a.election.start()
+    b.election.start()
+    run(clock, 2, [a, b])
+    assert a.election.leading
+    a.transport.reachable = False
+    run(clock, TTL + 2, [a, b])  # run() checks there is never a second leader meanwhile
+    assert a.deposed and b.elected
+    assert a.deposed[0] <= b.elected[0]
+    assert a.deposed[0] - 2 <= TTL, "it stood down within a TTL of losing etcd"
+
+
+def test_a_hung_etcd_request_does_not_keep_a_leader_leading() -> None:
+    # Its renewal never returns: the deadline timer stands it down anyway, by the lease's end.
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    a = Candidate(etcd, "1")
+    a.election.start()
+    run(clock, 1, [a])
+    hung_at = clock.seconds()
+    a.transport.hang = True
+    run(clock, TTL + 1, [a])
+    # its last confirmed renewal was sent before the hang
+    assert a.deposed and a.deposed[0] <= hung_at + TTL - DEPOSE_MARGIN + STEP
+
+
+def test_stop_revokes_the_lease_so_a_standby_takes_over_at_once() -> None:
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    a, b = Candidate(etcd, "1"), Candidate(etcd, "2")
+    a.election.start()
+    b.election.start()
+    run(clock, 1, [a, b])
+    stopped_at = clock.seconds()
+    result(Deferred.fromCoroutine(a.election.stop()))
+    run(clock, 1, [a, b])
+    assert b.elected and b.elected[0] - stopped_at <= b.election.interval + STEP
+
+
+# -- the fenced commit ----------------------------------------------------------------------------
+
+def saved_state(etcd: FakeEtcd) -> dict[str, Any]:
+    return json.loads(etcd.kvs[state_key(PREFIX)]["value"])
+
+
+def test_a_deposed_leader_never_commits() -> None:
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    a, b = Candidate(etcd, "1"), Candidate(etcd, "2")
+    a.election.start()
+    run(clock, 1, [a])
+    store_a = EtcdState(a.client, PREFIX, a.election.lease)
+    assert result(Deferred.fromCoroutine(store_a.fetch())) is None
+    result(store_a.save(ClusterState(epoch=3, last_epoch=3)))
+    assert saved_state(etcd)["epoch"] == 3
+    # A pauses (SIGSTOP) past its lease: it still believes it leads; B is elected and saves.
+    a.kill()
+    b.election.start()
+    run(clock, TTL + 1, [b])
+    assert b.election.leading
+    store_b = EtcdState(b.client, PREFIX, b.election.lease)
+    assert result(Deferred.fromCoroutine(store_b.fetch())).epoch == 3
+    result(store_b.save(ClusterState(epoch=4, last_epoch=4)))
+    # A wakes and saves what it was doing: refused, and every later save too.
+    deposed: list[bool] = []
+    store_a.on_deposed = lambda: deposed.append(True)
+    with pytest.raises(Deposed):
+        result(store_a.save(ClusterState(epoch=4, last_epoch=4, serving=True)))
+    with pytest.raises(Deposed):
+        result(store_a.save(ClusterState(epoch=5, last_epoch=5)))
+    assert deposed == [True]
+    assert saved_state(etcd)["epoch"] == 4 and saved_state(etcd)["serving"] is False
+    # B goes on committing.
+    result(store_b.save(ClusterState(epoch=5, last_epoch=5)))
+    assert saved_state(etcd)["epoch"] == 5
+
+
+def test_a_leader_whose_lease_ran_out_cannot_commit_even_with_no_successor() -> None:
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    a = Candidate(etcd, "1")
+    a.election.start()
+    run(clock, 1, [a])
+    store = EtcdState(a.client, PREFIX, a.election.lease)
+    result(Deferred.fromCoroutine(store.fetch()))
+    a.kill()
+    clock.advance(TTL + 1)
+    with pytest.raises(Deposed):
+        result(store.save(ClusterState(epoch=1, last_epoch=1)))
+    assert leader_key(PREFIX) not in etcd.kvs and state_key(PREFIX) not in etcd.kvs
+
+
+def test_a_state_written_behind_the_leaders_back_deposes_it() -> None:
+    # The state key's revision is compared too: a write this ECS did not make means it is
+    # not alone, and it stands down rather than overwrite it.
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    a = Candidate(etcd, "1")
+    a.election.start()
+    run(clock, 1, [a])
+    store = EtcdState(a.client, PREFIX, a.election.lease)
+    result(Deferred.fromCoroutine(store.fetch()))
+    result(store.save(ClusterState(epoch=1, last_epoch=1)))
+    etcd.handle("/v3/kv/txn", {"compare": [], "success": [{"request_put": {
+        "key": "L3Rlc3Qvc3RhdGU=", "value": "e30="}}]})
+    with pytest.raises(Deposed):
+        result(store.save(ClusterState(epoch=2, last_epoch=2)))
+
+
+def test_saves_are_committed_in_the_order_they_were_made() -> None:
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    a = Candidate(etcd, "1")
+    a.election.start()
+    run(clock, 1, [a])
+    gate: Deferred[None] = Deferred()
+    real_post = a.transport.post
+    posts: list[int] = []  # the epoch each transaction commits, as sent
+
+    def slow_post(url: str, body: dict[str, Any]) -> Deferred[Any]:
+        if url.endswith("/txn"):
+            posts.append(json.loads(unb64(body["success"][0]["request_put"]["value"]))["epoch"])
+            return gate.addCallback(lambda _: real_post(url, body)) if len(posts) == 1 \
+                else real_post(url, body)
+        return real_post(url, body)
+
+    client = EtcdClient(["http://etcd:2379"], slow_post)
+    store = EtcdState(client, PREFIX, a.election.lease)
+    result(Deferred.fromCoroutine(store.fetch()))
+    state = ClusterState(epoch=1, last_epoch=1)
+    first = store.save(state)
+    state.epoch = state.last_epoch = 2
+    second = store.save(state)
+    # the second waits for the first: one transaction in flight, each a snapshot of its call
+    assert posts == [1]
+    gate.callback(None)
+    result(first)
+    result(second)
+    assert posts == [1, 2] and saved_state(etcd)["epoch"] == 2
+
+
+def test_etcd_unreachable_fails_the_save_without_deposing() -> None:
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    a = Candidate(etcd, "1")
+    a.election.start()
+    run(clock, 1, [a])
+    store = EtcdState(a.client, PREFIX, a.election.lease)
+    result(Deferred.fromCoroutine(store.fetch()))
+    a.transport.reachable = False
+    with pytest.raises(EtcdUnavailable):
+        result(store.save(ClusterState(epoch=1, last_epoch=1)))
+    a.transport.reachable = True
+    result(store.save(ClusterState(epoch=1, last_epoch=1)))
+    assert saved_state(etcd)["epoch"] == 1
+
+
+# -- leaders, epochs and standbys -----------------------------------------------------------------
+
+class NoLaunch:
+    def launch(self, *args: Any) -> None:
+        raise AssertionError("nothing is launched here")
+
+    def stop(self, name: str) -> Deferred[None]:
+        return succeed(None)
+
+    def stop_all(self) -> Deferred[None]:
+        return succeed(None)
+
+
+class SilentLink:
+    transport = None
+
+    def callRemote(self, command: Any, **kwargs: Any) -> Deferred[Any]:
+        return Deferred()
+
+
+def seed(etcd: FakeEtcd) -> None:
+    """A saved cluster of three operator-started servers at epoch 5 (epoch 7 burned)."""
+    state = ClusterState(epoch=5, last_epoch=7, replication=3, serving=True,
+                         ring_members=["a", "b", "c"])
+    for i, name in enumerate("abc"):
+        state.members[name] = Member(name, "127.0.0.1", 6001 + i, 7001 + i, ACTIVE)
+    etcd.kvs[state_key(PREFIX)] = {"value": json.dumps(state.to_json()).encode(), "lease": 0,
+                                   "create_revision": 1, "mod_revision": 1}
+
+
+def ha_ecs(etcd: FakeEtcd, port: int) -> Leadership:
+    config = ECSConfig(initial_nodes=0, launcher="none", tls="off", state="etcd",
+                       etcd_endpoints=("http://etcd:2379",), advertise=f"tcp:127.0.0.1:{port}",
+                       register_timeout=5.0).validated()
+    client = EtcdClient(list(config.etcd_endpoints), etcd.client().post)
+    return Leadership(client, etcd.clock, PREFIX, f"ecs{port}", config.advertise, TTL,
+                      lambda store: ECS(config, etcd.clock, NoLaunch(), store))
+
+
+def test_each_new_leader_resumes_the_ring_under_a_strictly_greater_epoch() -> None:
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    seed(etcd)
+    first, second, third = ha_ecs(etcd, 1), ha_ecs(etcd, 2), ha_ecs(etcd, 3)
+    for leader in (first, second, third):
+        leader.startService()
+    clock.advance(1)
+    assert first.ecs is not None and second.ecs is None and third.ecs is None
+    # resumed above every epoch the saved state allocated, burned ones included
+    assert first.ecs.state.epoch == 8 and saved_state(etcd)["epoch"] == 8
+    assert first.ecs.state.ring_members == ["a", "b", "c"]
+    epochs = [8]
+    for old, new in ((first, second), (second, third)):
+        stale = old.ecs
+        old.election._loop.stop()  # SIGSTOP: the old leader sends nothing more
+        old.election._deadline.cancel()
+        for _ in range(int((TTL + 2) / STEP)):
+            clock.advance(STEP)
+        successor = new if new.ecs is not None else None
+        assert successor is not None, "a standby took over"
+        epochs.append(successor.ecs.state.epoch)
+        assert saved_state(etcd)["epoch"] == epochs[-1]
+        # The stale leader wakes and tries to mark a server dead: refused, nothing committed.
+        with pytest.raises(Deposed):
+            stale.state.epoch = stale.state.allocate_epoch()
+            result(stale._save())
+        assert saved_state(etcd)["epoch"] == epochs[-1]
+        # heartbeats carry only what was committed
+        assert stale.committed_epoch < successor.ecs.committed_epoch
+    assert epochs == sorted(set(epochs)) and len(epochs) == 3
+
+
+def test_a_standby_names_the_leader_to_servers_and_admins() -> None:
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    leader, standby = ha_ecs(etcd, 49999), ha_ecs(etcd, 49998)
+    leader.startService()
+    clock.advance(0.5)
+    standby.startService()
+    clock.advance(1)
+    assert leader.ecs is not None and standby.ecs is None
+    proto = ECSProtocol(standby)
+    with pytest.raises(control.NotLeader, match="the leader is 127.0.0.1:49999$"):
+        proto.register("s1", "127.0.0.1", 6001, 7001, 0)
+    with pytest.raises(control.NotLeader, match="the leader is 127.0.0.1:49999$"):
+        proto.status()
+    with pytest.raises(control.NotLeader):
+        proto.start()
+    # the leader answers, and says it leads
+    status = json.loads(ECSProtocol(leader).status()["status"])
+    assert status["leader"] == {"name": "ecs49999", "address": "127.0.0.1:49999"}
+
+
+def test_a_deposed_leader_abdicates_its_server_links() -> None:
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    leader = ha_ecs(etcd, 1)
+    leader.startService()
+    clock.advance(1)
+    ecs = leader.ecs
+    assert ecs is not None
+
+    class Transport:
+        closed = False
+
+        def loseConnection(self) -> None:
+            self.closed = True
+
+    link = SilentLink()
+    link.transport = Transport()  # type: ignore[assignment]
+    result(ecs.register(link, "s1", "127.0.0.1", 6001, 7001, 0))
+    assert "s1" in ecs.links
+    leader.election.depose("test")
+    assert leader.ecs is None and not ecs.heartbeats.running
+    assert link.transport.closed and not ecs.links
+    with pytest.raises(control.NotLeader):
+        leader.current()
+    # its lease is revoked: whatever it was doing fails at its next save
+    with pytest.raises(Deposed):
+        result(ecs._save())

@@ -44,7 +44,8 @@ class KVServerProtocol(BoundedAMP, RoleGuard):
     command_roles = {
         **allow((CLIENT, ADMIN), (protocol.Put, protocol.Get, protocol.Delete, protocol.KeyRange,
                                   protocol.KeyRangeRead, protocol.GetMetadata, protocol.Stats)),
-        **allow((SERVER,), (control.ReceiveRange, control.Replicate, control.RenewLease)),
+        **allow((SERVER,), (control.ReceiveRange, control.Replicate, control.RenewLease,
+                            control.ReadVersion)),
     }
 
     max_box_bytes = SERVER_BOX_BYTES
@@ -95,8 +96,11 @@ class KVServerProtocol(BoundedAMP, RoleGuard):
             lambda updated: {"updated": updated})
 
     @protocol.Get.responder
-    def get(self, key: bytes) -> dict[str, Any]:
-        return {"value": self.node.get(key)}
+    def get(self, key: bytes) -> dict[str, Any] | Deferred[dict[str, Any]]:
+        value = self.node.get(key)
+        if isinstance(value, Deferred):
+            return value.addCallback(lambda v: {"value": v})
+        return {"value": value}
 
     @protocol.Delete.responder
     def delete(self, key: bytes, request_id: bytes | None = None) -> Deferred[dict[str, Any]]:
@@ -152,8 +156,13 @@ class KVServerProtocol(BoundedAMP, RoleGuard):
         return {"acked": acked}
 
     @control.RenewLease.responder
-    def renew_lease(self, epoch: int, owner: str) -> dict[str, Any]:
-        return {"seconds": self.node.chain.grant_lease(epoch, owner)}
+    def renew_lease(self, epoch: int, owner: str, upstream: bool | None = None) -> dict[str, Any]:
+        return {"seconds": self.node.chain.grant_lease(epoch, owner, bool(upstream))}
+
+    @control.ReadVersion.responder
+    def read_version(self, epoch: int, owner: str, key: bytes, newest: int,
+                     held: int) -> dict[str, Any]:
+        return self.node.read_version(epoch, owner, key, newest, held)
 
     @protocol.Stats.responder
     def stats(self) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from chainstore.control import (
     pack_ops,
     unpack_ops,
 )
+from chainstore.craq import READ_QUERY_TIMEOUT, DirtyKeys
 from chainstore.errors import NotResponsible, ServerStopped, StorageFailed
 from chainstore.logs import get_logger
 from chainstore.peers import PeerPool
@@ -149,6 +150,18 @@ class Replica:
     # writes in pending and window, and their bytes (_op_bytes): this replica's backlog
     queued_ops: int = 0
     queued_bytes: int = 0
+    # Reads at any member (chainstore/craq.py). As head or middle: the keys with writes in
+    # flight, and the read lease granted by the successor (clean reads answered here until then)
+    dirty: DirtyKeys = field(default_factory=DirtyKeys)
+    up_lease_until: float = 0.0
+    # as successor of a head or middle: the latest expiry granted to it
+    granted_up_until: float = 0.0
+    # no write enters the chain here before this: the lease granted to a predecessor that has
+    # left the chain (it may still answer reads until then)
+    accept_from: float = 0.0
+    # False when the store continues a chain from an earlier process: a head's writes that died
+    # unforwarded with it stay in the store, so none of its values is vouched for
+    trusted: bool = True
 
     def queue(self, ops: list[Op]) -> None:
         self.pending.extend(ops)
@@ -184,9 +197,11 @@ def chain_id(ring: Ring, index: int) -> str:
 class ChainReplicator:
     def __init__(self, me: NodeInfo, peers: PeerPool, clock: IReactorTime,
                  monotonic: Callable[[], float], lease: float = LEASE_SECONDS,
-                 on_tail_apply: Callable[[list[bytes]], None] = lambda keys: None) -> None:
+                 on_apply: Callable[[list[bytes]], None] = lambda keys: None) -> None:
         self.me = me
-        self.on_tail_apply = on_tail_apply
+        # told the keys of every batch a middle or tail applies (the node drops them from its
+        # cache: only clean values may be cached)
+        self.on_apply = on_apply
         self.peers = peers
         self.clock = clock
         self.monotonic = monotonic
@@ -265,14 +280,19 @@ class ChainReplicator:
         # Continuing a chain this store already belonged to (the process restarted): writes it
         # applied but never forwarded died with its window, so its successor may be behind.
         return Replica(owner, cid, store_name, store, serial, acked=serial,
-                       resumed=serial > 0, opened=True)
+                       resumed=serial > 0, opened=True, trusted=serial == 0)
 
     def _relink(self, replica: Replica, ring: Ring, owner_index: int) -> None:
         live = ring.chain_for_index(owner_index)
         i = live.index(self.me)
         successor = live[i + 1] if i + 1 < len(live) else None
         was_tail = replica.is_tail
-        replica.predecessor = live[i - 1] if i > 0 else None
+        predecessor = live[i - 1] if i > 0 else None
+        if replica.predecessor is not None and predecessor != replica.predecessor:
+            # The predecessor left the chain and may answer reads until the lease we granted
+            # it runs out: no write may be committed without it before then.
+            replica.accept_from = max(replica.accept_from, replica.granted_up_until)
+        replica.predecessor = predecessor
         replica.is_head = i == 0
         replica.is_tail = successor is None
         replica.successor_is_tail = i + 2 == len(live)
@@ -284,6 +304,8 @@ class ChainReplicator:
                 # "acked" would let its predecessor acknowledge writes the tail never got.
                 replica.acked = 0
         if successor != replica.successor:
+            # A lease vouches for our place in the chain only while its granter follows us.
+            replica.up_lease_until = 0.0
             replica.successor = successor
             replica.generation += 1
             replica.paused = False
@@ -295,6 +317,7 @@ class ChainReplicator:
         if successor is None:
             replica.paused = False
         if replica.is_tail and not was_tail:
+            replica.dirty.clear()  # a tail's store is the committed version
             # Our old successor may hold a lease we granted: neither read nor acknowledge
             # before it has run out, so it can never answer after we have moved on.
             replica.tail_from = replica.granted_until
@@ -308,7 +331,7 @@ class ChainReplicator:
         self._advance(replica, replica.last_serial)
 
     def _update_lease_loop(self) -> None:
-        needs = any(r.is_tail and r.predecessor is not None for r in self.replicas.values())
+        needs = any(r.live_length > 1 for r in self.replicas.values())
         if needs and not self._lease_loop.running:
             self._lease_loop_done = self._lease_loop.start(self.lease / 3, now=True)
             self._lease_loop_done.addErrback(
@@ -345,7 +368,7 @@ class ChainReplicator:
             # Not forwarded: a write is forwarded only once committed here, and these may not
             # be. Their waiters fail below; answers still on their way are ignored (generation).
             replica.drop_queue()
-            replica.lease_until = 0.0
+            replica.lease_until = replica.up_lease_until = 0.0
             for call in (replica.retry, replica.lease_retry):
                 if call is not None and call.active():
                     call.cancel()
@@ -372,6 +395,7 @@ class ChainReplicator:
             return True, self.settled(replica)
         if self.failed is not None:
             raise self.failed
+        self._check_accepting(replica)
         # Not refused when the backlog is over its bounds: the connections stop reading then
         # (backlogged), so at most the writes they had already read come in past them.
         serial = replica.last_serial + 1
@@ -385,6 +409,7 @@ class ChainReplicator:
         replica.last_serial = serial
         self.remember(replica.token, request_id, serial, key)
         if not replica.is_tail:
+            replica.dirty.applied(serial, key)
             replica.queue([(serial, kind, key, value, request_id)])
             replica.forwarded = serial
             self._update_backlog()
@@ -407,6 +432,7 @@ class ChainReplicator:
         ops = unpack_ops(payload)
         if not ops:
             return replica.acked
+        self._check_accepting(replica)
         fresh = [op for op in ops if op[0] > replica.last_serial]
         if fresh:
             if fresh[0][0] != replica.last_serial + 1:
@@ -428,10 +454,12 @@ class ChainReplicator:
             replica.last_serial = fresh[-1][0]
             for op in fresh:
                 self.remember(replica.token, op[4], op[0], op[2])
+            if not replica.is_tail:
+                for op in fresh:
+                    replica.dirty.applied(op[0], op[2])
+            self.on_apply([op[2] for op in fresh])
         last = ops[-1][0]
         if replica.is_tail:
-            if fresh:
-                self.on_tail_apply([op[2] for op in fresh])
             if self.monotonic() >= replica.tail_from:
                 replica.acked = max(replica.acked, replica.last_serial)
                 return replica.acked
@@ -554,6 +582,7 @@ class ChainReplicator:
     def _advance(self, replica: Replica, acked: int) -> None:
         if acked > replica.acked:
             replica.acked = acked
+        replica.dirty.acked(replica.acked)
         window, waiters = replica.window, replica.waiters
         while window and window[0].last <= replica.acked:
             batch = window.popleft()
@@ -685,24 +714,42 @@ class ChainReplicator:
         # tail of this server would refuse reads from its next lease's end on.
         for replica in list(self.replicas.values()):
             try:
-                if replica.is_tail and replica.predecessor is not None:
+                if replica.live_length > 1:
                     self._renew(replica)
             except Exception:
                 log.failure("renewing the lease of {owner}'s range failed", owner=replica.owner,
                             level=LogLevel.error)
 
     def _renew(self, replica: Replica) -> None:
-        assert replica.predecessor is not None
+        """Ask for this replica's read lease: a tail from its predecessor, a head or middle
+        from its successor (L{chainstore.craq})."""
         sent = self.monotonic()
-        # An answer later than a lease grants nothing (the lease runs from the request).
-        d = self._call_peer(replica.predecessor, self.lease, RenewLease, epoch=self.epoch,
-                            owner=replica.owner)
-        d.addCallbacks(self._renewed, self._renew_failed, (replica, sent), None, (replica,))
+        if replica.is_tail:
+            assert replica.predecessor is not None
+            # An answer later than a lease grants nothing (the lease runs from the request).
+            d = self._call_peer(replica.predecessor, self.lease, RenewLease, epoch=self.epoch,
+                                owner=replica.owner)
+            d.addCallbacks(self._renewed, self._renew_failed, (replica, sent), None, (replica,))
+            return
+        successor = replica.successor
+        assert successor is not None
+        d = self._call_peer(successor, self.lease, RenewLease, epoch=self.epoch,
+                            owner=replica.owner, upstream=True)
+        d.addCallbacks(self._renewed_up, self._renew_failed, (replica, sent, successor), None,
+                       (replica,))
+
+    def _renewed_up(self, result: dict[str, float], replica: Replica, sent: float,
+                    successor: NodeInfo) -> None:
+        # Only a lease from the member that follows us now vouches for our place in the chain.
+        if replica.successor == successor and not replica.is_tail:
+            replica.up_lease_until = max(replica.up_lease_until,
+                                         sent + min(result["seconds"], self.lease))
 
     def _lacks_lease(self, replica: Replica) -> bool:
-        return (replica.is_tail and replica.predecessor is not None
-                and self.replicas.get(replica.owner) is replica
-                and replica.lease_until <= self.monotonic())
+        if replica.live_length < 2 or self.replicas.get(replica.owner) is not replica:
+            return False
+        held = replica.lease_until if replica.is_tail else replica.up_lease_until
+        return held <= self.monotonic()
 
     def _retry_lease(self, replica: Replica) -> None:
         try:
@@ -725,17 +772,39 @@ class ChainReplicator:
             replica.lease_retry = self.clock.callLater(LEASE_RETRY_SECONDS, self._retry_lease,
                                                        replica)
 
-    def grant_lease(self, epoch: int, owner: str) -> float:
-        """Our successor, the tail of C{owner}'s range, renews its lease."""
+    def grant_lease(self, epoch: int, owner: str, upstream: bool = False) -> float:
+        """Our successor, the tail of C{owner}'s range, renews its lease; or (C{upstream}) our
+        predecessor, a head or middle, renews the lease under which it answers reads."""
         if self.failed is not None:
             raise ControlFailed(str(self.failed))
         if epoch != self.epoch:
             raise StaleEpoch(f"lease for epoch {epoch}; this server is at {self.epoch}")
         replica = self.replicas.get(owner)
+        now = self.monotonic()
+        if upstream:
+            if replica is None or replica.predecessor is None:
+                raise NotResponsible(f"{self.me.name} follows nobody in {owner}'s chain")
+            replica.granted_up_until = max(replica.granted_up_until, now + self.lease)
+            return self.lease
         if replica is None or not replica.successor_is_tail:
             raise NotResponsible(f"{self.me.name} grants no lease in {owner}'s chain")
-        replica.granted_until = max(replica.granted_until, self.monotonic() + self.lease)
+        replica.granted_until = max(replica.granted_until, now + self.lease)
         return self.lease
+
+    # -- reads at any member (chainstore/craq.py) ------------------------------------------------
+
+    def _check_accepting(self, replica: Replica) -> None:
+        """Refuse a write into the chain while a predecessor that left may still answer reads
+        (until the lease we granted it runs out)."""
+        wait = replica.accept_from - self.monotonic()
+        if wait > 0:
+            raise ServerStopped(f"{self.me.name} takes writes of {replica.owner}'s range in "
+                                f"{wait:.2f}s, when the read lease of the member that left "
+                                f"has run out")
+
+    def query_tail(self, tail: NodeInfo, command: Any, **arguments: Any) -> Deferred[Any]:
+        """C{command} to the tail C{tail}, over the peer pool, within READ_QUERY_TIMEOUT."""
+        return self._call_peer(tail, READ_QUERY_TIMEOUT, command, **arguments)
 
     # -- queries ---------------------------------------------------------------------------------
 

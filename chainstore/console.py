@@ -331,12 +331,9 @@ class ConsoleProtocol(Counted):
         node, key = self.node, req.key
         if req.command == "get":
             value = node.get(key)
-            if b"\n" in value or b"\r" in value:
-                # Written over AMP, which carries any bytes. Sent as is, the line break would
-                # split the reply and desynchronise the client (Java's readLine ends a line at
-                # a bare \r too).
-                return b"error the value of %s holds a line break; read it over AMP" % key
-            return b"get_success %s %s" % (key, value)
+            if isinstance(value, Deferred):  # a head or middle asks the tail first
+                return value.addCallback(_get_reply, key)
+            return _get_reply(value, key)
         if req.command == "put":
             return node.put(key, req.value).addCallback(
                 lambda updated: (b"put_update %s" if updated else b"put_success %s") % key
@@ -402,6 +399,14 @@ class ConsoleProtocol(Counted):
     def _send(self, reply: bytes) -> None:
         if not self._lost:
             self.transport.write(reply + b"\r\n")
+
+
+def _get_reply(value: bytes, key: bytes) -> bytes:
+    if b"\n" in value or b"\r" in value:
+        # Written over AMP, which carries any bytes. Sent as is, the line break would split the
+        # reply and desynchronise the client (Java's readLine ends a line at a bare \r too).
+        return b"error the value of %s holds a line break; read it over AMP" % key
+    return b"get_success %s %s" % (key, value)
 
 
 class ConsoleFactory(CappedFactory):

@@ -260,10 +260,26 @@ class Replicate(_ControlCommand):
 
 
 class RenewLease(_ControlCommand):
-    """A tail asks its predecessor to renew its read lease on the range owned by C{owner}."""
+    """A tail asks its predecessor to renew its read lease on the range owned by C{owner}; with
+    C{upstream}, a head or middle asks its successor (the lease under which it answers reads of
+    clean keys itself, L{chainstore.craq})."""
 
-    arguments = [(b"epoch", amp.Integer()), (b"owner", amp.Unicode())]
+    arguments = [(b"epoch", amp.Integer()), (b"owner", amp.Unicode()),
+                 (b"upstream", amp.Boolean(optional=True))]
     response = [(b"seconds", amp.Float())]
+
+
+class ReadVersion(_ControlCommand):
+    """A head or middle asks the tail of C{owner}'s range which serial it has applied, before it
+    answers a read of C{key} (L{chainstore.craq}). C{newest}: the serial of the asker's newest
+    write to the key; C{held}: the last serial the asker has applied. The answer carries the
+    tail's C{serial}, and only when the asker's value is not the committed one, the tail's:
+    C{found} and C{value}."""
+
+    arguments = [(b"epoch", amp.Integer()), (b"owner", amp.Unicode()), (b"key", amp.String()),
+                 (b"newest", amp.Integer()), (b"held", amp.Integer())]
+    response = [(b"serial", amp.Integer()), (b"found", amp.Boolean(optional=True)),
+                (b"value", BigBytes(optional=True))]
 
 
 PUT, DELETE = 0, 1

@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from chainstore.cache import Cache
 from chainstore.chain import DELETE, PUT, ChainReplicator, Replica
 from chainstore.control import StaleEpoch
+from chainstore.craq import MemberReads, answer_version
 from chainstore.errors import (
     KeyNotFound,
     NotResponsible,
@@ -60,7 +61,8 @@ class KVNode:
         self.state = state
         self.chain = ChainReplicator(
             me, PeerPool(connect or _lazy_tcp(clock)), clock, monotonic or clock.seconds,
-            on_tail_apply=self._applied_at_tail)
+            on_apply=self._applied)
+        self.member_reads = MemberReads(self.chain, cache)
         self._stores: StoreSet | None = None
         # Alone (no ECS) a server owns the whole ring: a chain of one, head and tail at once.
         self._ring = ring if ring is not None else Ring((me,), epoch=0, replication=1)
@@ -134,6 +136,8 @@ class KVNode:
         existed, committed = self.chain.write(replica, PUT, key, value, request_id)
         if replica.is_tail and self.cache.capacity:
             self.cache.put(key, value)
+        else:
+            self.cache.discard(key)  # not committed yet: a head caches clean values only
         self.counts["put"] += 1
         return committed.addCallback(lambda _: existed)
 
@@ -153,11 +157,19 @@ class KVNode:
         self.cache.discard(key)
         return committed.addCallback(lambda _: None)
 
-    def get(self, key: bytes) -> bytes:
-        """The value of C{key}, served only by the tail of its chain, under a valid lease."""
+    def get(self, key: bytes) -> bytes | Deferred[bytes]:
+        """The value of C{key}, from any member of its chain: the tail under its lease, a head
+        or middle as L{chainstore.craq} says (a Deferred when it asks the tail)."""
         check_key(key)
-        store = self._tail_store(key)
+        replica, chain = self._member_replica(key)
+        if not replica.is_tail:
+            self.counts["get"] += 1
+            return self.member_reads.read(replica, key, chain[-1])
+        if not self.chain.can_read(replica):
+            # A tail without a current lease may have been replaced while it was away.
+            raise NotResponsible(f"{self.me.name} holds no read lease for this key's range")
         self.counts["get"] += 1
+        store = replica.store
         value = self.cache.get(key)
         if value is None:
             self.chain.commit_now(store)
@@ -167,9 +179,25 @@ class KVNode:
             self.cache.put(key, value)
         return value
 
-    def _applied_at_tail(self, keys: list[bytes]) -> None:
+    def _applied(self, keys: list[bytes]) -> None:
         for key in keys:
             self.cache.discard(key)
+
+    def read_version(self, epoch: int, owner: str, key: bytes, newest: int,
+                     held: int) -> dict[str, Any]:
+        """A head or middle of C{owner}'s range asks this tail, before answering a read of
+        C{key}, which serial is committed (L{chainstore.craq})."""
+        if epoch != self._ring.epoch:
+            raise StaleEpoch(f"read of epoch {epoch}; this server is at {self._ring.epoch}")
+        replica, _ = self._member_replica(key)
+        if replica.owner != owner or not replica.is_tail or not self.chain.can_read(replica):
+            raise NotResponsible(f"{self.me.name} is not the reading tail of {owner}'s range")
+        self.chain.commit_now(replica.store)
+
+        def value_of(key: bytes) -> bytes | None:
+            value = self.cache.get(key)
+            return replica.store.get(key) if value is None else value
+        return answer_version(replica, key, newest, held, value_of)
 
     # -- the ring -------------------------------------------------------------------------------
 
@@ -215,22 +243,22 @@ class KVNode:
             raise ServerStopped("this server's chains are not ready")
         return replica
 
-    def _tail_store(self, key: bytes) -> Store:
+    def _member_replica(self, key: bytes) -> tuple[Replica, tuple[NodeInfo, ...]]:
+        """This server's replica of C{key}'s range and the range's live chain, for a read."""
         self._serving()
         pos = position(key)
         ring = self._ring
         index = ring.owner_index(pos)
         chain = ring.chain_for_index(index)
-        if not chain or chain[-1] != self.me:
-            raise NotResponsible(f"{self.me.name} is not the tail of this key's chain")
+        if self.me not in chain:
+            raise NotResponsible(f"{self.me.name} is not in this key's chain")
         for locked in self.read_locks:
             if pos in locked:
-                raise NotResponsible("this key's range is being handed to another server")
+                raise NotResponsible("this key's range is being handed to another chain")
         replica = self.chain.replicas.get(ring.nodes[index].name)
-        if replica is None or not self.chain.can_read(replica):
-            # A tail without a current lease may have been replaced while it was away.
-            raise NotResponsible(f"{self.me.name} holds no read lease for this key's range")
-        return replica.store
+        if replica is None:
+            raise NotResponsible(f"{self.me.name}'s chains are not ready")
+        return replica, chain
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {
@@ -241,6 +269,10 @@ class KVNode:
             "puts": self.counts["put"],
             "gets": self.counts["get"],
             "deletes": self.counts["delete"],
+            # gets a head or middle answered from its own store, and those it checked with the
+            # tail (chainstore/craq.py)
+            "gets_local": self.member_reads.local,
+            "gets_resolved": self.member_reads.resolved,
         }
         stats.update(self.cache.stats())
         if self.failure is not None:

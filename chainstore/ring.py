@@ -186,11 +186,22 @@ class Ring:
         )
 
     def keyrange_read_text(self) -> str:
-        """The payload of C{keyrange_read_success}: every range with its tail."""
+        """The payload of C{keyrange_read_success}: every live server with the range it can
+        read, its own and its predecessors' in the chain (two with replication 3), as classic
+        clients of the replication milestone expect. Any member of a chain answers reads
+        (L{chainstore.craq}), so each key is listed once per live member of its chain."""
         return "".join(
             f"{render_position(r.start)},{render_position(r.end)},{node.console_address};"
-            for r, node in self._ranges_with(-1)
+            for r, node in self.read_ranges()
         )
+
+    def read_ranges(self) -> list[tuple[KeyRange, NodeInfo]]:
+        """Each live server with (its chain_length-th predecessor, itself]: the ranges whose
+        chain it belongs to (the whole ring, start == end, when every server is in every
+        chain)."""
+        n, back = len(self.nodes), self.chain_length
+        return [(KeyRange(self._positions[(i - back) % n], self._positions[i]), node)
+                for i, node in enumerate(self.nodes) if node.name not in self.dead]
 
     def _ranges_with(self, end: int) -> list[tuple[KeyRange, NodeInfo]]:
         """Every range with the live member at C{end} of its chain (0 head, -1 tail)."""

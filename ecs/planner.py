@@ -126,7 +126,10 @@ def plan(old: Ring, new: Ring, dead: Collection[str] = (),
             # Writes enter at the head; if it died, the surviving first member is the one a
             # stale client could still reach with the old ring.
             result.write_locks.setdefault(alive[0], []).append(rng)
-            result.read_locks.setdefault(alive[-1], []).append(rng)
+            # Every member answers reads (chainstore/craq.py): none may answer for the old
+            # chain once the new one can commit writes.
+            for name in alive:
+                result.read_locks.setdefault(name, []).append(rng)
         elif before and not sources:
             result.lost.append(rng)
         for role, server in enumerate(after):

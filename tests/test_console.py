@@ -491,7 +491,7 @@ def test_server_not_responsible_with_two_servers(tmp_path):
         node.stores.close()
 
 
-def test_reads_go_to_the_tail_with_a_chain_of_two(tmp_path):
+def test_reads_go_to_either_member_of_a_chain_of_two(tmp_path):
     net = SimNet(tmp_path)
     ring = Ring((ME, OTHER), epoch=1, replication=2)
     node = net.add(ME, ring)
@@ -500,12 +500,12 @@ def test_reads_go_to_the_tail_with_a_chain_of_two(tmp_path):
         conn = Connection(node)
         other = Connection(net.nodes[OTHER.name])
         mine, theirs = _key_owned_by(ring, ME), _key_owned_by(ring, OTHER)
-        # I head my range, the other server is its tail: I take the put, not the get; the put
-        # is answered once the chain has carried it to the tail.
+        # I head my range, the other server is its tail: the put is mine, and answered once
+        # the chain has carried it to the tail; both of us answer gets (CRAQ).
         conn.proto.dataReceived(b"put " + mine + b" v\r\n")
         net.run(1.0)
         assert conn.take() == b"put_success " + mine + b"\r\n"
-        assert conn.ask(b"get " + mine) == b"server_not_responsible"
+        assert conn.ask(b"get " + mine) == b"get_success " + mine + b" v"
         assert other.ask(b"get " + mine) == b"get_success " + mine + b" v"
         # I am the tail of the other's range: reads of it are mine, writes are not.
         assert conn.ask(b"put " + theirs + b" v") == b"server_not_responsible"

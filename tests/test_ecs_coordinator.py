@@ -230,6 +230,12 @@ class Cluster:
         """Every key is stored exactly where the ring says (and readable at its tail)."""
         ring = self.ring()
         expected = {name: {s: set() for s in STORE_NAMES} for name in self.servers}
+        if read:
+            # A new tail may have asked its lease of a predecessor still on the old ring: it
+            # asks again 0.1 s later (chainstore.chain.LEASE_RETRY_SECONDS).
+            for _ in range(3):
+                self.clock.advance(0.1)
+                self.settle()
         for key in keys:
             chain = ring.chain(key)
             for role, node in enumerate(chain):

@@ -143,21 +143,42 @@ def test_keyrange_text_with_one_server_is_from_equal_to():
     assert ring.keyrange_read_text() == expected
 
 
-def test_keyrange_text_lists_every_range_with_its_head_and_read_with_its_tail():
+def test_keyrange_text_lists_every_range_with_its_head():
     ring = ring_of(4, replication=3)
     heads = _triples(ring.keyrange_text())
-    tails = _triples(ring.keyrange_read_text())
-    assert len(heads) == len(tails) == 4
-    for i, ((start, end, host, port), (rstart, rend, rhost, rport)) in enumerate(
-            zip(heads, tails)):
+    assert len(heads) == 4
+    for i, (start, end, host, port) in enumerate(heads):
         prev = ring.nodes[(i - 1) % 4]
-        assert start == render_position(prev.position) == rstart
-        assert end == render_position(ring.nodes[i].position) == rend
+        assert start == render_position(prev.position)
+        assert end == render_position(ring.nodes[i].position)
         assert (host, port) == (ring.nodes[i].host, ring.nodes[i].console_port)
-        tail = ring.nodes[(i + 2) % 4]
-        assert (rhost, rport) == (tail.host, tail.console_port)
         # The console port, not the AMP port: classic clients connect to the console.
         assert port != ring.nodes[i].amp_port
+
+
+def test_keyrange_read_lists_each_server_with_its_own_and_two_predecessors_ranges():
+    ring = ring_of(5, replication=3)
+    reads = _triples(ring.keyrange_read_text())
+    assert len(reads) == 5
+    for i, (start, end, host, port) in enumerate(reads):
+        assert start == render_position(ring.nodes[(i - 3) % 5].position)
+        assert end == render_position(ring.nodes[i].position)
+        assert (host, port) == (ring.nodes[i].host, ring.nodes[i].console_port)
+    # Every key is readable at exactly the members of its chain.
+    for k in range(200):
+        key = b"key%d" % k
+        readers = [(h, p) for r, h, p in parse_keyrange(ring.keyrange_read_text())
+                   if r.contains_key(key)]
+        assert sorted(readers) == sorted((n.host, n.console_port) for n in ring.chain(key))
+
+
+def test_keyrange_read_with_three_servers_gives_each_the_whole_ring_and_skips_the_dead():
+    ring = ring_of(3, replication=3)
+    reads = _triples(ring.keyrange_read_text())
+    assert [(a == b) for a, b, _, _ in reads] == [True, True, True]
+    dead = Ring(ring.nodes, replication=3, dead={ring.nodes[1].name})
+    assert [p for _, _, _, p in _triples(dead.keyrange_read_text())] == [
+        ring.nodes[0].console_port, ring.nodes[2].console_port]
 
 
 def test_keyrange_uses_uppercase_hex():

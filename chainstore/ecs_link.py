@@ -15,6 +15,7 @@ C{SetMetadata} carry the ECS's epoch, and the C{Register} answer its newest comm
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -440,6 +441,11 @@ def make_ecs_link(node: KVNode, description: str, reactor: Any,
     return ClientService(
         endpoints,
         _LinkFactory(node, reactor, shutdown, credentials, endpoints),
-        retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=2.0),
+        retryPolicy=(backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=2.0)
+                     if len(descriptions) == 1 else
+                     # Several ECS: a standby's answer names the leader, to be dialled at once,
+                     # and a new leader waits for its servers; so little jitter, a short cap.
+                     backoffPolicy(initialDelay=0.05, maxDelay=2.0, factor=2.0,
+                                   jitter=lambda: random.random() * 0.1)),
         clock=reactor,
     )

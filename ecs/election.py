@@ -26,7 +26,7 @@ from twisted.logger import LogLevel
 
 from chainstore.logs import get_logger
 from ecs.etcd import EtcdClient, absent, get, key_value, put
-from ecs.etcd_state import leader_key, parse_leader
+from ecs.etcd_state import leader_key, members_prefix, parse_leader
 
 log = get_logger("ecs.election")
 
@@ -53,6 +53,12 @@ class Election:
         self.leading = False
         #: the leader key's record (parsed JSON) as last read; ours while we lead
         self.leader: dict[str, Any] | None = None
+        #: every ECS campaigning or leading (their records, ours included), as the leader
+        #: last read them: Status shows the standbys
+        self.members: list[dict[str, Any]] = []
+        self._members_prefix = members_prefix(prefix)
+        self._member_key = self._members_prefix + str(
+            parse_leader(record).get("name", "")).encode()
         self._deadline: Any = None
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
@@ -112,6 +118,8 @@ class Election:
             self.depose(f"lease {lease:x} expired")
             return
         self._arm(sent + ttl - DEPOSE_MARGIN)
+        self.members = [parse_leader(kv.value)
+                        for kv in await self.client.get_prefix(self._members_prefix)]
 
     def _arm(self, at: float) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -126,6 +134,8 @@ class Election:
                 self.lease = 0
         if not self.lease:
             self.lease = await self.client.grant(self.ttl)
+            # announced under the same lease: it goes when this ECS does
+            await self.client.txn([], [put(self._member_key, self.record, self.lease)])
         lease, sent = self.lease, self.clock.seconds()
         won, responses = await self.client.txn(
             [absent(self.key)], [put(self.key, self.record, lease)], [get(self.key)])

@@ -148,6 +148,12 @@ class EtcdClient:
         kvs = answer.get("kvs") or []
         return (key_value(kvs[0]) if kvs else None), int(answer["header"]["revision"])
 
+    async def get_prefix(self, prefix: bytes) -> list[KeyValue]:
+        """Every key starting with C{prefix} (a non-empty prefix not ending in byte 0xff)."""
+        end = prefix[:-1] + bytes([prefix[-1] + 1])
+        answer = await self.call("/v3/kv/range", {"key": b64(prefix), "range_end": b64(end)})
+        return [key_value(raw) for raw in answer.get("kvs") or []]
+
     async def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
                   failure: list[dict[str, Any]] = ()) -> tuple[bool, list[dict[str, Any]]]:
         """One transaction: if every C{compare} holds, C{success} is applied, else C{failure};

@@ -95,6 +95,11 @@ class EtcdState:
         self.revision = int(responses[0]["response_put"]["header"]["revision"])
 
 
+def members_prefix(prefix: str) -> bytes:
+    """Where each ECS announces itself, under its own lease (the standbys Status lists)."""
+    return f"{prefix.rstrip('/')}/ecs/".encode()
+
+
 def leader_record(name: str, advertise: str, admin: str) -> bytes:
     """The leader key's value: who leads and where servers and admins reach it."""
     return json.dumps({"name": name, "advertise": advertise, "admin": admin},

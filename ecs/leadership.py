@@ -76,8 +76,12 @@ class Leadership(Service):
         return self.ecs
 
     def ha_status(self) -> dict[str, Any]:
-        """The C{leader} field of C{Status}: this ECS's name and address."""
-        return {"leader": {"name": self.name, "address": self.address}}
+        """The C{leader} and C{standbys} fields of C{Status}: names and addresses."""
+        standbys = sorted(
+            ({"name": str(m.get("name")), "address": str(m.get("admin"))}
+             for m in self.election.members if m.get("name") != self.name),
+            key=lambda m: m["name"])
+        return {"leader": {"name": self.name, "address": self.address}, "standbys": standbys}
 
     async def _elected(self, lease: int) -> None:
         store = EtcdState(self.client, self.prefix, lease,
@@ -102,13 +106,8 @@ class Leadership(Service):
         self.election.start()
 
     def stopService(self) -> Deferred[Any]:
+        """Hand over: the lease is revoked, so a standby leads at once. Unlike a lone ECS, this
+        one leaves the servers it launched running, under the next leader (Ctrl-C at a
+        terminal reaches them anyway: they share its process group)."""
         super().stopService()
-        ecs = self.ecs
-
-        async def stop() -> None:
-            # Hand over first: the servers keep running under the next leader.
-            await self.election.stop()
-            if ecs is not None:
-                await ecs.launcher.stop_all()
-
-        return Deferred.fromCoroutine(stop())
+        return Deferred.fromCoroutine(self.election.stop())

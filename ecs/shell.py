@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -41,6 +42,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from chainstore import tls
+from chainstore.control import NotLeader
 from chainstore.errors import PermissionDenied, ServerError
 from chainstore.roles import ECS, RoleGuard
 from ecs import protocol
@@ -49,7 +51,8 @@ from ecs.shell_commands import HELP, Command, UsageError, parse_address, parse_c
 from ecs.shell_format import ProgressPrinter, format_status
 
 PROMPT = "ECSClient> "
-DEFAULT_ECS = "127.0.0.1:49999"
+# make run's ECS, and make run-ha's three (one leads; the others name it)
+DEFAULT_ECS = "127.0.0.1:49999,127.0.0.1:49998,127.0.0.1:49997"
 DEFAULT_TIMEOUT = 30.0
 #: seconds between two C{Status} polls while a long command runs
 POLL_INTERVAL = 0.5
@@ -119,23 +122,45 @@ _AMP_COMMANDS: dict[str, type[amp.Command]] = {
 class AdminLink:
     """The shell's AMP connection to the ECS: made on first use, made again after it was lost.
 
-    C{connect} makes the protocol (a TCP connection by default; tests pass an iosim one).
+    With several ECS (C{others}: one leads, the others are standbys), it dials them in turn
+    until one answers, and a standby's L{NotLeader} answer ("the leader is HOST:PORT") makes it
+    hang up and send the command to that leader.
+
+    C{connect} makes the protocol (a TCP connection to C{host}:C{port} by default; tests pass
+    an iosim one).
     """
 
     def __init__(self, reactor: Any, host: str, port: int, timeout: float = DEFAULT_TIMEOUT,
                  connect: Callable[[amp.AMP], Deferred[amp.AMP]] | None = None,
-                 credentials: tls.Credentials | None = None) -> None:
+                 credentials: tls.Credentials | None = None,
+                 others: Sequence[tuple[str, int]] = ()) -> None:
         self.reactor = reactor
-        self.host = host
-        self.port = port
+        self.addresses = [(host, port), *others]
+        self._current = 0
         self.timeout = timeout
         self.credentials = credentials
         self._connect = connect or self._connect_tcp
         self._proto: amp.AMP | None = None
 
     @property
+    def host(self) -> str:
+        return self.addresses[self._current][0]
+
+    @property
+    def port(self) -> int:
+        return self.addresses[self._current][1]
+
+    @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def follow(self, address: str) -> None:
+        """Talk to the ECS at C{address} (HOST:PORT) from now on."""
+        self.close()
+        where = parse_address(address)
+        if where not in self.addresses:
+            self.addresses.append(where)
+        self._current = self.addresses.index(where)
 
     def _connect_tcp(self, proto: amp.AMP) -> Deferred[amp.AMP]:
         endpoint = tls.client_endpoint(self.reactor, self.credentials, self.host, self.port,
@@ -147,7 +172,8 @@ class AdminLink:
             self._proto = None
 
     async def _connected(self) -> amp.AMP:
-        if self._proto is None:
+        failures = []
+        while self._proto is None:
             try:
                 if self.credentials is not None:
                     self.credentials.check()
@@ -156,7 +182,12 @@ class AdminLink:
                 self._proto = await d
             except Exception as e:
                 reason = "no answer in time" if isinstance(e, TimeoutError) else _reason(e)
-                raise ShellError(f"cannot reach the ECS at {self.address}: {reason}") from None
+                failures.append(f"{self.address}: {reason}")
+                if len(failures) == len(self.addresses):
+                    if len(failures) == 1:
+                        raise ShellError(f"cannot reach the ECS at {failures[0]}") from None
+                    raise ShellError(f"cannot reach any ECS ({'; '.join(failures)})") from None
+                self._current = (self._current + 1) % len(self.addresses)
         return self._proto
 
     async def run(self, command: Command,
@@ -164,8 +195,22 @@ class AdminLink:
         """Send C{command}'s AMP command and return the answer; raise L{ShellError} if it fails.
 
         Long commands wait as long as the ECS works on them (polling C{Status} for
-        C{on_progress}); the others wait at most C{timeout} seconds.
+        C{on_progress}); the others wait at most C{timeout} seconds. A standby's answer sends
+        the command on to the leader it names (at most once per known ECS).
         """
+        for _ in range(len(self.addresses)):
+            try:
+                return await self._run(command, on_progress)
+            except NotLeader as e:
+                leader = re.search(r"the leader is (\S+)$", str(e))
+                if leader is None:
+                    raise ShellError(f"the ECS at {self.address} is {e}") from None
+                self.follow(leader.group(1))
+        raise ShellError(f"no ECS of {', '.join(f'{h}:{p}' for h, p in self.addresses)} "
+                         "leads; try again in a few seconds")
+
+    async def _run(self, command: Command,
+                   on_progress: Callable[[Any], None] | None) -> dict[str, Any]:
         proto = await self._connected()
         amp_command = _AMP_COMMANDS[command.name]
         try:
@@ -179,6 +224,8 @@ class AdminLink:
             return await d
         except AdminError as e:
             raise ShellError(str(e)) from None
+        except NotLeader:
+            raise
         except TimeoutError:
             raise ShellError(f"the ECS at {self.address} did not answer within "
                              f"{self.timeout:g}s") from None
@@ -214,12 +261,14 @@ class BlockingAdmin:
     """L{AdminLink} for the main thread: each call waits for the reactor thread's answer."""
 
     def __init__(self, reactor: Any, host: str, port: int, timeout: float,
-                 credentials: tls.Credentials | None = None) -> None:
+                 credentials: tls.Credentials | None = None,
+                 others: Sequence[tuple[str, int]] = ()) -> None:
         from client.blocking import ensure_reactor_running
 
         self.reactor = reactor
         ensure_reactor_running(reactor)
-        self.link = AdminLink(reactor, host, port, timeout, credentials=credentials)
+        self.link = AdminLink(reactor, host, port, timeout, credentials=credentials,
+                              others=others)
         self._running: Deferred[Any] | None = None
 
     def run(self, command: Command,
@@ -345,8 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=HELP + "\n\nexamples:\n  ecsclient --ecs 127.0.0.1:49999 status --json\n"
                       "  printf 'addNode LRU 100\\nstatus\\n' | ecsclient",
     )
-    parser.add_argument("--ecs", default=DEFAULT_ECS, metavar="HOST:PORT",
-                        help="the ECS's admin address, its listen option (default: %(default)s)")
+    parser.add_argument("--ecs", action="append", metavar="HOST:PORT",
+                        help="the ECS's admin address, its listen option; several ECS (one "
+                             "leads): repeat it or separate them with commas; the first that "
+                             f"answers is asked, and names the leader (default: {DEFAULT_ECS})")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help="how long to wait to connect and for the answer of a command that "
                              "moves no data (default: %(default)s)")
@@ -361,9 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        host, port = parse_address(args.ecs)
+        addresses = [parse_address(part.strip()) for value in (args.ecs or [DEFAULT_ECS])
+                     for part in value.split(",") if part.strip()]
     except ValueError as e:
         parser.error(f"--ecs: {e}")
+    (host, port), others = addresses[0], addresses[1:]
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
     one_shot = None
@@ -376,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     _log_errors_to_stderr()
     from twisted.internet import reactor
 
-    admin = BlockingAdmin(reactor, host, port, args.timeout, credentials)
+    admin = BlockingAdmin(reactor, host, port, args.timeout, credentials, others)
     tty = sys.stdout.isatty()
     shell = Shell(admin, sys.stdout, sys.stderr, tty)
     try:

@@ -44,7 +44,14 @@ def format_status(status: dict[str, Any]) -> str:
     if status.get("degraded"):
         summary.append(f"DEGRADED: {len(status['ring'])} server(s) in the ring, fewer than the "
                        f"replication factor")
-    lines = [", ".join(summary), "ring: " + (" ".join(status["ring"]) or "(empty)")]
+    lines = [", ".join(summary)]
+    leader = status.get("leader")
+    if leader:
+        # several ECS (state in etcd): who answered, and who stands by
+        standbys = ", ".join(f"{s['name']} ({s['address']})" for s in status.get("standbys", []))
+        lines.append(f"leader: {leader['name']} ({leader['address']}); standbys: "
+                     f"{standbys or 'none'}")
+    lines.append("ring: " + (" ".join(status["ring"]) or "(empty)"))
     rows = [("NAME", "STATUS", "CONSOLE", "RANGE (FROM..TO]", "SHARE", "HEARTBEAT",
              "CONNECTED")]
     for m in status["members"]:

@@ -102,8 +102,13 @@ class FakeEtcd:
         if path == "/v3/kv/range":
             key = _d(body["key"])
             answer: dict[str, Any] = {"header": self._header()}
-            if key in self.kvs:
-                answer["kvs"] = [self._kv_json(key)]
+            if "range_end" in body:
+                end = _d(body["range_end"])
+                keys = sorted(k for k in self.kvs if key <= k < end)
+            else:
+                keys = [key] if key in self.kvs else []
+            if keys:
+                answer["kvs"] = [self._kv_json(k) for k in keys]
             return answer
         if path == "/v3/kv/txn":
             ok = all(self._compare(c) for c in body.get("compare", []))

@@ -356,6 +356,12 @@ def test_a_standby_names_the_leader_to_servers_and_admins() -> None:
     # the leader answers, and says it leads
     status = json.loads(ECSProtocol(leader).status()["status"])
     assert status["leader"] == {"name": "ecs49999", "address": "127.0.0.1:49999"}
+    assert status["standbys"] == [{"name": "ecs49998", "address": "127.0.0.1:49998"}]
+    # a standby that dies leaves the list once its lease runs out
+    standby.election._loop.stop()
+    for _ in range(int((TTL + 1) / STEP)):
+        clock.advance(STEP)
+    assert json.loads(ECSProtocol(leader).status()["status"])["standbys"] == []
 
 
 def test_a_deposed_leader_abdicates_its_server_links() -> None:
@@ -385,3 +391,59 @@ def test_a_deposed_leader_abdicates_its_server_links() -> None:
     # its lease is revoked: whatever it was doing fails at its next save
     with pytest.raises(Deposed):
         result(ecs._save())
+
+
+def test_ecsclient_follows_a_standby_to_the_leader_and_past_a_dead_ecs() -> None:
+    from twisted.internet.error import ConnectionRefusedError
+    from twisted.internet.defer import fail
+    from twisted.test import iosim
+
+    from ecs.shell import AdminLink, ShellError
+    from ecs.shell_commands import Command
+    from ecs.shell_format import format_status
+
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    ecs1, ecs2 = ha_ecs(etcd, 49999), ha_ecs(etcd, 49998)
+    ecs2.startService()  # 49998 leads, 49999 stands by, nothing listens on 49997
+    clock.advance(0.5)
+    ecs1.startService()
+    clock.advance(1)
+    by_port = {49999: ecs1, 49998: ecs2}
+    pumps: list[Any] = []
+    dialled: list[int] = []
+
+    def connect(client: Any) -> Deferred[Any]:
+        dialled.append(link.port)
+        if link.port not in by_port:
+            return fail(ConnectionRefusedError("nothing listens"))
+        server = ECSProtocol(by_port[link.port])
+        pumps.append(iosim.connect(server, iosim.makeFakeServer(server), client,
+                                   iosim.makeFakeClient(client), greet=False, clock=clock))
+        return succeed(client)
+
+    link = AdminLink(clock, "127.0.0.1", 49997, timeout=5.0, connect=connect,
+                     others=[("127.0.0.1", 49999), ("127.0.0.1", 49998)])
+    out: list[Any] = []
+    Deferred.fromCoroutine(link.run(Command("status"))).addBoth(out.append)
+    for _ in range(5):
+        for pump in pumps:
+            pump.flush()
+    status = json.loads(out[0]["status"])
+    # refused at 49997, a standby at 49999 named 49998, which answered
+    assert dialled == [49997, 49999, 49998]
+    assert status["leader"]["address"] == "127.0.0.1:49998"
+    assert format_status(status).splitlines()[1] == (
+        "leader: ecs49998 (127.0.0.1:49998); standbys: ecs49999 (127.0.0.1:49999)")
+    # nobody leads (the leader's lease ran out, the standby is cut from etcd): a clear error
+    ecs2.election._loop.stop()
+    ecs2.election.depose("test")
+    ecs1.election._loop.stop()
+    out.clear()
+    Deferred.fromCoroutine(link.run(Command("status"))).addBoth(out.append)
+    for _ in range(5):
+        for pump in pumps:
+            pump.flush()
+    out[0].trap(ShellError)
+    assert str(out[0].value) == ("the ECS at 127.0.0.1:49998 is not the leader; no leader is "
+                                 "elected yet")

@@ -23,13 +23,14 @@ from twisted.internet.defer import Deferred, DeferredLock, fail
 
 from chainstore.logs import get_logger
 from ecs.etcd import EtcdClient, get, lease_is, mod_revision_is, put
+from ecs.protocol import AdminError
 from ecs.state import ClusterState
 
 log = get_logger("ecs.etcd_state")
 
 
-class Deposed(Exception):
-    """This ECS no longer leads: its change was not committed."""
+class Deposed(AdminError):
+    """This ECS no longer leads: its change was not committed (an admin sees this message)."""
 
 
 def state_key(prefix: str) -> bytes:

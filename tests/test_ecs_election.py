@@ -447,3 +447,107 @@ def test_ecsclient_follows_a_standby_to_the_leader_and_past_a_dead_ecs() -> None
     out[0].trap(ShellError)
     assert str(out[0].value) == ("the ECS at 127.0.0.1:49998 is not the leader; no leader is "
                                  "elected yet")
+
+
+# -- a change the deposed leader left half done ---------------------------------------------------
+
+class EtcdCluster:
+    """L{tests.test_ecs_coordinator.Cluster} whose ECS keep their state in a fake etcd, each
+    under a lease it renews until it is "paused"."""
+
+    def __init__(self, tmp_path: Any) -> None:
+        from twisted.internet.task import LoopingCall
+
+        from tests.test_ecs_coordinator import Cluster
+
+        self.LoopingCall = LoopingCall
+        self.etcd: FakeEtcd | None = None
+        self.renewals: dict[int, Any] = {}
+        cluster = self
+
+        class Backed(Cluster):
+            def new_ecs(self) -> ECS:
+                return cluster.leader(self)
+
+        self.c = Backed(tmp_path, replication=3, initial=3)
+
+    def leader(self, c: Any) -> ECS:
+        """A new ECS elected: it holds the leader key under a fresh lease it renews."""
+        if self.etcd is None:
+            self.etcd = FakeEtcd(c.clock)
+        client = EtcdClient(["http://etcd:2379"], self.etcd.client().post)
+        lease = result(Deferred.fromCoroutine(client.grant(TTL)))
+        from ecs.etcd import absent, put
+
+        won, _ = result(Deferred.fromCoroutine(client.txn(
+            [absent(leader_key(PREFIX))], [put(leader_key(PREFIX), b"{}", lease)])))
+        assert won, "the previous leader's key is still there"
+        renew = self.LoopingCall(lambda: Deferred.fromCoroutine(client.keep_alive(lease)))
+        renew.clock = c.clock
+        renew.start(0.5)
+        store = EtcdState(client, PREFIX, lease)
+        result(Deferred.fromCoroutine(store.fetch()))
+        ecs = ECS(c.config, c.clock, c.launcher, store)
+        store.on_deposed = ecs.abdicate
+        self.renewals[id(ecs)] = renew
+        return ecs
+
+    def pause(self, ecs: ECS) -> None:
+        """SIGSTOP: it renews nothing (and, in this test, does nothing) until resumed."""
+        self.renewals[id(ecs)].stop()
+
+
+def test_a_deposed_leaders_half_done_change_never_commits_and_the_next_leader_goes_on(
+        tmp_path: Any) -> None:
+    from tests.test_ecs_coordinator import KEYS
+
+    h = EtcdCluster(tmp_path)
+    c = h.c
+    try:
+        c.start()
+        c.put_all(KEYS)
+        old = c.ecs
+        committed = saved_state(h.etcd)["epoch"]
+        # addNode runs up to its copy to the new server, which stalls there
+        c.peer_gate = Deferred()
+        outcome: list[Any] = []
+        Deferred.fromCoroutine(old.add_nodes(1, "LRU", 10)).addBoth(outcome.append)
+        c.settle()
+        assert old.operation is not None and old.operation.step == "copying"
+        attempt = old.state.last_epoch
+        assert saved_state(h.etcd)["last_epoch"] == attempt  # allocated and saved first
+        # The leader pauses past its lease; another ECS is elected (no server reaches it yet).
+        h.pause(old)
+        c.clock.advance(TTL + 0.5)
+        new = h.leader(c)
+        # The old leader wakes: its change goes on through the locks to its commit, refused.
+        gate, c.peer_gate = c.peer_gate, None
+        gate.callback(None)
+        c.settle()
+        assert len(outcome) == 1 and outcome[0].check(Deposed)
+        assert saved_state(h.etcd)["epoch"] == committed
+        assert "s4" not in saved_state(h.etcd)["ring_members"]
+        for name in ("s1", "s2", "s3"):
+            node = c.servers[name].node
+            # no server saw the attempt's ring, and the abdication dropped its links: no locks
+            assert node.ring.epoch == committed
+            assert not node.write_locks and not node.read_locks
+        assert not old.links and not old.heartbeats.running
+        # The servers find the new leader, which resumes above the aborted attempt's epoch.
+        c.ecs = new
+        new.start()
+        for server in c.servers.values():
+            c.connect_to_ecs(server)
+        c.settle()
+        assert new.state.epoch > attempt
+        assert all(c.servers[n].node.ring.epoch == new.state.epoch for n in ("s1", "s2", "s3"))
+        assert new.state.ring_members == ["s1", "s2", "s3"]
+        # and completes the change cleanly: the half-copied s4 is wiped and added anew
+        assert c.run(new.add_nodes(1, "LRU", 10)) == ["s4"]
+        c.check_placement(KEYS)
+        assert saved_state(h.etcd)["epoch"] == new.state.epoch
+    finally:
+        for renew in h.renewals.values():
+            if renew.running:
+                renew.stop()
+        c.close()

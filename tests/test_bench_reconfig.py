@@ -32,9 +32,8 @@ from chainstore.ring import NodeInfo, Ring
 from harness.processes import pid_alive
 from benchrun import start_module, stop
 
-# The benchmark's "ECS pid 1234 on ..." and the ECS launcher's "launched server1 (pid 1234)".
+# The benchmark's "ECS pid 1234 on ..."; the servers' PIDs are in each ECS's launched.json.
 _ECS_PID = re.compile(r"^ECS pid (\d+)", re.M)
-_LAUNCHED = re.compile(r"launched \S+ \(pid (\d+)\)")
 
 STATUS = """Name:\tpython3
 State:\tS (sleeping)
@@ -541,8 +540,9 @@ def test_reconfig_measures_a_join_and_a_leave_and_stops_everything(tmp_path: Pat
         stop(proc)
         # Whatever the benchmark did, nothing it started outlives the test.
         started = [int(pid) for pid in _ECS_PID.findall(stderr_path.read_text())]
-        for log in (tmp_path / "work").glob("keys-*/ecs.log"):
-            started += [int(pid) for pid in _LAUNCHED.findall(log.read_text())]
+        for record in (tmp_path / "work").glob("keys-*/ecs/launched.json"):
+            started += [launch["server_pid"]
+                        for launch in json.loads(record.read_text())["launched"]]
         left = [pid for pid in started if pid_alive(pid)]
         for pid in left:
             os.kill(pid, signal.SIGKILL)

@@ -520,6 +520,21 @@ class ECSProcess:
         return diagnostics(self.proc, self.log_path)
 
 
+def stop_pids(pids: Sequence[int], timeout: float = 10.0) -> None:
+    """SIGTERM these processes, SIGKILL what is left after C{timeout}; only these PIDs."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not any(pid_alive(p) for p in pids):
+            return
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process C{pid} exists and is not a zombie (an exited child not yet reaped)."""
     try:

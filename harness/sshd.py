@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-from harness.processes import pid_alive
+from harness.processes import stop_pids
 
 SSHD = "/usr/sbin/sshd"
 
@@ -137,19 +136,9 @@ class SshHosts:
     def stop(self, timeout: float = 10.0) -> None:
         """End every sshd and every process left in their namespaces (their sessions and what
         those started): SIGTERM, SIGKILL after C{timeout}."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = [d.pid for d in self.daemons.values() if d.poll() is None]
-            pids += [pid for namespace in self.daemons for pid in namespace_pids(namespace)]
-            for pid in set(pids):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + timeout
-            while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
-                for daemon in self.daemons.values():
-                    daemon.poll()  # reap
-                time.sleep(0.05)
+        pids = [d.pid for d in self.daemons.values() if d.poll() is None]
+        pids += [pid for namespace in self.daemons for pid in namespace_pids(namespace)]
+        stop_pids(sorted(set(pids)), timeout)
         for daemon in self.daemons.values():
             if daemon.stderr:
                 daemon.stderr.close()

@@ -44,7 +44,7 @@ from twisted.protocols import amp
 from chainstore import logs, protocol, tls
 from chainstore.errors import NotResponsible, ServerStopped, WriteLocked
 from chainstore.ring import RING_BITS, NodeInfo, Ring, parse_position
-from harness.processes import ECSProcess, pid_alive, write_ecs_config
+from harness.processes import ECSProcess, pid_alive, stop_pids, write_ecs_config
 from chainstore.tls import TLSFiles
 from client.kvstore import KVStore
 from ecs import protocol as admin
@@ -292,21 +292,6 @@ def kvserver_pids(workdir: Path) -> dict[int, str]:
         if b"kvserver" in argv and any(marker in a for a in argv) and pid_alive(int(entry)):
             found[int(entry)] = argv[argv.index(b"--name") + 1].decode()
     return found
-
-
-def stop_pids(pids: list[int], timeout: float = 10.0) -> None:
-    """SIGTERM these processes, SIGKILL what is left after C{timeout}; only these PIDs."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout
-        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(POLL)
-        if not any(pid_alive(p) for p in pids):
-            return
 
 
 @pytest.fixture

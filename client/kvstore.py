@@ -1,8 +1,10 @@
 """L{KVStore}: the Deferred-based client of a chainstore cluster, over AMP.
 
 It learns the ring from any server (L{protocol.GetMetadata}), sends puts and deletes to the head
-of a key's chain and gets to its tail, keeps one AMP connection per server and reuses it, and
-hides the cluster's transient states from its caller:
+of a key's chain and gets to any live member of it (C{read_policy="any"}, the default: every
+member answers linearizable reads, see chainstore/craq.py) or to its tail (C{"tail"}), keeps one
+AMP connection per server and reuses it, and hides the cluster's transient states from its
+caller:
 
 - C{ServerStopped}, C{WriteLocked}: back off exponentially with full jitter, retry until the
   deadline, then raise the last error.
@@ -62,6 +64,9 @@ _BACK_OFF = (ServerStopped, WriteLocked)
 _CONSOLE_GREETING = b"chainstore"
 
 _T = TypeVar("_T")
+
+#: Where gets go: to any live member of the key's chain, spread at random, or to its tail.
+READ_POLICIES = ("any", "tail")
 
 #: What a client presents by default: the certificate C{make run} issues to clients.
 DEFAULT_TLS = TLSFiles.in_dir(os.path.join("data", "pki"), "client")
@@ -222,13 +227,21 @@ class KVStore:
     @param endpoint_factory: C{(host, port) -> IStreamClientEndpoint}; by default a TCP
         connection with C{timeout}, with mutual TLS unless C{tls} is None (C{tls} is then
         not used).
+    @param read_policy: C{"any"} (default): each get goes to a member of the key's live chain
+        chosen at random (members we failed to reach lately last), which spreads a hot key's
+        reads over its whole chain; C{"tail"}: to the chain's tail.
     """
 
     def __init__(self, reactor: Any, addresses: Iterable[Address], *, timeout: float = 10.0,
                  deadline: float = 30.0, max_retries: int = 100, max_refreshes: int = 5,
                  backoff_base: float = 0.05, backoff_max: float = 2.0,
                  random: Any = None, endpoint_factory: EndpointFactory | None = None,
-                 tls: TLSFiles | Credentials | None = DEFAULT_TLS) -> None:
+                 tls: TLSFiles | Credentials | None = DEFAULT_TLS,
+                 read_policy: str = "any") -> None:
+        if read_policy not in READ_POLICIES:
+            raise ValueError(f"read_policy is one of {', '.join(READ_POLICIES)}, "
+                             f"not {read_policy!r}")
+        self.read_policy = read_policy
         self._reactor = reactor
         self.addresses: list[Address] = [(str(h), int(p)) for h, p in addresses]
         if not self.addresses:
@@ -323,8 +336,17 @@ class KVStore:
 
     async def _get(self, key: Key) -> bytes:
         k = key_bytes(key)
-        answer = await self._request(protocol.Get, lambda ring: ring.tail(k), key=k)
+        answer = await self._request(protocol.Get, lambda ring: self._reader(ring, k), key=k)
         return bytes(answer["value"])
+
+    def _reader(self, ring: Ring, key: bytes) -> NodeInfo:
+        """The member of C{key}'s live chain a get goes to (see C{read_policy})."""
+        chain = ring.chain(key)
+        if self.read_policy == "tail" or not chain:
+            return ring.tail(key)
+        reachable = [n for n in chain if (n.host, n.amp_port) not in self._suspects]
+        choices = reachable or list(chain)
+        return choices[int(self._random.random() * len(choices)) % len(choices)]
 
     async def _delete(self, key: Key) -> None:
         k = key_bytes(key)

@@ -314,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deadline", type=float, default=30.0, metavar="SECONDS",
                         help="how long to keep retrying while the cluster is stopped, locked or "
                              "unreachable (default: %(default)s)")
+    parser.add_argument("--read-policy", default="any", choices=["any", "tail"],
+                        help="where gets go: any live member of the key's chain (default) or "
+                             "its tail")
     parser.add_argument("--log-level", default="warn", choices=list(logs.LEVELS),
                         help="client log events shown on stderr (default: %(default)s)")
     tls.add_arguments(parser, "client")
@@ -338,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     def make_store(addr: Address) -> Any:
         from client.blocking import BlockingKVStore
         return BlockingKVStore([addr], timeout=args.timeout, deadline=args.deadline,
-                               tls=credentials)
+                               tls=credentials, read_policy=args.read_policy)
 
     shell = Shell(sys.stdout.buffer, make_store)
     try:

@@ -355,7 +355,7 @@ def three_node_ring(net: FakeNetwork, replication: int = 3, epoch: int = 1) -> R
 
 def test_writes_go_to_the_head_and_reads_to_the_tail(net: FakeNetwork) -> None:
     ring = three_node_ring(net)
-    store = make_store(net, [amp(ring.nodes[0])])
+    store = make_store(net, [amp(ring.nodes[0])], read_policy="tail")
     keys = [key_headed_by(ring, n.name) for n in ring.nodes]
     metadata_fetches = 0
     for key in keys:
@@ -377,6 +377,30 @@ def test_writes_go_to_the_head_and_reads_to_the_tail(net: FakeNetwork) -> None:
         net.received.clear()
     assert {amp(ring.head(k)) for k in keys} == set(net.nodes)
     assert metadata_fetches == 1
+
+
+def test_reads_are_spread_over_every_member_of_the_chain_by_default(net: FakeNetwork) -> None:
+    ring = three_node_ring(net)
+    store = make_store(net, [amp(ring.nodes[0])])
+    assert store.read_policy == "any"
+    key = key_headed_by(ring, "n1")
+    drive(net, store.put(key, b"v"))
+    net.received.clear()
+    for i in range(60):
+        assert drive(net, store.get(key)) == b"v"
+        if i % 10 == 0:
+            drive(net, store.put(key, b"v"))  # a write in flight now and then
+    readers = Counter(a for a, _, n in net.received if n == "Get")
+    # Each member answered (no refusal, so no second attempt) and none took most of them.
+    assert set(readers) == {amp(n) for n in ring.chain(key)}
+    assert sum(readers.values()) == 60 and max(readers.values()) < 35
+    # A member we could not reach lately is asked only when every other one is too.
+    net.down.add(amp(ring.chain(key)[0]))
+    net.disconnect(amp(ring.chain(key)[0]))
+    for _ in range(20):
+        assert drive(net, store.get(key)) == b"v"
+    with pytest.raises(ValueError):
+        make_store(net, [amp(ring.nodes[0])], read_policy="head")
 
 
 def test_not_responsible_refreshes_the_ring_and_retries_at_once(net: FakeNetwork) -> None:

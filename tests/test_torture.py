@@ -321,13 +321,16 @@ def _result(name: str, anomalies: dict[str, int] | None = None, **kw: Any) -> Sc
 
 
 def test_table_has_a_row_per_scenario_and_totals() -> None:
-    table = format_table([_result("kill-tail"), _result("pause-tail", {"lost_write": 2})])
+    table = format_table([_result("kill-tail", reads={"tail": 5, "local": 7, "resolved": 1}),
+                          _result("pause-tail", {"lost_write": 2})])
     lines = table.splitlines()
     assert lines[0].split()[:4] == ["scenario", "ops", "ok", "fail"]
-    assert lines[2].split() == ["kill-tail", "100", "2", "3", "2", "12.5", "PASS", "none"]
-    assert lines[3].split() == ["pause-tail", "100", "2", "3", "2", "12.5", "FAIL",
+    assert lines[2].split() == ["kill-tail", "100", "2", "3", "2", "5/7/1", "12.5", "PASS",
+                                "none"]
+    assert lines[3].split() == ["pause-tail", "100", "2", "3", "2", "-", "12.5", "FAIL",
                                 "lost_write=2"]
-    assert lines[5].split() == ["total", "200", "4", "6", "4", "25.0", "1/2", "lost_write=2"]
+    assert lines[5].split() == ["total", "200", "4", "6", "4", "5/7/1", "25.0", "1/2",
+                                "lost_write=2"]
 
 
 def test_informational_findings_do_not_fail_a_scenario_but_errors_do() -> None:
@@ -503,6 +506,8 @@ async def test_the_short_schedule_finds_no_anomaly(reactor: Any, tmp_path: Path)
         assert r.checked, where
         assert r.faults >= 1, where
         assert r.ops["ok"] > 200, where
+        # Reads went to every role: tails, and heads and middles (locally and via the tail).
+        assert all(r.reads[k] > 0 for k in ("tail", "local", "resolved")), (r.reads, where)
         assert r.passed, where
     assert exit_code(results) == 0
 

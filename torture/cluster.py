@@ -421,6 +421,27 @@ class Cluster:
         finally:
             await store.close()
 
+    async def reads_by_role(self) -> dict[str, int]:
+        """Gets answered so far by the live servers: C{"tail"} at tails, C{"local"} by heads and
+        middles from their own store, C{"resolved"} by heads and middles after asking the tail
+        (counted since each server's last start, from its C{Stats})."""
+        totals = {"tail": 0, "local": 0, "resolved": 0}
+        for address in self.amp_addresses:
+            store = KVStore(self.reactor, [address], timeout=2.0, deadline=2.0,
+                            tls=self.credentials(CLIENT))
+            try:
+                stats = await store.stats()
+            except Exception as e:
+                log.info("no stats from {address}: {error}", address=address, error=e)
+                continue
+            finally:
+                await store.close()
+            local, resolved = stats.get("gets_local", 0), stats.get("gets_resolved", 0)
+            totals["local"] += local
+            totals["resolved"] += resolved
+            totals["tail"] += stats.get("gets", 0) - local - resolved
+        return totals
+
     async def shut_down(self, timeout: float = 30.0) -> None:
         """The ECS's C{ShutDown}: every server closes its stores and exits, then the ECS."""
         assert self.ecs is not None

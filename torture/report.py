@@ -44,6 +44,9 @@ class ScenarioResult:
     planned: float = 0.0
     #: extra options of the run that a rerun needs (such as --netns)
     options: str = ""
+    #: gets the servers answered, by where: "tail", and at heads and middles "local" (clean
+    #: keys) and "resolved" (asked the tail first); see Cluster.reads_by_role
+    reads: dict[str, int] = field(default_factory=dict)
 
     @property
     def violations(self) -> int:
@@ -69,13 +72,14 @@ def anomaly_text(anomalies: dict[str, int]) -> str:
 
 def format_table(results: list[ScenarioResult]) -> str:
     """The run's table: one row per scenario and a total row."""
-    header = ("scenario", "ops ok", "fail", "unknown", "faults", "seconds", "result",
-              "anomalies")
+    header = ("scenario", "ops ok", "fail", "unknown", "faults", "gets t/l/r", "seconds",
+              "result", "anomalies")
     rows = []
     for r in results:
         verdict = "PASS" if r.passed else ("ERROR" if r.error else "FAIL")
         rows.append((r.name, str(r.ops.get("ok", 0)), str(r.ops.get("fail", 0)),
-                     str(r.ops.get("unknown", 0)), str(r.faults), f"{r.seconds:.1f}",
+                     str(r.ops.get("unknown", 0)), str(r.faults), _reads(r.reads),
+                     f"{r.seconds:.1f}",
                      verdict, anomaly_text(r.anomalies) + ("" if r.checked else
                                                             " (history only)")
                      if r.anomalies else "not checked"))
@@ -88,6 +92,8 @@ def format_table(results: list[ScenarioResult]) -> str:
                  str(sum(r.ops.get("fail", 0) for r in results)),
                  str(sum(r.ops.get("unknown", 0) for r in results)),
                  str(sum(r.faults for r in results)),
+                 _reads({k: sum(r.reads.get(k, 0) for r in results)
+                         for k in ("tail", "local", "resolved")}),
                  f"{sum(r.seconds for r in results):.1f}", f"{passed}/{len(results)}",
                  anomaly_text(total_anomalies)))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
@@ -98,6 +104,13 @@ def format_table(results: list[ScenarioResult]) -> str:
 
     rule = "-" * (sum(widths[:-1]) + 2 * (len(widths) - 1) + max(widths[-1], 9))
     return "\n".join([line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1])])
+
+
+def _reads(reads: dict[str, int]) -> str:
+    """Gets at tails / answered locally by heads and middles / resolved with the tail."""
+    if not reads:
+        return "-"
+    return f"{reads.get('tail', 0)}/{reads.get('local', 0)}/{reads.get('resolved', 0)}"
 
 
 def summary_json(results: list[ScenarioResult], run_id: str) -> dict[str, Any]:

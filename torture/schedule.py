@@ -245,6 +245,7 @@ async def run_scenario(reactor: Any, scenario: Scenario, seed: int, seconds: flo
         reads = await final_reads(reactor, history, cluster.amp_addresses, config.key_names(),
                                   tls=cluster.credentials("client"))
         ring = await cluster.ring()
+        result.reads = await cluster.reads_by_role()
         await cluster.shut_down()
         summary = check_all(history, final_reads=reads, ring=ring, dumps=cluster.dumps(),
                             delete_answers_observe=False)

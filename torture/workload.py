@@ -41,7 +41,8 @@ class WorkloadConfig:
     """What the clients do: C{clients} of them on C{keys} keys; of their operations
     C{put_ratio} are puts and C{delete_ratio} deletes, the rest gets; each pauses uniformly in
     C{pause} seconds between operations. C{timeout} is the library's per-request timeout,
-    C{deadline} the most one operation may take with its retries."""
+    C{deadline} the most one operation may take with its retries. C{read_policy}: where the
+    library sends gets (C{"any"}: every member of a key's chain, spread at random)."""
 
     clients: int = 6
     keys: int = 10
@@ -50,6 +51,7 @@ class WorkloadConfig:
     pause: tuple[float, float] = (0.005, 0.03)
     timeout: float = 2.0
     deadline: float = 5.0
+    read_policy: str = "any"
 
     def key_names(self) -> list[bytes]:
         return [b"k%02d" % i for i in range(self.keys)]
@@ -99,7 +101,8 @@ class Workload:
             store = KVStore(self.reactor, self.addresses, timeout=self.config.timeout,
                             deadline=self.config.deadline,
                             endpoint_factory=self.endpoint_factory, tls=self.tls,
-                            random=random.Random(self._rngs[number - 1].random()))
+                            random=random.Random(self._rngs[number - 1].random()),
+                            read_policy=self.config.read_policy)
             self._stores.append(store)
             self._loops.append(Deferred.fromCoroutine(self._client(number, store)))
 

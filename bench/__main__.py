@@ -1,8 +1,10 @@
 """``python -m bench``: YCSB-style workloads against chainstore and its peers, in one session.
 
-Systems (``--systems``, default ``chain,chain-plain,single,redis,etcd``): ``chain``, an ECS with three
-``twistd kvserver`` processes replicating every range three ways (puts to each key's head,
-gets to its tail); ``single``, one unreplicated server; ``redis``, a primary and two replicas,
+Systems (``--systems``, default ``chain,chain-any,chain-plain,single,redis,etcd``): ``chain``, an
+ECS with three ``twistd kvserver`` processes replicating every range three ways (puts to each
+key's head, gets to its tail); ``chain-any``, the same with each get sent to a member of the key's
+chain in turn (reads at any member, CRAQ; its targets: at least chain's throughput in workloads
+C and B, and under C no server sent more than 45% of the gets); ``single``, one unreplicated server; ``redis``, a primary and two replicas,
 each write followed by ``WAIT 2 0``; ``etcd``, three members, linearizable reads; ``echo``, a
 bare AMP echo server over plaintext (what AMP itself costs; not in the default set). chain and
 single run with mutual TLS, chainstore's default, the load generator presenting the ``client``
@@ -39,10 +41,11 @@ from bench.driver import INTERRUPTED, interrupt_on_sigterm, log, run_reactor
 from bench.peers import (EtcdSystem, RedisSystem, ensure_installed, program_version,
                          run_redis_benchmark)
 from bench.plots import matplotlib_missing, write_plots
-from bench.report import format_native, format_table, summarize, target_verdicts
+from bench.report import (format_native, format_read_shares, format_table, summarize,
+                          target_verdicts)
 from bench.runner import NATIVE_REDIS, Case, Measurement, Settings, run_session
-from bench.systems import (ChainSystem, EchoSystem, SingleSystem, SystemUnderTest, chain_plain,
-                           single_plain)
+from bench.systems import (ChainSystem, EchoSystem, SingleSystem, SystemUnderTest, chain_any,
+                           chain_plain, single_plain)
 from bench.ycsb import DISTRIBUTIONS, WORKLOADS, ZIPFIAN_CONSTANT, parse_names
 from chainstore.limits import MAX_KEY_BYTES, MAX_VALUE_BYTES
 
@@ -51,9 +54,10 @@ SYSTEM_MISSING = 3
 
 #: What --systems may name.
 SYSTEMS: dict[str, Callable[[str], SystemUnderTest]] = {
-    "chain": ChainSystem, "chain-plain": chain_plain, "single": SingleSystem,
+    "chain": ChainSystem, "chain-any": chain_any, "chain-plain": chain_plain,
+    "single": SingleSystem,
     "single-plain": single_plain, "redis": RedisSystem, "etcd": EtcdSystem, "echo": EchoSystem}
-DEFAULT_SYSTEMS = ("chain", "chain-plain", "single", "redis", "etcd")
+DEFAULT_SYSTEMS = ("chain", "chain-any", "chain-plain", "single", "redis", "etcd")
 RESULTS = Path(__file__).resolve().parent / "results"
 MIN_KEY_BYTES = 8
 
@@ -291,9 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\nthe load generator's cost: redis-benchmark (-c N -P 1: N connections, one "
               "request in flight each, uniform random keys) against the same primary\n"
               + native_table)
-    verdicts = target_verdicts(rows, missing, settings.distributions)
-    print("\ntargets (workloads W and C, 100-byte values, 32 in flight):\n"
-          + "\n".join(verdicts))
+    shares = format_read_shares(measurements)
+    verdicts = target_verdicts(rows, missing, settings.distributions) + \
+        [line for line in shares if line.startswith(("PASS", "FAIL", "NOT MEASURED"))]
+    print("\nshare of the gets each server was sent (100-byte values, 32 in flight):\n"
+          + "\n".join(line for line in shares if line not in verdicts))
+    print("\ntargets (100-byte values, 32 in flight):\n" + "\n".join(verdicts))
     plots: list[str] = []
     if not args.no_plots:
         why = matplotlib_missing()

@@ -76,6 +76,8 @@ class Measurement:
     result: Any
     server_cpu_s: float | None = None
     client_cpu_s: float | None = None
+    #: gets sent to each server during the run, by name (systems of several servers)
+    reads_by_server: dict[str, int] | None = None
 
     @property
     def server_cpu_us_per_op(self) -> float | None:
@@ -94,7 +96,8 @@ class Measurement:
                 **self.result.summary(),
                 "server_cpu_s": self.server_cpu_s, "client_cpu_s": self.client_cpu_s,
                 "server_cpu_us_per_op": self.server_cpu_us_per_op,
-                "client_cpu_us_per_op": self.client_cpu_us_per_op}
+                "client_cpu_us_per_op": self.client_cpu_us_per_op,
+                "reads_by_server": self.reads_by_server}
 
 
 def rotated(systems: Sequence[Any], repetition: int) -> list[Any]:
@@ -139,14 +142,18 @@ def run_operations(system: SystemUnderTest, conns: Sequence[Any], ops: Operation
 async def measure(system: SystemUnderTest, conns: Sequence[Any], case: Case, repetition: int,
                   ops: Operations, keys: Sequence[bytes], values: tuple[bytes, bytes],
                   seconds: float, write: bytes | None = None) -> Measurement:
+    reads_before = system.read_counts(conns)
     server_before, client_before = system.cpu_seconds(), time.process_time()
     result = await run_operations(system, conns, ops, keys, values, case.inflight, seconds,
                                   write=write)
     server_after, client_after = system.cpu_seconds(), time.process_time()
     server_cpu = (None if server_before is None or server_after is None
                   else server_after - server_before)
+    reads_after = system.read_counts(conns)
+    reads = None if reads_before is None or reads_after is None else {
+        name: n - reads_before.get(name, 0) for name, n in sorted(reads_after.items())}
     return Measurement(system.name, case, repetition, result, server_cpu,
-                       client_after - client_before)
+                       client_after - client_before, reads)
 
 
 def load_operations(records: int) -> Operations:

@@ -8,7 +8,7 @@ the system its figures are divided by in the table (L{SystemUnderTest.compare_to
 Here chainstore's systems: L{EchoSystem} (a bare AMP server over plaintext: what AMP and
 Twisted cost), L{SingleSystem} (one unreplicated ``twistd kvserver``) and L{ChainSystem} (an
 ECS and three servers replicating every range three ways; the client sends each put to its
-key's head and each get to its tail). Both run with mutual TLS, as chainstore does by default,
+key's head and each get to its tail, or with L{chain_any} to any member of its chain, in turn). Both run with mutual TLS, as chainstore does by default,
 the client presenting the C{client} certificate of the PKI the processes made; their
 C{-plain} variants (L{single_plain}, L{chain_plain}) run the same processes with ``tls off``,
 so one session shows what TLS costs. The peers, Redis and etcd, are in L{bench.peers}.
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,10 @@ class SystemUnderTest(ABC):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "operations": list(self.operations),
                 "address": "%s:%d" % self.address, "pids": self.pids}
+
+    def read_counts(self, handles: Sequence[Any]) -> dict[str, int] | None:
+        """Gets sent so far to each of the system's servers, by name; None if it has one."""
+        return None
 
 
 def process_cpu_seconds(pid: int) -> float | None:
@@ -281,21 +286,39 @@ class EchoSystem(SystemUnderTest):
 
 class ChainRouter:
     """One client handle of L{ChainSystem}: an AMP connection to every server of the ring, and
-    for each range the connections to its chain's head and tail.
+    for each range the connections to its chain's head and tail, and to the members that
+    answer its gets: the tail (C{reads="tail"}) or every member, in turn (C{"any"}).
 
     Routing a key costs one MD5 and one bisection (L{Ring.owner_index}), so a request costs the
     load generator about what a request to the single server does. C{credentials} are what its
-    connections were dialled with (None: plaintext), for the servers it dials later.
+    connections were dialled with (None: plaintext), for the servers it dials later. C{gets}
+    counts the gets sent to each server (its read share).
     """
 
     def __init__(self, ring: Ring, conns: dict[str, amp.AMP],
-                 credentials: Credentials | None = None) -> None:
+                 credentials: Credentials | None = None, reads: str = "tail") -> None:
         self.ring = ring
         self.conns = conns
         self.credentials = credentials
         chains = [ring.chain_for_index(i) for i in range(len(ring))]
         self._heads = [conns[chain[0].name] for chain in chains]
         self._tails = [conns[chain[-1].name] for chain in chains]
+        # per range, the (name, connection) of each member a get may go to
+        self._readers = [[(n.name, conns[n.name]) for n in (chain if reads == "any"
+                                                             else chain[-1:])]
+                         for chain in chains]
+        self._turn = [0] * len(chains)
+        self.gets: Counter[str] = Counter()
+
+    def reader(self, key: bytes) -> amp.AMP:
+        """The connection a get of C{key} goes to (counted in C{gets})."""
+        index = self.ring.owner_index(position(key))
+        readers = self._readers[index]
+        turn = self._turn[index]
+        self._turn[index] = turn + 1
+        name, conn = readers[turn % len(readers)]
+        self.gets[name] += 1
+        return conn
 
     def head(self, key: bytes) -> amp.AMP:
         return self._heads[self.ring.owner_index(position(key))]
@@ -319,9 +342,13 @@ class ChainSystem(SystemUnderTest):
     compare_to = "single"
 
     def __init__(self, workdir: str | os.PathLike[str], servers: int = 3, replication: int = 3,
-                 slots: int = 4, tls: bool = True) -> None:
+                 slots: int = 4, tls: bool = True, reads: str = "tail") -> None:
+        self.reads = reads
         if not tls:
             self.name = "chain-plain"
+            self.compare_to = "chain"
+        if reads == "any":
+            self.name = "chain-any" if tls else "chain-any-plain"
             self.compare_to = "chain"
         self.servers = servers
         self.replication = replication
@@ -398,8 +425,14 @@ class ChainSystem(SystemUnderTest):
             conns = {node.name: await amp_connection(reactor, (node.host, node.amp_port),
                                                      credentials)
                      for node in ring.nodes}
-            routers.append(ChainRouter(ring, conns, credentials))
+            routers.append(ChainRouter(ring, conns, credentials, self.reads))
         return routers
+
+    def read_counts(self, handles: Sequence[ChainRouter]) -> dict[str, int] | None:
+        total: Counter[str] = Counter()
+        for router in handles:
+            total.update(router.gets)
+        return dict(total)
 
     def disconnect(self, handles: Sequence[ChainRouter]) -> None:
         for router in handles:
@@ -419,12 +452,12 @@ class ChainSystem(SystemUnderTest):
                                   f"the session started in epoch {ring.epoch}")
 
     def request(self, op: str, conn: ChainRouter, key: bytes, value: bytes) -> Deferred[Any]:
-        return kv_request(self.name, op, conn.head(key) if op == "put" else conn.tail(key),
+        return kv_request(self.name, op, conn.head(key) if op == "put" else conn.reader(key),
                           key, value)
 
     def describe(self) -> dict[str, Any]:
         ring = self.ring
-        return {**super().describe(), "tls": self.ecs.pki_dir is not None,
+        return {**super().describe(), "tls": self.ecs.pki_dir is not None, "reads": self.reads,
                 "ecs_pid": self.ecs.pid if self.ecs.proc else None,
                 "replication": None if ring is None else ring.replication,
                 "epoch": None if ring is None else ring.epoch,
@@ -436,6 +469,12 @@ class ChainSystem(SystemUnderTest):
 def single_plain(workdir: str | os.PathLike[str]) -> SingleSystem:
     """L{SingleSystem} started with ``--tls off``: the same server over plaintext AMP."""
     return SingleSystem(workdir, tls=False)
+
+
+def chain_any(workdir: str | os.PathLike[str]) -> ChainSystem:
+    """L{ChainSystem} whose gets go to every member of the key's chain in turn (CRAQ reads,
+    what the client library does by default), beside C{chain}'s tail-only gets."""
+    return ChainSystem(workdir, reads="any")
 
 
 def chain_plain(workdir: str | os.PathLike[str]) -> ChainSystem:

@@ -26,7 +26,8 @@ from twisted.test import iosim
 
 from bench.echo_server import Echo, EchoProtocol
 from bench.loadgen import ClosedLoop, RequestFailed, RunResult, percentile
-from bench.report import TARGETS, format_table, summarize, target_verdicts
+from bench.report import (TARGETS, format_read_shares, format_table, read_shares, summarize,
+                          target_verdicts)
 from bench.runner import (Case, LoadIncomplete, Measurement, rotated, run_operations,
                           run_session, Settings)
 from bench.systems import (ChainRouter, ChainSystem, EchoSystem, SingleSystem, SystemUnderTest,
@@ -233,6 +234,56 @@ def test_chain_router_sends_puts_to_the_head_and_gets_to_the_tail(tmp_path: Path
                for k in keys)
 
 
+def test_chain_router_with_reads_from_any_member_sends_gets_to_each_member_in_turn(
+        tmp_path: Path) -> None:
+    ring = Ring((_node("a", 5000), _node("b", 5100), _node("c", 5200), _node("d", 5300)),
+                epoch=4, replication=3)
+    conns = {n.name: FakeConnection({"value": b"v"}) for n in ring.nodes}
+    router = ChainRouter(ring, conns, reads="any")  # type: ignore[arg-type]
+    system = ChainSystem(tmp_path, reads="any")
+    assert (system.name, system.compare_to) == ("chain-any", "chain")
+    key = record_keys(1)[0]
+    for _ in range(30):
+        system.request("get", router, key, b"")
+    # Every member of the key's chain, ten gets each; nobody outside it.
+    members = {n.name for n in ring.chain(key)}
+    assert router.gets == {name: 10 for name in members}
+    assert {name for name, conn in conns.items() if conn.sent} == members
+    assert system.read_counts([router, router]) == {name: 20 for name in members}
+    tail_only = ChainRouter(ring, conns)  # type: ignore[arg-type]
+    for _ in range(5):
+        assert tail_only.reader(key) is conns[ring.tail(key).name]
+    assert tail_only.gets == {ring.tail(key).name: 5}
+
+
+def test_read_shares_and_the_targets_of_reads_from_any_member() -> None:
+    def m(system: str, rate: float, reads: dict[str, int], workload: str = "C",
+          rep: int = 1) -> Measurement:
+        result = RunResult(inflight=32, completed=1000, elapsed=1000 / rate,
+                           latencies=[0.001] * 1000)
+        return Measurement(system, Case(workload, "zipfian", 100, 32), rep, result, None, None,
+                           reads)
+
+    runs = [m("chain", 9000, {"s1": 1000}), m("chain-any", 9500, {"s1": 300, "s2": 350,
+                                                                  "s3": 350}),
+            m("chain", 8000, {"s1": 1000}, "B"), m("chain-any", 7000, {"s1": 500, "s2": 500},
+                                                   "B")]
+    assert read_shares(runs)[("chain-any", Case("C", "zipfian", 100, 32))] == {
+        "s1": 0.3, "s2": 0.35, "s3": 0.35}
+    lines = format_read_shares(runs)
+    assert "chain C zipfian: s1 100%" in lines
+    assert "chain-any C zipfian: s1 30%, s2 35%, s3 35%" in lines
+    assert lines[-1] == ("PASS: under workload C the busiest server handles at most 45% of the "
+                         "reads (chain-any, zipfian, 100 B, 32 in flight): busiest s2 35%")
+    hot = format_read_shares([m("chain-any", 9500, {"s1": 600, "s2": 400})])
+    assert hot[-1].startswith("FAIL: under workload C") and hot[-1].endswith("busiest s1 60%")
+    craq = [t for t in TARGETS if t.system == "chain-any"]
+    verdicts = target_verdicts(summarize(runs), {}, ("zipfian",), craq)
+    assert verdicts[0].startswith("PASS: reads from any member: chain-any >= chain (tail "
+                                  "reads), workload C") and "ratio 106%" in verdicts[0]
+    assert verdicts[1].startswith("FAIL: reads from any member") and "ratio 88%" in verdicts[1]
+
+
 def test_stop_process_terminates_then_kills_a_child_that_ignores_sigterm() -> None:
     # Each child says it is ready (its SIGTERM disposition set) before it is stopped.
     ignoring = subprocess.Popen(
@@ -429,6 +480,34 @@ def test_python_m_bench_measures_the_chain_with_and_without_tls_side_by_side(
                     r"100 B, 32 in flight\): chain [\d,]+ ops/s, chain-plain [\d,]+ ops/s, "
                     r"ratio \d+% \(target >= 80%\)$", tls_target), tls_target
     assert tls_target in stdout.decode()
+    assert not any(pid_alive(pid) for s in systems.values() for pid in s["pids"])
+
+
+@pytest.mark.integration
+def test_python_m_bench_measures_reads_from_any_member_beside_tail_reads(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    proc, stderr_path = _bench(tmp_path, "--systems", "chain,chain-any", "--workloads", "C,B",
+                               "--records", "60", "--ops", "300", "--repeat", "1", "--inflight",
+                               "32", "--warmup", "10", "--seconds", "20", "--json", str(out),
+                               *_TINY)
+    try:
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        _cleanup(proc, stderr_path)
+    assert proc.returncode == 0, stderr_path.read_text()
+    report = json.loads(out.read_text())
+    systems = {s["name"]: s for s in report["systems"]}
+    assert (systems["chain"]["reads"], systems["chain-any"]["reads"]) == ("tail", "any")
+    runs = {(r["system"], r["workload"]): r for r in report["runs"] if r["workload"] != "load"}
+    assert set(runs) == {("chain", "C"), ("chain", "B"), ("chain-any", "C"), ("chain-any", "B")}
+    # Every get answered its record's value (the runner checks), at every member for chain-any.
+    assert all(r["completed"] == 300 for r in runs.values())
+    assert sum(runs[("chain-any", "C")]["reads_by_server"].values()) == 300
+    assert len([n for n in runs[("chain-any", "C")]["reads_by_server"].values() if n]) == 3
+    text = stdout.decode()
+    assert re.search(r"^chain-any C zipfian: (server\d \d+%(, )?){3}$", text, re.M), text
+    verdicts = [t for t in report["targets"] if "chain-any" in t]
+    assert len(verdicts) == 3 and all(re.match(r"(PASS|FAIL): ", v) for v in verdicts), verdicts
     assert not any(pid_alive(pid) for s in systems.values() for pid in s["pids"])
 
 

@@ -150,10 +150,14 @@ class KVServerProtocol(BoundedAMP, RoleGuard):
     def replicate(self, epoch: int, owner: str, ops: bytes, resumed: bool | None = None) -> Any:
         if self.node.stores is None:
             raise control.ControlFailed("the stores are not open")
-        acked = self.node.chain.receive(epoch, owner, ops, bool(resumed))
-        if isinstance(acked, Deferred):
-            return acked.addCallback(lambda n: {"acked": n})
-        return {"acked": acked}
+        return self.node.chain.receive(epoch, owner, ops, bool(resumed))
+
+    def _wrapWithSerialization(self, responder: Any, command: type[amp.Command]) -> Any:
+        # Replicate's box is read and answered directly (control.replicate_responder), not
+        # by AMP's generic argument machinery: it carries every write of the chain.
+        if command is control.Replicate:
+            return control.replicate_responder(responder)
+        return super()._wrapWithSerialization(responder, command)
 
     @control.RenewLease.responder
     def renew_lease(self, epoch: int, owner: str, upstream: bool | None = None) -> dict[str, Any]:

@@ -41,8 +41,8 @@ from chainstore.control import (
     PUT,
     ControlFailed,
     RenewLease,
-    Replicate,
     StaleEpoch,
+    call_replicate,
     pack_ops,
     unpack_ops,
 )
@@ -529,7 +529,7 @@ class ChainReplicator:
         generation, successor, epoch = replica.generation, replica.successor, self.epoch
         assert successor is not None
         payload = pack_ops(batch.ops)
-        d = self._call_peer(successor, REPLICATE_TIMEOUT, Replicate, epoch=epoch,
+        d = self._call_peer(successor, REPLICATE_TIMEOUT, call_replicate, epoch=epoch,
                             owner=replica.owner, ops=payload, resumed=replica.resumed)
         d.addCallbacks(self._answered, self._send_failed, (replica, generation), None,
                        (replica, generation, successor))
@@ -537,14 +537,17 @@ class ChainReplicator:
     def _call_peer(self, node: NodeInfo, timeout: float, command: Any,
                    **arguments: Any) -> Deferred[Any]:
         """C{command} to peer C{node} over the pool, failing with L{TimeoutError} if it is not
-        answered within C{timeout} (dial included). A call that times out is taken for a lost
-        peer (hung, or a half-open connection): its connection is aborted, so the next call to
-        C{node} dials again."""
+        answered within C{timeout} (dial included). C{command} is an AMP command, or a
+        function C{command(proto, **arguments)} that sends one (L{call_replicate}). A call
+        that times out is taken for a lost peer (hung, or a half-open connection): its
+        connection is aborted, so the next call to C{node} dials again."""
         used: list[Any] = []
 
         def call(proto: Any) -> Deferred[Any]:
             used.append(proto)
-            return proto.callRemote(command, **arguments)
+            if isinstance(command, type):
+                return proto.callRemote(command, **arguments)  # type: ignore[no-any-return]
+            return command(proto, **arguments)  # type: ignore[no-any-return]
 
         def timed_out(failure: Failure) -> Failure:
             if failure.check(TimeoutError) and used:
@@ -554,10 +557,10 @@ class ChainReplicator:
         d = self.peers.get(node).addCallback(call)
         return d.addTimeout(timeout, self.clock).addErrback(timed_out)
 
-    def _answered(self, result: dict[str, int], replica: Replica, generation: int) -> None:
+    def _answered(self, acked: int, replica: Replica, generation: int) -> None:
         if generation == replica.generation:
             replica.resumed = False
-            self._advance(replica, result["acked"])
+            self._advance(replica, acked)
 
     def _send_failed(self, failure: Failure, replica: Replica, generation: int,
                      successor: NodeInfo) -> None:

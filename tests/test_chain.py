@@ -255,6 +255,60 @@ def test_middle_failure_the_head_resends_its_window_to_the_tail(net):
         assert net.nodes[tail.name].get(key) == want
 
 
+def test_a_window_resent_after_a_middle_failure_is_applied_once(net, monkeypatch):
+    """The framing of Replicate (a box read and written directly, batches of several AMP
+    chunks, values passed on as memoryviews of the batch): a window that reached the tail
+    through a middle, resent to the tail by the head when the middle fails, is applied there
+    once, whole and in serial order."""
+    ring = net.cluster(5)
+    keys = keys_headed_by(ring, "n0", 40)
+    head, middle, tail = ring.chain(keys[0])
+    tail_node = net.nodes[tail.name]
+    tail_replica = tail_node.chain.replicas[head.name]
+    # Values of 30,000 bytes: a batch of them is cut at 512 KiB and spans several 65,535-byte
+    # chunks of its box; each value differs, so a mix-up of offsets would show.
+    values = {k: bytes([i % 251]) * 29_990 + b"%010d" % i for i, k in enumerate(keys)}
+    applied: list[int] = []
+    real_apply_ops = tail_replica.store.apply_ops
+
+    def recording_apply_ops(ops, serial):
+        applied.extend(op[0] for op in ops)
+        real_apply_ops(ops, serial)
+
+    monkeypatch.setattr(tail_replica.store, "apply_ops", recording_apply_ops)
+    # The tail applies what reaches it but never answers: nothing is acknowledged, so the
+    # head's window still holds every batch the tail already has.
+    real_receive = tail_node.chain.receive
+    monkeypatch.setattr(tail_node.chain, "receive",
+                        lambda *args: (real_receive(*args), Deferred())[1])
+    first = [net.nodes[head.name].put(k, values[k], b"id-%d" % i)
+             for i, k in enumerate(keys[:30])]
+    net.run(0.5)
+    head_replica = net.nodes[head.name].chain.replicas[head.name]
+    assert not any(d.called for d in first)
+    sent = [op[0] for batch in head_replica.window for op in batch.ops]
+    assert len(head_replica.window) == 2 and sent == applied and len(sent) > 2
+    assert all(len(pack_ops(b.ops)) > 65_535 for b in head_replica.window)  # several chunks
+    # The middle fails; more writes wait at the head meanwhile (and one of them is a delete).
+    net.kill(middle.name)
+    monkeypatch.setattr(tail_node.chain, "receive", real_receive)
+    later = [net.nodes[head.name].put(k, values[k], b"id-%d" % (30 + i))
+             for i, k in enumerate(keys[30:39])]
+    later.append(net.nodes[head.name].delete(keys[0], b"id-delete"))
+    order = [tail.name] + [n for n in net.nodes if n not in (tail.name, middle.name)]
+    ring = _mark_dead(net, ring, middle.name, order)
+    net.run(1.0)
+    assert all(d.called for d in first + later)
+    # Every serial applied once, in order: the resent batches the tail had were skipped.
+    assert applied == list(range(1, 41))
+    assert tail_replica.last_serial == head_replica.last_serial == 40
+    assert head_replica.acked == 40 and not head_replica.window
+    assert tail_node.get(keys[1]) == values[keys[1]]
+    for key in keys[1:39]:
+        assert tail_replica.store.get(key) == values[key]
+    assert tail_replica.store.get(keys[0]) is None
+
+
 def test_head_failure_the_middle_becomes_head_and_continues_the_serials(net):
     ring = net.cluster(5)
     keys = keys_headed_by(ring, "n3", 50)

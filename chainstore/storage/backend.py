@@ -46,9 +46,10 @@ class Backend(Protocol):
         """One write and its serial, in the group transaction if the backend has one (made
         durable by L{commit}); whether the key held a value."""
 
-    def apply_ops(self, ops: Iterable[tuple[bool, bytes, bytes]], serial: int) -> None:
+    def apply_ops(self, ops: Iterable[tuple[bool, bytes, Any]], serial: int) -> None:
         """Writes (delete?, key, value) in order and the serial of the last, atomically if
-        it can."""
+        it can. A value may be any bytes-like object (a replica passes memoryviews of the
+        batch it received)."""
 
     @property
     def uncommitted(self) -> bool:
@@ -136,10 +137,10 @@ class DumbDBM:
         self._chain_state = (self._chain_state[0], serial)
         return existed
 
-    def apply_ops(self, ops: Iterable[tuple[bool, bytes, bytes]], serial: int) -> None:
+    def apply_ops(self, ops: Iterable[tuple[bool, bytes, Any]], serial: int) -> None:
         for delete, key, value in ops:
             if not delete:
-                self._db[key] = value
+                self._db[key] = bytes(value)  # dbm.dumb takes bytes only
             elif key in self._db:
                 del self._db[key]
         self._chain_state = (self._chain_state[0], serial)

@@ -1,0 +1,185 @@
+"""``python -m bench.roles``: the CPU a chain put costs each role (head, middle, tail).
+
+In the ordinary benchmark every server is head, middle and tail of one range each, so its CPU
+time mixes the three roles. Here a chain of three (``ChainSystem``, mutual TLS, as
+``python -m bench`` runs it) receives puts to the keys of one range only: one server is their
+head, the next their middle, the last their tail, and each process's CPU time (``/proc``) per
+put is that role's cost. A single server (``SingleSystem``) takes the same puts for comparison.
+With ``--py-spy DIR`` every server process is also sampled by py-spy (``pip install py-spy``;
+not a dependency of the project) while the puts run, and the functions with the most samples
+of each role are listed (raw collapsed stacks are kept in DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bench.driver import interrupt_on_sigterm, log, run_reactor
+from bench.loadgen import ClosedLoop
+from bench.systems import ChainSystem, SingleSystem, process_cpu_seconds
+from bench.ycsb import record_keys, record_values
+from chainstore import protocol
+from chainstore.ring import position
+
+ROLES = ("head", "middle", "tail")
+
+
+def range_keys(ring: Any, index: int | None, count: int) -> list[bytes]:
+    """C{count} record keys whose range is the one owned by ring node C{index} (None: keys
+    of every range, as the ordinary benchmark writes)."""
+    keys = [k for k in record_keys(count * len(ring) * 3)
+            if index is None or ring.owner_index(position(k)) == index]
+    return keys[:count]
+
+
+async def writes_per_batch(router: Any) -> dict[str, tuple[int, int]]:
+    """Per server: (Replicate batches sent, writes they carried), from its C{Stats}."""
+    sent = {}
+    for name, conn in router.conns.items():
+        stats = json.loads((await conn.callRemote(protocol.Stats))["stats"])
+        chains = [v for k, v in stats.items() if k.endswith("_chain")]
+        sent[name] = (sum(c["batches_sent"] for c in chains),
+                      sum(c["writes_sent"] for c in chains))
+    return sent
+
+
+async def put_loop(reactor: Any, system: Any, conn: Any, keys: list[bytes], value: bytes,
+                   inflight: int, seconds: float) -> int:
+    """Puts of C{value} round the C{keys} for C{seconds}; how many were answered."""
+    result = await ClosedLoop(lambda i: system.request("put", conn, keys[i % len(keys)], value),
+                              10**9, inflight, seconds).run()
+    return result.completed
+
+
+def sample(pids: dict[str, int], seconds: float, out: Path, tag: str,
+           rate: int) -> list[subprocess.Popen[bytes]]:
+    """Start py-spy on each process for C{seconds} (raw collapsed stacks, one file per role)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return [subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                              "--rate", str(rate), "--format", "raw", "--nonblocking",
+                              "-o", str(out / f"{tag}-{role}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for role, pid in pids.items()]
+
+
+def top_functions(path: Path, count: int) -> list[tuple[float, str]]:
+    """The functions with the most samples at the top of the stack (share of all samples)."""
+    own: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        frame = stack.rsplit(";", 1)[-1]
+        own[frame] += int(n)
+        total += int(n)
+    return [(n / total, frame) for frame, n in own.most_common(count)] if total else []
+
+
+async def measure(reactor: Any, args: argparse.Namespace, workdir: Path) -> list[str]:
+    lines = []
+    chain, single = ChainSystem(workdir / "chain"), SingleSystem(workdir / "single")
+    try:
+        chain.start()
+        single.start()
+        router = (await chain.connect(reactor, 1))[0]
+        ring = router.ring
+        members = ring.chain_for_index(0)
+        by_name = {name: pids[-1] for name, pids in chain.ecs.server_pids().items()}
+        pids = {role: by_name[node.name] for role, node in zip(ROLES, members)}
+        keys = range_keys(ring, None if args.all_ranges else 0, args.records)
+        single_conn = (await single.connect(reactor, 1))[0]
+        if args.all_ranges:
+            lines.append(f"chain of {len(ring)}, {len(keys)} keys of every range: each "
+                         f"server heads, follows and ends a range (roles named for "
+                         f"{members[0].name}'s range)")
+        else:
+            lines.append(f"chain {' -> '.join(n.name for n in members)}, {len(keys)} keys "
+                         f"of {members[0].name}'s range")
+        lines.append(f"{args.inflight} in flight, {args.seconds:.0f} s per size")
+        lines.append("value B  role    puts/s  CPU us/put  (single: puts/s, CPU us/put)")
+        for size in args.values:
+            value = record_values(size)[1]
+            # Warm up (and insert) the keys first: the measured puts are updates.
+            await put_loop(reactor, chain, router, keys, value, args.inflight, 1.0)
+            await put_loop(reactor, single, single_conn, keys, value, args.inflight, 1.0)
+            spies = (sample(pids, args.seconds, args.py_spy, f"{size}", args.rate)
+                     if args.py_spy else [])
+            sent_before = await writes_per_batch(router)
+            before = {role: process_cpu_seconds(pid) or 0.0 for role, pid in pids.items()}
+            start = time.monotonic()
+            done = await put_loop(reactor, chain, router, keys, value, args.inflight,
+                                  args.seconds)
+            elapsed = time.monotonic() - start
+            after = {role: process_cpu_seconds(pid) or 0.0 for role, pid in pids.items()}
+            sent_after = await writes_per_batch(router)
+            for spy in spies:
+                spy.wait()
+            s_before = process_cpu_seconds(single.pids[0]) or 0.0
+            s_start = time.monotonic()
+            s_done = await put_loop(reactor, single, single_conn, keys, value, args.inflight,
+                                    args.seconds)
+            s_elapsed = time.monotonic() - s_start
+            s_cpu = (process_cpu_seconds(single.pids[0]) or 0.0) - s_before
+            total = 0.0
+            for role in ROLES:
+                us = (after[role] - before[role]) / done * 1e6
+                total += us
+                lines.append(f"{size:>7}  {role:<6} {done / elapsed:>7,.0f}  {us:>10.0f}")
+            lines.append(f"{size:>7}  all    {done / elapsed:>7,.0f}  {total:>10.0f}  "
+                         f"(single: {s_done / s_elapsed:,.0f}, {s_cpu / s_done * 1e6:.0f}; "
+                         f"chain / single CPU {total / (s_cpu / s_done * 1e6):.1f}x)")
+            batches = sum(sent_after[n][0] - sent_before[n][0] for n in sent_after)
+            writes = sum(sent_after[n][1] - sent_before[n][1] for n in sent_after)
+            lines.append(f"         {writes / max(batches, 1):.1f} writes per Replicate "
+                         f"({batches} batches)")
+            if args.py_spy:
+                for role in ROLES:
+                    lines.append(f"  py-spy, {role}, {size} B: most samples on top of the stack")
+                    for share, frame in top_functions(args.py_spy / f"{size}-{role}.txt",
+                                                      args.top):
+                        lines.append(f"    {share:6.1%}  {frame}")
+        chain.disconnect([router])
+        single.disconnect([single_conn])
+        return lines
+    finally:
+        chain.stop()
+        single.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.roles", description=__doc__)
+    parser.add_argument("--values", type=lambda t: [int(v) for v in t.split(",")],
+                        default=[100, 10_000], help="value sizes in bytes [100,10000]")
+    parser.add_argument("--inflight", type=int, default=32, help="puts in flight [32]")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per value size [5]")
+    parser.add_argument("--records", type=int, default=2_000, help="keys of the range [2000]")
+    parser.add_argument("--all-ranges", action="store_true",
+                        help="put to keys of every range (each server in every role at once)")
+    parser.add_argument("--py-spy", type=Path, metavar="DIR",
+                        help="sample every server with py-spy, keep its stacks in DIR")
+    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--top", type=int, default=15, help="functions listed per role")
+    args = parser.parse_args(argv)
+    if args.py_spy:
+        args.py_spy.mkdir(parents=True, exist_ok=True)
+    interrupt_on_sigterm()
+    with tempfile.TemporaryDirectory(prefix="bench-roles-") as tmp:
+        finished, lines = run_reactor(lambda reactor: measure(reactor, args, Path(tmp)))
+    if not finished:
+        return 130
+    for line in lines:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    log("python -m bench.roles: starting a chain of three and a single server")
+    sys.exit(main())

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: run run-standalone test bench flood torture venv clean
+.PHONY: run run-ha run-standalone test bench flood torture venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ venv: $(STAMP)
 # The ECS launches three KVServers from its pool (etc/ecs.yaml) and stops them on exit.
 run: $(STAMP)
 	$(BIN)/twistd --pidfile= -n ecs
+
+# Several ECS, one leader, state in etcd: a three-member etcd on loopback (data/etcd1-3; installed
+# from Debian's etcd-server when missing, as root), three ECS on 127.0.0.1:49999, 49998 and
+# 49997 (etc/ecs-ha.yaml) and three servers (data/ha/); Ctrl-C stops everything.
+run-ha: $(STAMP)
+	$(BIN)/python -m harness.run_ha
 
 run-standalone: $(STAMP)
 	$(BIN)/twistd --pidfile= -n kvserver

@@ -61,7 +61,8 @@ class ECS:
     """
 
     def __init__(self, config: ECSConfig, clock: IReactorTime, launcher: Any,
-                 state_file: StateStore, exit: Callable[[], None] = lambda: None) -> None:
+                 state_file: StateStore, exit: Callable[[], None] = lambda: None,
+                 return_grace: float | None = None) -> None:
         self.config = config
         self.clock = clock
         self.launcher = launcher
@@ -83,6 +84,10 @@ class ECS:
         self._failures = 0
         self.calls = ControlCalls(self.links, clock)
         self._returning: set[str] = set()
+        # Seconds a ring member has, beyond failure-timeout, to come back after this ECS
+        # resumed the ring: register-timeout after a restart (servers may need relaunching);
+        # a new leader of several ECS passes less, its servers are up and redial at once.
+        self.return_grace = config.register_timeout if return_grace is None else return_grace
         self.busy = DeferredLock()
         self.reconfigurer = Reconfigurer(self.state, clock, self._call, self._save,
                                          self._metadata, lambda: self._failures,
@@ -332,7 +337,7 @@ class ECS:
                 silent = now - self.last_seen.get(name, self._started_at)
                 limit = self.config.failure_timeout
                 if name in self._returning:
-                    limit += self.config.register_timeout
+                    limit += self.return_grace
                 if silent > limit and name not in self._failing:
                     if name in self.state.dead:
                         continue

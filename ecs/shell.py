@@ -196,9 +196,10 @@ class AdminLink:
 
         Long commands wait as long as the ECS works on them (polling C{Status} for
         C{on_progress}); the others wait at most C{timeout} seconds. A standby's answer sends
-        the command on to the leader it names (at most once per known ECS).
+        the command on to the leader it names (at most three hops).
         """
-        for _ in range(len(self.addresses)):
+        # A standby names the leader; a second hop only when leadership moved meanwhile.
+        for _ in range(3):
             try:
                 return await self._run(command, on_progress)
             except NotLeader as e:

@@ -158,4 +158,9 @@ def ha_leadership(config: ECSConfig, reactor: Any, launcher: Any) -> Any:
              endpoints=",".join(config.etcd_endpoints), prefix=config.etcd_prefix, name=name)
     return Leadership(client, reactor, config.etcd_prefix, name, config.advertise,
                       config.lease_ttl,
-                      lambda store: ECS(config, reactor, launcher, store, exit=reactor.stop))
+                      # A new leader's servers are running and redial within a second or
+                      # two (LEADER_SILENCE after a paused leader): failure-timeout from the
+                      # takeover is grace enough, and a server killed with the leader is
+                      # skipped that soon.
+                      lambda store: ECS(config, reactor, launcher, store, exit=reactor.stop,
+                                        return_grace=0.0))

@@ -301,7 +301,8 @@ def ha_ecs(etcd: FakeEtcd, port: int) -> Leadership:
                        register_timeout=5.0).validated()
     client = EtcdClient(list(config.etcd_endpoints), etcd.client().post)
     return Leadership(client, etcd.clock, PREFIX, f"ecs{port}", config.advertise, TTL,
-                      lambda store: ECS(config, etcd.clock, NoLaunch(), store))
+                      lambda store: ECS(config, etcd.clock, NoLaunch(), store,
+                                        return_grace=0.0))  # as ecs.tap makes them
 
 
 def test_each_new_leader_resumes_the_ring_under_a_strictly_greater_epoch() -> None:
@@ -435,6 +436,16 @@ def test_ecsclient_follows_a_standby_to_the_leader_and_past_a_dead_ecs() -> None
     assert status["leader"]["address"] == "127.0.0.1:49998"
     assert format_status(status).splitlines()[1] == (
         "leader: ecs49998 (127.0.0.1:49998); standbys: ecs49999 (127.0.0.1:49999)")
+    # given only the standby, it follows the leader the standby names
+    dialled.clear()
+    link = AdminLink(clock, "127.0.0.1", 49999, timeout=5.0, connect=connect)
+    out.clear()
+    Deferred.fromCoroutine(link.run(Command("status"))).addBoth(out.append)
+    for _ in range(5):
+        for pump in pumps:
+            pump.flush()
+    assert dialled == [49999, 49998]
+    assert json.loads(out[0]["status"])["leader"]["address"] == "127.0.0.1:49998"
     # nobody leads (the leader's lease ran out, the standby is cut from etcd): a clear error
     ecs2.election._loop.stop()
     ecs2.election.depose("test")
@@ -551,3 +562,25 @@ def test_a_deposed_leaders_half_done_change_never_commits_and_the_next_leader_go
             if renew.running:
                 renew.stop()
         c.close()
+
+
+def test_a_new_leader_gives_its_servers_failure_timeout_to_come_back() -> None:
+    # They are running (only the ECS changed): one that does not redial within failure-timeout
+    # of the takeover died too, and is skipped then, not after register-timeout.
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    seed(etcd)
+    leader = ha_ecs(etcd, 1)
+    leader.startService()
+    clock.advance(0.01)
+    ecs = leader.ecs
+    assert ecs is not None
+    took_over = clock.seconds()
+    result(ecs.register(SilentLink(), "b", "127.0.0.1", 6002, 7002, 0))
+    result(ecs.register(SilentLink(), "c", "127.0.0.1", 6003, 7003, 0))
+    while clock.seconds() < took_over + ecs.config.failure_timeout - 0.1:
+        clock.advance(STEP)
+    assert not ecs.state.dead
+    for _ in range(int((ecs.config.heartbeat_interval + 0.2) / STEP)):
+        clock.advance(STEP)
+    assert "a" in ecs.state.dead

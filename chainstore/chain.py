@@ -24,6 +24,7 @@ only once its store has committed it, and after a failure nothing is.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from itertools import count
@@ -50,7 +51,7 @@ from chainstore.craq import READ_QUERY_TIMEOUT, DirtyKeys
 from chainstore.errors import NotResponsible, ServerStopped, StorageFailed
 from chainstore.logs import get_logger
 from chainstore.peers import PeerPool
-from chainstore.ring import KeyRange, NodeInfo, Ring, position
+from chainstore.ring import NodeInfo, Ring
 from chainstore.storage import STORE_NAMES, Store
 
 log = get_logger("chainstore.chain")
@@ -682,19 +683,13 @@ class ChainReplicator:
         """A mark for L{requests_since}: the ids remembered from now on come after it."""
         return self._recent_seq
 
-    def requests_since(self, mark: int, rng: KeyRange) -> list[tuple[bytes, bytes]]:
-        """(request id, key) of the writes remembered after C{mark} whose key is in C{rng}:
-        what a copy of that range must carry so that its new head knows them too."""
-        found = []
-        recent = self.recent
-        for request_id in reversed(recent):
-            _, _, key, seq = recent[request_id]
-            if seq <= mark:
-                break
-            if position(key) in rng:
-                found.append((request_id, key))
-        found.reverse()
-        return found
+    def requests_since(self, mark: int) -> list[tuple[bytes, tuple[int, int, bytes, int]]]:
+        """The remembered writes (request id, (token, serial, key, sequence)) after C{mark},
+        oldest first: a copy of a range carries the ids of its keys' writes, so that the
+        range's new head knows them too. A copy of the table made at C speed, nothing hashed:
+        L{chainstore.migration.requests_in} picks the range's a chunk per reactor turn."""
+        entries = list(self.recent.items())
+        return entries[bisect_right(entries, mark, key=lambda entry: entry[1][3]):]
 
     def adopt_requests(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
         """Ids of writes applied on another server to keys copied here."""

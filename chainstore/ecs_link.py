@@ -264,7 +264,7 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
         # those since the tracker began with a catch-up): a client retrying a write that was
         # applied here must not have it applied again by the range's new head.
         mark = 0 if tracker is None else self._request_marks.pop(tracker, 0)
-        requests = self.node.chain.requests_since(mark, rng)
+        remembered = self.node.chain.requests_since(mark)
         try:
             target = await self.connect_peer(host, port)
         except CancelledError:
@@ -276,6 +276,7 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
             self.callRemote(control.CopyProgress, operation=operation, keys=keys, bytes=nbytes)
 
         try:
+            requests = await migration.requests_in(remembered, rng, self.reactor)
             if dirty is None:
                 keys, nbytes = await migration.copy_range(
                     source, rng, target, target_store, epoch, progress, self.reactor,
@@ -343,14 +344,21 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
         return Deferred.fromCoroutine(drop())
 
     @control.ClearStores.responder
-    def clear_stores(self) -> dict[str, Any]:
-        for store in self._stores().stores.values():
-            store.clear()
-            # The serials go with the data: a chain of the same names may be formed again
-            # with this server, and a serial kept from before would make it skip new writes.
-            store.set_chain_state("", 0)
-        self.node.cache.clear()
-        return {}
+    def clear_stores(self) -> Deferred[dict[str, Any]]:
+        stores = self._stores()
+
+        async def clear() -> dict[str, Any]:
+            for store in stores.stores.values():
+                # In transactions of a few hundred keys, answering heartbeats in between.
+                await migration.clear_store(store, self.reactor)
+                # The serials go with the data: a chain of the same names may be formed
+                # again with this server, and a serial kept from before would make it skip
+                # new writes.
+                store.set_chain_state("", 0)
+            self.node.cache.clear()
+            return {}
+
+        return Deferred.fromCoroutine(clear())
 
     @control.Shutdown.responder
     def shutdown_server(self) -> dict[str, Any]:

@@ -10,9 +10,11 @@ and the ring has switched, so an interrupted migration loses nothing and can be 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.protocols import amp
@@ -26,6 +28,15 @@ log = get_logger("chainstore.migration")
 
 BATCH_KEYS = 1000
 BATCH_BYTES = 512 * 1024
+#: Entries read from a store per query; the reactor runs between two queries, so this bounds
+#: how long a copy, move or drop holds it at a time (a page of 256 entries of 100-byte values
+#: reads in a few milliseconds, one of BATCH_BYTES of big values in about as long).
+PAGE_ROWS = 256
+#: Batches of a copy sent and not yet confirmed by the target: two, so that the source reads
+#: the next while the target writes one.
+COPY_WINDOW = 2
+#: Keys deleted per transaction when a range is dropped or a store cleared.
+DROP_KEYS = 256
 
 
 def store_named(stores: Any, name: str) -> Store:
@@ -34,18 +45,47 @@ def store_named(stores: Any, name: str) -> Store:
     return stores[name]
 
 
-def batches(store: Store, rng: KeyRange) -> Iterator[list[tuple[bytes, bytes]]]:
-    """The pairs of C{store} whose keys fall in C{rng}, in batches of bounded size."""
+async def turn(clock: IReactorTime) -> None:
+    """Let the reactor run (other connections, timers) before going on."""
+    await deferLater(clock, 0, lambda: None)
+
+
+async def pages(store: Store, rng: KeyRange, clock: IReactorTime, values: bool = True,
+                ) -> AsyncIterator[list[tuple[bytes, bytes, bytes | None]]]:
+    """The entries (position, key, value) of C{store} in C{rng}, a page at a time in ring
+    order, the reactor running between pages. Only the range's entries are read (the store's
+    position index), and a page holds at most L{PAGE_ROWS} entries and about L{BATCH_BYTES}.
+
+    Each page is a new query after the last entry of the one before, so writes between pages
+    are allowed: a key written behind the cursor is not seen (a copy's write tracker has it).
+    """
+    after: tuple[bytes, bytes] | None = None
+    limit = PAGE_ROWS
+    while True:
+        page = store.range_page(rng, after, limit, values, BATCH_BYTES)
+        if not page:
+            return
+        yield page
+        if len(page) < limit and sum(len(k) + len(v or b"") for _, k, v in page) < BATCH_BYTES:
+            return  # neither bound cut it short: that was the last
+        after = page[-1][0], page[-1][1]
+        await turn(clock)
+
+
+async def batches(store: Store, rng: KeyRange, clock: IReactorTime,
+                  ) -> AsyncIterator[list[tuple[bytes, bytes]]]:
+    """The pairs of C{store} whose keys fall in C{rng}, in batches of at most L{BATCH_KEYS}
+    keys and about L{BATCH_BYTES}."""
     batch: list[tuple[bytes, bytes]] = []
     size = 0
-    for key, value in store.items():
-        if position(key) not in rng:
-            continue
-        batch.append((key, value))
-        size += len(key) + len(value)
-        if len(batch) >= BATCH_KEYS or size >= BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
+    async for page in pages(store, rng, clock):
+        for _, key, value in page:
+            assert value is not None
+            batch.append((key, value))
+            size += len(key) + len(value)
+            if len(batch) >= BATCH_KEYS or size >= BATCH_BYTES:
+                yield batch
+                batch, size = [], 0
     if batch:
         yield batch
 
@@ -58,26 +98,46 @@ def write_batch(store: Store, puts: list[tuple[bytes, bytes]],
 
 async def copy_range(
     source: Store, rng: KeyRange, target: amp.AMP, target_store: str, epoch: int,
-    progress: Callable[[int, int], None] = lambda keys, nbytes: None,
-    clock: IReactorTime | None = None, batch_timeout: float | None = None,
+    progress: Callable[[int, int], None], clock: IReactorTime,
+    batch_timeout: float | None = None,
 ) -> tuple[int, int]:
     """Stream C{source}'s keys in C{rng} to C{target_store} over C{target}; (keys, bytes) sent.
 
-    With C{clock} and C{batch_timeout}, a batch the target does not confirm in time fails the
-    copy (a hung target must not hold the source's lock, and the ECS's operation, forever).
+    At most L{COPY_WINDOW} batches are unconfirmed at a time (memory stays bounded by the
+    batch size whatever the range's). With C{batch_timeout}, a batch the target does not
+    confirm in time fails the copy (a hung target must not hold the source's lock, and the
+    ECS's operation, forever).
     """
     keys = nbytes = 0
-    async with source.lock.reading():
-        for batch in batches(source, rng):
-            payload = pack_items(batch)
-            sent = target.callRemote(ReceiveRange, epoch=epoch, store=target_store,
-                                     items=payload)
-            if clock is not None and batch_timeout is not None:
-                sent.addTimeout(batch_timeout, clock)
-            await sent
-            keys += len(batch)
-            nbytes += len(payload)
-            progress(keys, nbytes)
+    window: deque[tuple[Deferred[Any], int, int]] = deque()
+
+    async def confirm_oldest() -> None:
+        nonlocal keys, nbytes
+        sent, count, size = window[0]
+        await sent
+        window.popleft()
+        keys += count
+        nbytes += size
+        progress(keys, nbytes)
+
+    try:
+        async with source.lock.reading():
+            async for batch in batches(source, rng, clock):
+                payload = pack_items(batch)
+                sent = target.callRemote(ReceiveRange, epoch=epoch, store=target_store,
+                                         items=payload)
+                if batch_timeout is not None:
+                    sent.addTimeout(batch_timeout, clock)
+                window.append((sent, len(batch), len(payload)))
+                if len(window) >= COPY_WINDOW:
+                    await confirm_oldest()
+            while window:
+                await confirm_oldest()
+    finally:
+        # A failed or cancelled copy leaves no batch whose failure nobody would consume.
+        for sent, _, _ in window:
+            sent.addErrback(lambda _: None)
+            sent.cancel()
     return keys, nbytes
 
 
@@ -92,6 +152,24 @@ async def send_requests(requests: list[tuple[bytes, bytes]], target: amp.AMP, ta
             sent.addTimeout(batch_timeout, clock)
         await sent
     return len(requests)
+
+
+#: Remembered request ids looked at per reactor turn when a copy picks its range's.
+SCAN_IDS = 5000
+
+
+async def requests_in(remembered: list[tuple[bytes, tuple[int, int, bytes, int]]],
+                      rng: KeyRange, clock: IReactorTime) -> list[tuple[bytes, bytes]]:
+    """(request id, key) of the C{remembered} writes (L{ChainManager.requests_since}) whose
+    key is in C{rng}, hashing L{SCAN_IDS} keys per reactor turn: all 150,000 a server
+    remembers take about 150 ms."""
+    found: list[tuple[bytes, bytes]] = []
+    for start in range(0, len(remembered), SCAN_IDS):
+        if start:
+            await turn(clock)
+        found.extend((request_id, entry[2]) for request_id, entry in
+                     remembered[start:start + SCAN_IDS] if position(entry[2]) in rng)
+    return found
 
 
 def receive_range(target: Store, payload: bytes, deletes: bytes | None = None) -> int:
@@ -168,39 +246,31 @@ def move_dirty(source: Store, target: Store, keys: set[bytes]) -> int:
 
 
 async def move_local(source: Store, target: Store, rng: KeyRange, clock: IReactorTime) -> int:
-    """Copy C{source}'s keys in C{rng} into C{target}, yielding to the reactor between batches."""
+    """Copy C{source}'s keys in C{rng} into C{target}, yielding to the reactor between pages."""
     moved = 0
     async with source.lock.reading():
-        for batch in batches(source, rng):
+        async for batch in batches(source, rng, clock):
             write_batch(target, batch)
             moved += len(batch)
-            await deferLater(clock, 0, lambda: None)
     return moved
 
 
-def key_batches(store: Store, rng: KeyRange) -> Iterator[list[bytes]]:
-    """The keys of C{store} in C{rng}, in batches; values are not read."""
-    batch: list[bytes] = []
-    # Store.keys() lets the batches be deleted while we go.
-    for key in store.keys():
-        if position(key) in rng:
-            batch.append(key)
-            if len(batch) >= BATCH_KEYS:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
-
-
 async def drop_range(store: Store, rng: KeyRange, clock: IReactorTime) -> int:
-    """Delete C{store}'s keys in C{rng}, a batch at a time.
-
-    The iterator pages by key, so deleting the keys it has passed does not disturb it.
-    """
+    """Delete C{store}'s keys in C{rng}, L{DROP_KEYS} per transaction, the reactor running
+    between two; only the range's entries of the position index are read, no value."""
     dropped = 0
     async with store.lock.writing():
-        for keys in key_batches(store, rng):
-            write_batch(store, [], keys)
-            dropped += len(keys)
-            await deferLater(clock, 0, lambda: None)
-    return dropped
+        while True:
+            # Always the first page of what is left: the keys before it are gone.
+            page = store.range_page(rng, None, DROP_KEYS, values=False)
+            if not page:
+                return dropped
+            write_batch(store, [], [key for _, key, _ in page])
+            dropped += len(page)
+            await turn(clock)
+
+
+async def clear_store(store: Store, clock: IReactorTime) -> int:
+    """Delete every key of C{store} as L{drop_range} does (in transactions of L{DROP_KEYS}):
+    one DELETE of a million keys would hold the reactor for seconds."""
+    return await drop_range(store, KeyRange(0, 0), clock)

@@ -90,6 +90,8 @@ def copy_args(epoch: int) -> dict[str, Any]:
 def setup(tmp_path, monkeypatch):
     # Small batches: a copy of 30 keys is three batches.
     monkeypatch.setattr(migration, "BATCH_KEYS", 10)
+    # One batch unconfirmed at a time, so that exactly one is held on the wire.
+    monkeypatch.setattr(migration, "COPY_WINDOW", 1)
     holder: dict[str, Wire] = {}
     source = Link(tmp_path / "old", connect_peer=lambda h, p: holder["wire"].connect(h, p))
     source.pump()

@@ -106,6 +106,18 @@ def test_truncated_key_before_an_empty_value_is_refused():
 
 # -- batches --------------------------------------------------------------------------------------
 
+def all_batches(store: Any, rng: KeyRange) -> list[list[tuple[bytes, bytes]]]:
+    clock = Clock()
+    found: list[list[tuple[bytes, bytes]]] = []
+
+    async def collect() -> None:
+        async for batch in migration.batches(store, rng, clock):
+            found.append(batch)
+
+    run(Deferred.fromCoroutine(collect()), lambda: clock.advance(0))
+    return found
+
+
 def test_batches_hold_exactly_the_range_in_bounded_batches(stores, monkeypatch):
     monkeypatch.setattr(migration, "BATCH_KEYS", 50)
     monkeypatch.setattr(migration, "BATCH_BYTES", 4000)
@@ -115,7 +127,7 @@ def test_batches_hold_exactly_the_range_in_bounded_batches(stores, monkeypatch):
     for rng in (LOW, HIGH, KeyRange(5, 5)):
         got: dict[bytes, bytes] = {}
         sizes = []
-        for batch in migration.batches(store, rng):
+        for batch in all_batches(store, rng):
             assert 1 <= len(batch) <= 50
             size = sum(len(k) + len(v) for k, v in batch)
             # a batch closes as soon as it reaches the byte bound: only its last pair may cross it
@@ -130,7 +142,7 @@ def test_batches_hold_exactly_the_range_in_bounded_batches(stores, monkeypatch):
 def test_the_default_bounds_cut_large_values_into_small_batches(stores):
     store = stores["coordinator"]
     fill(store, {k: b"v" * MAX_VALUE_BYTES for k in keys(12)})
-    batches = list(migration.batches(store, KeyRange(7, 7)))
+    batches = all_batches(store, KeyRange(7, 7))
     assert sum(len(b) for b in batches) == 12
     per_batch = -(-migration.BATCH_BYTES // (MAX_VALUE_BYTES + 6))
     assert all(len(b) <= per_batch for b in batches)
@@ -186,14 +198,15 @@ def test_copy_range_streams_the_range_into_the_target_store(stores, target, monk
     client, pump = connect(target)
     progress: list[tuple[int, int]] = []
     d = Deferred.fromCoroutine(migration.copy_range(
-        source, HIGH, client, "replica1", 4, lambda k, b: progress.append((k, b))))
+        source, HIGH, client, "replica1", 4, lambda k, b: progress.append((k, b)),
+        target.clock))
     sent_keys, sent_bytes = run(d, pump.pump)
     expected = {k: v for k, v in items.items() if position(k) in HIGH}
     assert sent_keys == len(expected)
     assert contents(target.stores["replica1"]) == {**expected, b"other": b"stays"}
     assert contents(target.stores["coordinator"]) == {}
-    # one batch in flight at a time, and the progress reports climb to the totals
-    assert client.max_in_flight == 1
+    # a bounded window of batches in flight, and the progress reports climb to the totals
+    assert client.max_in_flight == migration.COPY_WINDOW
     assert client.calls == len(progress) >= len(expected) // 40
     assert progress[-1] == (sent_keys, sent_bytes)
     assert [k for k, _ in progress] == sorted(k for k, _ in progress)
@@ -206,7 +219,8 @@ def test_a_copy_for_an_old_epoch_is_refused_and_writes_nothing(stores, target, e
     fill(stores["coordinator"], {k: b"v" for k in keys(30)})
     client, pump = connect(target)
     d = Deferred.fromCoroutine(migration.copy_range(
-        stores["coordinator"], KeyRange(1, 1), client, "coordinator", epoch))
+        stores["coordinator"], KeyRange(1, 1), client, "coordinator", epoch,
+        lambda k, b: None, target.clock))
     with pytest.raises(StaleEpoch, match=f"epoch {epoch}"):
         run(d, pump.pump)
     assert len(target.stores["coordinator"]) == 0
@@ -233,6 +247,7 @@ def test_an_unknown_store_name_is_refused(stores):
 
 def test_move_local_copies_the_range_and_yields_between_batches(stores, monkeypatch):
     monkeypatch.setattr(migration, "BATCH_KEYS", 25)
+    monkeypatch.setattr(migration, "PAGE_ROWS", 25)
     clock = Clock()
     src, dst = stores["replica1"], stores["coordinator"]
     items = {k: k * 3 for k in keys(300)}
@@ -249,7 +264,8 @@ def test_move_local_copies_the_range_and_yields_between_batches(stores, monkeypa
     assert contents(src) == items  # a move copies; the drop comes later
 
 
-def test_move_local_holds_a_read_lock_on_the_source(stores):
+def test_move_local_holds_a_read_lock_on_the_source(stores, monkeypatch):
+    monkeypatch.setattr(migration, "PAGE_ROWS", 4)
     clock = Clock()
     src = stores["replica1"]
     fill(src, {k: b"v" for k in keys(10)})
@@ -312,3 +328,36 @@ def test_drop_range_reads_keys_only_and_survives_many_batches(tmp_path, monkeypa
         assert contents(store) == kept
     finally:
         sets.close()
+
+
+def test_a_copy_under_writes_ends_with_an_exact_copy(stores, target, monkeypatch):
+    # Small pages and batches: the copy runs over many reactor turns, and writes land between
+    # them, ahead of its cursor and behind it: updates, deletes and new keys.
+    monkeypatch.setattr(migration, "PAGE_ROWS", 40)
+    monkeypatch.setattr(migration, "BATCH_KEYS", 60)
+    source = stores["coordinator"]
+    fill(source, {k: b"0" for k in keys(1500)})
+    tracker = migration.start_tracking(source, HIGH)
+    client, pump = connect(target)
+    clock = target.clock
+    d = Deferred.fromCoroutine(migration.copy_range(
+        source, HIGH, client, "replica1", 4, lambda k, b: None, clock))
+    serial = 0
+    written = keys(1500)[::7] + keys(300, "new")
+    turns = 0
+    while not d.called:
+        turns += 1
+        for key in written[turns % 7::29][:5]:
+            serial += 1
+            source.apply_one(1 if serial % 5 == 0 else 0, key, b"%d" % serial, serial)
+        source.commit()
+        pump.pump()
+        clock.advance(0)
+    assert turns > 10
+    run(d, pump.pump)
+    dirty = migration.stop_tracking(stores, tracker)
+    assert dirty
+    d = Deferred.fromCoroutine(migration.copy_dirty(source, dirty, client, "replica1", 4))
+    run(d, pump.pump)
+    expected = {k: v for k, v in contents(source).items() if position(k) in HIGH}
+    assert contents(target.stores["replica1"]) == expected

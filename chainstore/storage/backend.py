@@ -12,6 +12,8 @@ import dbm.dumb
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
+from chainstore.ring import KeyRange, position
+
 
 @runtime_checkable
 class Backend(Protocol):
@@ -29,6 +31,14 @@ class Backend(Protocol):
 
     def items(self, after: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
         """The pairs in key order, strictly after C{after}; writes meanwhile are allowed."""
+
+    def range_page(self, start: int, end: int, after: tuple[bytes, bytes] | None, limit: int,
+                   values: bool = True, max_bytes: int | None = None,
+                   ) -> list[tuple[bytes, bytes, bytes | None]]:
+        """Up to C{limit} entries (position as 16 bytes, key, value or None without
+        C{values}) of the ring range (start, end], whole ring if start == end, in order of
+        (position, key), strictly after C{after} (such a pair), stopping early once the keys
+        and values read hold C{max_bytes}."""
 
     def update_many(self, puts: Iterable[tuple[bytes, bytes]],
                     deletes: Iterable[bytes] = ()) -> None:
@@ -109,6 +119,32 @@ class DumbDBM:
             value = self._db.get(key)
             if value is not None:
                 yield key, value
+
+    def range_page(self, start: int, end: int, after: tuple[bytes, bytes] | None, limit: int,
+                   values: bool = True, max_bytes: int | None = None,
+                   ) -> list[tuple[bytes, bytes, bytes | None]]:
+        # Every key hashed and sorted for each page: fine for the small stores this backend
+        # is for (it is refused under an ECS, which is what moves ranges).
+        rng = KeyRange(start, end)
+        high = end.to_bytes(16, "big")
+
+        def order(pos: bytes, key: bytes) -> tuple[bool, bytes, bytes]:
+            # A range that wraps past zero runs from above start to the top, then from 0.
+            return (start > end and pos <= high, pos, key)
+
+        entries = sorted(order(pos.to_bytes(16, "big"), key) for key in self._db.keys()
+                         if (pos := position(key)) in rng)
+        if after is not None:
+            entries = [e for e in entries if e > order(*after)]
+        found: list[tuple[bytes, bytes, bytes | None]] = []
+        for _, pos_bytes, key in entries[:limit]:
+            value = self._db.get(key) if values else None
+            found.append((pos_bytes, key, value))
+            if max_bytes is not None:
+                max_bytes -= len(key) + (len(value) if value is not None else 0)
+                if max_bytes <= 0:
+                    break
+        return found
 
     def update_many(self, puts: Iterable[tuple[bytes, bytes]],
                     deletes: Iterable[bytes] = ()) -> None:

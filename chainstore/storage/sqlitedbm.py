@@ -23,6 +23,7 @@ Durability levels (``durability`` argument):
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -35,17 +36,37 @@ DURABILITY = {"crash": "NORMAL", "power": "FULL"}
 # Keys are compared as raw bytes (SQLite's memcmp order for BLOBs), so iteration is in byte order.
 # A rowid table, not WITHOUT ROWID: the latter keeps whole rows in its key b-tree, where a value
 # over ~1 KB spills into half-empty overflow pages (100,000 values of 1,000 bytes took 468 MB
-# instead of 107 MB, gets were 4x slower), and COUNT(*) has to walk the values; here the primary
-# key index holds only the keys, so len() scans ~1M keys in under 10 ms. Files made with the
-# older WITHOUT ROWID schema still open and work: every statement below suits both.
-_SCHEMA = "CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB NOT NULL)"
+# instead of 107 MB, gets were 4x slower). Files made with the older WITHOUT ROWID schema still
+# open and work: every statement below suits both.
+#
+# p is the key's ring position (its MD5, 16 bytes big-endian, so memcmp order is ring order),
+# indexed with the key: a range copy, drop or count reads only that range's entries of the
+# index kv_p, in pages, instead of every row of the file (hashing every key to find one range
+# was a reactor stall that grew with the store). Files made before p existed get it on open
+# (L{SQLiteDBM._add_positions}).
+_SCHEMA = "CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB NOT NULL, p BLOB)"
+_POSITION_INDEX = "CREATE INDEX IF NOT EXISTS kv_p ON kv (p, k)"
+# The number of keys, kept by triggers in the transaction of each insert and delete, so that
+# len() (stats, at every request for them) reads one row instead of counting the file. An
+# upsert that updates fires neither trigger.
+_COUNT_SCHEMA = ("CREATE TABLE IF NOT EXISTS kv_count "
+                 "(id INTEGER PRIMARY KEY CHECK (id = 0), n INTEGER NOT NULL)")
+_COUNT_TRIGGERS = (
+    "CREATE TRIGGER IF NOT EXISTS kv_count_insert AFTER INSERT ON kv "
+    "BEGIN UPDATE kv_count SET n = n + 1 WHERE id = 0; END",
+    "CREATE TRIGGER IF NOT EXISTS kv_count_delete AFTER DELETE ON kv "
+    "BEGIN UPDATE kv_count SET n = n - 1 WHERE id = 0; END",
+)
 # An upsert changes the value in place; INSERT OR REPLACE deletes the row and inserts a new one,
 # which costs 3-5x more for an update.
-_PUT = "INSERT INTO kv (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v"
+_PUT = ("INSERT INTO kv (k, v, p) VALUES (?, ?, ?) "
+        "ON CONFLICT (k) DO UPDATE SET v = excluded.v")
 _UPDATE = "UPDATE kv SET v = ? WHERE k = ?"
-_INSERT = "INSERT INTO kv (k, v) VALUES (?, ?)"
+_INSERT = "INSERT INTO kv (k, v, p) VALUES (?, ?, ?)"
 _DELETE = "DELETE FROM kv WHERE k = ?"
 _PAGE = 512
+# Rows given positions per transaction when a file made before the column p is opened.
+_UPGRADE_ROWS = 10_000
 # The chain this file's data belongs to and the serial of the last write applied, updated in the
 # same transaction as the write (see chainstore/chain.py).
 _CHAIN_SCHEMA = ("CREATE TABLE IF NOT EXISTS chain "
@@ -53,6 +74,12 @@ _CHAIN_SCHEMA = ("CREATE TABLE IF NOT EXISTS chain "
                  "serial INTEGER NOT NULL)")
 _SET_SERIAL = ("INSERT INTO chain (id, chain, serial) VALUES (0, '', ?) "
                "ON CONFLICT (id) DO UPDATE SET serial = excluded.serial")
+
+
+def ring_bytes(key: bytes) -> bytes:
+    """The ring position of C{key} (chainstore.ring.position) as the column p holds it: the
+    MD5 digest, whose byte order is the positions' numeric order."""
+    return hashlib.md5(key).digest()
 
 
 def _bytes(data: bytes | str) -> bytes:
@@ -85,8 +112,57 @@ class SQLiteDBM:
             db.close()
             raise
         self._db: sqlite3.Connection | None = db
+        try:
+            self._upgrade()
+        except BaseException:
+            self._rollback()
+            db.close()
+            self._db = None
+            raise
         # Serial of the last write in the open group transaction (apply_one), None if none.
         self._group_serial: int | None = None
+
+    def _upgrade(self) -> None:
+        """Give a file made by an older version the position column, its index and the key
+        count (a new file gets them empty). Done in transactions of L{_UPGRADE_ROWS} rows, so
+        the write-ahead log stays small and an interrupted upgrade resumes where it stopped."""
+        conn = self._conn
+        if "p" not in {row[1] for row in conn.execute("PRAGMA table_info(kv)")}:
+            conn.execute("ALTER TABLE kv ADD COLUMN p BLOB")
+        if not self._has("index", "kv_p"):
+            self._add_positions()
+            conn.execute(_POSITION_INDEX)
+        if not self._has("table", "kv_count"):
+            # The count and the triggers that keep it start in one transaction.
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(_COUNT_SCHEMA)
+            conn.execute("INSERT INTO kv_count (id, n) SELECT 0, COUNT(*) FROM kv")
+            for trigger in _COUNT_TRIGGERS:
+                conn.execute(trigger)
+            conn.execute("COMMIT")
+
+    def _has(self, kind: str, name: str) -> bool:
+        return self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = ? AND name = ?",
+                                  (kind, name)).fetchone() is not None
+
+    def _add_positions(self) -> None:
+        conn = self._conn
+        after: bytes | None = None
+        while True:
+            if after is None:
+                rows = conn.execute("SELECT k, p IS NULL FROM kv ORDER BY k LIMIT ?",
+                                    (_UPGRADE_ROWS,)).fetchall()
+            else:
+                rows = conn.execute("SELECT k, p IS NULL FROM kv WHERE k > ? ORDER BY k LIMIT ?",
+                                    (after, _UPGRADE_ROWS)).fetchall()
+            todo = [(ring_bytes(bytes(k)), k) for k, missing in rows if missing]
+            if todo:
+                conn.execute("BEGIN")
+                conn.executemany("UPDATE kv SET p = ? WHERE k = ?", todo)
+                conn.execute("COMMIT")
+            if len(rows) < _UPGRADE_ROWS:
+                return
+            after = bytes(rows[-1][0])
 
     @property
     def _conn(self) -> sqlite3.Connection:
@@ -106,7 +182,8 @@ class SQLiteDBM:
         return default if row is None else bytes(row[0])
 
     def __setitem__(self, key: bytes | str, value: bytes | str) -> None:
-        self._conn.execute(_PUT, (_bytes(key), _bytes(value)))
+        key = _bytes(key)
+        self._conn.execute(_PUT, (key, _bytes(value), ring_bytes(key)))
 
     def __delitem__(self, key: bytes | str) -> None:
         key = _bytes(key)
@@ -120,8 +197,8 @@ class SQLiteDBM:
         return row is not None
 
     def __len__(self) -> int:
-        # A scan of the primary key index, which holds only the keys (see _SCHEMA).
-        return self._conn.execute("SELECT COUNT(*) FROM kv").fetchone()[0]
+        # One row, kept by triggers (see _COUNT_SCHEMA): not a count of the file.
+        return self._conn.execute("SELECT n FROM kv_count WHERE id = 0").fetchone()[0]
 
     def __iter__(self) -> Iterator[bytes]:
         # Keys only: values may be 120 KB each, and iterating keys must not read them.
@@ -172,7 +249,7 @@ class SQLiteDBM:
         conn = self._conn
         conn.execute("BEGIN")
         try:
-            conn.executemany(_PUT, ((_bytes(k), _bytes(v)) for k, v in puts))
+            conn.executemany(_PUT, _with_positions((_bytes(k), _bytes(v)) for k, v in puts))
             conn.executemany("DELETE FROM kv WHERE k = ?", ((_bytes(k),) for k in deletes))
             conn.execute("COMMIT")
         except BaseException:
@@ -205,7 +282,7 @@ class SQLiteDBM:
             else:
                 existed = conn.execute(_UPDATE, (value, key)).rowcount > 0
                 if not existed:
-                    conn.execute(_INSERT, (key, value))
+                    conn.execute(_INSERT, (key, value, ring_bytes(key)))
         except BaseException:
             # Every write of the group goes: the caller must treat them all as failed (the
             # server stops serving, see chainstore/node.py), never forward or answer them.
@@ -266,7 +343,7 @@ class SQLiteDBM:
                 if delete:
                     conn.executemany(_DELETE, ((key,) for _, key, _ in run))
                 else:
-                    conn.executemany(_PUT, ((key, value) for _, key, value in run))
+                    conn.executemany(_PUT, _with_positions((key, value) for _, key, value in run))
             conn.execute(_SET_SERIAL, (serial,))
             conn.execute("COMMIT")
         except BaseException:
@@ -274,8 +351,68 @@ class SQLiteDBM:
             raise
 
     def clear(self) -> None:
+        """Delete every key at once: for a file being emptied on open; a server empties its
+        stores a page at a time (L{range_page}, then L{update_many})."""
         self.commit()
         self._conn.execute("DELETE FROM kv")
+
+    def range_page(self, start: int, end: int, after: tuple[bytes, bytes] | None, limit: int,
+                   values: bool = True, max_bytes: int | None = None,
+                   ) -> list[tuple[bytes, bytes, bytes | None]]:
+        """Up to C{limit} entries (position, key, value) of the ring range (start, end] (the
+        whole ring if start == end), in ring order (position, then key), strictly after the
+        entry whose (position, key) is C{after}; with C{max_bytes}, no more entries once their
+        keys and values hold that many bytes. With C{values} false the values are None and
+        the rows are not read at all: the index kv_p holds positions and keys.
+
+        Only the range's entries of the index are read, whatever the size of the file.
+        """
+        lo, hi = start.to_bytes(16, "big"), end.to_bytes(16, "big")
+        if start == end:
+            segments: list[tuple[bytes | None, bytes | None]] = [(None, None)]
+        elif start < end:
+            segments = [(lo, hi)]
+        else:
+            # Wrapping past zero: (start, top of the ring], then [0, end].
+            segments = [(lo, None), (None, hi)]
+            if after is not None and after[0] <= hi:
+                segments = segments[1:]
+        columns = "p, k, v" if values else "p, k"
+        found: list[tuple[bytes, bytes, bytes | None]] = []
+        for low, high in segments:
+            where: list[str] = []
+            args: list[bytes] = []
+            # The cursor, when there is one, is the lower bound the index seeks to (it is
+            # past low): given both, SQLite would seek to low and filter up to the cursor.
+            if after is not None:
+                where.append("(p, k) > (?, ?)")
+                args.extend(after)
+            elif low is not None:
+                where.append("p > ?")
+                args.append(low)
+            else:
+                where.append("p IS NOT NULL")
+            if high is not None:
+                where.append("p <= ?")
+                args.append(high)
+            cursor = self._conn.execute(
+                f"SELECT {columns} FROM kv WHERE {' AND '.join(where)} ORDER BY p, k LIMIT ?",
+                (*args, limit - len(found)))
+            try:
+                # Row by row: past max_bytes the rest of the page is never read.
+                for row in cursor:
+                    value = bytes(row[2]) if values else None
+                    found.append((bytes(row[0]), bytes(row[1]), value))
+                    if max_bytes is not None:
+                        max_bytes -= len(row[1]) + (len(value) if value is not None else 0)
+                        if max_bytes <= 0:
+                            return found
+            finally:
+                cursor.close()
+            if len(found) >= limit:
+                break
+            after = None
+        return found
 
     def sync(self) -> None:
         """Checkpoint the write-ahead log into the main file (every write is already durable).
@@ -299,6 +436,10 @@ class SQLiteDBM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _with_positions(pairs: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes, bytes]]:
+    return ((key, value, ring_bytes(key)) for key, value in pairs)
 
 
 def check_file(path: str | os.PathLike[str]) -> str | None:

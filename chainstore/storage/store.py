@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from chainstore.errors import StorageFailed
-from chainstore.ring import position
+from chainstore.ring import KeyRange, position
 from chainstore.storage import sqlitedbm
 from chainstore.storage.backend import Backend, DumbDBM
 from chainstore.storage.integrity import Manifest, check_stores
@@ -160,6 +160,15 @@ class Store:
     @_guarded
     def __len__(self) -> int:
         return len(self.db)
+
+    @_guarded
+    def range_page(self, rng: KeyRange, after: tuple[bytes, bytes] | None, limit: int,
+                   values: bool = True, max_bytes: int | None = None,
+                   ) -> list[tuple[bytes, bytes, bytes | None]]:
+        """One page of the entries (position, key, value) of C{rng} in ring order, after the
+        entry whose (position, key) is C{after} (L{Backend.range_page}): the SQLite backend
+        reads only that range's entries of its position index."""
+        return self.db.range_page(rng.start, rng.end, after, limit, values, max_bytes)
 
     @_guarded
     def write_batch(self, puts: list[tuple[bytes, bytes]],

@@ -1,0 +1,338 @@
+"""Ranges of the ring read from a store without reading the rest of it (issue 10, part 5).
+
+The SQLite store keeps each key's ring position in an indexed column; a range copy, move or
+drop reads only that range's entries, a page at a time with the reactor running between
+pages; the key count is one row kept by triggers; files made before the column existed are
+upgraded when they are opened.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from chainstore import migration
+from chainstore.ring import KeyRange, position
+from chainstore.storage import StoreSet, sqlitedbm
+from chainstore.storage.backend import DumbDBM
+
+HALF = 1 << 127
+TOP = (1 << 128) - 1
+
+
+def keys(n: int, prefix: str = "k") -> list[bytes]:
+    return [f"{prefix}{i:05d}".encode() for i in range(n)]
+
+
+def ring_order(rng: KeyRange, found: list[bytes]) -> list[bytes]:
+    """C{found} in the order a walk of C{rng} yields them: by position from past its start
+    (a wrapping range continues from 0), then by key."""
+    def order(key: bytes) -> tuple[bool, int, bytes]:
+        pos = position(key)
+        return (rng.start > rng.end and pos <= rng.end, pos, key)
+    return sorted((k for k in found if position(k) in rng), key=order)
+
+
+def walk(db: Any, rng: KeyRange, limit: int, values: bool = True,
+         max_bytes: int | None = None) -> list[list[tuple[bytes, bytes, bytes | None]]]:
+    pages = []
+    after = None
+    while True:
+        page = db.range_page(rng.start, rng.end, after, limit, values, max_bytes)
+        if not page:
+            return pages
+        pages.append(page)
+        after = page[-1][0], page[-1][1]
+
+
+def run(d: Deferred[Any], clock: Clock, limit: int = 100_000) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    for _ in range(limit):
+        if results:
+            break
+        clock.advance(0)
+    assert results, "never finished"
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+@pytest.fixture
+def db(tmp_path):
+    with sqlitedbm.open(tmp_path / "s.sqlite") as d:
+        yield d
+
+
+@pytest.fixture
+def stores(tmp_path):
+    s = StoreSet.open(str(tmp_path / "stores"))
+    yield s
+    s.close()
+
+
+# -- pages of a range --------------------------------------------------------------------------
+
+ranges = st.tuples(st.integers(0, TOP), st.integers(0, TOP)).map(lambda t: KeyRange(*t))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sets(st.binary(min_size=1, max_size=8), max_size=80), ranges,
+       st.integers(1, 30), st.sampled_from([None, 1, 40, 400]), st.booleans())
+def test_range_pages_are_the_range_in_ring_order_on_both_backends(
+        tmp_path_factory, present, rng, limit, max_bytes, values):
+    where = tmp_path_factory.mktemp("pages")
+    sqlite = sqlitedbm.open(where / "s.sqlite")
+    dumb = DumbDBM(str(where / "d"))
+    try:
+        items = {k: k * 3 for k in present}
+        for backend in (sqlite, dumb):
+            backend.update_many(list(items.items()))
+            pages = walk(backend, rng, limit, values, max_bytes)
+            flat = [entry for page in pages for entry in page]
+            assert [k for _, k, _ in flat] == ring_order(rng, list(items))
+            for pos, key, value in flat:
+                assert int.from_bytes(pos, "big") == position(key)
+                assert value == (items[key] if values else None)
+            for page in pages:
+                assert len(page) <= limit
+                if max_bytes is not None:
+                    # the page ends at the first entry that reaches the byte bound
+                    size = sum(len(k) + len(v or b"") for _, k, v in page[:-1])
+                    assert size < max_bytes
+    finally:
+        sqlite.close()
+        dumb.close()
+
+
+def test_the_whole_ring_and_the_two_halves_partition_the_keys(db):
+    db.update_many([(k, b"v") for k in keys(2000)])
+    whole = [k for page in walk(db, KeyRange(7, 7), 300) for _, k, _ in page]
+    low = [k for page in walk(db, KeyRange(0, HALF), 300) for _, k, _ in page]
+    high = [k for page in walk(db, KeyRange(HALF, 0), 300) for _, k, _ in page]
+    assert sorted(whole) == sorted(low + high) == keys(2000)
+    assert not set(low) & set(high)
+
+
+def steps_of(conn: sqlite3.Connection, work: Any) -> int:
+    """SQLite virtual machine steps (in hundreds) that C{work} costs on C{conn}."""
+    count = [0]
+
+    def tick() -> int:
+        count[0] += 1
+        return 0
+
+    conn.set_progress_handler(tick, 100)
+    try:
+        work()
+    finally:
+        conn.set_progress_handler(None, 0)
+    return count[0]
+
+
+def test_a_range_is_read_through_the_position_index_and_only_its_entries(stores):
+    store = stores["coordinator"]
+    store.write_batch([(k, b"v" * 100) for k in keys(20_000)])
+    conn = store.db._conn  # type: ignore[attr-defined]
+    # About 1% of the ring, and a wrapping range of about 2%.
+    narrow = KeyRange(HALF, HALF + (1 << 121))
+    wrapping = KeyRange(TOP - (1 << 121), 1 << 121)
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    try:
+        for rng in (narrow, wrapping):
+            for values in (True, False):
+                store.range_page(rng, None, 10, values)
+                store.range_page(rng, (bytes(16), b""), 10, values)
+    finally:
+        conn.set_trace_callback(None)
+    plans = [" ".join(str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
+             for sql in statements if sql.startswith("SELECT")]
+    assert plans and all("USING" in plan and "INDEX kv_p" in plan and "SCAN" not in plan
+                         for plan in plans), plans
+
+    def copy_of(rng: KeyRange) -> None:
+        clock = Clock()
+
+        async def collect() -> None:
+            async for _ in migration.batches(store, rng, clock):
+                pass
+
+        run(Deferred.fromCoroutine(collect()), clock)
+
+    whole = steps_of(conn, lambda: copy_of(KeyRange(0, 0)))
+    part = steps_of(conn, lambda: copy_of(narrow))
+    # Reading 1% of the keys costs about 1% of reading them all (today's scan: all of it).
+    assert part * 20 < whole, (part, whole)
+
+
+def test_a_drop_costs_what_its_range_holds_not_the_store(stores):
+    narrow = KeyRange(HALF, HALF + (1 << 122))
+    expected = sum(1 for k in keys(5000) if position(k) in narrow)
+    cost = {}
+    for name, rng in (("coordinator", narrow), ("replica1", KeyRange(0, 0))):
+        store = stores[name]
+        store.write_batch([(k, b"v" * 1000) for k in keys(5000)])
+        clock = Clock()
+        cost[name] = steps_of(store.db._conn, lambda: run(  # type: ignore[attr-defined]
+            Deferred.fromCoroutine(migration.drop_range(store, rng, clock)), clock))
+    assert len(stores["coordinator"]) == 5000 - expected and len(stores["replica1"]) == 0
+    # about 1.6% of the keys, about 1.6% of the cost (today's drop reads every key)
+    assert cost["coordinator"] * 20 < cost["replica1"], cost
+
+
+# -- bounded chunks with the reactor running between them ---------------------------------------
+
+def turns_seen(monkeypatch: Any, probe: Any) -> list[Any]:
+    """What C{probe} says each time the migration code lets the reactor run."""
+    seen: list[Any] = []
+    real = migration.turn
+
+    async def turn(clock: Any) -> None:
+        seen.append(probe())
+        await real(clock)
+
+    monkeypatch.setattr(migration, "turn", turn)
+    return seen
+
+
+@pytest.mark.parametrize("how", ["drop", "clear"])
+def test_drop_and_clear_delete_a_bounded_chunk_per_reactor_turn(stores, monkeypatch, how):
+    monkeypatch.setattr(migration, "DROP_KEYS", 100)
+    store = stores["replica1"]
+    store.write_batch([(k, b"v") for k in keys(1000)])
+    rng = KeyRange(0, 0) if how == "clear" else KeyRange(0, HALF)
+    in_range = sum(1 for k in keys(1000) if position(k) in rng)
+    left = turns_seen(monkeypatch, lambda: len(store))
+    clock = Clock()
+    d = Deferred.fromCoroutine(migration.drop_range(store, rng, clock) if how == "drop"
+                               else migration.clear_store(store, clock))
+    assert not d.called and len(store) == 1000 - 100
+    assert run(d, clock) == in_range and len(store) == 1000 - in_range
+    # a chunk of at most 100 keys deleted between two turns of the reactor
+    steps = [a - b for a, b in zip([1000, *left], [*left, len(store)])]
+    assert all(0 <= step <= 100 for step in steps) and len(left) >= in_range // 100
+
+
+def test_a_copy_reads_a_page_per_reactor_turn(stores, monkeypatch):
+    monkeypatch.setattr(migration, "PAGE_ROWS", 50)
+    store = stores["coordinator"]
+    store.write_batch([(k, b"v") for k in keys(600)])
+    conn = store.db._conn  # type: ignore[attr-defined]
+    clock = Clock()
+    got: list[tuple[bytes, bytes]] = []
+
+    async def collect() -> None:
+        async for batch in migration.batches(store, KeyRange(3, 3), clock):
+            got.extend(batch)
+
+    queries: list[str] = []
+    at_turns = turns_seen(monkeypatch, lambda: len(queries))
+    conn.set_trace_callback(queries.append)
+    try:
+        run(Deferred.fromCoroutine(collect()), clock)
+    finally:
+        conn.set_trace_callback(None)
+    assert sorted(k for k, _ in got) == keys(600)
+    # one query of at most 50 entries between two turns of the reactor
+    per_turn = [b - a for a, b in zip([0, *at_turns], [*at_turns, len(queries)])]
+    assert len(at_turns) >= 600 // 50 - 1 and max(per_turn) == 1
+
+
+def test_request_ids_are_picked_a_chunk_per_reactor_turn(monkeypatch):
+    monkeypatch.setattr(migration, "SCAN_IDS", 1000)
+    remembered = [(b"r%d" % i, (0, i, k, i + 1)) for i, k in enumerate(keys(3500))]
+    rng = KeyRange(0, HALF)
+    turns = turns_seen(monkeypatch, lambda: None)
+    clock = Clock()
+    found = run(Deferred.fromCoroutine(migration.requests_in(remembered, rng, clock)), clock)
+    assert len(turns) == 3
+    assert found == [(rid, entry[2]) for rid, entry in remembered
+                        if position(entry[2]) in rng]
+
+
+# -- the key count ----------------------------------------------------------------------------
+
+def test_len_reads_one_row_whatever_the_size_and_stays_exact(db):
+    small = steps_of(db._conn, lambda: len(db))
+    db.update_many([(k, b"v") for k in keys(20_000)])
+    assert steps_of(db._conn, lambda: len(db)) == small
+    assert len(db) == 20_000
+    # every way of writing: updates do not count, inserts and deletes do
+    db[b"k00001"] = b"new"
+    db[b"fresh"] = b"1"
+    del db[b"k00002"]
+    db.update_many([(b"k00003", b"x"), (b"fresh2", b"y")], [b"k00004", b"absent"])
+    db.apply_ops([(False, b"fresh3", b"1"), (False, b"k00005", b"2"), (True, b"k00006", b""),
+                  (True, b"absent", b"")], 9)
+    db.apply_one(False, b"fresh4", b"1", 10)
+    db.apply_one(True, b"k00007", b"", 11)
+    db.commit()
+    # a group rolled back takes its count changes with it
+    db.apply_one(False, b"never", b"1", 12)
+    db.apply_one(True, b"k00008", b"", 13)
+    db.abandon()
+    expected = 20_000 + 1 - 1 + 1 - 1 + 1 - 1 + 1 - 1
+    assert len(db) == expected == sum(1 for _ in db)
+
+
+def test_files_without_positions_are_upgraded_on_open_in_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlitedbm, "_UPGRADE_ROWS", 700)
+    for schema in ("CREATE TABLE kv (k BLOB PRIMARY KEY, v BLOB NOT NULL)",
+                   "CREATE TABLE kv (k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID"):
+        path = tmp_path / f"old{len(schema)}.sqlite"
+        conn = sqlite3.connect(path)
+        conn.execute(schema)
+        conn.execute("CREATE TABLE chain (id INTEGER PRIMARY KEY CHECK (id = 0), "
+                     "chain TEXT NOT NULL, serial INTEGER NOT NULL)")
+        conn.execute("INSERT INTO chain VALUES (0, 'c', 41)")
+        conn.executemany("INSERT INTO kv VALUES (?, ?)", [(k, k) for k in keys(2500)])
+        conn.commit()
+        conn.close()
+        transactions: list[str] = []
+        real_connect = sqlite3.connect
+
+        def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+            c = real_connect(*args, **kwargs)
+            c.set_trace_callback(lambda sql: transactions.append(sql)
+                                 if sql.startswith("BEGIN") else None)
+            return c
+
+        monkeypatch.setattr(sqlite3, "connect", traced)
+        try:
+            db = sqlitedbm.open(path, "w")
+        finally:
+            monkeypatch.setattr(sqlite3, "connect", real_connect)
+        with db:
+            # 2,500 rows in transactions of 700, then the count
+            assert len(transactions) == 4 + 1
+            assert len(db) == 2500 and db.chain_state() == ("c", 41)
+            rng = KeyRange(HALF, 1 << 120)
+            assert [k for page in walk(db, rng, 100) for _, k, _ in page] == \
+                ring_order(rng, keys(2500))
+            db[b"later"] = b"1"
+            del db[b"k00000"]
+            assert len(db) == 2500
+        with sqlitedbm.open(path, "w") as again:
+            assert len(again) == 2500
+
+
+def test_an_upgrade_interrupted_half_way_resumes(tmp_path, monkeypatch):
+    path = tmp_path / "half.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE kv (k BLOB PRIMARY KEY, v BLOB NOT NULL, p BLOB)")
+    conn.executemany("INSERT INTO kv VALUES (?, ?, ?)",
+                     [(k, b"v", sqlitedbm.ring_bytes(k) if i % 2 else None)
+                      for i, k in enumerate(keys(1000))])
+    conn.commit()
+    conn.close()
+    with sqlitedbm.open(path, "w") as db:
+        assert len(db) == 1000
+        assert sorted(k for page in walk(db, KeyRange(5, 5), 64) for _, k, _ in page) == \
+            keys(1000)

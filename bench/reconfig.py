@@ -57,6 +57,7 @@ from bench.cluster import (CACHE_SIZE, INITIAL_SERVERS, STORES, MeasurementFaile
 from bench.dataset import keys_to_verify, load, verify
 from bench.driver import INTERRUPTED, interrupt_on_sigterm, log, run_reactor
 from bench.memory import MemorySampler
+from bench.stalls import StallWatch
 from bench.reconfig_report import OpResult, SizeResult, compare, format_report, format_table
 from bench.systems import ChainRouter
 from bench.writer import Writer
@@ -154,6 +155,11 @@ async def run_op(reactor: Any, ecs: ECSProcess, settings: argparse.Namespace, op
     """Run one join (C{server} is the slot expected to join) or leave (C{server} leaves) under
     the writer; (its result, a router for the new ring, the writer's last version)."""
     ring = router.ring
+    probed = {n.name: n for n in ring.live_nodes}
+    if op == "join":
+        probed[server] = NodeInfo(server, *_address(ecs, server))
+    stalls = StallWatch(reactor, probed, router.credentials)
+    stalls.start()
     writer = Writer(reactor, router, keys, settings.value_bytes, settings.rate,
                     settings.writer_inflight, acked, first_version, seed=first_version)
     writer.start()
@@ -186,6 +192,7 @@ async def run_op(reactor: Any, ecs: ECSProcess, settings: argparse.Namespace, op
         await deferLater(reactor, WRITER_TAIL)
     finally:
         await writer.stop()
+        await stalls.stop()
     # The writer learns the ring only from refusals; it may have seen none.
     conns = writer.router.conns
     survivor = next(n for n in ring.live_nodes if n.name != server) if op == "leave" else \
@@ -223,7 +230,8 @@ async def run_op(reactor: Any, ecs: ECSProcess, settings: argparse.Namespace, op
         not_responsible_answers=len(seen.not_responsible), stopped_answers=len(seen.stopped),
         lost_answers=len(seen.lost), skipped_writes=seen.skipped, errors=seen.errors[:20],
         steps=steps, store_keys=store_keys, epoch_before=ring.epoch, epoch_after=new_ring.epoch,
-        ring_after=[n.name for n in new_ring.nodes])
+        ring_after=[n.name for n in new_ring.nodes],
+        stalls=stalls.largest(zero, zero + seconds))
     return result, router, writer.version
 
 

@@ -5,7 +5,7 @@ with the data."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from bench.cluster import STORES
@@ -42,6 +42,13 @@ class OpResult:
     epoch_before: int
     epoch_after: int
     ring_after: list[str]
+    #: server -> its largest reactor stall from the command sent to its answer (ms, and the
+    #: server's CPU ms meanwhile; bench/stalls.py); 0 if none reached 10 ms
+    stalls: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def max_stall_ms(self) -> float | None:
+        return max((ms for ms, _ in self.stalls.values()), default=None)
 
     @property
     def refused_window(self) -> float | None:
@@ -115,6 +122,9 @@ def format_op(o: OpResult) -> list[tuple[str, str]]:
          f"{o.write_max_ms:.1f} ms; {o.not_responsible_answers} server_not_responsible, "
          f"{o.stopped_answers} server_stopped, {o.lost_answers} connection closed, "
          f"{o.skipped_writes} skipped (too many outstanding), {len(o.errors)} other failures"),
+        ("  reactor stalls", "largest per server, from its own probe (CPU meanwhile): "
+         + ", ".join(f"{name} {ms:.0f} ms ({cpu:.0f})" if ms else f"{name} < 10 ms"
+                     for name, (ms, cpu) in o.stalls.items())),
         ("  stores after", ", ".join(
             f"{name} {'/'.join(f'{c[s]:,}' for s in STORES)}"
             for name, c in sorted(o.store_keys.items())) + " (coordinator/replica1/replica2)"),
@@ -146,7 +156,8 @@ def format_report(r: SizeResult) -> str:
 def format_table(results: list[SizeResult]) -> str:
     """One line per size and operation, the figures side by side."""
     header = ("keys", "op", "total s", "ECS s", "moved keys", "MB", "MB/s", "copy MB/s",
-              "refused client s", "refused ECS s", "peak RSS MiB")
+              "refused client s", "refused ECS s", "writer p99/max ms", "max stall ms",
+              "peak RSS MiB")
     rows = [header]
     for r in results:
         for o in r.ops:
@@ -156,7 +167,10 @@ def format_table(results: list[SizeResult]) -> str:
                          f"{o.moved_keys:,}", f"{o.moved_bytes / 1e6:.1f}", f"{o.mb_per_s:.2f}",
                          "-" if copy is None else f"{copy:.2f}",
                          "-" if window is None else f"{window:.3f}",
-                         f"{o.ecs_locked_seconds:.3f}", _mib(r.max_peak_kib)))
+                         f"{o.ecs_locked_seconds:.3f}",
+                         f"{o.write_p99_ms:.0f}/{o.write_max_ms:.0f}",
+                         "-" if o.max_stall_ms is None else f"{o.max_stall_ms:.0f}",
+                         _mib(r.max_peak_kib)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths))
                      for row in rows)

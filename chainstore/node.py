@@ -82,6 +82,8 @@ class KVNode:
         self.failure: str | None = None
         #: called once with the reason when the storage fails (the service drops its ECS link)
         self.failure_listeners: list[Callable[[str], None]] = []
+        #: the server's reactor stall probe (chainstore/reactor_lag.py), None without one
+        self.reactor_lag: Any = None
 
     @property
     def stores(self) -> StoreSet | None:
@@ -281,6 +283,8 @@ class KVNode:
             for name, store in self._stores.stores.items():
                 stats[f"{name}_keys"] = len(store)
         stats.update(self.chain.stats())
+        if self.reactor_lag is not None:
+            stats.update(self.reactor_lag.stats())
         return stats
 
 

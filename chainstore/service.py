@@ -33,6 +33,7 @@ from chainstore.logs import get_logger
 from chainstore.ecs_link import make_ecs_link
 from chainstore.node import RUNNING, STOPPED, KVNode
 from chainstore.peers import tcp_connector
+from chainstore.reactor_lag import ReactorLag
 from chainstore.ring import NodeInfo, Ring
 from chainstore.storage import StoreIntegrityError, StoreSet
 
@@ -82,6 +83,8 @@ class KVServerService(MultiService):
                                           credentials)
             self.ecs_link.setServiceParent(self)
         self.node.failure_listeners.append(self._storage_failed)
+        self.node.reactor_lag = ReactorLag(reactor)
+        self.node.reactor_lag.setServiceParent(self)
 
     def _storage_failed(self, reason: str) -> None:
         # Fail-stop: the server leaves the ECS for good (no link, no heartbeats), so the ECS's

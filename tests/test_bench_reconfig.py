@@ -132,7 +132,8 @@ def _op(op: str = "join", client: float | None = 0.05, ecs_locked: float = 0.06,
         write_max_ms=20.0, not_responsible_answers=2, stopped_answers=0, lost_answers=1,
         skipped_writes=0, errors=[], steps=[(0.1, "copying"), (1.4, "catching up")],
         store_keys={"server1": {"coordinator": 5, "replica1": 6, "replica2": 7}},
-        epoch_before=1, epoch_after=2, ring_after=["server1", "server4"])
+        epoch_before=1, epoch_after=2, ring_after=["server1", "server4"],
+        stalls={"server1": (23.4, 21.0), "server4": (0.0, 0.0)})
 
 
 def _size(keys: int, ops: list[OpResult], peak_mib: float) -> SizeResult:
@@ -184,8 +185,9 @@ def test_reports_show_every_figure() -> None:
     assert "data on disk 30 MiB" in text
     table = format_table([r]).splitlines()
     assert len(table) == 3
+    assert "reactor stalls" in text and "server1 23 ms (21), server4 < 10 ms" in text
     assert table[1].split() == ["100,000", "join", "3.00", "2.00", "80,000", "10.0", "5.00",
-                                "4.00", "0.250", "0.060", "60"]
+                                "4.00", "0.250", "0.060", "9/20", "23", "60"]
     assert table[2].split()[8] == "-"
 
 
@@ -595,3 +597,12 @@ def test_reconfig_measures_a_join_and_a_leave_and_stops_everything(tmp_path: Pat
                         rf"[\d.]+ s at 600 keys", line) or \
             line == f"{op}: {what} write-refused time not measured at both sizes", line
     assert re.match(r"(PASS|FAIL): peak server RSS \d+ MiB at 300 keys", verdict[4])
+
+
+def test_stall_watch_keeps_each_servers_largest_stall_inside_the_window() -> None:
+    from bench.stalls import StallWatch
+    watch = StallWatch(None, {}, None)
+    watch.stalls = {"server1": {10.0: (80.0, 70.0), 20.0: (30.0, 2.0), 31.0: (15.0, 1.0)},
+                    "server2": {5.0: (500.0, 1.0)}}
+    assert watch.largest(15.0, 32.0) == {"server1": (30.0, 2.0), "server2": (0.0, 0.0)}
+    assert watch.largest(0.0, 40.0) == {"server1": (80.0, 70.0), "server2": (500.0, 1.0)}

@@ -160,7 +160,7 @@ SCAN_IDS = 5000
 
 async def requests_in(remembered: list[tuple[bytes, tuple[int, int, bytes, int]]],
                       rng: KeyRange, clock: IReactorTime) -> list[tuple[bytes, bytes]]:
-    """(request id, key) of the C{remembered} writes (L{ChainManager.requests_since}) whose
+    """(request id, key) of the C{remembered} writes (L{ChainReplicator.requests_since}) whose
     key is in C{rng}, hashing L{SCAN_IDS} keys per reactor turn: all 150,000 a server
     remembers take about 150 ms."""
     found: list[tuple[bytes, bytes]] = []

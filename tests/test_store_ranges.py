@@ -21,6 +21,7 @@ from chainstore import migration
 from chainstore.ring import KeyRange, position
 from chainstore.storage import StoreSet, sqlitedbm
 from chainstore.storage.backend import DumbDBM
+from test_migration import run as run_until
 
 HALF = 1 << 127
 TOP = (1 << 128) - 1
@@ -51,17 +52,9 @@ def walk(db: Any, rng: KeyRange, limit: int, values: bool = True,
         after = page[-1][0], page[-1][1]
 
 
-def run(d: Deferred[Any], clock: Clock, limit: int = 100_000) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    for _ in range(limit):
-        if results:
-            break
-        clock.advance(0)
-    assert results, "never finished"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
+def run(d: Deferred[Any], clock: Clock) -> Any:
+    """Run the reactor turns of C{clock} until C{d} fires; its result."""
+    return run_until(d, lambda: clock.advance(0))
 
 
 @pytest.fixture

@@ -150,7 +150,14 @@ class KVServerProtocol(BoundedAMP, RoleGuard):
     def replicate(self, epoch: int, owner: str, ops: bytes, resumed: bool | None = None) -> Any:
         if self.node.stores is None:
             raise control.ControlFailed("the stores are not open")
-        return self.node.chain.receive(epoch, owner, ops, bool(resumed))
+        metrics, started = self.node.metrics, self.node.metrics.clock()
+        acked = self.node.chain.receive(epoch, owner, ops, bool(resumed))
+        replica = self.node.chain.replicas.get(owner)
+        role = "tail" if replica is not None and replica.is_tail else "middle"
+        if isinstance(acked, Deferred):
+            return acked.addBoth(metrics.replicated, role, started)
+        metrics.replicated(acked, role, started)
+        return acked
 
     def _wrapWithSerialization(self, responder: Any, command: type[amp.Command]) -> Any:
         # Replicate's box is read and answered directly (control.replicate_responder), not

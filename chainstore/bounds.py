@@ -126,6 +126,8 @@ class CappedFactory(Factory):
         self.max_connections = max_connections
         self.connections = 0
         self.refused = 0
+        #: connections refused since the start (metrics: refused, reason overloaded)
+        self.refused_total = 0
 
     def build_protocol(self, addr: Any) -> Counted:
         raise NotImplementedError
@@ -138,6 +140,7 @@ class CappedFactory(Factory):
                          factory=type(self).__name__, count=self.connections,
                          peer=_address(addr))
             self.refused += 1
+            self.refused_total += 1
             return _Refused()
         proto = self.build_protocol(addr)
         self.connections += 1

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from chainstore import web
 from chainstore.cache import STRATEGIES
 from chainstore.logs import LEVELS
 from chainstore.storage import BACKENDS
@@ -26,6 +27,10 @@ from chainstore.tls import (
     holder_files,
     switch,
 )
+
+
+#: a server's default metrics port is its console port plus this
+METRICS_PORT_OFFSET = 2000
 
 
 class ConfigError(ValueError):
@@ -52,6 +57,11 @@ class ServerConfig:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: Prometheus endpoint (chainstore/web.py): a tcp: endpoint, or off; None: the console's
+    #: port + 2000 on loopback (metrics_endpoint)
+    metrics: str | None = None
+    #: also log JSON lines (twisted.logger's jsonFileLogObserver) to this file
+    log_json: str | None = None
 
     def validated(self) -> ServerConfig:
         if not self.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
@@ -93,7 +103,22 @@ class ServerConfig:
             raise ConfigError(
                 f"listen {self.listen!r}: with tls on give a tcp: endpoint; the server wraps it "
                 "in mutual TLS with its certificate (tls-cert)")
+        try:
+            web.check_endpoint("metrics", self.metrics_endpoint, tls == "on")
+        except web.WebConfigError as e:
+            raise ConfigError(str(e)) from None
         return replace(self, cache_strategy=strategy, log_level=self.log_level.lower(), tls=tls)
+
+    @property
+    def metrics_endpoint(self) -> str:
+        """Where Prometheus scrapes this server: the option, or by default the console's port
+        + 2000 on loopback (server1's console 50001: metrics on 52001), off past port 65535."""
+        if self.metrics:
+            return self.metrics
+        port = self.console_port + METRICS_PORT_OFFSET
+        if port > 65535:
+            return web.OFF
+        return f"tcp:{port}:interface=127.0.0.1"
 
     @property
     def tls_files(self) -> TLSFiles | None:

@@ -91,8 +91,11 @@ class CopyProgress(_ControlCommand):
 # -- ECS -> server -------------------------------------------------------------------------------
 
 class Heartbeat(_ControlCommand):
+    # report: JSON of chainstore.metrics.heartbeat_report (metrics URL, lag and window per
+    # chain), for the ECS's status; optional, so either side may be older
     arguments = [(b"epoch", amp.Integer())]
-    response = [(b"epoch", amp.Integer()), (b"state", amp.Unicode())]
+    response = [(b"epoch", amp.Integer()), (b"state", amp.Unicode()),
+                (b"report", amp.Unicode(optional=True))]
 
 
 class SetMetadata(_ControlCommand):

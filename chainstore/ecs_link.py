@@ -15,6 +15,7 @@ C{SetMetadata} carry the ECS's epoch, and the C{Register} answer its newest comm
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from chainstore import control, migration, tls
 from chainstore.bounds import BoundedAMP
 from chainstore.protocol import ring_from_wire
 from chainstore.logs import get_logger
+from chainstore.metrics import heartbeat_report
 from chainstore.node import RUNNING, STOPPED, KVNode
 from chainstore.ring import KeyRange
 from chainstore.roles import ECS, SERVER, DialledAMP, RoleGuard, allow
@@ -191,7 +193,8 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
     def heartbeat(self, epoch: int) -> dict[str, Any]:
         self._seen(epoch)
         self._watch()
-        return {"epoch": self.node.ring.epoch, "state": self.node.state}
+        return {"epoch": self.node.ring.epoch, "state": self.node.state,
+                "report": json.dumps(heartbeat_report(self.node))}
 
     @control.SetMetadata.responder
     def set_metadata(self, **wire: Any) -> dict[str, Any]:
@@ -275,6 +278,8 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
         def progress(keys: int, nbytes: int) -> None:
             self.callRemote(control.CopyProgress, operation=operation, keys=keys, bytes=nbytes)
 
+        self.node.metrics.copy_started()
+        keys = nbytes = 0
         try:
             requests = await migration.requests_in(remembered, rng, self.reactor)
             if dirty is None:
@@ -299,6 +304,7 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
             raise control.ControlFailed(f"copy to {host}:{port} failed: {e!r}") from None
         finally:
             target.transport.loseConnection()
+            self.node.metrics.copy_ended(keys, nbytes)
         log.info("copied {keys} {what} ({nbytes} bytes) of {store} to {host}:{port}",
                  keys=keys, what="keys" if dirty is None else "keys written meanwhile",
                  nbytes=nbytes, store=store, host=host, port=port)

@@ -28,6 +28,7 @@ from chainstore.errors import (
 )
 from chainstore.limits import check_key, check_request_id, check_value
 from chainstore.logs import get_logger
+from chainstore.metrics import RequestMetrics
 from chainstore.peers import Connector, PeerPool, tcp_connector
 from chainstore.ring import KeyRange, NodeInfo, Ring, position
 from chainstore.storage import Store, StoreSet
@@ -77,6 +78,8 @@ class KVNode:
         # retry wiped the range. None until the first preparation.
         self.copy_attempt: int | None = None
         self.counts: Counter[str] = Counter()
+        #: requests by command and result, latencies (chainstore/metrics.py)
+        self.metrics = RequestMetrics(monotonic or clock.seconds)
         self.started_at = clock.seconds()
         #: why the storage failed (state FAILED), None while it works
         self.failure: str | None = None
@@ -131,6 +134,15 @@ class KVNode:
     def put(self, key: bytes, value: bytes, request_id: bytes = b"") -> Deferred[bool]:
         """Store C{value} under C{key}; fires with True if it replaced a value, once the tail
         of the key's chain has applied the write."""
+        started = self.metrics.clock()
+        try:
+            d = self._put(key, value, request_id)
+        except Exception as e:
+            self.metrics.failed("put", e)
+            raise
+        return d.addBoth(self.metrics.done, "put", "head", started)
+
+    def _put(self, key: bytes, value: bytes, request_id: bytes) -> Deferred[bool]:
         check_key(key)
         check_value(value)
         check_request_id(request_id)
@@ -145,6 +157,15 @@ class KVNode:
 
     def delete(self, key: bytes, request_id: bytes = b"") -> Deferred[None]:
         """Remove C{key}; fails with L{KeyNotFound} if it held no value."""
+        started = self.metrics.clock()
+        try:
+            d = self._delete(key, request_id)
+        except Exception as e:
+            self.metrics.failed("delete", e)
+            raise
+        return d.addBoth(self.metrics.done, "delete", "head", started)
+
+    def _delete(self, key: bytes, request_id: bytes) -> Deferred[None]:
         check_key(key)
         check_request_id(request_id)
         replica = self._head_replica(key)
@@ -162,8 +183,22 @@ class KVNode:
     def get(self, key: bytes) -> bytes | Deferred[bytes]:
         """The value of C{key}, from any member of its chain: the tail under its lease, a head
         or middle as L{chainstore.craq} says (a Deferred when it asks the tail)."""
-        check_key(key)
-        replica, chain = self._member_replica(key)
+        started = self.metrics.clock()
+        try:
+            check_key(key)
+            replica, chain = self._member_replica(key)
+            value = self._get(key, replica, chain)
+        except Exception as e:
+            self.metrics.failed("get", e)
+            raise
+        role = "tail" if replica.is_tail else "head" if replica.is_head else "middle"
+        if isinstance(value, Deferred):
+            return value.addBoth(self.metrics.done, "get", role, started)
+        self.metrics.answered("get", role, started)
+        return value
+
+    def _get(self, key: bytes, replica: Replica,
+             chain: tuple[NodeInfo, ...]) -> bytes | Deferred[bytes]:
         if not replica.is_tail:
             self.counts["get"] += 1
             return self.member_reads.read(replica, key, chain[-1])
@@ -285,6 +320,7 @@ class KVNode:
         stats.update(self.chain.stats())
         if self.reactor_lag is not None:
             stats.update(self.reactor_lag.stats())
+        stats.update(self.metrics.stats())
         return stats
 
 

@@ -29,13 +29,15 @@ from chainstore.config import (
     server_credentials,
 )
 from chainstore.console import ConsoleFactory
-from chainstore.logs import get_logger
+from chainstore.logs import JSONLog, get_logger
+from chainstore.metrics import server_registry
 from chainstore.ecs_link import make_ecs_link
 from chainstore.node import RUNNING, STOPPED, KVNode
 from chainstore.peers import tcp_connector
 from chainstore.reactor_lag import ReactorLag
 from chainstore.ring import NodeInfo, Ring
 from chainstore.storage import StoreIntegrityError, StoreSet
+from chainstore.web import OFF, WebListener, metrics_root
 
 log = get_logger("chainstore.service")
 
@@ -71,12 +73,21 @@ class KVServerService(MultiService):
                            monotonic=time.monotonic,
                            connect=tcp_connector(reactor, routes=routes,
                                                  credentials=credentials))
+        self._factories = [KVServerFactory(self.node), ConsoleFactory(self.node)]
         _listener(tls.server_endpoint(reactor, config.listen, credentials),
-                  KVServerFactory(self.node)).setServiceParent(self)
+                  self._factories[0]).setServiceParent(self)
         # The classic console has no TLS (its clients cannot do it) unless given an ssl:
         # endpoint; the start-up warnings below say what binding it elsewhere exposes.
         _listener(serverFromString(reactor, config.console),
-                  ConsoleFactory(self.node)).setServiceParent(self)
+                  self._factories[1]).setServiceParent(self)
+        self.web = WebListener(reactor, config.metrics_endpoint, metrics_root(server_registry(
+            self.node, lambda: self._factories)), credentials, "metrics")
+        if config.metrics_endpoint != OFF:
+            self.web.setServiceParent(self)
+            # the ECS lists it in status (heartbeat reports)
+            self.node.metrics.url = lambda: self.web.url(config.advertised_host)
+        if config.log_json:
+            JSONLog(config.log_json).setServiceParent(self)
         self.ecs_link: Any = None
         if config.ecs:
             self.ecs_link = make_ecs_link(self.node, config.ecs, reactor, reactor.stop,

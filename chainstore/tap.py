@@ -67,6 +67,12 @@ class Options(usage.Options):
         ["tls-cert", None, None,
          "this server's certificate, role server, named after --name [default: PKI-DIR/NAME.crt]"],
         ["tls-key", None, None, "this server's private key [default: PKI-DIR/NAME.key]"],
+        ["metrics", None, None,
+         "Prometheus /metrics endpoint, such as tcp:52000:interface=127.0.0.1, or off; beyond "
+         "loopback it is HTTPS for admin certificates only [default: the console's port + "
+         "2000 on 127.0.0.1]"],
+        ["log-json", None, None,
+         "also write the log as JSON lines to this file [default: none]"],
     ]
 
     def opt_ecs(self, value: str) -> None:
@@ -83,7 +89,8 @@ class Options(usage.Options):
         flags = {k: self[k] for k in
                  ("name", "listen", "console", "host", "data-dir", "cache-size",
                   "cache-strategy", "ecs", "log-level", "backend", "durability",
-                  "peer-routes", "tls", "pki-dir", "tls-ca", "tls-cert", "tls-key")}
+                  "peer-routes", "tls", "pki-dir", "tls-ca", "tls-cert", "tls-key",
+                  "metrics", "log-json")}
         try:
             self.config = build_config(yaml_options, flags)
             self.credentials = server_credentials(self.config)

@@ -14,6 +14,7 @@ from typing import Any
 from chainstore.cache import STRATEGIES
 from chainstore.config import read_options
 from chainstore.logs import LEVELS
+from chainstore.web import WebConfigError, check_endpoint
 from chainstore.tls import (
     Credentials,
     TLSConfigError,
@@ -43,6 +44,8 @@ class NodeSlot:
     #: the server's TLS files (default: its NAME.crt and NAME.key in the ECS's pki-dir)
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: the server's --metrics endpoint (default: its console port + 2000 on loopback)
+    metrics: str | None = None
 
 
 def default_pool() -> tuple[NodeSlot, ...]:
@@ -79,6 +82,10 @@ class ECSConfig:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: the status page, its JSON and the ECS's /metrics (chainstore/web.py, ecs/web.py), or off
+    web: str = "tcp:49990:interface=127.0.0.1"
+    #: also log JSON lines (twisted.logger's jsonFileLogObserver) to this file
+    log_json: str | None = None
     nodes: tuple[NodeSlot, ...] = field(default_factory=default_pool)
     #: file: the state in state-file, one ECS; etcd: in etcd, several ECS with one leader
     state: str = "file"
@@ -161,6 +168,13 @@ class ECSConfig:
             raise ECSConfigError(
                 f"listen {self.listen!r}: with tls on give a tcp: endpoint; the ECS wraps it in "
                 "mutual TLS with its certificate (tls-cert)")
+        try:
+            check_endpoint("web", self.web, tls == "on")
+            for slot in self.nodes:
+                if slot.metrics:
+                    check_endpoint(f"{slot.name}: metrics", slot.metrics, tls == "on")
+        except WebConfigError as e:
+            raise ECSConfigError(str(e)) from None
         return replace(self, cache_strategy=self.cache_strategy.upper(),
                        log_level=self.log_level.lower(), tls=tls)
 
@@ -197,6 +211,7 @@ _SCALARS = {
     "ssh-command": str, "register-timeout": float, "log-level": str, "placement": str,
     "tls": str, "pki-dir": str, "tls-ca": str, "tls-cert": str, "tls-key": str,
     "state": str, "etcd-prefix": str, "lease-ttl": int, "name": str,
+    "web": str, "log-json": str,
 }
 OPTION_NAMES = set(_SCALARS) | {"nodes", "etcd-endpoints"}
 
@@ -233,11 +248,12 @@ def _slot(index: int, raw: Any) -> NodeSlot:
         return None if value is None else str(value)
 
     return NodeSlot(name, host, console_port, amp_port, str(raw.get("data-dir", f"data/{name}")),
-                    text("ecs"), text("peer-routes"), text("tls-cert"), text("tls-key"))
+                    text("ecs"), text("peer-routes"), text("tls-cert"), text("tls-key"),
+                    text("metrics"))
 
 
 _SLOT_KEYS = {"name", "host", "console-port", "amp-port", "data-dir", "ecs", "peer-routes",
-              "tls-cert", "tls-key"}
+              "tls-cert", "tls-key", "metrics"}
 
 
 def build_config(yaml_options: dict[str, Any], flags: dict[str, Any]) -> ECSConfig:

@@ -26,8 +26,10 @@ from chainstore.logs import get_logger
 from chainstore.protocol import ring_to_wire
 from ecs.config import ECSConfig
 from ecs.control_calls import CONTROL_TIMEOUT, ControlCalls
+from ecs.chains import ChainReports
 from ecs.failures import may_revive, missing_members, orphaned_ranges
 from ecs.protocol import AdminError
+from ecs.metrics import ECSMetrics
 from ecs.reconfiguration import Operation, Reconfigurer
 from ecs.state import ACTIVE, FAILED, IDLE, LAUNCHING, REMOVED, ClusterState, Member, StateStore
 from ecs.status import status_report
@@ -102,6 +104,10 @@ class ECS:
         # repairs failed in a row, and the retry scheduled after the last of them
         self._repair_failures = 0
         self._repair_retry: Any = None
+        # what the servers report with their heartbeats (lag, window), and the ECS's metrics
+        self.reports = ChainReports()
+        self.metrics = ECSMetrics()
+        self.metrics.collector(self)
 
     @property
     def operation(self) -> Operation | None:
@@ -332,7 +338,7 @@ class ECS:
             for name, link in list(self.links.items()):
                 d = self._call(name, control.Heartbeat, timeout=self.config.heartbeat_interval,
                                epoch=self.committed_epoch)
-                d.addCallbacks(self._heard, lambda f: None, (name,))
+                d.addCallbacks(self._heard, lambda f: None, (name, now))
             for name in list(self.state.ring_members):
                 silent = now - self.last_seen.get(name, self._started_at)
                 limit = self.config.failure_timeout
@@ -348,8 +354,11 @@ class ECS:
         except Exception:
             log.failure("heartbeat round failed")
 
-    def _heard(self, reply: dict[str, Any], name: str) -> None:
+    def _heard(self, reply: dict[str, Any], name: str, sent: float | None = None) -> None:
         self.last_seen[name] = self.clock.seconds()
+        self.reports.heard(name, reply.get("report"))
+        if sent is not None:
+            self.metrics.heartbeat_answered(name, sent, self.last_seen[name])
         if name in self.state.ring_members and reply["epoch"] < self.state.epoch \
                 and not self.busy.locked:
             self._spawn(self._sync(name))
@@ -357,6 +366,7 @@ class ECS:
     def _declare_failed(self, name: str) -> None:
         """Mark C{name} dead at once (chains skip it), then repair in the background."""
         self._failures += 1
+        self.metrics.failure_detected()
         # A change in progress may be waiting on the failed server: fail those calls now, so
         # the change aborts instead of hanging.
         self.calls.cancel(name)
@@ -630,7 +640,7 @@ class ECS:
         server has its state."""
         return status_report(self.state, self.links, self.last_seen, self.operation,
                              self.state.serving and not self._applying_states,
-                             self.clock.seconds())
+                             self.clock.seconds(), self.reports)
 
     # -- reconfiguration -------------------------------------------------------------------------
 
@@ -638,7 +648,13 @@ class ECS:
                            returned: set[str] = frozenset()) -> None:
         """Take the cluster from the current ring to one of C{new_members}; dead members of the
         current ring take no part (see L{ecs.reconfiguration}). The caller holds C{busy}."""
-        await self.reconfigurer.run(new_members, description, returned)
+        started = self.clock.seconds()
+        try:
+            await self.reconfigurer.run(new_members, description, returned)
+        except BaseException:
+            self.metrics.reconfigured(description, self.clock.seconds() - started, ok=False)
+            raise
+        self.metrics.reconfigured(description, self.clock.seconds() - started, ok=True)
 
     async def _set_states(self) -> None:
         await gatherResults([Deferred.fromCoroutine(self._sync(n)) for n in list(self.links)])

@@ -149,6 +149,7 @@ def server_args(config: ECSConfig, slot: NodeSlot, cache_strategy: str,
         "--cache-strategy", cache_strategy, "--cache-size", str(cache_size),
         "--ecs", slot.ecs or config.advertise, "--log-level", config.log_level,
         *(["--peer-routes", slot.peer_routes] if slot.peer_routes else []),
+        *(["--metrics", slot.metrics] if slot.metrics else []),
         *tls_options(config, slot),
     ]
 

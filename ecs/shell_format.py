@@ -67,10 +67,25 @@ def format_status(status: dict[str, Any]) -> str:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    lines.extend(format_chains(status.get("chains") or []))
     op = status.get("operation")
     if op:
         lines.append(f"operation: {op['description']}: " + format_progress(op)[len("moving: "):])
     return "\n".join(lines)
+
+
+def format_chains(chains: list[dict[str, Any]]) -> list[str]:
+    """A table of each range's chain with its head's lag (writes not yet acknowledged by the
+    tail) and window (batches in flight), as the head last reported them."""
+    if not chains:
+        return []
+    rows = [("CHAIN (RANGE OF)", "HEAD", "MIDDLE", "TAIL", "LAG", "WINDOW")]
+    for c in chains:
+        rows.append((c["owner"], c["head"] or "-", ",".join(c["middle"]) or "-",
+                     c["tail"] or "-", "-" if c["lag"] is None else str(c["lag"]),
+                     "-" if c["window"] is None else str(c["window"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
 
 
 class ProgressPrinter:

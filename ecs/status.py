@@ -5,17 +5,21 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from ecs.chains import ChainReports
 from ecs.reconfiguration import Operation
 from ecs.state import ClusterState
 
 
 def status_report(state: ClusterState, connected: Collection[str],
                   last_seen: Mapping[str, float], operation: Operation | None, serving: bool,
-                  now: float) -> dict[str, Any]:
+                  now: float, reports: ChainReports | None = None) -> dict[str, Any]:
     """The epoch, whether the service is C{serving}, the ring (and its dead members), every
     member (address, whether it is C{connected}, seconds since C{last_seen}, its range and
-    position on the ring) and the reconfiguration C{operation} in progress, if any, as of C{now}.
+    position on the ring) and the reconfiguration C{operation} in progress, if any, as of C{now};
+    with the servers' heartbeat C{reports}, each member's metrics URL and each range's chain
+    with its lag and window (L{ecs.chains}).
     """
+    reports = reports or ChainReports()
     ring = state.ring()
     ranges = {n.name: ring.range_of(i) for i, n in enumerate(ring.nodes)}
     members = []
@@ -30,6 +34,8 @@ def status_report(state: ClusterState, connected: Collection[str],
         if m.name in ranges:
             entry["range"] = [f"{ranges[m.name].start:032X}", f"{ranges[m.name].end:032X}"]
             entry["position"] = f"{ranges[m.name].end:032X}"
+        if reports.metrics_url(m.name):
+            entry["metrics"] = reports.metrics_url(m.name)
         members.append(entry)
     return {
         "epoch": state.epoch,
@@ -39,6 +45,7 @@ def status_report(state: ClusterState, connected: Collection[str],
         "ring": [n.name for n in ring.nodes],
         "dead": sorted(ring.dead),
         "members": members,
+        "chains": reports.chains(ring),
         "operation": None if operation is None else {
             "description": operation.description, "step": operation.step,
             "keys_moved": operation.keys + sum(k for k, _ in operation.copies.values()),

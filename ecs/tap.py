@@ -70,6 +70,10 @@ class Options(usage.Options):
         ["lease-ttl", None, None,
          f"seconds of the leader's etcd lease [default: {_D.lease_ttl}]"],
         ["name", None, None, "this ECS's name among several [default: its advertise HOST:PORT]"],
+        ["web", None, None,
+         "the status page, its JSON (/status.json) and the ECS's /metrics, or off; beyond "
+         f"loopback it is HTTPS for admin certificates only [default: {_D.web}]"],
+        ["log-json", None, None, "also write the log as JSON lines to this file [default: none]"],
     ]
 
     def __init__(self) -> None:
@@ -116,7 +120,10 @@ def makeService(options: Options) -> IService:
     from ecs.coordinator import ECS
     from ecs.launcher import make_launcher
     from ecs.server import ECSFactory
+    from chainstore.web import OFF, WebListener
+    from ecs.leadership import Fixed
     from ecs.state import StateFile
+    from ecs.web import status_root
 
     config: ECSConfig = options.config
     logs.set_level(config.log_level)
@@ -143,6 +150,13 @@ def makeService(options: Options) -> IService:
     listener.setServiceParent(top)
     if config.state == "file":
         ECSService(coordinator).setServiceParent(top)
+    if config.web != OFF:
+        # the page follows whichever ECS leads (with state etcd, a standby answers 503)
+        WebListener(reactor, config.web, status_root(
+            Fixed(coordinator) if config.state == "file" else leader), credentials,
+            "status page").setServiceParent(top)
+    if config.log_json:
+        logs.JSONLog(config.log_json).setServiceParent(top)
     return top
 
 

@@ -127,9 +127,13 @@ class KVServerProcess:
         self.host = host
         # Only for ports not given: C{host} may be an address of another network namespace
         # (the harness's --netns), which cannot be bound from this one.
-        spare = iter(free_ports(2, host) if console_port is None or amp_port is None else ())
+        allocate = console_port is None or amp_port is None
+        spare = iter(free_ports(3, host) if allocate else ())
         self.console_port = console_port or next(spare)
         self.amp_port = amp_port or next(spare)
+        # Its own free port for /metrics: the default (console port + 2000) may be a port
+        # another test was handed. With ports chosen by the caller, none (unless given).
+        self.metrics_port: int | None = next(spare) if allocate else None
         self.data_dir = self.workdir / name
         self.log_path = self.workdir / f"{name}.log"
         self.extra_args = list(extra_args)
@@ -156,6 +160,9 @@ class KVServerProcess:
             "--console", f"tcp:{self.console_port}:interface={self.host}",
             "--data-dir", str(self.data_dir),
             *(["--pki-dir", str(self.pki_dir)] if self.pki_dir else ["--tls", "off"]),
+            *([] if "--metrics" in self.extra_args else
+              ["--metrics", f"tcp:{self.metrics_port}:interface={self.host}"
+               if self.metrics_port else "off"]),
             *self.extra_args,
         ]
 
@@ -257,7 +264,9 @@ def write_ecs_config(workdir: str | os.PathLike[str], *, slots: int = 4, initial
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    port, *slot_ports = free_ports(1 + 2 * slots, host)
+    # Each slot's console, AMP and metrics ports (the default metrics port, console + 2000,
+    # may be a port another test was handed), and the ECS's AMP and status page ports.
+    port, web_port, *slot_ports = free_ports(2 + 3 * slots, host)
     config: dict[str, object] = {
         "listen": f"tcp:{port}:interface={host}",
         "advertise": f"tcp:{host}:{port}",
@@ -267,9 +276,11 @@ def write_ecs_config(workdir: str | os.PathLike[str], *, slots: int = 4, initial
         "failure-timeout": failure_timeout,
         "initial-nodes": initial_nodes,
         "pki-dir": str(workdir / "data" / "pki"),
+        "web": f"tcp:{web_port}:interface={host}",
         "nodes": [
-            {"name": f"server{i}", "host": host, "console-port": slot_ports[2 * i - 2],
-             "amp-port": slot_ports[2 * i - 1], "data-dir": str(workdir / f"server{i}")}
+            {"name": f"server{i}", "host": host, "console-port": slot_ports[3 * i - 3],
+             "amp-port": slot_ports[3 * i - 2], "data-dir": str(workdir / f"server{i}"),
+             "metrics": f"tcp:{slot_ports[3 * i - 1]}:interface={host}"}
             for i in range(1, slots + 1)
         ],
     }

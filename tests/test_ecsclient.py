@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pty
+import re
 import socket
 import subprocess
 import sys
@@ -642,7 +643,14 @@ def test_ecsclient_administers_a_real_cluster(tmp_path: Path) -> None:
         lines = result.stdout.splitlines()
         assert lines[0].startswith("epoch ") and ", serving, " in lines[0]
         assert sorted(lines[1].removeprefix("ring: ").split()) == sorted(first + [new])
-        table = {line.split()[0]: line.split() for line in lines[3:]}
+        chains_at = next(i for i, line in enumerate(lines) if line.startswith("CHAIN"))
+        assert lines[chains_at].split()[-2:] == ["LAG", "WINDOW"]
+        chains = [line.split() for line in lines[chains_at + 1:]]
+        # one chain per range, each with its head, lag and window (or - before its report)
+        assert sorted(c[0] for c in chains) == sorted(first + [new])
+        assert all(re.fullmatch(r"\d+|-", c[-1]) and re.fullmatch(r"\d+|-", c[-2])
+                   for c in chains)
+        table = {line.split()[0]: line.split() for line in lines[3:chains_at]}
         assert set(table) == set(first + [new])
         assert all(row[1] == "active" and row[-1] == "yes" for row in table.values())
         ranges = [row[3] for row in table.values()]

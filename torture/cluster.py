@@ -206,6 +206,8 @@ class Cluster:
             "register-timeout": 10.0,
             "tls": "on" if self.tls else "off",
             "pki-dir": str(self.workdir / "data" / "pki"),
+            # No status page: parallel runs would contend for its fixed port.
+            "web": "off",
             "nodes": [{"name": name, "host": self.network.server_host(name),
                        "console-port": self.ports[name][1],
                        "amp-port": self.ports[name][0], "data-dir": str(self.workdir / name),

@@ -1,0 +1,297 @@
+"""A KVServer's Prometheus metrics (``prometheus_client``), served by L{chainstore.web}.
+
+Two kinds, chosen for the cost on the write path:
+
+- per request, a counter by command and result and a latency histogram by command and role:
+  children are bound once, here, so a request costs two increments and one observation, and
+  no label lookup or allocation beyond the histogram's own;
+- everything else (replication lag and window per chain, batches, cache, keys and bytes per
+  store, leases, backlog) is read from the node only when Prometheus scrapes, by
+  L{_NodeCollector}, so it costs nothing between scrapes.
+
+The same counters appear in C{stats} (console and kvclient) through L{RequestMetrics.stats}.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter as CountDict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from twisted.python.failure import Failure
+
+from chainstore.errors import (
+    InvalidKey,
+    InvalidRequestId,
+    KeyNotFound,
+    NotResponsible,
+    ServerStopped,
+    StorageFailed,
+    ValueTooLarge,
+    WriteLocked,
+)
+
+COMMANDS = ("put", "get", "delete")
+ROLES = ("head", "middle", "tail")
+#: what a request's outcome is called, by the exception that ended it (anything else: error)
+RESULTS: dict[type[BaseException], str] = {
+    KeyNotFound: "not_found",
+    ServerStopped: "stopped",
+    StorageFailed: "error",
+    WriteLocked: "write_lock",
+    NotResponsible: "not_responsible",
+    InvalidKey: "invalid",
+    ValueTooLarge: "invalid",
+    InvalidRequestId: "invalid",
+}
+#: results that are refusals (the client should go elsewhere or later), and "overloaded":
+#: connections closed at once because the listener was at its connection limit
+REFUSALS = ("stopped", "write_lock", "not_responsible", "overloaded")
+# From 0.1 ms (a cached get) to 10 s (the replication timeout).
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class RequestMetrics:
+    """The per-request counters and histograms of one server, in their own registry (a
+    process may hold several servers in tests; the default registry would mix them).
+
+    Counts are plain dictionaries, exposed at scrape time by L{_NodeCollector}: cheaper per
+    request than a locked C{prometheus_client.Counter}."""
+
+    def __init__(self, monotonic: Callable[[], float]) -> None:
+        self.clock = monotonic
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.latency = Histogram("chainstore_request_seconds",
+                                 "Request latency: put and delete at the head until the tail "
+                                 "has the write, get at the tail, and at a middle or tail the "
+                                 "Replicate batches it received until its part of the chain "
+                                 "acknowledged them (command put)", ["command", "role"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        #: (command, result) -> requests
+        self.results: CountDict[tuple[str, str]] = CountDict()
+        #: reason -> requests refused (connections refused at the limit are read from the
+        #: listeners at scrape time)
+        self.refusals: CountDict[str] = CountDict()
+        #: where this server's /metrics is served (set by the service), for the ECS's status
+        self.url: Callable[[], str | None] = lambda: None
+        self.copies = 0
+        self.copied_keys = 0
+        self.copied_bytes = 0
+        # Bound once: labels() per request would hash and lock on every call.
+        self._latency = {(c, r): self.latency.labels(c, r) for c in COMMANDS for r in ROLES}
+
+    def done(self, result: Any, command: str, role: str, started: float) -> Any:
+        """A callback and errback for the Deferred of a write: count and time it, pass the
+        result on unchanged."""
+        if isinstance(result, Failure):
+            self.failed(command, result.value)
+        else:
+            self.results[command, "ok"] += 1
+            self._latency[command, role].observe(self.clock() - started)
+        return result
+
+    def answered(self, command: str, role: str, started: float) -> None:
+        """A request answered at once (a get)."""
+        self.results[command, "ok"] += 1
+        self._latency[command, role].observe(self.clock() - started)
+
+    def failed(self, command: str, error: BaseException) -> None:
+        result = RESULTS.get(type(error), "error")
+        self.results[command, result] += 1
+        if result in REFUSALS:
+            self.refusals[result] += 1
+
+    def replicated(self, result: Any, role: str, started: float) -> Any:
+        """A callback and errback for a C{Replicate} batch received as middle or tail."""
+        if not isinstance(result, Failure):
+            self._latency["put", role].observe(self.clock() - started)
+        return result
+
+    def copy_started(self) -> None:
+        self.copies += 1
+
+    def copy_ended(self, keys: int, nbytes: int) -> None:
+        self.copies -= 1
+        self.copied_keys += keys
+        self.copied_bytes += nbytes
+
+    def stats(self) -> dict[str, Any]:
+        """The counters as C{stats} shows them: requests by command and result, refusals by
+        reason, and per command and role the count and mean latency in milliseconds."""
+        out: dict[str, Any] = {
+            "requests": {f"{c}_{r}": n for (c, r), n in sorted(self.results.items())},
+            "refused": dict(sorted(self.refusals.items())),
+            "copies_in_progress": self.copies,
+            "copied_keys": self.copied_keys,
+            "copied_bytes": self.copied_bytes,
+        }
+        latency = {}
+        for (command, role), child in self._latency.items():
+            count, total = _histogram_totals(child)
+            if count:
+                latency[f"{command}_{role}"] = {"count": count,
+                                                "mean": round(total / count * 1000, 3)}
+        out["latency_ms"] = latency
+        return out
+
+
+def _histogram_totals(child: Any) -> tuple[int, float]:
+    count = total = 0.0
+    for sample in child._samples():
+        if sample.name == "_count":
+            count = sample.value
+        elif sample.name == "_sum":
+            total = sample.value
+    return int(count), total
+
+
+class _NodeCollector(Collector):
+    """What a scrape reads from the node: chains, cache, stores, backlog, connections."""
+
+    def __init__(self, node: Any, factories: Callable[[], list[Any]]) -> None:
+        self.node = node
+        self.factories = factories
+
+    def collect(self) -> Iterator[Any]:
+        node = self.node
+        chain = node.chain
+        labels = ["owner", "store", "role"]
+        lag = GaugeMetricFamily(
+            "chainstore_chain_lag_writes",
+            "Writes applied here and not yet acknowledged by the chain's tail (at the head: "
+            "the chain's replication lag)", labels=labels)
+        window = GaugeMetricFamily("chainstore_chain_window_batches",
+                                   "Batches sent to the successor and not yet acknowledged",
+                                   labels=labels)
+        queued = GaugeMetricFamily("chainstore_chain_queued_writes",
+                                   "Writes pending or in the window, not yet acknowledged",
+                                   labels=labels)
+        queued_bytes = GaugeMetricFamily("chainstore_chain_queued_bytes",
+                                         "Bytes of the queued writes", labels=labels)
+        serial = GaugeMetricFamily("chainstore_chain_serial",
+                                   "The serial of the last write applied here", labels=labels)
+        batches = CounterMetricFamily("chainstore_chain_batches_sent",
+                                      "Replicate batches sent to the successor", labels=labels)
+        writes = CounterMetricFamily("chainstore_chain_writes_sent",
+                                     "Writes sent to the successor (per batch: divide by "
+                                     "batches)", labels=labels)
+        lease = GaugeMetricFamily("chainstore_chain_lease_valid",
+                                  "1 if this tail holds a read lease now (0 for other roles)",
+                                  labels=labels)
+        for r in list(chain.replicas.values()):
+            role = "head" if r.is_head else "tail" if r.is_tail else "middle"
+            values = [r.owner, r.store_name, role]
+            lag.add_metric(values, max(r.last_serial - r.acked, 0) if not r.is_tail else 0)
+            window.add_metric(values, len(r.window))
+            queued.add_metric(values, r.queued_ops)
+            queued_bytes.add_metric(values, r.queued_bytes)
+            serial.add_metric(values, r.last_serial)
+            batches.add_metric(values, r.batches_sent)
+            writes.add_metric(values, r.ops_sent)
+            lease.add_metric(values, 1 if r.is_tail and chain.can_read(r) else 0)
+        yield from (lag, window, queued, queued_bytes, serial, batches, writes, lease)
+        backlog_ops, backlog_bytes = chain.backlog()
+        yield GaugeMetricFamily("chainstore_backlog_writes",
+                                "Writes applied here and not yet acknowledged, all chains",
+                                value=backlog_ops)
+        yield GaugeMetricFamily("chainstore_backlog_bytes", "Bytes of the backlog",
+                                value=backlog_bytes)
+        yield GaugeMetricFamily("chainstore_backlogged",
+                                "1 while client connections are paused by the backlog bound",
+                                value=1 if chain.backlogged else 0)
+        cache = node.cache
+        yield CounterMetricFamily("chainstore_cache_hits", "Reads served by the cache",
+                                  value=cache.hits)
+        yield CounterMetricFamily("chainstore_cache_misses", "Reads the cache could not serve",
+                                  value=cache.misses)
+        yield GaugeMetricFamily("chainstore_cache_entries", "Entries in the cache",
+                                value=len(cache))
+        yield GaugeMetricFamily("chainstore_epoch", "The ring epoch this server has",
+                                value=node.ring.epoch)
+        yield GaugeMetricFamily("chainstore_serving",
+                                "1 while the server serves requests (state running)",
+                                value=1 if node.state == "running" else 0)
+        m = node.metrics
+        requests = CounterMetricFamily("chainstore_requests",
+                                       "Client requests by command and result",
+                                       labels=["command", "result"])
+        for (command, result), n in sorted(m.results.items()):
+            requests.add_metric([command, result], n)
+        yield requests
+        refused = CounterMetricFamily("chainstore_refused",
+                                      "Requests refused, by reason; overloaded: connections "
+                                      "closed at once at the listener's connection limit",
+                                      labels=["reason"])
+        overloaded = sum(f.refused_total for f in self.factories())
+        for reason in REFUSALS:
+            refused.add_metric([reason], overloaded if reason == "overloaded"
+                               else m.refusals[reason])
+        yield refused
+        yield GaugeMetricFamily("chainstore_copies_in_progress",
+                                "Range copies this server is streaming to another",
+                                value=m.copies)
+        yield CounterMetricFamily("chainstore_copied_keys",
+                                  "Keys streamed to other servers by range copies",
+                                  value=m.copied_keys)
+        yield CounterMetricFamily("chainstore_copied_bytes",
+                                  "Bytes streamed to other servers by range copies",
+                                  value=m.copied_bytes)
+        yield from self._stores()
+        yield GaugeMetricFamily("chainstore_connections", "Open client and peer connections",
+                                value=sum(f.connections for f in self.factories()))
+
+    def _stores(self) -> Iterator[Any]:
+        keys = GaugeMetricFamily("chainstore_store_keys", "Keys in each store",
+                                 labels=["store"])
+        size = GaugeMetricFamily("chainstore_store_bytes",
+                                 "Bytes on disk of each store (its file and write-ahead log)",
+                                 labels=["store"])
+        stores = self.node.stores
+        if stores is not None and self.node.failure is None:
+            for name, store in stores.stores.items():
+                keys.add_metric([name], len(store))
+                size.add_metric([name], _file_bytes(store.path))
+        yield keys
+        yield size
+
+
+def _file_bytes(path: str) -> int:
+    total = 0
+    for name in (path, path + "-wal"):
+        try:
+            total += os.stat(name).st_size
+        except OSError:
+            pass
+    return total
+
+
+def heartbeat_report(node: Any) -> dict[str, Any]:
+    """What a server tells the ECS with each heartbeat answer, for its status page and
+    C{ecsclient status}: its metrics URL and, per chain it is in, its role, serial, lag and
+    window (see L{ecs.chains})."""
+    chains = []
+    for r in list(node.chain.replicas.values()):
+        chains.append({
+            "owner": r.owner, "store": r.store_name,
+            "role": "head" if r.is_head else "tail" if r.is_tail else "middle",
+            "serial": r.last_serial, "acked": r.acked,
+            "lag": 0 if r.is_tail else max(r.last_serial - r.acked, 0),
+            "window": len(r.window), "queued": r.queued_ops, "queued_bytes": r.queued_bytes,
+        })
+    return {"metrics": node.metrics.url(), "chains": chains}
+
+
+def server_registry(node: Any, factories: Callable[[], list[Any]]) -> CollectorRegistry:
+    """The registry a server's C{/metrics} serves: C{node.metrics} and what it reads from the
+    node at scrape time."""
+    registry: CollectorRegistry = node.metrics.registry
+    registry.register(_NodeCollector(node, factories))
+    return registry
+
+
+__all__ = ["RequestMetrics", "heartbeat_report", "server_registry", "RESULTS", "REFUSALS"]

@@ -1,0 +1,106 @@
+"""The ECS's status page: plain HTML, CSS and JavaScript served by the ECS itself (no CDN, no
+build step), the JSON behind it (``/status.json``, the same object as ``ecsclient status
+--json``) and the ECS's Prometheus metrics (``/metrics``), on one listener (the ``web``
+option, ``tcp:49990:interface=127.0.0.1`` by default; see L{chainstore.web} for access
+beyond loopback).
+
+The page polls ``/status.json`` every second and redraws in place: the ring as an SVG circle
+(each range coloured by its head, middle and tail), the chains with their lag and window, the
+members with their state and heartbeat age, and a reconfiguration's progress.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from twisted.web.resource import NoResource, Resource
+from twisted.web.server import Request
+from twisted.web.static import File
+
+from chainstore.control import NotLeader
+from chainstore.web import MetricsResource
+
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+# Only the ECS's own files and requests: a page that runs no third-party script.
+CSP = b"default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'"
+
+
+def status_json(leader: Any) -> str:
+    """The C{Status} answer of the leading ECS, as C{ecsclient status --json} prints it; raises
+    L{NotLeader} on a standby."""
+    return json.dumps({**leader.current().status(), **leader.ha_status()}, sort_keys=True)
+
+
+class StatusJSON(Resource):
+    """``/status.json``: the leading ECS's status now (a standby answers 503, naming the
+    leader)."""
+
+    isLeaf = True
+
+    def __init__(self, leader: Any) -> None:
+        super().__init__()
+        self.leader = leader
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader("cache-control", "no-store")
+        try:
+            body = status_json(self.leader)
+        except NotLeader as e:
+            return _not_leader(request, e)
+        request.setHeader("content-type", "application/json")
+        return body.encode("utf-8")
+
+
+class LeaderMetrics(Resource):
+    """``/metrics`` of whichever ECS leads: each term's coordinator has its own registry."""
+
+    isLeaf = True
+
+    def __init__(self, leader: Any) -> None:
+        super().__init__()
+        self.leader = leader
+
+    def render_GET(self, request: Request) -> bytes:
+        try:
+            ecs = self.leader.current()
+        except NotLeader as e:
+            return _not_leader(request, e)
+        return MetricsResource(ecs.metrics.registry).render_GET(request)
+
+
+def _not_leader(request: Request, error: Exception) -> bytes:
+    request.setResponseCode(503)
+    request.setHeader("content-type", "text/plain; charset=utf-8")
+    return f"{error}\n".encode("utf-8")
+
+
+class _Page(File):
+    """A static file with the page's content security policy."""
+
+    def render_GET(self, request: Request) -> Any:
+        request.setHeader("content-security-policy", CSP)
+        request.setHeader("cache-control", "no-cache")
+        return super().render_GET(request)
+
+    def directoryListing(self) -> Resource:
+        return NoResource("no listing")
+
+    def createSimilarFile(self, path: str) -> File:
+        f = _Page(path, self.defaultType, self.ignoredExts, self.registry)
+        f.processors = self.processors
+        f.indexNames = self.indexNames[:]
+        f.childNotFound = self.childNotFound
+        return f
+
+
+def status_root(leader: Any) -> Resource:
+    """``/`` the page, ``/static/...`` its script and style, ``/status.json``, ``/metrics``, of
+    C{leader} (L{ecs.leadership.Fixed} or L{ecs.leadership.Leadership})."""
+    root = Resource()
+    root.putChild(b"", _Page(os.path.join(STATIC, "index.html")))
+    root.putChild(b"static", _Page(STATIC))
+    root.putChild(b"status.json", StatusJSON(leader))
+    root.putChild(b"metrics", LeaderMetrics(leader))
+    return root

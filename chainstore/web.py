@@ -10,6 +10,7 @@ certificate, ``ca_file`` the CA). With ``tls: off`` a non-loopback address is re
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from prometheus_client import disable_created_metrics
@@ -29,7 +30,6 @@ log = get_logger("chainstore.web")
 # A _created sample per child and histogram doubles the exposition for nothing a dashboard uses.
 disable_created_metrics()
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1", "0:0:0:0:0:0:0:1")
 OFF = "off"
 
 
@@ -47,6 +47,15 @@ def interface(description: str) -> str:
     return "0.0.0.0"
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_endpoint(option: str, description: str, tls_on: bool) -> None:
     """Refuse what L{web_service} could not serve safely: anything but ``tcp:`` (or C{off}),
     and a non-loopback interface without TLS."""
@@ -56,7 +65,7 @@ def check_endpoint(option: str, description: str, tls_on: bool) -> None:
     if parts[0] != "tcp" or len(parts) < 2:
         raise WebConfigError(f"{option} {description!r}: give a tcp: endpoint such as "
                              "tcp:52000:interface=127.0.0.1, or off")
-    if interface(description) not in LOOPBACK and not tls_on:
+    if not is_loopback(interface(description)) and not tls_on:
         raise WebConfigError(
             f"{option} {description!r} is not on loopback: it is served only over HTTPS to "
             "admin certificates, which needs tls on; bind it to 127.0.0.1")
@@ -147,7 +156,7 @@ class WebListener(Service):
         self.description = description
         self.what = what
         self.port: Any = None
-        if interface(description) in LOOPBACK or credentials is None:
+        if is_loopback(interface(description)) or credentials is None:
             self.endpoint = serverFromString(reactor, description)
         else:
             self.endpoint = tls.server_endpoint(reactor, description, credentials)
@@ -186,7 +195,7 @@ class WebListener(Service):
             host = bound
         if ":" in host:
             host = f"[{host}]"
-        scheme = "http" if interface(self.description) in LOOPBACK else "https"
+        scheme = "http" if is_loopback(interface(self.description)) else "https"
         return f"{scheme}://{host}:{self.port.getHost().port}{path}"
 
 

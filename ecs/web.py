@@ -15,7 +15,8 @@ import json
 import os
 from typing import Any
 
-from twisted.web.resource import NoResource, Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import Resource
 from twisted.web.server import Request
 from twisted.web.static import File
 
@@ -85,7 +86,7 @@ class _Page(File):
         return super().render_GET(request)
 
     def directoryListing(self) -> Resource:
-        return NoResource("no listing")
+        return notFound("No listing", "The static files are not listed.")
 
     def createSimilarFile(self, path: str) -> File:
         f = _Page(path, self.defaultType, self.ignoredExts, self.registry)

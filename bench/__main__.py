@@ -11,7 +11,9 @@ single run with mutual TLS, chainstore's default, the load generator presenting 
 certificate of their PKI; ``chain-plain`` and ``single-plain`` are the same processes with tls
 off (``chain-plain`` is in the default set, so that every default run shows what TLS costs and
 judges the target that it costs at most 20% of the chain's put throughput; Redis and etcd run
-plaintext, so ``chain-plain`` is the like-for-like beside them). Redis and etcd come from
+plaintext, so ``chain-plain`` is the like-for-like beside them); ``chain-nometrics`` is the
+chain with metrics off on every server (not in the default set; beside ``chain`` it judges the
+target that metrics cost at most 5% of its put throughput). Redis and etcd come from
 Debian's packages: missing ones are installed with apt-get when this runs as root, and a system
 still missing is reported as such (and the exit status is 3).
 
@@ -45,7 +47,7 @@ from bench.report import (format_native, format_read_shares, format_table, summa
                           target_verdicts)
 from bench.runner import NATIVE_REDIS, Case, Measurement, Settings, run_session
 from bench.systems import (ChainSystem, EchoSystem, SingleSystem, SystemUnderTest, chain_any,
-                           chain_plain, single_plain)
+                           chain_nometrics, chain_plain, single_plain)
 from bench.ycsb import DISTRIBUTIONS, WORKLOADS, ZIPFIAN_CONSTANT, parse_names
 from chainstore.limits import MAX_KEY_BYTES, MAX_VALUE_BYTES
 
@@ -55,6 +57,7 @@ SYSTEM_MISSING = 3
 #: What --systems may name.
 SYSTEMS: dict[str, Callable[[str], SystemUnderTest]] = {
     "chain": ChainSystem, "chain-any": chain_any, "chain-plain": chain_plain,
+    "chain-nometrics": chain_nometrics,
     "single": SingleSystem,
     "single-plain": single_plain, "redis": RedisSystem, "etcd": EtcdSystem, "echo": EchoSystem}
 DEFAULT_SYSTEMS = ("chain", "chain-any", "chain-plain", "single", "redis", "etcd")

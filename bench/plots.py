@@ -16,7 +16,8 @@ from bench.runner import LOAD, NATIVE_REDIS
 
 #: Each system keeps its colour and marker in every figure.
 STYLES = {"chain": ("tab:blue", "o"), "single": ("tab:cyan", "s"),
-          "chain-plain": ("tab:purple", "o"), "chain-any": ("tab:orange", "o"), "single-plain": ("tab:olive", "s"),
+          "chain-plain": ("tab:purple", "o"), "chain-any": ("tab:orange", "o"),
+          "chain-nometrics": ("tab:brown", "o"), "single-plain": ("tab:olive", "s"),
           "redis": ("tab:red", "^"), "etcd": ("tab:green", "D"), "echo": ("tab:gray", "x")}
 
 

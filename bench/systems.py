@@ -342,13 +342,16 @@ class ChainSystem(SystemUnderTest):
     compare_to = "single"
 
     def __init__(self, workdir: str | os.PathLike[str], servers: int = 3, replication: int = 3,
-                 slots: int = 4, tls: bool = True, reads: str = "tail") -> None:
+                 slots: int = 4, tls: bool = True, reads: str = "tail",
+                 metrics: bool = True) -> None:
         self.reads = reads
         if not tls:
             self.name = "chain-plain"
             self.compare_to = "chain"
         if reads == "any":
             self.name = "chain-any" if tls else "chain-any-plain"
+        if not metrics:
+            self.name = "chain-nometrics"
             self.compare_to = "chain"
         self.servers = servers
         self.replication = replication
@@ -358,7 +361,7 @@ class ChainSystem(SystemUnderTest):
         # in its pki-dir on its first start; tls off makes it and its servers plaintext.
         self.ecs = ECSProcess(Path(workdir) / self.name, slots=slots, initial_nodes=servers,
                               replication=replication, heartbeat_interval=1.0,
-                              failure_timeout=3.0, host=HOST,
+                              failure_timeout=3.0, host=HOST, metrics=metrics,
                               **({} if tls else {"tls": "off"}))
         self.ring: Ring | None = None
         self._credentials: Credentials | None = None
@@ -481,3 +484,9 @@ def chain_plain(workdir: str | os.PathLike[str]) -> ChainSystem:
     """L{ChainSystem} with ``tls: off`` in the ECS's config: the ECS and the servers it
     launches speak plaintext AMP, so its figures beside the chain's are what TLS costs."""
     return ChainSystem(workdir, tls=False)
+
+
+def chain_nometrics(workdir: str | os.PathLike[str]) -> ChainSystem:
+    """L{ChainSystem} with metrics off on every server (no /metrics, requests neither counted
+    nor timed) and no status page: beside the chain's, what the metrics cost."""
+    return ChainSystem(workdir, metrics=False)

@@ -30,7 +30,7 @@ from chainstore.config import (
 )
 from chainstore.console import ConsoleFactory
 from chainstore.logs import JSONLog, get_logger
-from chainstore.metrics import server_registry
+from chainstore.metrics import NoMetrics, server_registry
 from chainstore.ecs_link import make_ecs_link
 from chainstore.node import RUNNING, STOPPED, KVNode
 from chainstore.peers import tcp_connector
@@ -80,9 +80,11 @@ class KVServerService(MultiService):
         # endpoint; the start-up warnings below say what binding it elsewhere exposes.
         _listener(serverFromString(reactor, config.console),
                   self._factories[1]).setServiceParent(self)
-        self.web = WebListener(reactor, config.metrics_endpoint, metrics_root(server_registry(
-            self.node, lambda: self._factories)), credentials, "metrics")
-        if config.metrics_endpoint != OFF:
+        if config.metrics_endpoint == OFF:
+            self.node.metrics = NoMetrics(self.node.metrics.clock)
+        else:
+            self.web = WebListener(reactor, config.metrics_endpoint, metrics_root(
+                server_registry(self.node, lambda: self._factories)), credentials, "metrics")
             self.web.setServiceParent(self)
             # the ECS lists it in status (heartbeat reports)
             self.node.metrics.url = lambda: self.web.url(config.advertised_host)

@@ -254,12 +254,14 @@ class ProcessGroup:
 
 def write_ecs_config(workdir: str | os.PathLike[str], *, slots: int = 4, initial_nodes: int = 2,
                      heartbeat_interval: float = 0.3, failure_timeout: float = 1.5,
-                     host: str = "127.0.0.1", **options: object) -> Path:
+                     host: str = "127.0.0.1", metrics: bool = True,
+                     **options: object) -> Path:
     """Write C{workdir}/ecs.yaml: an ECS on a free port with a pool of C{slots} free-port slots.
 
     The state file (C{workdir}/ecs/state.json), the servers' logs (C{workdir}/logs) and their
     data directories (C{workdir}/<name>) all stay inside C{workdir}. Further YAML options may be
     given as keyword arguments with underscores (C{register_timeout=10}, C{replication=3}).
+    With C{metrics} False the servers have metrics off and the ECS no status page.
     Returns the path of the file.
     """
     workdir = Path(workdir).resolve()
@@ -276,11 +278,11 @@ def write_ecs_config(workdir: str | os.PathLike[str], *, slots: int = 4, initial
         "failure-timeout": failure_timeout,
         "initial-nodes": initial_nodes,
         "pki-dir": str(workdir / "data" / "pki"),
-        "web": f"tcp:{web_port}:interface={host}",
+        "web": f"tcp:{web_port}:interface={host}" if metrics else "off",
         "nodes": [
             {"name": f"server{i}", "host": host, "console-port": slot_ports[3 * i - 3],
              "amp-port": slot_ports[3 * i - 2], "data-dir": str(workdir / f"server{i}"),
-             "metrics": f"tcp:{slot_ports[3 * i - 1]}:interface={host}"}
+             "metrics": f"tcp:{slot_ports[3 * i - 1]}:interface={host}" if metrics else "off"}
             for i in range(1, slots + 1)
         ],
     }

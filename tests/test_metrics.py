@@ -19,6 +19,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from chainstore import tls
 from chainstore.config import ConfigError, ServerConfig, build_config
+from chainstore.control import NotLeader
 from chainstore.errors import NotResponsible, ServerStopped
 from chainstore.logs import JSONLog
 from chainstore.metrics import heartbeat_report, server_registry
@@ -27,7 +28,8 @@ from chainstore.web import MetricsResource, WebListener, metrics_root
 from ecs.chains import ChainReports
 from ecs.server import ECSProtocol
 from ecs.shell_format import format_status
-from ecs.web import StatusJSON
+from ecs.leadership import Fixed
+from ecs.web import LeaderMetrics, StatusJSON
 from simnet import SimNet
 from test_chain import keys_headed_by, put
 from test_ecs_coordinator import Cluster
@@ -172,7 +174,7 @@ def test_the_pages_json_is_status_json_with_chains_lag_and_window(cluster):
     cluster.put_all(keys)
     cluster.pass_time(1.0)  # heartbeats carry the servers' reports
     request = DummyRequest([b"status.json"])
-    page = StatusJSON(cluster.ecs).render_GET(request)
+    page = StatusJSON(Fixed(cluster.ecs)).render_GET(request)
     assert request.responseHeaders.getRawHeaders(b"content-type") == [b"application/json"]
     # the same bytes as ecsclient status --json gets from the Status command
     assert page.decode("utf-8") == ECSProtocol(cluster.ecs).status()["status"]
@@ -278,3 +280,18 @@ def test_json_log_lines(tmp_path):
                   if e.get("log_namespace") == "chainstore.test"]
     assert [(e["log_format"], e["key"], e["ms"]) for e in events] == \
         [("put {key} took {ms} ms", "k1", 3)]
+
+
+def test_a_standby_ecs_answers_503_naming_the_leader():
+    class Standby:
+        def current(self):
+            raise NotLeader("not the leader; the leader is 127.0.0.1:49999")
+
+        def ha_status(self):
+            return {}
+
+    for resource in (StatusJSON(Standby()), LeaderMetrics(Standby())):
+        request = DummyRequest([b""])
+        body = resource.render_GET(request)
+        assert request.responseCode == 503
+        assert body == b"not the leader; the leader is 127.0.0.1:49999\n"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from bisect import bisect_left
 from collections import Counter as CountDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -263,12 +263,8 @@ class _NodeCollector(Collector):
             if histogram.count:
                 latency.add_metric([command, role], histogram.buckets(), histogram.sum)
         yield latency
-        requests = CounterMetricFamily("chainstore_requests",
-                                       "Client requests by command and result",
-                                       labels=["command", "result"])
-        for (command, result), n in sorted(m.results.items()):
-            requests.add_metric([command, result], n)
-        yield requests
+        yield counts_family("chainstore_requests", "Client requests by command and result",
+                            ["command", "result"], m.results)
         refused = CounterMetricFamily("chainstore_refused",
                                       "Requests refused, by reason; overloaded: connections "
                                       "closed at once at the listener's connection limit",
@@ -316,6 +312,15 @@ def _file_bytes(path: str) -> int:
     return total
 
 
+def counts_family(name: str, documentation: str, labels: list[str],
+                  counts: Mapping[tuple[str, ...], int]) -> CounterMetricFamily:
+    """A counter family of C{counts}, keyed by its label values."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for values, n in sorted(counts.items()):
+        family.add_metric(list(values), n)
+    return family
+
+
 def heartbeat_report(node: Any) -> dict[str, Any]:
     """What a server tells the ECS with each heartbeat answer, for its status page and
     C{ecsclient status}: its metrics URL and, per chain it is in, its role, serial, lag and
@@ -340,4 +345,4 @@ def server_registry(node: Any, factories: Callable[[], list[Any]]) -> CollectorR
     return registry
 
 
-__all__ = ["NoMetrics", "RequestMetrics", "heartbeat_report", "server_registry", "RESULTS", "REFUSALS"]
+__all__ = ["counts_family", "NoMetrics", "RequestMetrics", "heartbeat_report", "server_registry", "RESULTS", "REFUSALS"]

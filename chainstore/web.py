@@ -110,6 +110,13 @@ class AdminOnly(Resource):
         return self.wrapped.render(request)
 
 
+def plain_error(request: Request, code: int, text: str) -> bytes:
+    """Answer C{request} with status C{code} and C{text} as one line of plain text."""
+    request.setResponseCode(code)
+    request.setHeader("content-type", "text/plain; charset=utf-8")
+    return f"{text}\n".encode("utf-8")
+
+
 class _Forbidden(Resource):
     isLeaf = True
 
@@ -118,9 +125,7 @@ class _Forbidden(Resource):
         self.why = why
 
     def render(self, request: Request) -> bytes:
-        request.setResponseCode(403)
-        request.setHeader("content-type", "text/plain; charset=utf-8")
-        return self.why.encode("utf-8") + b"\n"
+        return plain_error(request, 403, self.why)
 
 
 def _refusal(request: Request) -> Resource | None:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from chainstore.metrics import counts_family
 from ecs.state import ACTIVE, FAILED, IDLE, LAUNCHING, REMOVED
 
 STATES = (LAUNCHING, IDLE, ACTIVE, FAILED, REMOVED)
@@ -108,12 +109,9 @@ class _ECSCollector(Collector):
         yield CounterMetricFamily("chainstore_ecs_failures_detected",
                                   "Servers declared failed after missing heartbeats",
                                   value=m.failures_detected)
-        done = CounterMetricFamily("chainstore_ecs_reconfigurations",
-                                   "Reconfigurations ended, by kind and result",
-                                   labels=["kind", "result"])
-        for (kind, result), n in sorted(m.reconfigurations.items()):
-            done.add_metric([kind, result], n)
-        yield done
+        yield counts_family("chainstore_ecs_reconfigurations",
+                            "Reconfigurations ended, by kind and result", ["kind", "result"],
+                            m.reconfigurations)
         yield from self._operation(now)
         yield from self._chains()
 

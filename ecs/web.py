@@ -21,7 +21,7 @@ from twisted.web.server import Request
 from twisted.web.static import File
 
 from chainstore.control import NotLeader
-from chainstore.web import MetricsResource
+from chainstore.web import MetricsResource, plain_error
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 # Only the ECS's own files and requests: a page that runs no third-party script.
@@ -72,9 +72,7 @@ class LeaderMetrics(Resource):
 
 
 def _not_leader(request: Request, error: Exception) -> bytes:
-    request.setResponseCode(503)
-    request.setHeader("content-type", "text/plain; charset=utf-8")
-    return f"{error}\n".encode("utf-8")
+    return plain_error(request, 503, str(error))
 
 
 class _Page(File):

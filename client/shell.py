@@ -15,6 +15,7 @@ follows the ring, retries and backs off exactly like the library.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
@@ -52,6 +53,7 @@ commands (<port> is a server's AMP port, its --listen option, not the text conso
   delete <key>            remove <key>
   keyrange                every key range with the console address of its head (writes)
   keyrange_read           every key range with the console address of its tail (reads)
+  stats                   a server's counters (requests, latencies, chains, cache) as JSON
   logLevel <level>        what the client logs to stderr: debug, info, warn, error, critical
   help                    this text
   quit                    leave (so does the end of the input)
@@ -192,6 +194,12 @@ class Shell:
             self.reply(
                 b"keyrange_read_success " + self._connected().keyrange_read().encode("ascii"))
 
+    def do_stats(self, rest: bytes) -> None:
+        # The same JSON as the console's stats: the counters its /metrics exposes.
+        if self._no_args("stats", rest):
+            self.reply(b"stats " + json.dumps(self._connected().stats(),
+                                              sort_keys=True).encode("ascii"))
+
     def do_loglevel(self, rest: bytes) -> None:
         name = rest.strip().decode("ascii", "replace").lower()
         if not name:
@@ -239,6 +247,7 @@ _COMMANDS: dict[bytes, Callable[[Shell, bytes], None]] = {
     b"delete": Shell.do_delete,
     b"keyrange": Shell.do_keyrange,
     b"keyrange_read": Shell.do_keyrange_read,
+    b"stats": Shell.do_stats,
     b"loglevel": Shell.do_loglevel,
     b"help": Shell.do_help,
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pty
 import select
@@ -162,10 +163,18 @@ def test_log_level_sets_the_client_library_level(session: Session) -> None:
 def test_help_lists_every_command_and_names_the_amp_port(session: Session) -> None:
     text = b"\n".join(session.run(b"help"))
     for command in (b"connect <host> <port>", b"disconnect", b"put <key> <value>", b"get <key>",
-                    b"delete <key>", b"keyrange", b"keyrange_read", b"logLevel <level>",
+                    b"delete <key>", b"keyrange", b"keyrange_read", b"stats", b"logLevel <level>",
                     b"help", b"quit"):
         assert command in text
     assert b"AMP port" in text
+
+
+def test_stats_prints_the_servers_counters(session: Session) -> None:
+    session.run(b"put a 1", b"get a")
+    (line,) = session.run(b"stats")
+    assert line.startswith(b"stats ")
+    assert json.loads(line[len(b"stats "):])["puts"] == 1
+    assert session.run(b"stats now") == [b"error stats takes no arguments"]
 
 
 def test_quit_stops_reading(session: Session) -> None:
@@ -199,11 +208,18 @@ def test_kvclient_in_a_pipe_against_a_real_server(processes, tmp_path: Path) -> 
     server = processes.server().start()
     amp = f"{server.host}:{server.amp_port}"
     run = kvclient(["--connect", amp], b"put a 1\nget a\nput a x y\nget a\ndelete a\nget a\n"
-                                       b"get " + b"k" * 21 + b"\n", tmp_path)
+                                       b"get " + b"k" * 21 + b"\nstats\n", tmp_path)
     assert run.returncode == 0, run.stderr.decode()
-    assert run.stdout.splitlines() == [
+    *replies, stats = run.stdout.splitlines()
+    assert replies == [
         b"put_success a", b"get_success a 1", b"put_update a", b"get_success a x y",
         b"delete_success a", b"get_error a", b"error key is 21 bytes, the limit is 20"]
+    # the server's counters, as its /metrics has them (the invalid key never reached it)
+    assert stats.startswith(b"stats ")
+    counters = json.loads(stats[len(b"stats "):])
+    assert counters["requests"] == {"put_ok": 2, "get_ok": 2, "get_not_found": 1,
+                                    "delete_ok": 1}
+    assert counters["latency_ms"]["put_head"]["count"] == 2
     # No prompt when stdin is not a terminal, and nothing on stderr at the default log level.
     assert PROMPT.encode() not in run.stdout and run.stderr == b""
 

@@ -6,6 +6,7 @@ control commands; every box crosses the real AMP wire format.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -148,10 +149,16 @@ def test_a_refused_registration_drops_the_link(tmp_path):
 
 
 def test_heartbeat_reports_epoch_and_state(link):
-    assert link.call(control.Heartbeat, epoch=5) == {"epoch": 0, "state": STOPPED}
+    answer = link.call(control.Heartbeat, epoch=5)
+    assert (answer["epoch"], answer["state"]) == (0, STOPPED)
     link.call(control.SetMetadata, **wire(ring(ME, PEER, epoch=3)))
     link.call(control.SetState, state=RUNNING)
-    assert link.call(control.Heartbeat, epoch=3) == {"epoch": 3, "state": RUNNING}
+    answer = link.call(control.Heartbeat, epoch=3)
+    assert (answer["epoch"], answer["state"]) == (3, RUNNING)
+    # and its chains with their lag and window, for the ECS's status (chainstore.metrics)
+    report = json.loads(answer["report"])
+    assert ("s1", "head", 0, 0) in {(c["owner"], c["role"], c["lag"], c["window"])
+                                    for c in report["chains"]}
 
 
 def test_set_metadata_adopts_newer_rings_and_refuses_stale_ones(link):

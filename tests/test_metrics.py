@@ -68,8 +68,13 @@ def test_a_put_moves_the_put_counter_and_histogram(net):
     assert sample(before, "chainstore_request_seconds_count", command="put", role="head") == 0
     started = net.clock.seconds()
     answered: list[float] = []
+    # The middle is away for half a second, so the write takes at least that long.
+    middle_name = ring.chain(key)[1].name
+    net.down.add(middle_name)
     d = put(net, ring, key, b"v")
     d.addCallback(lambda updated: answered.append(net.clock.seconds()) or updated)
+    net.run(0.5)
+    net.down.discard(middle_name)
     assert net.settle(d) is False
     took = answered[0] - started
     after = scrape(head)
@@ -78,7 +83,9 @@ def test_a_put_moves_the_put_counter_and_histogram(net):
     # The head's latency runs until the tail has the write: the simulated time it took.
     assert sample(after, "chainstore_request_seconds_sum", command="put", role="head") == \
         pytest.approx(took)
-    assert took > 0
+    assert took >= 0.5
+    assert sample(after, "chainstore_request_seconds_bucket", command="put", role="head",
+                  le="0.25") == 0
     assert sample(after, "chainstore_request_seconds_bucket", command="put", role="head",
                   le="+Inf") == 1
     # The middle and the tail each timed the Replicate batch that carried it.

@@ -175,18 +175,19 @@ class Replica:
         self.queued_ops = self.queued_bytes = 0
 
 
-def _next_batch(pending: list[Op]) -> list[Op]:
+def _next_batch(pending: list[Op]) -> tuple[list[Op], int]:
     """Cut the next batch off the front of C{pending}: at most BATCH_OPS writes and, past the
-    first, at most BATCH_BYTES of them as packed for a C{Replicate}."""
-    count = size = 0
+    first, at most BATCH_BYTES of them as packed for a C{Replicate}; and its size in bytes."""
+    count = size = taken = 0
     for op in pending:
         size += _op_bytes(op)
         if count == BATCH_OPS or (count and size > BATCH_BYTES):
             break
         count += 1
+        taken = size
     batch = pending[:count]
     del pending[:count]
-    return batch
+    return batch, taken
 
 
 def chain_id(ring: Ring, index: int) -> str:
@@ -434,7 +435,9 @@ class ChainReplicator:
         if not ops:
             return replica.acked
         self._check_accepting(replica)
-        fresh = [op for op in ops if op[0] > replica.last_serial]
+        # Serials rise within a batch: usually all of it is new (a resent window is not).
+        fresh = (ops if ops[0][0] > replica.last_serial
+                 else [op for op in ops if op[0] > replica.last_serial])
         if fresh:
             if fresh[0][0] != replica.last_serial + 1:
                 if not resumed:
@@ -467,7 +470,8 @@ class ChainReplicator:
             return self._wait(replica, last)
         # Forward what this process has not forwarded yet, including writes it already held
         # from before a restart (its old window died with it; the successor skips duplicates).
-        onward = [op for op in ops if op[0] > replica.forwarded]
+        onward = (ops if ops[0][0] > replica.forwarded
+                  else [op for op in ops if op[0] > replica.forwarded])
         if onward:
             replica.forwarded = onward[-1][0]
             replica.queue(onward)
@@ -519,8 +523,8 @@ class ChainReplicator:
             return
         while replica.pending and replica.successor is not None \
                 and len(replica.window) < WINDOW_BATCHES:
-            ops = _next_batch(replica.pending)
-            batch = _Batch(ops[0][0], ops[-1][0], ops, sum(_op_bytes(op) for op in ops))
+            ops, size = _next_batch(replica.pending)
+            batch = _Batch(ops[0][0], ops[-1][0], ops, size)
             replica.window.append(batch)
             replica.batches_sent += 1
             replica.ops_sent += len(ops)
@@ -581,7 +585,7 @@ class ChainReplicator:
             return
         for batch in list(replica.window):
             self._send(replica, batch)
-        self._flush(replica)
+        self._flush_later(replica)
 
     def _advance(self, replica: Replica, acked: int) -> None:
         if acked > replica.acked:
@@ -594,8 +598,15 @@ class ChainReplicator:
             replica.queued_bytes -= batch.size
         while waiters and waiters[0][0] <= replica.acked:
             waiters.popleft()[1].callback(replica.acked)
-        self._flush(replica)
+        self._flush_later(replica)
         self._update_backlog()
+
+    def _flush_later(self, replica: Replica) -> None:
+        # Not at once: writes taken in this reactor turn are not committed before its end, and
+        # nothing is forwarded uncommitted; and so the writes of the whole turn (an ack and the
+        # client writes read beside it) travel in one batch.
+        if replica.pending and not replica.is_tail:
+            self._end_turn_later(replica)
 
     # -- the write backlog -----------------------------------------------------------------------
 

@@ -199,9 +199,16 @@ def test_the_largest_legitimate_server_boxes_fit_the_servers_cap():
     biggest = 0
     for ops in ([op(i) for i in range(BATCH_OPS)], [op(0)],
                 [(i, control.PUT, b"k" * 20, b"v" * 1000, b"r" * 64) for i in range(BATCH_OPS)]):
-        batch = _next_batch(list(ops))
+        batch, batch_bytes = _next_batch(list(ops))
+        packed = control.pack_ops(batch)
+        assert len(packed) == batch_bytes
         biggest = max(biggest, size(control.Replicate, epoch=2 ** 40, owner="n" * 64,
-                                    ops=control.pack_ops(batch), resumed=True))
+                                    ops=packed, resumed=True))
+        # The box the chain sends (control.replicate_box) is the same.
+        box = control.replicate_box(2 ** 40, "n" * 64, packed, True)
+        box[b"_command"], box[b"_ask"] = control.Replicate.commandName, b"99999"
+        assert len(box.serialize()) == size(control.Replicate, epoch=2 ** 40, owner="n" * 64,
+                                            ops=packed, resumed=True)
     # A ReceiveRange batch ends once it reaches migration.BATCH_BYTES, on a full-size value.
     pairs = [(b"k%019d" % i, b"v" * MAX_VALUE_BYTES) for i in range(5)]
     assert sum(len(k) + len(v) for k, v in pairs[:4]) < migration.BATCH_BYTES

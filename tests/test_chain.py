@@ -116,6 +116,40 @@ def test_writes_in_flight_are_batched_and_all_answered(net):
     assert (stats["batches_sent"], stats["writes_sent"]) == (3, 600)
 
 
+def deliver(net: SimNet) -> None:
+    """Move bytes on every link until none move, without ending a reactor turn (no
+    callLater(0) runs): what the servers do within one turn."""
+    for _ in range(1_000):
+        if not [p for _, _, p in list(net.links) if p.pump(advanceClock=False)]:
+            return
+    raise AssertionError("the network never went quiet")
+
+
+def test_an_ack_does_not_forward_a_write_its_head_has_not_committed(net):
+    ring = net.cluster(3)
+    keys = keys_headed_by(ring, "n0", 3)
+    head, middle, tail = ring.chain(keys[0])
+    head_store = net.nodes[head.name].stores["coordinator"]
+    middle_store = net.nodes[middle.name].stores["replica1"]
+    first = [put(net, ring, keys[0], b"one")]
+    net.clock.advance(0)
+    first.append(put(net, ring, keys[1], b"two"))
+    net.clock.advance(0)  # two batches in flight: the window is full
+    deliver(net)
+    net.clock.advance(0)  # the middle forwards them
+    # A write taken in this turn, not committed yet, waits behind the full window...
+    third = put(net, ring, keys[2], b"three")
+    assert head_store.uncommitted
+    # ...when the acks come back within the same turn: it is not forwarded uncommitted.
+    deliver(net)
+    assert all(d.called for d in first) and not third.called
+    assert middle_store.get(keys[2]) is None and head_store.uncommitted
+    net.clock.advance(0)  # committed, then forwarded
+    assert not head_store.uncommitted
+    assert net.settle(third) is False
+    assert middle_store.get(keys[2]) == b"three"
+
+
 def put_boxes(keys: list[bytes], value: bytes) -> bytes:
     """The bytes of a client's Put boxes, one per key, as they arrive on the wire."""
     out = b""

@@ -524,7 +524,7 @@ def test_python_m_bench_measures_redis_and_etcd_beside_the_chain(tmp_path: Path)
     assert "etcd Version" in machine["versions"]["etcd"]
     assert len(machine["load_average_before"]) == 3 and machine["cpu_model"]
     text = stdout.decode()
-    assert "targets (workloads W and C" in text and "redis-benchmark" in text
+    assert "targets (100-byte values, 32 in flight)" in text and "redis-benchmark" in text
     if machine["versions"]["matplotlib"]:
         assert sorted(p.name for p in plots.iterdir()) == ["zipfian-100B.png"]
         assert (plots / "zipfian-100B.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

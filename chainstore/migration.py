@@ -28,8 +28,8 @@ log = get_logger("chainstore.migration")
 
 BATCH_KEYS = 1000
 BATCH_BYTES = 512 * 1024
-#: Entries read from a store per query; the reactor runs between two queries, so this bounds
-#: how long a copy, move or drop holds it at a time (a page of 256 entries of 100-byte values
+#: Rows read from a store per query; the reactor runs between two queries, so this bounds
+#: how long a copy, move or drop holds it at a time (a page of 256 rows of 100-byte values
 #: reads in a few milliseconds, one of BATCH_BYTES of big values in about as long).
 PAGE_ROWS = 256
 #: Batches of a copy sent and not yet confirmed by the target: two, so that the source reads
@@ -51,24 +51,22 @@ async def turn(clock: IReactorTime) -> None:
 
 
 async def pages(store: Store, rng: KeyRange, clock: IReactorTime, values: bool = True,
-                ) -> AsyncIterator[list[tuple[bytes, bytes, bytes | None]]]:
-    """The entries (position, key, value) of C{store} in C{rng}, a page at a time in ring
-    order, the reactor running between pages. Only the range's entries are read (the store's
-    position index), and a page holds at most L{PAGE_ROWS} entries and about L{BATCH_BYTES}.
+                ) -> AsyncIterator[list[tuple[bytes, bytes | None]]]:
+    """The pairs (key, value) of C{store} in C{rng}, a page at a time, the reactor running
+    between pages. Only the range's part of the store is read (its buckets, chainstore/storage/
+    sqlitedbm.py), and a page reads at most L{PAGE_ROWS} rows and about L{BATCH_BYTES}.
 
-    Each page is a new query after the last entry of the one before, so writes between pages
-    are allowed: a key written behind the cursor is not seen (a copy's write tracker has it).
+    Each page is a new query after the last row of the one before, so writes between pages
+    are allowed: a key written behind the cursor is not seen (a copy's write tracker has it),
+    and deleting the keys of a page does not disturb the next.
     """
-    after: tuple[bytes, bytes] | None = None
-    limit = PAGE_ROWS
+    cursor: Any = None
     while True:
-        page = store.range_page(rng, after, limit, values, BATCH_BYTES)
-        if not page:
+        page, cursor = store.range_page(rng, cursor, PAGE_ROWS, values, BATCH_BYTES)
+        if page:
+            yield page
+        if cursor is None:
             return
-        yield page
-        if len(page) < limit and sum(len(k) + len(v or b"") for _, k, v in page) < BATCH_BYTES:
-            return  # neither bound cut it short: that was the last
-        after = page[-1][0], page[-1][1]
         await turn(clock)
 
 
@@ -79,7 +77,7 @@ async def batches(store: Store, rng: KeyRange, clock: IReactorTime,
     batch: list[tuple[bytes, bytes]] = []
     size = 0
     async for page in pages(store, rng, clock):
-        for _, key, value in page:
+        for key, value in page:
             assert value is not None
             batch.append((key, value))
             size += len(key) + len(value)
@@ -256,17 +254,18 @@ async def move_local(source: Store, target: Store, rng: KeyRange, clock: IReacto
 
 
 async def drop_range(store: Store, rng: KeyRange, clock: IReactorTime) -> int:
-    """Delete C{store}'s keys in C{rng}, L{DROP_KEYS} per transaction, the reactor running
-    between two; only the range's entries of the position index are read, no value."""
+    """Delete C{store}'s keys in C{rng}, at most L{DROP_KEYS} per transaction, the reactor
+    running between two; only the range's part of the store is read, no value."""
     dropped = 0
     async with store.lock.writing():
+        cursor: Any = None
         while True:
-            # Always the first page of what is left: the keys before it are gone.
-            page = store.range_page(rng, None, DROP_KEYS, values=False)
-            if not page:
+            page, cursor = store.range_page(rng, cursor, DROP_KEYS, values=False)
+            if page:
+                write_batch(store, [], [key for key, _ in page])
+                dropped += len(page)
+            if cursor is None:
                 return dropped
-            write_batch(store, [], [key for _, key, _ in page])
-            dropped += len(page)
             await turn(clock)
 
 

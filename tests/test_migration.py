@@ -277,7 +277,7 @@ def test_move_local_holds_a_read_lock_on_the_source(stores, monkeypatch):
 
 
 def test_drop_range_deletes_only_the_range_under_the_write_lock(stores, monkeypatch):
-    monkeypatch.setattr(migration, "BATCH_KEYS", 30)
+    monkeypatch.setattr(migration, "DROP_KEYS", 30)
     clock = Clock()
     store = stores["coordinator"]
     items = {k: b"v" + k for k in keys(400)}

@@ -32,13 +32,13 @@ class Backend(Protocol):
     def items(self, after: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
         """The pairs in key order, strictly after C{after}; writes meanwhile are allowed."""
 
-    def range_page(self, start: int, end: int, after: tuple[bytes, bytes] | None, limit: int,
-                   values: bool = True, max_bytes: int | None = None,
-                   ) -> list[tuple[bytes, bytes, bytes | None]]:
-        """Up to C{limit} entries (position as 16 bytes, key, value or None without
-        C{values}) of the ring range (start, end], whole ring if start == end, in order of
-        (position, key), strictly after C{after} (such a pair), stopping early once the keys
-        and values read hold C{max_bytes}."""
+    def range_page(self, start: int, end: int, cursor: Any, limit: int, values: bool = True,
+                   max_bytes: int | None = None) -> tuple[list[tuple[bytes, bytes | None]], Any]:
+        """The next page of the pairs (key, value, or None without C{values}) of the ring
+        range (start, end], the whole ring if start == end, and the cursor of the page after
+        it (None: no more); C{cursor} None starts. At most C{limit} entries are read (a page
+        may hold fewer, even none, while more follow), and a page ends once its keys and
+        values hold C{max_bytes}. Keys deleted behind the cursor do not disturb it."""
 
     def update_many(self, puts: Iterable[tuple[bytes, bytes]],
                     deletes: Iterable[bytes] = ()) -> None:
@@ -120,31 +120,30 @@ class DumbDBM:
             if value is not None:
                 yield key, value
 
-    def range_page(self, start: int, end: int, after: tuple[bytes, bytes] | None, limit: int,
-                   values: bool = True, max_bytes: int | None = None,
-                   ) -> list[tuple[bytes, bytes, bytes | None]]:
+    def range_page(self, start: int, end: int, cursor: Any, limit: int, values: bool = True,
+                   max_bytes: int | None = None) -> tuple[list[tuple[bytes, bytes | None]], Any]:
         # Every key hashed and sorted for each page: fine for the small stores this backend
-        # is for (it is refused under an ECS, which is what moves ranges).
+        # is for (it is refused under an ECS, which is what moves ranges). The cursor is the
+        # last (place in ring order, key) returned.
         rng = KeyRange(start, end)
-        high = end.to_bytes(16, "big")
 
-        def order(pos: bytes, key: bytes) -> tuple[bool, bytes, bytes]:
+        def order(key: bytes) -> tuple[bool, int, bytes]:
             # A range that wraps past zero runs from above start to the top, then from 0.
-            return (start > end and pos <= high, pos, key)
+            pos = position(key)
+            return (start > end and pos <= end, pos, key)
 
-        entries = sorted(order(pos.to_bytes(16, "big"), key) for key in self._db.keys()
-                         if (pos := position(key)) in rng)
-        if after is not None:
-            entries = [e for e in entries if e > order(*after)]
-        found: list[tuple[bytes, bytes, bytes | None]] = []
-        for _, pos_bytes, key in entries[:limit]:
-            value = self._db.get(key) if values else None
-            found.append((pos_bytes, key, value))
+        entries = sorted(order(key) for key in self._db.keys() if position(key) in rng)
+        if cursor is not None:
+            entries = [e for e in entries if e > cursor]
+        found: list[tuple[bytes, bytes | None]] = []
+        for entry in entries[:limit]:
+            value = self._db.get(entry[2]) if values else None
+            found.append((entry[2], value))
             if max_bytes is not None:
-                max_bytes -= len(key) + (len(value) if value is not None else 0)
+                max_bytes -= len(entry[2]) + (len(value) if value is not None else 0)
                 if max_bytes <= 0:
                     break
-        return found
+        return found, (entries[len(found) - 1] if len(found) < len(entries) else None)
 
     def update_many(self, puts: Iterable[tuple[bytes, bytes]],
                     deletes: Iterable[bytes] = ()) -> None:

@@ -162,13 +162,11 @@ class Store:
         return len(self.db)
 
     @_guarded
-    def range_page(self, rng: KeyRange, after: tuple[bytes, bytes] | None, limit: int,
-                   values: bool = True, max_bytes: int | None = None,
-                   ) -> list[tuple[bytes, bytes, bytes | None]]:
-        """One page of the entries (position, key, value) of C{rng} in ring order, after the
-        entry whose (position, key) is C{after} (L{Backend.range_page}): the SQLite backend
-        reads only that range's entries of its position index."""
-        return self.db.range_page(rng.start, rng.end, after, limit, values, max_bytes)
+    def range_page(self, rng: KeyRange, cursor: Any, limit: int, values: bool = True,
+                   max_bytes: int | None = None) -> tuple[list[tuple[bytes, bytes | None]], Any]:
+        """The next page of C{rng}'s pairs and the cursor of the one after it (None: no more);
+        L{Backend.range_page}. The SQLite backend reads only the range's buckets."""
+        return self.db.range_page(rng.start, rng.end, cursor, limit, values, max_bytes)
 
     @_guarded
     def write_batch(self, puts: list[tuple[bytes, bytes]],

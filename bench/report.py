@@ -161,7 +161,7 @@ class Target:
     system: str = CHAIN
 
 
-#: The issue's targets (workloads W and C, 100-byte values, 32 in flight).
+#: The issues' targets (workloads W, C and B, 100-byte values, 32 in flight).
 TARGETS = (
     Target("chain put >= etcd put", "W", "etcd", 1.0),
     Target("chain get >= etcd linearizable get", "C", "etcd", 1.0),

@@ -350,6 +350,7 @@ class ChainSystem(SystemUnderTest):
             self.compare_to = "chain"
         if reads == "any":
             self.name = "chain-any" if tls else "chain-any-plain"
+            self.compare_to = "chain"
         if not metrics:
             self.name = "chain-nometrics"
             self.compare_to = "chain"

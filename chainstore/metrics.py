@@ -257,8 +257,9 @@ class _NodeCollector(Collector):
         latency = HistogramMetricFamily(
             "chainstore_request_seconds",
             "Request latency: put and delete at the head until the tail has the write, get at "
-            "the tail, and at a middle or tail the Replicate batches it received until its "
-            "part of the chain acknowledged them (command put)", labels=["command", "role"])
+            "the chain member that answered it, and at a middle or tail the Replicate batches "
+            "it received until its part of the chain acknowledged them (command put)",
+            labels=["command", "role"])
         for (command, role), histogram in m.latency.items():
             if histogram.count:
                 latency.add_metric([command, role], histogram.buckets(), histogram.sum)

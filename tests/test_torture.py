@@ -197,8 +197,8 @@ def test_roles_name_the_chain_of_the_chosen_key() -> None:
     order = [n.name for n in run(cluster.ring()).nodes]
     assert run(nemesis.resolve("next")) == order[(order.index(chain[2]) + 1) % 5]
     assert run(nemesis.resolve("ecs")) == "ecs"
-    with pytest.raises(NemesisError, match="unknown role 'leader'"):
-        run(nemesis.resolve("leader"))
+    with pytest.raises(NemesisError, match="unknown role 'primary'"):
+        run(nemesis.resolve("primary"))
 
 
 def test_faults_are_booked_and_heal_all_ends_every_one() -> None:

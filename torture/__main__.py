@@ -4,6 +4,8 @@
     python -m torture --long               # every scenario for a minute each (make torture)
     python -m torture --scenario kill-tail --seed 42 [--seconds 30]
     python -m torture --tls off            # a plaintext cluster, for comparison
+    python -m torture --ha                 # three ECS over etcd: the HA CI schedule
+    python -m torture --ha --long          # every HA scenario for a minute each
     python -m torture --list
 
 Every link (clients, servers, the ECS, the harness's admin link) is mutual TLS by default, with
@@ -29,8 +31,8 @@ from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredic
 
 from torture.cluster import Namespaces
 from torture.report import exit_code, format_table, write_json
-from torture.schedule import (LONG, LONG_SECONDS, SCENARIOS, SHORT, SHORT_SECONDS,
-                              parse_schedule, run_scenario)
+from torture.schedule import (HA_SCENARIOS, LONG, LONG_HA, LONG_SECONDS, SCENARIOS, SHORT,
+                              SHORT_HA, SHORT_SECONDS, parse_schedule, run_scenario)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -56,13 +58,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tls", choices=("on", "off"), default="on",
                         help="on: mutual TLS on every link; off: a plaintext cluster (tls: off "
                              "everywhere), for comparison [default: on]")
+    parser.add_argument("--ha", action="store_true",
+                        help="three ECS (one leads) over a three-member etcd (needs etcd); "
+                             "the default schedule is then the HA one (ha-* scenarios), and "
+                             "the server scenarios run under several ECS too")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return parser.parse_args(argv)
 
 
 async def run(reactor: Any, args: argparse.Namespace, out: Any) -> int:
     seconds = args.seconds or (LONG_SECONDS if args.long else SHORT_SECONDS)
-    text = ",".join(args.scenario) or ",".join(LONG if args.long else SHORT)
+    text = ",".join(args.scenario) or ",".join(
+        (LONG_HA if args.long else SHORT_HA) if args.ha else (LONG if args.long else SHORT))
     plan = parse_schedule(text, seconds)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
     run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{seed}"
@@ -83,7 +90,7 @@ async def run(reactor: Any, args: argparse.Namespace, out: Any) -> int:
         network = Namespaces(f"{run_id}/{scenario.name}") if args.netns else None
         result = await run_scenario(reactor, scenario, seed, scenario_seconds,
                                     run_dir / scenario.name, keep=args.keep, network=network,
-                                    tls=args.tls == "on")
+                                    tls=args.tls == "on", ha=args.ha)
         results.append(result)
         verdict = "pass" if result.passed else "FAIL"
         out.write(f"  {scenario.name}: {verdict} ({result.seconds:.1f} s, "
@@ -108,13 +115,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.list:
         for scenario in SCENARIOS.values():
-            mark = " (CI)" if scenario.name in SHORT else ""
+            mark = (" (CI)" if scenario.name in SHORT else
+                    " (CI, --ha)" if scenario.name in SHORT_HA else
+                    " (--ha)" if scenario.name in HA_SCENARIOS else "")
             print(f"{scenario.name:18} {scenario.description}{mark}")
         return 0
     try:
         parse_schedule(",".join(args.scenario) or "short", 60.0)
     except ValueError as e:
         print(f"python -m torture: {e}", file=sys.stderr)
+        return 2
+    if not args.ha and any(name.split(":")[0].strip() in HA_SCENARIOS or
+                           name.strip().startswith("ha-")
+                           for text in args.scenario for name in text.split(",")):
+        print("python -m torture: the ha-* scenarios need --ha", file=sys.stderr)
+        return 2
+    if args.ha and args.netns:
+        print("python -m torture: --ha runs on loopback only (not with --netns)",
+              file=sys.stderr)
         return 2
     if args.netns and Namespaces.available() is not None:
         print(f"python -m torture: --netns: {Namespaces.available()}", file=sys.stderr)

@@ -192,7 +192,13 @@ class Cluster:
             pki.ensure(str(pki_dir), holders)
 
     def _write_ecs_config(self) -> None:
-        config = {
+        self.config_path.write_text(yaml.safe_dump(self.ecs_config(), sort_keys=False),
+                                    encoding="utf-8")
+
+    def ecs_config(self) -> dict[str, Any]:
+        """The ECS's YAML options: the harness starts the servers, proxied (see the module
+        docstring)."""
+        return {
             "listen": f"tcp:{self.ecs_port}:interface={HOST}",
             "advertise": f"tcp:{HOST}:{self.ecs_port}",
             "state-file": str(self.workdir / "ecs" / "state.json"),
@@ -211,18 +217,21 @@ class Cluster:
             "nodes": [{"name": name, "host": self.network.server_host(name),
                        "console-port": self.ports[name][1],
                        "amp-port": self.ports[name][0], "data-dir": str(self.workdir / name),
-                       "ecs": self.fabric.endpoint(name, ECS),
+                       "ecs": self.ecs_endpoint(name),
                        "peer-routes": str(self.routes_path(name))}
                       for name in self.names],
         }
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+    def ecs_endpoint(self, name: str) -> str:
+        """What server C{name} is given as ``--ecs``: its proxy to the ECS."""
+        return self.fabric.endpoint(name, ECS)
 
     def _server_process(self, name: str) -> KVServerProcess:
         amp_port, console_port = self.ports[name]
         return _ServerProcess(self.network.argv_prefix(name), self.workdir, name,
                               self.network.server_host(name), console_port=console_port,
                               amp_port=amp_port, tls=self.tls,
-                              extra_args=["--ecs", self.fabric.endpoint(name, ECS),
+                              extra_args=["--ecs", self.ecs_endpoint(name),
                                           "--peer-routes", str(self.routes_path(name))])
 
     async def stop(self) -> None:

@@ -31,10 +31,14 @@ log = get_logger("torture.nemesis")
 ECS = "ecs"
 CLIENT = "client"
 ROLES = ("head", "middle", "tail", "next", "other", "any", ECS)
+#: Roles of a cluster of several ECS over etcd (L{torture.ha.HACluster}): the leading ECS, a
+#: standby, an etcd member (C{ecs} is the leader there)
+HA_ROLES = ("leader", "standby", "etcd")
 
 # Fault kinds, as counted in reports.
 KILL, PAUSE, PARTITION, PARTITION_ECS, DROP, DELAY, LEAVE, JOIN = (
     "kill", "pause", "partition", "partition-ecs", "one-way", "delay", "leave", "join")
+PARTITION_ETCD = "partition-etcd"
 
 
 class NemesisError(RuntimeError):
@@ -125,6 +129,10 @@ class Nemesis:
         """The process C{role} names now (see the module docstring)."""
         if role in self._books.labels:
             return self._books.labels[role].targets[0]
+        if role in HA_ROLES or (role == ECS and getattr(self.cluster, "ha", False)):
+            if not getattr(self.cluster, "ha", False):
+                raise NemesisError(f"role {role!r} needs several ECS (python -m torture --ha)")
+            return await self.cluster.resolve_ha(role, self.rng)
         if role == ECS:
             return ECS
         if role not in ROLES:
@@ -168,7 +176,7 @@ class Nemesis:
         if fault.error is not None or fault.ended is not None:
             return  # it never happened (a refused leave), or it is over already
         name = fault.targets[0]
-        if name != ECS:
+        if name in self.cluster.names:
             await self._wait_repaired(name)
         try:
             await self.cluster.restart(name)
@@ -241,11 +249,23 @@ class Nemesis:
             touched.add(victim)
         return self._begin(DELAY, sorted(touched), label, detail=", ".join(parts))
 
+    async def cut_etcd(self, role: str = "leader", label: str | None = None) -> Fault:
+        """Cut an ECS (by default the leader) from every etcd member, both ways (several ECS:
+        its lease runs out and another ECS leads)."""
+        name = await self.resolve(role)
+        fault = self._begin(PARTITION_ETCD, [name], label, detail=f"{name} cut from etcd")
+        for member in self.cluster.etcd_names:
+            self.cluster.fabric.partition(name, member)
+        return fault
+
     async def heal(self, label: str) -> None:
         """Lift the network fault C{label} (a partition, drop or delay)."""
         fault = self.labelled(label)
         if fault.kind == DELAY:
             self._heal_delay(fault)
+        elif fault.kind == PARTITION_ETCD:
+            for member in self.cluster.etcd_names:
+                self.cluster.fabric.heal(fault.targets[0], member)
         else:
             self.cluster.fabric.heal(*fault.targets[:2])
         self._end(fault)
@@ -295,7 +315,7 @@ class Nemesis:
             if fault.kind == PAUSE:
                 self.cluster.resume(fault.targets[0])
                 self._end(fault)
-            elif fault.kind in (PARTITION, PARTITION_ECS, DROP, DELAY, JOIN):
+            elif fault.kind in (PARTITION, PARTITION_ECS, PARTITION_ETCD, DROP, DELAY, JOIN):
                 self._end(fault)
         for fault in self.active():
             if fault.kind == KILL or fault.kind == LEAVE:
@@ -323,6 +343,7 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "drop": ("source", "target", "label"),
     "delay": ("links", "low", "high", "clients", "label"),
     "heal": ("label",),
+    "cut_etcd": ("role", "label"),
     "leave": ("role", "label"),
     "join": ("count", "label"),
     "recover": ("timeout",),

@@ -156,11 +156,53 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
               _s(6.0, "restart", label="A"), _s(6.5, "recover")), 10.0),
 ]}
 
+# Several ECS over etcd (python -m torture --ha, L{torture.ha}): the leader's lease is 2 s, a
+# server hangs up on a silent leader after 3 s (chainstore.ecs_link.LEADER_SILENCE).
+HA_SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
+    Scenario("ha-kill-leader", "SIGKILL the leading ECS; a standby takes over; restart it",
+             (_s(0.5, "kill", role="leader", label="E"), _s(5.0, "restart", label="E"),
+              _s(5.5, "recover")), 9.0),
+    # Past its lease and past the servers' patience (3 s without a heartbeat): the servers
+    # move to the new leader, and the old one wakes deposed among servers that refuse it.
+    Scenario("ha-pause-leader", "SIGSTOP the leading ECS past its lease, then SIGCONT it",
+             (_s(0.5, "pause", role="leader", label="P"), _s(5.0, "resume", label="P"),
+              _s(5.5, "recover")), 9.0),
+    Scenario("ha-kill-server-new-leader", "SIGKILL the leading ECS, then a server under the "
+             "new leader; restart both",
+             (_s(0.5, "kill", role="leader", label="E"), _s(3.5, "kill", role="any", label="A"),
+              _s(5.0, "restart", label="E"), _s(8.0, "restart", label="A"),
+              _s(8.5, "recover")), 12.0),
+    Scenario("ha-cut-leader-etcd", "cut the leading ECS from every etcd member, then heal",
+             (_s(0.5, "cut_etcd", role="leader", label="X"), _s(5.0, "heal", label="X"),
+              _s(5.5, "recover")), 9.0),
+    Scenario("ha-kill-etcd", "SIGKILL an etcd member and a chain's tail; restart both",
+             (_s(0.5, "kill", role="etcd", label="K"), _s(1.0, "kill", role="tail", label="A"),
+              _s(4.5, "restart", label="K"), _s(5.0, "restart", label="A"),
+              _s(5.5, "recover")), 9.0),
+    # For a while no ECS can lead (one dead, one cut from etcd, the third paused): the
+    # servers keep serving on their last ring; the cut one leads once healed.
+    Scenario("ha-combined", "delays, a standby cut from etcd, the leader killed, a middle "
+             "killed, the new leader paused past its lease; all healed",
+             (_s(0.5, "delay", links=2, low=0.05, high=0.15, clients=False, label="D"),
+              _s(1.0, "cut_etcd", role="standby", label="X"),
+              _s(1.5, "kill", role="leader", label="E"),
+              _s(2.5, "kill", role="middle", label="A"),
+              _s(5.5, "pause", role="leader", label="P"),
+              _s(6.5, "heal", label="X"), _s(9.0, "resume", label="P"),
+              _s(9.5, "restart", label="E"), _s(10.0, "restart", label="A"),
+              _s(11.0, "heal_all"), _s(11.5, "recover")), 15.0),
+]}
+SCENARIOS.update(HA_SCENARIOS)
+
 #: The CI schedule: six scenarios, short.
 SHORT = ("kill-middle", "kill-tail", "pause-tail", "partition-servers", "kill-ecs",
          "join-leave")
-#: Every scenario, for C{make torture}.
-LONG = tuple(SCENARIOS)
+#: Every scenario of one ECS, for C{make torture}.
+LONG = tuple(name for name in SCENARIOS if name not in HA_SCENARIOS)
+#: The CI schedule with several ECS (--ha): leader kill, leader pause, a server kill under a
+#: new leader; and with --ha --long, every scenario of several ECS.
+SHORT_HA = ("ha-kill-leader", "ha-pause-leader", "ha-kill-server-new-leader")
+LONG_HA = tuple(HA_SCENARIOS)
 
 
 def parse_schedule(text: str, default_seconds: float) -> list[tuple[Scenario, float]]:
@@ -180,7 +222,8 @@ def parse_schedule(text: str, default_seconds: float) -> list[tuple[Scenario, fl
             if seconds <= QUIET + HEAL:
                 raise ValueError(f"{item!r}: a scenario needs more than {QUIET + HEAL:g} s "
                                  f"(quiet and heal phases)")
-        names = {"short": SHORT, "long": LONG, "all": LONG}.get(name, (name,))
+        names = {"short": SHORT, "long": LONG, "all": LONG, "ha-short": SHORT_HA,
+                 "ha-long": LONG_HA}.get(name, (name,))
         for n in names:
             if n not in SCENARIOS:
                 raise ValueError(f"unknown scenario {n!r}; known: {', '.join(SCENARIOS)}")
@@ -201,19 +244,26 @@ def scenario_rng(name: str, seed: int) -> random.Random:
 async def run_scenario(reactor: Any, scenario: Scenario, seed: int, seconds: float,
                        folder: Path, *, workload: WorkloadConfig | None = None,
                        keep: str = "failed", network: Any = None,
-                       tls: bool = True) -> ScenarioResult:
+                       tls: bool = True, ha: bool = False) -> ScenarioResult:
     """Run C{scenario} for C{seconds} (quiet, faults, heal) in C{folder}; see the module
     docstring for the phases. C{keep}: "failed" keeps C{folder} only if the scenario did not
     pass (with the evidence of L{torture.report.keep_evidence}); "always", "never".
     C{network}: where the servers live (L{torture.cluster.Namespaces}; loopback by default).
-    C{tls}: mutual TLS on every link (the default), or a plaintext cluster for comparison."""
+    C{tls}: mutual TLS on every link (the default), or a plaintext cluster for comparison.
+    C{ha}: three ECS over a three-member etcd (L{torture.ha.HACluster}) instead of one."""
     config = workload or WorkloadConfig()
     rng = scenario_rng(scenario.name, seed)
-    options = [*([] if network is None else ["--netns"]), *([] if tls else ["--tls off"])]
+    options = [*([] if network is None else ["--netns"]), *([] if tls else ["--tls off"]),
+               *(["--ha"] if ha else [])]
     result = ScenarioResult(scenario.name, seed, 0.0, planned=seconds,
                             options=" ".join(options))
     started = reactor.seconds()
-    cluster = Cluster(reactor, folder / "cluster", network=network, tls=tls)
+    if ha:
+        from torture.ha import HACluster
+
+        cluster: Cluster = HACluster(reactor, folder / "cluster", network=network, tls=tls)
+    else:
+        cluster = Cluster(reactor, folder / "cluster", network=network, tls=tls)
     history = History(reactor.seconds)
     load: Workload | None = None
     nemesis: Nemesis | None = None
@@ -283,5 +333,6 @@ async def _sleep(reactor: Any, seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
 
 
-__all__ = ["HEAL", "LONG", "LONG_SECONDS", "QUIET", "SCENARIOS", "SHORT", "SHORT_SECONDS",
+__all__ = ["HA_SCENARIOS", "HEAL", "LONG", "LONG_HA", "LONG_SECONDS", "QUIET", "SCENARIOS",
+           "SHORT", "SHORT_HA", "SHORT_SECONDS",
            "Scenario", "Step", "parse_schedule", "run_scenario", "scenario_rng"]

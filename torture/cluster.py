@@ -151,6 +151,10 @@ class Cluster:
         self.ecs = ECSProcess(self.workdir, self.config_path).start()
         for name in self.names:
             self.servers[name] = self._server_process(name)
+        await self.form_ring(timeout)
+
+    async def form_ring(self, timeout: float) -> None:
+        """Start every server, wait until all registered, add them all and start serving."""
         await _gather([deferToThread(p.start) for p in self.servers.values()])
         await self.wait_status(lambda s: _registered(s) >= set(self.names),
                                "every server registered", timeout)
@@ -314,8 +318,13 @@ class Cluster:
                     **arguments: Any) -> dict[str, Any]:
         """Send one admin command straight to the ECS (never through a proxy), with the
         C{admin} certificate."""
-        endpoint = client_endpoint(self.reactor, self.credentials("admin"), HOST,
-                                   self.ecs_port, timeout=5)
+        return await self.admin_at(self.ecs_port, command, timeout, **arguments)
+
+    async def admin_at(self, port: int, command: type[amp.Command], timeout: float,
+                       **arguments: Any) -> dict[str, Any]:
+        """One admin command to the ECS listening on C{port}, on a fresh connection."""
+        endpoint = client_endpoint(self.reactor, self.credentials("admin"), HOST, port,
+                                   timeout=5)
         proto = await connectProtocol(endpoint, roles.DialledAMP((roles.ECS,)))
         try:
             d = proto.callRemote(command, **arguments)

@@ -22,20 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.protocols import amp
 
 from bench.peers import EtcdSystem
-from chainstore import roles
 from chainstore.control import NotLeader
 from chainstore.logs import get_logger
-from chainstore.tls import client_endpoint
 from ecs import protocol as admin
 from harness.processes import ECSProcess
-from torture.cluster import (HOST, Cluster, ClusterError, Loopback, _gather, _registered,
-                             _Signals, listen_port)
+from torture.cluster import HOST, Cluster, ClusterError, Loopback, _Signals, listen_port
 
 log = get_logger("torture.ha")
 
@@ -91,13 +87,7 @@ class HACluster(Cluster):
             await self._start_ecs(ecs, timeout)
         for name in self.names:
             self.servers[name] = self._server_process(name)
-        await _gather([deferToThread(p.start) for p in self.servers.values()])
-        await self.wait_status(lambda s: _registered(s) >= set(self.names),
-                               "every server registered", timeout)
-        await self.admin(admin.AddNodes, count=len(self.names), cache_strategy="LRU",
-                         cache_size=1000, timeout=timeout)
-        await self.admin(admin.Start, timeout=timeout)
-        await self.wait_healthy(timeout)
+        await self.form_ring(timeout)
 
     def _config_path(self, ecs: str) -> Path:
         return self.workdir / ecs / "ecs.yaml"
@@ -139,20 +129,13 @@ class HACluster(Cluster):
         raise ClusterError(f"{ecs} did not answer within {timeout}s")
 
     async def stop(self) -> None:
-        for name in list(self.paused):
-            self.resume(name)
-        for proc in self.servers.values():
-            try:
-                await deferToThread(proc.stop, 10.0)
-            except Exception as e:
-                log.warn("stopping {name}: {error}", name=proc.name, error=e)
+        await super().stop()  # the servers (self.ecs is None here) and the proxies
         for ecs, proc in self.ecs_procs.items():
             try:
                 await deferToThread(proc.stop, 10.0)
             except Exception as e:
                 log.warn("stopping {ecs}: {error}", ecs=ecs, error=e)
         await deferToThread(self.etcd.stop)
-        await self.fabric.close()
 
     def log_files(self) -> list[Path]:
         files = [self.workdir / ecs / "ecs.log" for ecs in self.ecs_names]
@@ -220,15 +203,7 @@ class HACluster(Cluster):
 
     async def _admin_at(self, ecs: str, command: type[amp.Command], timeout: float,
                         **arguments: Any) -> dict[str, Any]:
-        endpoint = client_endpoint(self.reactor, self.credentials("admin"), HOST,
-                                   self.ecs_ports[ecs], timeout=5)
-        proto = await connectProtocol(endpoint, roles.DialledAMP((roles.ECS,)))
-        try:
-            d = proto.callRemote(command, **arguments)
-            d.addTimeout(timeout, self.reactor)
-            return await d
-        finally:
-            proto.transport.loseConnection()
+        return await self.admin_at(self.ecs_ports[ecs], command, timeout, **arguments)
 
     async def admin(self, command: type[amp.Command], timeout: float = 30.0,
                     **arguments: Any) -> dict[str, Any]:

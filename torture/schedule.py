@@ -161,17 +161,17 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
 HA_SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
     Scenario("ha-kill-leader", "SIGKILL the leading ECS; a standby takes over; restart it",
              (_s(0.5, "kill", role="leader", label="E"), _s(5.0, "restart", label="E"),
-              _s(5.5, "recover")), 9.0),
+              _s(5.5, "recover")), 6.5),
     # Past its lease and past the servers' patience (3 s without a heartbeat): the servers
     # move to the new leader, and the old one wakes deposed among servers that refuse it.
     Scenario("ha-pause-leader", "SIGSTOP the leading ECS past its lease, then SIGCONT it",
              (_s(0.5, "pause", role="leader", label="P"), _s(5.0, "resume", label="P"),
-              _s(5.5, "recover")), 9.0),
+              _s(5.5, "recover")), 6.5),
     Scenario("ha-kill-server-new-leader", "SIGKILL the leading ECS, then a server under the "
              "new leader; restart both",
              (_s(0.5, "kill", role="leader", label="E"), _s(3.5, "kill", role="any", label="A"),
               _s(5.0, "restart", label="E"), _s(8.0, "restart", label="A"),
-              _s(8.5, "recover")), 12.0),
+              _s(8.5, "recover")), 9.5),
     Scenario("ha-cut-leader-etcd", "cut the leading ECS from every etcd member, then heal",
              (_s(0.5, "cut_etcd", role="leader", label="X"), _s(5.0, "heal", label="X"),
               _s(5.5, "recover")), 9.0),

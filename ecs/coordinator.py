@@ -64,7 +64,7 @@ class ECS:
 
     def __init__(self, config: ECSConfig, clock: IReactorTime, launcher: Any,
                  state_file: StateStore, exit: Callable[[], None] = lambda: None,
-                 return_grace: float | None = None) -> None:
+                 takeover: bool = False) -> None:
         self.config = config
         self.clock = clock
         self.launcher = launcher
@@ -85,11 +85,15 @@ class ECS:
         # bumped on every failure, so a change in progress knows it must not commit
         self._failures = 0
         self.calls = ControlCalls(self.links, clock)
-        self._returning: set[str] = set()
-        # Seconds a ring member has, beyond failure-timeout, to come back after this ECS
-        # resumed the ring: register-timeout after a restart (servers may need relaunching);
-        # a new leader of several ECS passes less, its servers are up and redial at once.
-        self.return_grace = config.register_timeout if return_grace is None else return_grace
+        # ring members not back since this ECS resumed the ring -> seconds they have beyond
+        # failure-timeout to come back
+        self._returning: dict[str, float] = {}
+        # A new leader of several ECS (takeover): its servers are running and redial within a
+        # second or two, so each gets failure-timeout and a heartbeat round; if none is back
+        # after failure-timeout (every process was down), the absent pool servers are
+        # relaunched then, with register-timeout to come up. After an ECS restart they may
+        # come back at their back-off's pace: register-timeout for all, a relaunch after it.
+        self.takeover = takeover
         self.busy = DeferredLock()
         self.reconfigurer = Reconfigurer(self.state, clock, self._call, self._save,
                                          self._metadata, lambda: self._failures,
@@ -133,7 +137,10 @@ class ECS:
         # After a restart the servers come back at their reconnect back-off's pace (or must be
         # relaunched): they get register-timeout, not failure-timeout, before counting as
         # failed; without replicas a failure would hand their data to nobody.
-        self._returning = set(self.state.ring_members) if self.resumed else set()
+        # (a new leader's: one heartbeat round, so that the relaunch decision at
+        # failure-timeout comes before any of them counts as failed)
+        grace = self.config.heartbeat_interval if self.takeover else self.config.register_timeout
+        self._returning = {n: grace for n in self.state.ring_members} if self.resumed else {}
         self.heartbeats.start(self.config.heartbeat_interval, now=False).addErrback(
             lambda f: log.failure("heartbeats stopped: failures go unnoticed", f))
         return Deferred.fromCoroutine(self._bring_up())
@@ -160,7 +167,13 @@ class ECS:
         absent = [n for n in self.state.ring_members if n not in self.links
                   and self.state.members[n].origin == "pool" and self.config.slot(n)]
         if absent:
-            await DeferredList([self._registered(n) for n in absent], consumeErrors=True)
+            wait = self.config.failure_timeout if self.takeover else None
+            await DeferredList([self._registered(n, wait) for n in absent], consumeErrors=True)
+            if self.takeover and any(n in self.links for n in self.state.ring_members):
+                # The cluster is up and only some are missing: they died (with the old leader,
+                # say). They are marked dead now and repaired away, not relaunched: a relaunch
+                # would hold their chains up until they are back.
+                absent = []
         for name in absent:
             member = self.state.members[name]
             slot = self.config.slot(name)
@@ -168,6 +181,8 @@ class ECS:
                 try:
                     self.launcher.launch(slot, member.cache_strategy, member.cache_size)
                     self.last_seen[name] = self.clock.seconds()
+                    if name in self._returning:
+                        self._returning[name] = self.config.register_timeout
                 except Exception as e:
                     log.warn("not relaunching {name}: {error}", name=name, error=e)
         for name in list(self.links):
@@ -248,7 +263,7 @@ class ECS:
 
     def _registered_link(self, link: amp.AMP, name: str, revived: bool) -> str:
         self.links[name] = link
-        self._returning.discard(name)
+        self._returning.pop(name, None)
         link.server_name = name  # type: ignore[attr-defined]
         self.last_seen[name] = self.clock.seconds()
         for d in self._waiting.pop(name, []):
@@ -342,8 +357,7 @@ class ECS:
             for name in list(self.state.ring_members):
                 silent = now - self.last_seen.get(name, self._started_at)
                 limit = self.config.failure_timeout
-                if name in self._returning:
-                    limit += self.return_grace
+                limit += self._returning.get(name, 0.0)
                 if silent > limit and name not in self._failing:
                     if name in self.state.dead:
                         continue
@@ -565,12 +579,13 @@ class ECS:
             await self._call(name, control.ClearStores)
         return chosen
 
-    def _registered(self, name: str) -> Deferred[None]:
+    def _registered(self, name: str, timeout: float | None = None) -> Deferred[None]:
+        """Fires once C{name} registers; fails after C{timeout} (default register-timeout)."""
         if name in self.links:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._waiting.setdefault(name, []).append(d)
-        d.addTimeout(self.config.register_timeout, self.clock)
+        d.addTimeout(self.config.register_timeout if timeout is None else timeout, self.clock)
         return d
 
     async def remove_node(self, name: str, force: bool = False) -> str:

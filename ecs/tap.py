@@ -175,6 +175,6 @@ def ha_leadership(config: ECSConfig, reactor: Any, launcher: Any) -> Any:
                       # A new leader's servers are running and redial within a second or
                       # two (LEADER_SILENCE after a paused leader): failure-timeout from the
                       # takeover is grace enough, and a server killed with the leader is
-                      # skipped that soon.
+                      # skipped that soon (see ECS.takeover).
                       lambda store: ECS(config, reactor, launcher, store, exit=reactor.stop,
-                                        return_grace=0.0))
+                                        takeover=True))

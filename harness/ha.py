@@ -43,6 +43,8 @@ class HACluster:
                 "name": f"ecs{i}", "listen": f"tcp:{port}:interface={HOST}",
                 "advertise": f"tcp:{HOST}:{port}",
                 "state-file": str(workdir_i / "state.json"), "state": "etcd",
+                # one status page each would need a port each; none is needed here
+                "web": "off",
                 "etcd-endpoints": endpoints, "etcd-prefix": "/chainstore-test",
                 "lease-ttl": lease_ttl})
             path = workdir_i / "ecs.yaml"

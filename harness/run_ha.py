@@ -4,7 +4,8 @@ the foreground until Ctrl-C, which stops everything.
 etcd members ``etcd1``-``etcd3`` listen for clients on 127.0.0.1:23791-23793 (peers on
 23801-23803) with their data in ``data/etcd1``-``data/etcd3``, so a later run resumes the same
 cluster and the same ECS state. The ECS processes (``etc/ecs-ha.yaml``) listen on 127.0.0.1:49999,
-49998 and 49997 and log to ``data/ha/logs/ecsN.log``; the first one starts alone, so that it
+49998 and 49997 (status pages on 49990, 49991 and 49992: a standby's names the leader) and log
+to ``data/ha/logs/ecsN.log``; the first one starts alone, so that it
 alone creates the PKI when ``data/pki`` is missing. The leader launches the servers of the pool
 (data in ``data/ha/``). On the way out every ECS is stopped, then every server any of them
 launched (by the PIDs in their launch records), then etcd.
@@ -30,7 +31,8 @@ from harness.processes import TWISTD, pid_alive
 
 HOST = "127.0.0.1"
 ETCD = [("etcd1", 23791, 23801), ("etcd2", 23792, 23802), ("etcd3", 23793, 23803)]
-ECS = [("ecs1", 49999), ("ecs2", 49998), ("ecs3", 49997)]
+#: name, AMP port (servers, ecsclient), status page port (ecs1's is make run's)
+ECS = [("ecs1", 49999, 49990), ("ecs2", 49998, 49991), ("ecs3", 49997, 49992)]
 CONFIG = "etc/ecs-ha.yaml"
 DATA = Path("data")
 
@@ -46,10 +48,11 @@ def etcd_argv(name: str, client: int, peer: int) -> list[str]:
             "--initial-cluster-state", "new", "--logger", "zap", "--log-level", "warn"]
 
 
-def ecs_argv(name: str, port: int) -> list[str]:
+def ecs_argv(name: str, port: int, web: int) -> list[str]:
     return [*TWISTD, "--pidfile=", "-n", "--logfile", str(DATA / "ha" / "logs" / f"{name}.log"),
             "ecs", "--config", CONFIG, "--name", name,
             "--listen", f"tcp:{port}:interface={HOST}", "--advertise", f"tcp:{HOST}:{port}",
+            "--web", f"tcp:{web}:interface={HOST}",
             "--state-file", str(DATA / "ha" / name / "state.json")]
 
 
@@ -84,7 +87,7 @@ def wait(what: str, ready: object, procs: list[subprocess.Popen[bytes]],
 
 def launched_servers() -> list[int]:
     pids = []
-    for name, _ in ECS:
+    for name, _, _ in ECS:
         try:
             record = json.loads((DATA / "ha" / name / "launched.json").read_text())
         except (OSError, ValueError):
@@ -131,15 +134,17 @@ def main() -> int:
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
         wait("etcd", lambda: all(healthy(c) for _, c, _ in ETCD), etcds)
         print(f"run-ha: etcd members on {', '.join(f'{HOST}:{c}' for _, c, _ in ETCD)}")
-        for i, (name, port) in enumerate(ECS):
-            ecss.append(subprocess.Popen(ecs_argv(name, port), stdin=subprocess.DEVNULL))
+        for i, (name, port, web) in enumerate(ECS):
+            ecss.append(subprocess.Popen(ecs_argv(name, port, web), stdin=subprocess.DEVNULL))
             if i == 0:
                 # the first alone: it makes the PKI if missing, which the others then use
                 wait(f"{name} on {HOST}:{port}", lambda: listening(port), ecss)
-        for name, port in ECS:
+        for name, port, _ in ECS:
             wait(f"{name} on {HOST}:{port}", lambda port=port: listening(port), ecss)
-        print(f"run-ha: ECS on {', '.join(f'{HOST}:{p}' for _, p in ECS)} (one leads; "
-              "ecsclient status shows which); logs in data/ha/logs/; Ctrl-C stops everything")
+        print(f"run-ha: ECS on {', '.join(f'{HOST}:{p}' for _, p, _ in ECS)} (one leads; "
+              "ecsclient status shows which), status pages on "
+              f"{', '.join(f'http://{HOST}:{w}/' for _, _, w in ECS)}; logs in data/ha/logs/; "
+              "Ctrl-C stops everything")
         while all(p.poll() is None for p in etcds + ecss):
             time.sleep(0.5)
         print("run-ha: a process exited; stopping everything", file=sys.stderr)

@@ -302,7 +302,7 @@ def ha_ecs(etcd: FakeEtcd, port: int) -> Leadership:
     client = EtcdClient(list(config.etcd_endpoints), etcd.client().post)
     return Leadership(client, etcd.clock, PREFIX, f"ecs{port}", config.advertise, TTL,
                       lambda store: ECS(config, etcd.clock, NoLaunch(), store,
-                                        return_grace=0.0))  # as ecs.tap makes them
+                                        takeover=True))  # as ecs.tap makes them
 
 
 def test_each_new_leader_resumes_the_ring_under_a_strictly_greater_epoch() -> None:
@@ -581,6 +581,65 @@ def test_a_new_leader_gives_its_servers_failure_timeout_to_come_back() -> None:
     while clock.seconds() < took_over + ecs.config.failure_timeout - 0.1:
         clock.advance(STEP)
     assert not ecs.state.dead
-    for _ in range(int((ecs.config.heartbeat_interval + 0.2) / STEP)):
+    for _ in range(int((2 * ecs.config.heartbeat_interval + 0.2) / STEP)):
         clock.advance(STEP)
     assert "a" in ecs.state.dead
+
+
+class RecordingLauncher(NoLaunch):
+    def __init__(self) -> None:
+        self.launched: list[str] = []
+
+    def launch(self, slot: Any, cache_strategy: str, cache_size: int) -> None:
+        self.launched.append(slot.name)
+
+
+def pool_leader(etcd: FakeEtcd, launcher: RecordingLauncher) -> Leadership:
+    """A leader over a saved ring of three pool servers (server1-3 of the default pool)."""
+    state = ClusterState(epoch=5, last_epoch=5, replication=3, serving=True,
+                         ring_members=["server1", "server2", "server3"])
+    for i, name in enumerate(state.ring_members, 1):
+        state.members[name] = Member(name, "127.0.0.1", 50000 + i, 51000 + i, ACTIVE, "pool")
+    etcd.kvs[state_key(PREFIX)] = {"value": json.dumps(state.to_json()).encode(), "lease": 0,
+                                   "create_revision": 1, "mod_revision": 1}
+    config = ECSConfig(initial_nodes=0, launcher="none", tls="off", state="etcd",
+                       etcd_endpoints=("http://etcd:2379",), advertise="tcp:127.0.0.1:1",
+                       register_timeout=20.0).validated()
+    client = EtcdClient(list(config.etcd_endpoints), etcd.client().post)
+    return Leadership(client, etcd.clock, PREFIX, "ecs1", config.advertise, TTL,
+                      lambda store: ECS(config, etcd.clock, launcher, store, takeover=True))
+
+
+def test_a_new_leader_relaunches_its_pool_servers_only_when_none_came_back() -> None:
+    # Every process was down (make run-ha started again): nobody registers within
+    # failure-timeout, so the leader relaunches them and gives them register-timeout.
+    clock = Clock()
+    launcher = RecordingLauncher()
+    leader = pool_leader(FakeEtcd(clock), launcher)
+    leader.startService()
+    clock.advance(0.01)
+    ecs = leader.ecs
+    assert ecs is not None
+    for _ in range(int((ecs.config.failure_timeout + 0.5) / STEP)):
+        clock.advance(STEP)
+    assert sorted(launcher.launched) == ["server1", "server2", "server3"]
+    for _ in range(int(10 / STEP)):
+        clock.advance(STEP)
+    assert not ecs.state.dead, "relaunched servers have register-timeout to come up"
+
+
+def test_a_new_leader_marks_a_server_that_died_with_the_old_one_dead_not_relaunched() -> None:
+    clock = Clock()
+    launcher = RecordingLauncher()
+    leader = pool_leader(FakeEtcd(clock), launcher)
+    leader.startService()
+    clock.advance(0.01)
+    ecs = leader.ecs
+    assert ecs is not None
+    result(ecs.register(SilentLink(), "server1", "127.0.0.1", 50001, 51001, 0))
+    result(ecs.register(SilentLink(), "server2", "127.0.0.1", 50002, 51002, 0))
+    for _ in range(int((ecs.config.failure_timeout + 2 * ecs.config.heartbeat_interval + 0.2)
+                       / STEP)):
+        clock.advance(STEP)
+    assert launcher.launched == []
+    assert "server3" in ecs.state.dead

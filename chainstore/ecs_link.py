@@ -350,21 +350,15 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
         return Deferred.fromCoroutine(drop())
 
     @control.ClearStores.responder
-    def clear_stores(self) -> Deferred[dict[str, Any]]:
-        stores = self._stores()
-
-        async def clear() -> dict[str, Any]:
-            for store in stores.stores.values():
-                # In transactions of a few hundred keys, answering heartbeats in between.
-                await migration.clear_store(store, self.reactor)
-                # The serials go with the data: a chain of the same names may be formed
-                # again with this server, and a serial kept from before would make it skip
-                # new writes.
-                store.set_chain_state("", 0)
-            self.node.cache.clear()
-            return {}
-
-        return Deferred.fromCoroutine(clear())
+    def clear_stores(self) -> dict[str, Any]:
+        for store in self._stores().stores.values():
+            # A new, empty file for each: as quick for a million keys as for none.
+            store.clear()
+            # The serials go with the data: a chain of the same names may be formed again
+            # with this server, and a serial kept from before would make it skip new writes.
+            store.set_chain_state("", 0)
+        self.node.cache.clear()
+        return {}
 
     @control.Shutdown.responder
     def shutdown_server(self) -> dict[str, Any]:

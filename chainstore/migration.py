@@ -267,9 +267,3 @@ async def drop_range(store: Store, rng: KeyRange, clock: IReactorTime) -> int:
             if cursor is None:
                 return dropped
             await turn(clock)
-
-
-async def clear_store(store: Store, clock: IReactorTime) -> int:
-    """Delete every key of C{store} as L{drop_range} does (in transactions of L{DROP_KEYS}):
-    one DELETE of a million keys would hold the reactor for seconds."""
-    return await drop_range(store, KeyRange(0, 0), clock)

@@ -203,17 +203,15 @@ def turns_seen(monkeypatch: Any, probe: Any) -> list[Any]:
     return seen
 
 
-@pytest.mark.parametrize("how", ["drop", "clear"])
-def test_drop_and_clear_delete_a_bounded_chunk_per_reactor_turn(stores, monkeypatch, how):
+@pytest.mark.parametrize("rng", [KeyRange(0, 0), KeyRange(0, HALF)])
+def test_a_drop_deletes_a_bounded_chunk_per_reactor_turn(stores, monkeypatch, rng):
     monkeypatch.setattr(migration, "DROP_KEYS", 100)
     store = stores["replica1"]
     store.write_batch([(k, b"v") for k in keys(1000)])
-    rng = KeyRange(0, 0) if how == "clear" else KeyRange(0, HALF)
     in_range = sum(1 for k in keys(1000) if position(k) in rng)
     left = turns_seen(monkeypatch, lambda: len(store))
     clock = Clock()
-    d = Deferred.fromCoroutine(migration.drop_range(store, rng, clock) if how == "drop"
-                               else migration.clear_store(store, clock))
+    d = Deferred.fromCoroutine(migration.drop_range(store, rng, clock))
     assert not d.called and len(store) == 1000 - 100
     assert run(d, clock) == in_range and len(store) == 1000 - in_range
     # a chunk of at most 100 keys deleted between two turns of the reactor
@@ -238,6 +236,37 @@ def test_a_copy_reads_a_bounded_page_per_reactor_turn(stores, monkeypatch):
     # (the whole ring: every row read is returned) at most 50 rows between two turns
     per_turn = [b - a for a, b in zip([0, *at_turns], [*at_turns, len(got)])]
     assert len(at_turns) >= 600 // 50 - 1 and max(per_turn) == 50
+
+
+def test_clearing_a_store_costs_the_same_whatever_it_holds(tmp_path, monkeypatch):
+    statements: dict[int, list[str]] = {}
+    real_connect = sqlite3.connect
+    for size in (10, 5000):
+        with sqlitedbm.open(tmp_path / f"c{size}.sqlite") as db:
+            db.update_many([(k, b"v" * 100) for k in keys(size)])
+            db.set_chain_state("chain", 77)
+            seen = statements[size] = []
+
+            def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+                c = real_connect(*args, **kwargs)
+                c.set_trace_callback(seen.append)
+                return c
+
+            monkeypatch.setattr(sqlite3, "connect", traced)
+            db._conn.set_trace_callback(seen.append)
+            try:
+                db.clear()
+            finally:
+                monkeypatch.setattr(sqlite3, "connect", real_connect)
+            assert len(db) == 0 and list(db) == [] and db.chain_state() == ("chain", 77)
+            db[b"after"] = b"1"
+        with sqlitedbm.open(tmp_path / f"c{size}.sqlite", "w") as again:
+            assert dict(again.items()) == {b"after": b"1"}
+            assert again.chain_state() == ("chain", 77)
+        assert not (tmp_path / f"c{size}.sqlite.new").exists()
+    # no row is deleted one by one: the same statements for 10 keys as for 5,000
+    assert statements[10] == statements[5000]
+    assert not any(sql.startswith("DELETE") for sql in statements[5000])
 
 
 def test_request_ids_are_picked_a_chunk_per_reactor_turn(monkeypatch):

@@ -112,18 +112,25 @@ class SQLiteDBM:
         if durability not in DURABILITY:
             raise ValueError(f"durability must be one of {sorted(DURABILITY)}, not {durability!r}")
         self.path = os.fspath(path)
+        self.durability = durability
+        self._db: sqlite3.Connection | None = None
+        self._connect()
+        # Serial of the last write in the open group transaction (apply_one), None if none.
+        self._group_serial: int | None = None
+
+    def _connect(self) -> None:
         # isolation_level=None: autocommit, each statement is its own transaction unless
         # update_many() opens one explicitly.
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={DURABILITY[durability]}")
+            db.execute(f"PRAGMA synchronous={DURABILITY[self.durability]}")
             db.execute(_SCHEMA)
             db.execute(_CHAIN_SCHEMA)
         except BaseException:
             db.close()
             raise
-        self._db: sqlite3.Connection | None = db
+        self._db = db
         try:
             self._upgrade()
         except BaseException:
@@ -131,8 +138,6 @@ class SQLiteDBM:
             db.close()
             self._db = None
             raise
-        # Serial of the last write in the open group transaction (apply_one), None if none.
-        self._group_serial: int | None = None
 
     def _upgrade(self) -> None:
         """Bring a file made by an older version to this schema (a new file gets it empty):
@@ -391,10 +396,32 @@ class SQLiteDBM:
             raise
 
     def clear(self) -> None:
-        """Delete every key at once: for a file being emptied on open; a server empties its
-        stores a page at a time (L{range_page}, then L{update_many})."""
+        """Delete every key; the chain state stays. The file is replaced by a new one that
+        holds only the chain state, so this takes the same time whatever the data: deleting
+        rows, in one statement or in chunks, takes time that grows with them (200,000 keys
+        took 33 s in transactions of 256 on the shared 2-CPU machine).
+
+        Safe at any crash: the old file is checkpointed and its log removed before the new
+        one, complete and closed, is renamed over it, so either holds a consistent state."""
         self.commit()
-        self._conn.execute("DELETE FROM kv")
+        chain, serial = self.chain_state()
+        fresh = self.path + ".new"
+        for leftover in (fresh, fresh + "-wal", fresh + "-shm"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        new = SQLiteDBM(fresh, self.durability)
+        try:
+            new.set_chain_state(chain, serial)
+        finally:
+            new.close()
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._conn.close()
+        self._db = None
+        for side in ("-wal", "-shm"):
+            if os.path.exists(self.path + side):
+                os.remove(self.path + side)
+        os.replace(fresh, self.path)
+        self._connect()
 
     def range_page(self, start: int, end: int, cursor: Any, limit: int, values: bool = True,
                    max_bytes: int | None = None) -> tuple[list[tuple[bytes, bytes | None]], Any]:

@@ -140,7 +140,9 @@ class KVNode:
         except Exception as e:
             self.metrics.failed("put", e)
             raise
-        return d.addBoth(self.metrics.done, "put", "head", started)
+        metrics = self.metrics
+        return d.addCallbacks(metrics.put_timer.passed, metrics.request_failed, (started,), None,
+                              ("put",))
 
     def _put(self, key: bytes, value: bytes, request_id: bytes) -> Deferred[bool]:
         check_key(key)
@@ -163,7 +165,9 @@ class KVNode:
         except Exception as e:
             self.metrics.failed("delete", e)
             raise
-        return d.addBoth(self.metrics.done, "delete", "head", started)
+        metrics = self.metrics
+        return d.addCallbacks(metrics.delete_timer.passed, metrics.request_failed, (started,),
+                              None, ("delete",))
 
     def _delete(self, key: bytes, request_id: bytes) -> Deferred[None]:
         check_key(key)
@@ -193,8 +197,9 @@ class KVNode:
             raise
         role = "tail" if replica.is_tail else "head" if replica.is_head else "middle"
         if isinstance(value, Deferred):
-            return value.addBoth(self.metrics.done, "get", role, started)
-        self.metrics.answered("get", role, started)
+            return value.addCallbacks(self.metrics.get_timers[role].passed,
+                                      self.metrics.request_failed, (started,), None, ("get",))
+        self.metrics.get_timers[role].passed(None, started)
         return value
 
     def _get(self, key: bytes, replica: Replica,

@@ -149,6 +149,18 @@ def test_stop_revokes_the_lease_so_a_standby_takes_over_at_once() -> None:
 
 # -- the fenced commit ----------------------------------------------------------------------------
 
+def elected_leader() -> tuple[Clock, FakeEtcd, Candidate, EtcdState]:
+    """A clock, an etcd, the ECS elected on it and its state store, read."""
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    a = Candidate(etcd, "1")
+    a.election.start()
+    run(clock, 1, [a])
+    store = EtcdState(a.client, PREFIX, a.election.lease)
+    result(Deferred.fromCoroutine(store.fetch()))
+    return clock, etcd, a, store
+
+
 def saved_state(etcd: FakeEtcd) -> dict[str, Any]:
     return json.loads(etcd.kvs[state_key(PREFIX)]["value"])
 
@@ -186,13 +198,7 @@ def test_a_deposed_leader_never_commits() -> None:
 
 
 def test_a_leader_whose_lease_ran_out_cannot_commit_even_with_no_successor() -> None:
-    clock = Clock()
-    etcd = FakeEtcd(clock)
-    a = Candidate(etcd, "1")
-    a.election.start()
-    run(clock, 1, [a])
-    store = EtcdState(a.client, PREFIX, a.election.lease)
-    result(Deferred.fromCoroutine(store.fetch()))
+    clock, etcd, a, store = elected_leader()
     a.kill()
     clock.advance(TTL + 1)
     with pytest.raises(Deposed):
@@ -203,13 +209,7 @@ def test_a_leader_whose_lease_ran_out_cannot_commit_even_with_no_successor() -> 
 def test_a_state_written_behind_the_leaders_back_deposes_it() -> None:
     # The state key's revision is compared too: a write this ECS did not make means it is
     # not alone, and it stands down rather than overwrite it.
-    clock = Clock()
-    etcd = FakeEtcd(clock)
-    a = Candidate(etcd, "1")
-    a.election.start()
-    run(clock, 1, [a])
-    store = EtcdState(a.client, PREFIX, a.election.lease)
-    result(Deferred.fromCoroutine(store.fetch()))
+    clock, etcd, a, store = elected_leader()
     result(store.save(ClusterState(epoch=1, last_epoch=1)))
     etcd.handle("/v3/kv/txn", {"compare": [], "success": [{"request_put": {
         "key": "L3Rlc3Qvc3RhdGU=", "value": "e30="}}]})
@@ -250,13 +250,7 @@ def test_saves_are_committed_in_the_order_they_were_made() -> None:
 
 
 def test_etcd_unreachable_fails_the_save_without_deposing() -> None:
-    clock = Clock()
-    etcd = FakeEtcd(clock)
-    a = Candidate(etcd, "1")
-    a.election.start()
-    run(clock, 1, [a])
-    store = EtcdState(a.client, PREFIX, a.election.lease)
-    result(Deferred.fromCoroutine(store.fetch()))
+    clock, etcd, a, store = elected_leader()
     a.transport.reachable = False
     with pytest.raises(EtcdUnavailable):
         result(store.save(ClusterState(epoch=1, last_epoch=1)))
@@ -594,8 +588,12 @@ class RecordingLauncher(NoLaunch):
         self.launched.append(slot.name)
 
 
-def pool_leader(etcd: FakeEtcd, launcher: RecordingLauncher) -> Leadership:
-    """A leader over a saved ring of three pool servers (server1-3 of the default pool)."""
+def pool_leader() -> tuple[Clock, RecordingLauncher, ECS]:
+    """A clock, a launcher and the coordinator of a leader just elected over a saved ring of
+    three pool servers (server1-3 of the default pool)."""
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    launcher = RecordingLauncher()
     state = ClusterState(epoch=5, last_epoch=5, replication=3, serving=True,
                          ring_members=["server1", "server2", "server3"])
     for i, name in enumerate(state.ring_members, 1):
@@ -606,20 +604,18 @@ def pool_leader(etcd: FakeEtcd, launcher: RecordingLauncher) -> Leadership:
                        etcd_endpoints=("http://etcd:2379",), advertise="tcp:127.0.0.1:1",
                        register_timeout=20.0).validated()
     client = EtcdClient(list(config.etcd_endpoints), etcd.client().post)
-    return Leadership(client, etcd.clock, PREFIX, "ecs1", config.advertise, TTL,
-                      lambda store: ECS(config, etcd.clock, launcher, store, takeover=True))
+    leader = Leadership(client, etcd.clock, PREFIX, "ecs1", config.advertise, TTL,
+                        lambda store: ECS(config, etcd.clock, launcher, store, takeover=True))
+    leader.startService()
+    clock.advance(0.01)
+    assert leader.ecs is not None
+    return clock, launcher, leader.ecs
 
 
 def test_a_new_leader_relaunches_its_pool_servers_only_when_none_came_back() -> None:
     # Every process was down (make run-ha started again): nobody registers within
     # failure-timeout, so the leader relaunches them and gives them register-timeout.
-    clock = Clock()
-    launcher = RecordingLauncher()
-    leader = pool_leader(FakeEtcd(clock), launcher)
-    leader.startService()
-    clock.advance(0.01)
-    ecs = leader.ecs
-    assert ecs is not None
+    clock, launcher, ecs = pool_leader()
     for _ in range(int((ecs.config.failure_timeout + 0.5) / STEP)):
         clock.advance(STEP)
     assert sorted(launcher.launched) == ["server1", "server2", "server3"]
@@ -629,13 +625,7 @@ def test_a_new_leader_relaunches_its_pool_servers_only_when_none_came_back() -> 
 
 
 def test_a_new_leader_marks_a_server_that_died_with_the_old_one_dead_not_relaunched() -> None:
-    clock = Clock()
-    launcher = RecordingLauncher()
-    leader = pool_leader(FakeEtcd(clock), launcher)
-    leader.startService()
-    clock.advance(0.01)
-    ecs = leader.ecs
-    assert ecs is not None
+    clock, launcher, ecs = pool_leader()
     result(ecs.register(SilentLink(), "server1", "127.0.0.1", 50001, 51001, 0))
     result(ecs.register(SilentLink(), "server2", "127.0.0.1", 50002, 51002, 0))
     for _ in range(int((ecs.config.failure_timeout + 2 * ecs.config.heartbeat_interval + 0.2)

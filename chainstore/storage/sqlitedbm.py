@@ -47,7 +47,7 @@ DURABILITY = {"crash": "NORMAL", "power": "FULL"}
 # rather than the exact position, because a new row then goes to the end of its bucket's run
 # of the index: a transaction of a thousand new keys changes at most 64 index pages, where an
 # index of exact positions (random for every key) changed nearly a thousand, each written to
-# the log at commit: loading 200,000 keys cost 3.6 times the CPU of no index that way, 1.35
+# the log at commit: loading 200,000 keys cost 3.6 times the CPU of no index that way, 1.35-1.5
 # times this way. Files made before b existed get it on open (L{SQLiteDBM._upgrade}).
 BUCKET_BITS = 6
 _SHIFT = 8 - BUCKET_BITS

@@ -149,8 +149,11 @@ class KVNode:
         check_value(value)
         check_request_id(request_id)
         replica = self._head_replica(key)
+        # A retry of a write this server already carries is answered, not applied again: its
+        # value may have been replaced since, so it must not reach the cache either.
+        duplicate = bool(request_id) and request_id in self.chain.recent
         existed, committed = self.chain.write(replica, PUT, key, value, request_id)
-        if replica.is_tail and self.cache.capacity:
+        if replica.is_tail and self.cache.capacity and not duplicate:
             self.cache.put(key, value)
         else:
             self.cache.discard(key)  # not committed yet: a head caches clean values only

@@ -243,6 +243,41 @@ def test_a_duplicate_request_id_is_not_applied_twice(net):
     assert head.chain.replicas[ring.head(key).name].last_serial == 2
 
 
+def test_a_retried_put_answered_as_a_duplicate_leaves_the_tails_cache_alone(net):
+    # torture combined, seed 404 (/work/shared/evidence/craq-combined-seed404): a put's
+    # client-level retry reached the key's last live member (head and tail at once, after its
+    # head and middle failed) after a delete and a newer put; the member answered it as a
+    # duplicate without applying it, but wrote the retried value through its cache, and the
+    # next get read the old value from the cache.
+    ring = net.cluster(5)
+    key = keys_headed_by(ring, "n1", 1)[0]
+    head, middle, tail = ring.chain(key)
+    net.settle(net.nodes[head.name].put(key, b"p4-34", request_id=b"req-put"))
+    assert net.nodes[tail.name].get(key) == b"p4-34"  # the tail caches it
+    net.kill(head.name)
+    ring = _mark_dead(net, ring, head.name)
+    net.kill(middle.name)
+    ring = _mark_dead(net, ring, middle.name)
+    assert ring.chain(key) == (tail,)
+    last = net.nodes[tail.name]
+    net.run(3.0)  # the leases the tail granted its old predecessor run out
+    net.settle(last.delete(key, request_id=b"req-delete"))
+    net.settle(last.put(key, b"p3-49", request_id=b"req-newer"))
+    # The retry is answered (the write was applied before), and applied no second time.
+    assert net.settle(last.put(key, b"p4-34", request_id=b"req-put")) is True
+    assert last.stores[STORE_NAMES[2]].get(key) == b"p3-49"
+    assert last.get(key) == b"p3-49"
+
+
+def test_a_retried_put_on_a_standalone_server_leaves_its_cache_alone(net):
+    ring = net.cluster(1, replication=1)
+    node = net.nodes[ring.head(b"k").name]
+    net.settle(node.put(b"k", b"first", request_id=b"req-1"))
+    net.settle(node.put(b"k", b"second", request_id=b"req-2"))
+    net.settle(node.put(b"k", b"first", request_id=b"req-1"))
+    assert node.get(b"k") == b"second"
+
+
 def test_a_message_from_another_epoch_is_refused(net):
     ring = net.cluster(3)
     node = net.nodes["n1"]

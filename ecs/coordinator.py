@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, gatherResults, succeed
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import LogLevel
@@ -48,6 +49,11 @@ MAX_NAME_CHARS = 64
 MAX_HOST_CHARS = 255
 MAX_EPOCH = 2 ** 40
 
+# How long a new leader's probe of a ring member's AMP port may take to connect. Loopback or a
+# LAN refuses at once when nothing listens; a probe that has not connected by then proves
+# nothing (the member keeps its grace).
+PROBE_TIMEOUT = 0.5
+
 # A failed repair is tried again after 1 s, then 2, 4, ... up to 30 s, until it succeeds.
 REPAIR_RETRY_FIRST = 1.0
 REPAIR_RETRY_MAX = 30.0
@@ -64,7 +70,8 @@ class ECS:
 
     def __init__(self, config: ECSConfig, clock: IReactorTime, launcher: Any,
                  state_file: StateStore, exit: Callable[[], None] = lambda: None,
-                 takeover: bool = False) -> None:
+                 takeover: bool = False,
+                 dial: Callable[[str, int, float], Deferred[Any]] | None = None) -> None:
         self.config = config
         self.clock = clock
         self.launcher = launcher
@@ -89,11 +96,17 @@ class ECS:
         # failure-timeout to come back
         self._returning: dict[str, float] = {}
         # A new leader of several ECS (takeover): its servers are running and redial within a
-        # second or two, so each gets failure-timeout and a heartbeat round; if none is back
+        # second or two, so each gets failure-timeout and a heartbeat round (one whose port
+        # refuses a connection, none: see _probe_absent); if none is back
         # after failure-timeout (every process was down), the absent pool servers are
         # relaunched then, with register-timeout to come up. After an ECS restart they may
         # come back at their back-off's pace: register-timeout for all, a relaunch after it.
         self.takeover = takeover
+        # dial(host, port, timeout) connects to a server's AMP port (a protocol, or a failure);
+        # a new leader uses it to tell a ring member that is gone from one that is slow
+        self.dial = dial
+        # ring members a takeover's probe found nothing listening for, marked dead at once
+        self._refused: set[str] = set()
         self.busy = DeferredLock()
         self.reconfigurer = Reconfigurer(self.state, clock, self._call, self._save,
                                          self._metadata, lambda: self._failures,
@@ -162,6 +175,8 @@ class ECS:
         await self._save()
         log.info("resumed epoch {epoch} with ring {ring}", epoch=self.state.epoch,
                  ring=self.state.ring_members)
+        if self.takeover and self.dial is not None:
+            self._spawn(self._probe_absent())
         # Servers that outlived the ECS reconnect by themselves: relaunching them at once
         # would start a second process on the same stores and ports. Wait for them first.
         absent = [n for n in self.state.ring_members if n not in self.links
@@ -177,7 +192,7 @@ class ECS:
         for name in absent:
             member = self.state.members[name]
             slot = self.config.slot(name)
-            if name not in self.links and slot is not None:
+            if name not in self.links and slot is not None and name not in self._refused:
                 try:
                     self.launcher.launch(slot, member.cache_strategy, member.cache_size)
                     self.last_seen[name] = self.clock.seconds()
@@ -187,6 +202,62 @@ class ECS:
                     log.warn("not relaunching {name}: {error}", name=name, error=e)
         for name in list(self.links):
             await self._sync(name)
+
+    async def _probe_absent(self) -> None:
+        """A new leader's quick check of the ring members that have not registered yet: one
+        whose AMP port refuses a connection has no process behind it, so it is treated as
+        failed now instead of after failure-timeout and a heartbeat round. One that accepts,
+        or does not answer within L{PROBE_TIMEOUT}, may be alive and slow or cut off: it keeps
+        its grace. Being wrong costs a repair, never data: a member marked dead is fenced by
+        the new epoch, and one that comes back registers and is repaired back in."""
+        absent = [n for n in self.state.ring_members
+                  if n not in self.links and n not in self.state.dead]
+        if not absent:
+            return
+        found = await gatherResults([self._probe(n) for n in absent])
+        refused = [n for n, what in zip(absent, found) if what == "refused"]
+        if not refused:
+            return
+        if "up" not in found and not any(n in self.links for n in self.state.ring_members):
+            # Nothing of the cluster is up (every process was down and is starting again):
+            # the relaunch at failure-timeout brings them back; marking them all dead would
+            # leave their ranges to nobody.
+            log.info("no ring member answers after the takeover; waiting for them "
+                     "(relaunched after {t}s)", t=self.config.failure_timeout)
+            return
+        for name in refused:
+            if name in self.links or name in self._failing or name in self.state.dead:
+                continue  # registered meanwhile, or already being handled
+            member = self.state.members[name]
+            self._refused.add(name)
+            self._failing.add(name)
+            log.warn("{name} refused a connection at {host}:{port} after the takeover "
+                     "(nothing listens there): treating it as failed", name=name,
+                     host=member.host, port=member.amp_port)
+            self._declare_failed(name)
+
+    def _probe(self, name: str) -> Deferred[str]:
+        """``refused``, ``up`` or ``unknown`` (timed out or any other error) for C{name}."""
+        assert self.dial is not None
+        member = self.state.members[name]
+
+        def up(protocol: Any) -> str:
+            transport = getattr(protocol, "transport", None)
+            if transport is not None:
+                transport.loseConnection()
+            return "up"
+
+        def down(failure: Any) -> str:
+            return "refused" if failure.check(ConnectionRefusedError) else "unknown"
+
+        try:
+            d = self.dial(member.host, member.amp_port, PROBE_TIMEOUT)
+        except Exception:
+            log.failure("could not probe {name}", name=name, level=LogLevel.warn)
+            return succeed("unknown")
+        # the endpoint's timeout covers the TCP connect; this one the TLS handshake too
+        d.addTimeout(PROBE_TIMEOUT, self.clock)
+        return d.addCallbacks(up, down)
 
     def stop(self) -> Deferred[Any]:
         if self.heartbeats.running:

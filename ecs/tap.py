@@ -131,7 +131,7 @@ def makeService(options: Options) -> IService:
     top = MultiService()
     leader: Any
     if config.state == "etcd":
-        leader = ha_leadership(config, reactor, launcher)
+        leader = ha_leadership(config, reactor, launcher, options.credentials)
         leader.setServiceParent(top)
     else:
         leader = coordinator = ECS(config, reactor, launcher, StateFile(config.state_file),
@@ -160,11 +160,20 @@ def makeService(options: Options) -> IService:
     return top
 
 
-def ha_leadership(config: ECSConfig, reactor: Any, launcher: Any) -> Any:
+def ha_leadership(config: ECSConfig, reactor: Any, launcher: Any,
+                  credentials: Any) -> Any:
     """With state etcd: the service that campaigns and runs a coordinator while it leads."""
+    from twisted.internet.endpoints import connectProtocol
+    from twisted.internet.protocol import Protocol
+
+    from chainstore.tls import client_endpoint
     from ecs.coordinator import ECS
     from ecs.etcd import EtcdClient, http_post
     from ecs.leadership import Leadership, address_of
+
+    def dial(host: str, port: int, timeout: float) -> Any:
+        return connectProtocol(client_endpoint(reactor, credentials, host, port, timeout),
+                               Protocol())
 
     client = EtcdClient(config.etcd_endpoints, http_post(reactor))
     name = config.name or address_of(config.advertise)
@@ -174,7 +183,9 @@ def ha_leadership(config: ECSConfig, reactor: Any, launcher: Any) -> Any:
                       config.lease_ttl,
                       # A new leader's servers are running and redial within a second or
                       # two (LEADER_SILENCE after a paused leader): failure-timeout from the
-                      # takeover is grace enough, and a server killed with the leader is
-                      # skipped that soon (see ECS.takeover).
+                      # takeover is grace enough (see ECS.takeover). A server killed with
+                      # the leader is skipped sooner: dial probes the members that have not
+                      # redialled (over the mutual TLS of every connection to a server's AMP
+                      # port), and one whose port refuses is marked dead at once.
                       lambda store: ECS(config, reactor, launcher, store, exit=reactor.stop,
-                                        takeover=True))
+                                        takeover=True, dial=dial))

@@ -7,7 +7,9 @@ import json
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 
 from chainstore import control
@@ -588,9 +590,9 @@ class RecordingLauncher(NoLaunch):
         self.launched.append(slot.name)
 
 
-def pool_leader() -> tuple[Clock, RecordingLauncher, ECS]:
+def pool_leader(dial: Any = None) -> tuple[Clock, RecordingLauncher, ECS]:
     """A clock, a launcher and the coordinator of a leader just elected over a saved ring of
-    three pool servers (server1-3 of the default pool)."""
+    three pool servers (server1-3 of the default pool), probing them with C{dial} if given."""
     clock = Clock()
     etcd = FakeEtcd(clock)
     launcher = RecordingLauncher()
@@ -605,7 +607,8 @@ def pool_leader() -> tuple[Clock, RecordingLauncher, ECS]:
                        register_timeout=20.0).validated()
     client = EtcdClient(list(config.etcd_endpoints), etcd.client().post)
     leader = Leadership(client, etcd.clock, PREFIX, "ecs1", config.advertise, TTL,
-                        lambda store: ECS(config, etcd.clock, launcher, store, takeover=True))
+                        lambda store: ECS(config, etcd.clock, launcher, store, takeover=True,
+                                          dial=dial))
     leader.startService()
     clock.advance(0.01)
     assert leader.ecs is not None
@@ -633,3 +636,55 @@ def test_a_new_leader_marks_a_server_that_died_with_the_old_one_dead_not_relaunc
         clock.advance(STEP)
     assert launcher.launched == []
     assert "server3" in ecs.state.dead
+
+
+class Dialler:
+    """The new leader's probes: each AMP port refuses, connects, or never answers (hangs)."""
+
+    def __init__(self, answers: dict[int, str]) -> None:
+        self.answers = answers
+        self.dialled: list[int] = []
+
+    def __call__(self, host: str, port: int, timeout: float) -> Deferred[Any]:
+        self.dialled.append(port)
+        answer = self.answers.get(port, "hang")
+        if answer == "refused":
+            return fail(ConnectionRefusedError(host, port))
+        if answer == "up":
+            return succeed(Protocol())
+        return Deferred()
+
+
+def test_a_new_leader_marks_a_member_whose_port_refuses_dead_at_once() -> None:
+    # server1 died with the old leader: nothing listens at its AMP port. server2 is back,
+    # server3 runs but has not redialled yet (its probe connects).
+    dial = Dialler({51001: "refused", 51003: "up"})
+    clock, launcher, ecs = pool_leader(dial)
+    result(ecs.register(SilentLink(), "server2", "127.0.0.1", 50002, 51002, 0))
+    for _ in range(int(0.5 / STEP)):
+        clock.advance(STEP)
+    assert sorted(dial.dialled) == [51001, 51002, 51003]
+    assert ecs.state.dead == {"server1"}, "refused: dead within half a second of the takeover"
+    assert launcher.launched == []
+
+
+def test_a_new_leader_keeps_the_grace_of_a_member_that_accepts_or_hangs() -> None:
+    dial = Dialler({51001: "up", 51002: "hang"})
+    clock, launcher, ecs = pool_leader(dial)
+    result(ecs.register(SilentLink(), "server3", "127.0.0.1", 50003, 51003, 0))
+    while clock.seconds() < ecs.config.failure_timeout - 0.1:
+        clock.advance(STEP)
+    assert set(dial.dialled) >= {51001, 51002}
+    assert not ecs.state.dead
+
+
+def test_a_new_leader_relaunches_when_every_probe_is_refused() -> None:
+    # Every process was down (make run-ha started again): all refuse, which is no reason to
+    # mark them dead (their ranges would go to nobody); they are relaunched at failure-timeout.
+    dial = Dialler({51001: "refused", 51002: "refused", 51003: "refused"})
+    clock, launcher, ecs = pool_leader(dial)
+    for _ in range(int((ecs.config.failure_timeout + 0.5) / STEP)):
+        clock.advance(STEP)
+    assert len(dial.dialled) == 3
+    assert not ecs.state.dead
+    assert sorted(launcher.launched) == ["server1", "server2", "server3"]

@@ -6,8 +6,9 @@ the gateway expects. A request that cannot reach a member, or gets no answer wit
 is tried on the next member of the list (etcd forwards writes to its Raft leader itself); only
 when every member failed does the call fail, with L{EtcdUnavailable}.
 
-The transport is one function, C{post(url, body) -> Deferred[dict]}: tests give a fake etcd that
-speaks the same JSON (L{tests.fake_etcd}).
+The transport is one function, C{post(url, body) -> Deferred[dict]}, and for watches a second,
+C{stream(url, body, on_message) -> Deferred} (the gateway streams one JSON message per change);
+tests give a fake etcd that speaks the same JSON (L{tests.fake_etcd}).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import Protocol
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, readBody
 from twisted.web.http_headers import Headers
 
 from chainstore.logs import get_logger
@@ -30,6 +32,12 @@ log = get_logger("ecs.etcd")
 REQUEST_TIMEOUT = 2.0
 
 Post = Callable[[str, dict[str, Any]], "Deferred[dict[str, Any]]"]
+#: stream(url, body, on_message): calls on_message with each JSON message of the answer; fires
+#: (None) when the answer ends, fails if it cannot be had or breaks; cancelling it hangs up
+Stream = Callable[[str, dict[str, Any], Callable[[dict[str, Any]], None]], "Deferred[None]"]
+
+#: A watch's messages may be up to this long (the leader key's events are a few hundred bytes).
+MAX_MESSAGE = 1 << 20
 
 
 class EtcdError(Exception):
@@ -116,14 +124,136 @@ def http_post(reactor: Any, timeout: float = REQUEST_TIMEOUT) -> Post:
     return lambda url, body: Deferred.fromCoroutine(post(url, body))
 
 
+class _Messages(Protocol):
+    """An answer's body as JSON messages, handed on one by one as they arrive (the gateway
+    writes each followed by a newline; any whitespace between them is skipped)."""
+
+    def __init__(self, on_message: Callable[[dict[str, Any]], None], done: Deferred[None]) -> None:
+        self.on_message = on_message
+        self.done = done
+        self._buffer = ""
+        self._decoder = json.JSONDecoder()
+        self._bytes = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return  # cancelled: nothing more is handed on
+        self._bytes += data
+        try:
+            self._buffer += self._bytes.decode("utf-8")
+            self._bytes = b""
+        except UnicodeDecodeError:
+            pass  # a character split between chunks: wait for the rest
+        while True:
+            text = self._buffer.lstrip()
+            if not text:
+                self._buffer = ""
+                break
+            try:
+                message, end = self._decoder.raw_decode(text)
+            except ValueError:
+                self._buffer = text
+                if len(text) > MAX_MESSAGE:
+                    self._fail(EtcdError(f"a message of etcd's stream is over {MAX_MESSAGE} "
+                                         f"bytes or not JSON: {text[:200]!r}"))
+                break
+            self._buffer = text[end:]
+            if isinstance(message, dict):
+                self.on_message(message)
+
+    def _fail(self, error: Exception) -> None:
+        if not self.done.called:
+            self.done.errback(error)
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Any) -> None:  # type: ignore[override]
+        if self.done.called:
+            return
+        if reason.check(ResponseDone):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+
+def http_stream(reactor: Any, timeout: float = REQUEST_TIMEOUT) -> Stream:
+    """The real watch transport: a POST whose answer is read as it streams in. C{timeout}
+    bounds the wait for the answer's headers; the stream itself may stay quiet for ever."""
+    # its own connections: a watch holds one for as long as it runs
+    agent = Agent(reactor)
+    headers = Headers({b"Content-Type": [b"application/json"]})
+
+    def stream(url: str, body: dict[str, Any],
+               on_message: Callable[[dict[str, Any]], None]) -> Deferred[None]:
+        from io import BytesIO
+
+        from twisted.web.client import FileBodyProducer
+
+        messages: list[_Messages] = []
+
+        def cancel(d: Deferred[None]) -> None:
+            # fired first, so that what hanging up reports is not taken for a failure
+            d.errback(CancelledError())
+            if not messages:
+                request.cancel()
+            elif messages[0].transport is not None:
+                messages[0].transport.stopProducing()
+
+        done: Deferred[None] = Deferred(cancel)
+        request = agent.request(b"POST", url.encode("ascii"), headers,
+                                FileBodyProducer(BytesIO(json.dumps(body).encode("utf-8"))))
+        request.addTimeout(timeout, reactor)
+
+        def answered(response: Any) -> None:
+            if response.code != 200:
+                if not done.called:
+                    done.errback(EtcdError(f"etcd answered a watch with HTTP {response.code}"))
+                response.deliverBody(Protocol())
+                return
+            protocol = _Messages(on_message, done)
+            messages.append(protocol)
+            response.deliverBody(protocol)
+
+        def failed(failure: Any) -> None:
+            if not done.called:
+                done.errback(failure)
+
+        def answered_if_wanted(response: Any) -> None:
+            if done.called:
+                response.deliverBody(Protocol())  # cancelled meanwhile
+            else:
+                answered(response)
+
+        request.addCallbacks(answered_if_wanted, failed)
+        return done
+
+    return stream
+
+
+def watch_events(message: dict[str, Any]) -> tuple[list[tuple[str, KeyValue]], bool]:
+    """The events of one watch message (``PUT``/``DELETE`` and the key-value) and whether the
+    watch ended (cancelled by etcd, e.g. its start revision was compacted, or an error)."""
+    if "error" in message:
+        return [], True
+    result = message.get("result") or {}
+    events = [(str(event.get("type") or "PUT"), key_value(event.get("kv") or {"key": ""}))
+              for event in result.get("events") or []]
+    return events, bool(result.get("canceled"))
+
+
 class EtcdClient:
     """The few etcd v3 calls the ECS needs, on the members at C{endpoints} (``http://H:P``)."""
 
-    def __init__(self, endpoints: Sequence[str], post: Post) -> None:
+    def __init__(self, endpoints: Sequence[str], post: Post,
+                 stream: Stream | None = None) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self._post = post
+        #: None: no watches (the election polls)
+        self.stream = stream
+        # the member the next watch goes to: the next one after a watch failed
+        self._watch_index = 0
         # the member that answered last: tried first next time
         self._current = 0
 
@@ -177,3 +307,43 @@ class EtcdClient:
         except EtcdError as e:
             if "not found" not in str(e):
                 raise
+
+    def watch(self, key: bytes, start_revision: int,
+              on_event: Callable[[str, KeyValue], None]) -> Deferred[None]:
+        """Watch C{key} from C{start_revision} on the member that answered last (or the next,
+        once that one fails): C{on_event(type, kv)} for each change, C{type} ``PUT`` or
+        ``DELETE``. Fires when the watch ends (etcd cancelled it, the stream closed), fails when
+        it breaks; cancel it to stop watching."""
+        if self.stream is None:
+            raise EtcdError("this client has no streaming transport")
+        index = self._watch_index
+        body = {"create_request": {"key": b64(key), "start_revision": str(start_revision)}}
+        ended: list[bool] = []
+        streams: list[Deferred[None]] = []
+
+        def on_message(message: dict[str, Any]) -> None:
+            if ended:
+                return
+            events, over = watch_events(message)
+            for kind, kv in events:
+                if kv.key == key:
+                    on_event(kind, kv)
+            if over:
+                ended.append(True)
+                if streams:
+                    streams[0].cancel()
+
+        d = self.stream(self.endpoints[index] + "/v3/watch", body, on_message)
+        streams.append(d)
+        if ended:
+            d.cancel()
+
+        def failed(failure: Any) -> Any:
+            if ended and failure.check(CancelledError):
+                return None  # etcd ended it
+            if not failure.check(CancelledError):
+                # that member may be down or cut off: the next watch tries the next one
+                self._watch_index = (index + 1) % len(self.endpoints)
+            return failure
+
+        return d.addErrback(failed)

@@ -168,14 +168,15 @@ def ha_leadership(config: ECSConfig, reactor: Any, launcher: Any,
 
     from chainstore.tls import client_endpoint
     from ecs.coordinator import ECS
-    from ecs.etcd import EtcdClient, http_post
+    from ecs.etcd import EtcdClient, http_post, http_stream
     from ecs.leadership import Leadership, address_of
 
     def dial(host: str, port: int, timeout: float) -> Any:
         return connectProtocol(client_endpoint(reactor, credentials, host, port, timeout),
                                Protocol())
 
-    client = EtcdClient(config.etcd_endpoints, http_post(reactor))
+    # http_stream: standbys watch the leader key rather than poll it
+    client = EtcdClient(config.etcd_endpoints, http_post(reactor), http_stream(reactor))
     name = config.name or address_of(config.advertise)
     log.info("state in etcd {endpoints} under {prefix}; campaigning as {name}",
              endpoints=",".join(config.etcd_endpoints), prefix=config.etcd_prefix, name=name)

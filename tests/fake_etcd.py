@@ -2,9 +2,12 @@
 
 It keeps keys with their create and mod revisions and leases, leases that expire on the given
 Clock (deleting their keys, as etcd does), and transactions with the compares the ECS uses
-(MOD, CREATE, LEASE; EQUAL). L{FakeEtcd.post} is an L{ecs.etcd.Post}: give it to
-L{ecs.etcd.EtcdClient}. Set C{reachable} to False to cut a client off (its requests fail at once)
-or C{hang} to True to leave them unanswered.
+(MOD, CREATE, LEASE; EQUAL). L{FakeClient.post} is an L{ecs.etcd.Post}, L{FakeClient.stream} an
+L{ecs.etcd.Stream} that serves watches (a key's changes from a revision on, as the gateway sends
+them, history included): give them to L{ecs.etcd.EtcdClient}. Set C{reachable} to False to cut a
+client off (its requests fail at once) or C{hang} to True to leave them unanswered; set
+C{watch_silent} to True to let its watches open and then hear nothing, and call
+L{FakeEtcd.drop_watches} to break every open watch. Leases run out on the Clock, as at etcd.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import itertools
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
 
 
@@ -36,6 +39,11 @@ class FakeEtcd:
         self.leases: dict[int, tuple[int, float]] = {}
         self._ids = itertools.count(0x1000)
         self.requests: list[tuple[str, dict[str, Any]]] = []
+        # every change: (revision, "PUT" or "DELETE", key, the key-value's JSON)
+        self.history: list[tuple[int, str, bytes, dict[str, Any]]] = []
+        # open watches: [key, on_message, the stream's Deferred, silent]
+        self.watches: list[list[Any]] = []
+        self._expiry: Any = None
 
     def client(self) -> "FakeClient":
         """One process's view: its own reachability, the same store."""
@@ -48,6 +56,17 @@ class FakeEtcd:
         for lease, (_, expires) in list(self.leases.items()):
             if expires <= now:
                 self._revoke(lease)
+        self._schedule_expiry()
+
+    def _schedule_expiry(self) -> None:
+        """Expire the next lease on time, so that watchers hear of its keys' deletion."""
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
+        if self.leases:
+            at = min(expires for _, expires in self.leases.values())
+            self._expiry = self.clock.callLater(max(0.0, at - self.clock.seconds()),
+                                                self._expire)
 
     def _revoke(self, lease: int) -> None:
         self.leases.pop(lease, None)
@@ -55,7 +74,46 @@ class FakeEtcd:
         if doomed:
             self.revision += 1
             for k in doomed:
+                gone = self._kv_json(k)
+                gone["mod_revision"] = str(self.revision)
                 del self.kvs[k]
+                self._changed("DELETE", k, gone)
+
+    def _changed(self, kind: str, key: bytes, kv: dict[str, Any]) -> None:
+        self.history.append((self.revision, kind, key, kv))
+        for watch in list(self.watches):
+            if watch[0] == key and not watch[3]:
+                watch[1](self._event_message([(kind, kv)]))
+
+    def _event_message(self, events: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+        # as the gateway sends them: PUT, the default, is left out
+        return {"result": {"header": self._header(), "events": [
+            ({"type": kind, "kv": kv} if kind != "PUT" else {"kv": kv}) for kind, kv in events]}}
+
+    def watch(self, body: dict[str, Any], on_message: Any, silent: bool) -> Deferred[None]:
+        request = body["create_request"]
+        key, start = _d(request["key"]), int(request.get("start_revision", 0))
+        watch: list[Any] = [key, on_message, None, silent]
+
+        def cancel(d: Deferred[None]) -> None:
+            if watch in self.watches:
+                self.watches.remove(watch)
+
+        d: Deferred[None] = Deferred(cancel)
+        watch[2] = d
+        self.watches.append(watch)
+        on_message({"result": {"header": self._header(), "created": True}})
+        past = [(kind, kv) for revision, kind, k, kv in self.history
+                if k == key and revision >= start]
+        if past and not silent:
+            on_message(self._event_message(past))
+        return d
+
+    def drop_watches(self) -> None:
+        """Every open watch's stream breaks (its member went down, say)."""
+        watches, self.watches = self.watches, []
+        for watch in watches:
+            watch[2].errback(ConnectionLost("the watch's connection was lost"))
 
     def _kv_json(self, key: bytes) -> dict[str, Any]:
         kv = self.kvs[key]
@@ -89,6 +147,7 @@ class FakeEtcd:
             self.kvs[key] = {"value": _d(body.get("value", "")), "lease": lease,
                              "create_revision": old["create_revision"] if old else self.revision,
                              "mod_revision": self.revision}
+            self._changed("PUT", key, self._kv_json(key))
             return {"response_put": {"header": self._header()}}
         if "request_range" in request:
             key = _d(request["request_range"]["key"])
@@ -124,6 +183,7 @@ class FakeEtcd:
         if path == "/v3/lease/grant":
             lease, ttl = next(self._ids), int(body["TTL"])
             self.leases[lease] = (ttl, self.clock.seconds() + ttl)
+            self._schedule_expiry()
             return {"header": self._header(), "ID": str(lease), "TTL": str(ttl)}
         if path == "/v3/lease/keepalive":
             lease = int(body["ID"])
@@ -131,6 +191,7 @@ class FakeEtcd:
                 return {"result": {"header": self._header(), "ID": str(lease)}}
             ttl, _ = self.leases[lease]
             self.leases[lease] = (ttl, self.clock.seconds() + ttl)
+            self._schedule_expiry()
             return {"result": {"header": self._header(), "ID": str(lease), "TTL": str(ttl)}}
         if path == "/v3/lease/revoke":
             lease = int(body["ID"])
@@ -138,6 +199,7 @@ class FakeEtcd:
                 msg = "etcdserver: requested lease not found"
                 return {"error": msg, "message": msg, "code": 5}
             self._revoke(lease)
+            self._schedule_expiry()
             return {"header": self._header()}
         raise AssertionError(f"path {path} not modelled")
 
@@ -149,6 +211,7 @@ class FakeClient:
         self.etcd = etcd
         self.reachable = True
         self.hang = False
+        self.watch_silent = False
 
     def post(self, url: str, body: dict[str, Any]) -> Deferred[dict[str, Any]]:
         if self.hang:
@@ -157,3 +220,11 @@ class FakeClient:
             return fail(ConnectionRefusedError("cut off from etcd"))
         path = url[url.index("/v3/"):]
         return succeed(self.etcd.handle(path, body))
+
+    def stream(self, url: str, body: dict[str, Any], on_message: Any) -> Deferred[None]:
+        assert url.endswith("/v3/watch"), url
+        if self.hang:
+            return Deferred()
+        if not self.reachable:
+            return fail(ConnectionRefusedError("cut off from etcd"))
+        return self.etcd.watch(body, on_message, self.watch_silent)

@@ -3,6 +3,7 @@ epochs across leaders, with a Clock and an in-memory etcd (L{tests.fake_etcd})."
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -41,9 +42,11 @@ def result(d: Deferred[Any]) -> Any:
 class Candidate:
     """One ECS process's election (no coordinator), recording when it led."""
 
-    def __init__(self, etcd: FakeEtcd, name: str) -> None:
+    def __init__(self, etcd: FakeEtcd, name: str, watch: bool = True) -> None:
         self.transport = etcd.client()
-        self.client = EtcdClient(["http://etcd:2379"], self.transport.post)
+        # watch: the leader key is watched, as ecs.tap's clients do (else it is polled)
+        self.client = EtcdClient(["http://etcd:2379"], self.transport.post,
+                                 self.transport.stream if watch else None)
         self.elected: list[float] = []
         self.deposed: list[float] = []
         self.election = Election(self.client, etcd.clock, PREFIX,
@@ -147,6 +150,94 @@ def test_stop_revokes_the_lease_so_a_standby_takes_over_at_once() -> None:
     result(Deferred.fromCoroutine(a.election.stop()))
     run(clock, 1, [a, b])
     assert b.elected and b.elected[0] - stopped_at <= b.election.interval + STEP
+
+
+def takeover_delay(watch: bool) -> float:
+    """Seconds from the dead leader's lease running out at etcd to a standby leading."""
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    a, b, c = Candidate(etcd, "1", watch), Candidate(etcd, "2", watch), Candidate(etcd, "3", watch)
+    a.election.start()
+    clock.advance(0.01)
+    # the standbys' ticks fall half-way between the leader's (so its lease's end)
+    clock.advance(0.25)
+    b.election.start()
+    c.election.start()
+    run(clock, 2, [a, b, c])
+    expires = etcd.leases[a.election.lease][1]
+    a.kill()
+    run(clock, TTL + 2, [a, b, c])
+    elected = b.elected + c.elected
+    assert len(elected) == 1
+    new = b if b.elected else c
+    other = c if new is b else b
+    # the other standby knows the new leader (from the watch, or its next campaign)
+    assert other.election.leader is not None
+    assert other.election.leader["name"] == new.election.leader["name"]
+    return elected[0] - expires
+
+
+def test_a_watching_standby_campaigns_as_soon_as_the_leader_key_is_deleted() -> None:
+    assert takeover_delay(watch=True) <= STEP + 1e-6
+    # polling, the standbys learn of it only at their next tick
+    assert takeover_delay(watch=False) > 0.2
+
+
+def test_a_watching_standby_campaigns_only_as_a_safety_net() -> None:
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    a, b = Candidate(etcd, "1"), Candidate(etcd, "2")
+    a.election.start()
+    b.election.start()
+    run(clock, 1, [a, b])
+    before = len(campaigns(etcd))
+    run(clock, 10, [a, b])
+    # one every TTL, where polling takes one every TTL/4 (20 in 10 s)
+    assert len(campaigns(etcd)) - before <= 10 / b.election.safety + 1
+    assert a.election.leading
+
+
+def campaigns(etcd: FakeEtcd) -> list[Any]:
+    """The transactions that tried to create the leader key."""
+    key = leader_key(PREFIX)
+    return [body for path, body in etcd.requests if path == "/v3/kv/txn" and any(
+        c["target"] == "CREATE" and unb64(c["key"]) == key for c in body.get("compare", []))]
+
+
+def test_a_broken_watch_is_opened_again_after_a_back_off() -> None:
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    a, b = Candidate(etcd, "1"), Candidate(etcd, "2")
+    a.election.start()
+    clock.advance(0.25)
+    b.election.start()
+    run(clock, 1, [a, b])
+    assert len(etcd.watches) == 1
+    for _ in range(3):  # back-off 0.1, 0.2, 0.4 s
+        etcd.drop_watches()
+        assert not etcd.watches
+        run(clock, 0.5, [a, b])
+        assert len(etcd.watches) == 1, "watching again"
+    expires = etcd.leases[a.election.lease][1]
+    a.kill()
+    run(clock, TTL + 1, [a, b])
+    assert b.elected and b.elected[0] - expires <= STEP + 1e-6
+
+
+def test_a_silent_watch_still_takes_over_by_the_safety_campaign() -> None:
+    # Its etcd member is cut off from the others and keeps the stream open, silent.
+    clock = Clock()
+    etcd = FakeEtcd(clock)
+    a, b = Candidate(etcd, "1"), Candidate(etcd, "2")
+    b.transport.watch_silent = True
+    a.election.start()
+    clock.advance(0.25)
+    b.election.start()
+    run(clock, 2, [a, b])
+    expires = etcd.leases[a.election.lease][1]
+    a.kill()
+    run(clock, TTL + b.election.safety + 1, [a, b])
+    assert b.elected and b.elected[0] - expires <= b.election.safety + STEP
 
 
 # -- the fenced commit ----------------------------------------------------------------------------
@@ -688,3 +779,40 @@ def test_a_new_leader_relaunches_when_every_probe_is_refused() -> None:
     assert len(dial.dialled) == 3
     assert not ecs.state.dead
     assert sorted(launcher.launched) == ["server1", "server2", "server3"]
+
+
+# -- the watch's stream, as the gateway sends it ------------------------------------------------
+
+def test_a_watch_stream_is_read_message_by_message_across_chunks() -> None:
+    from twisted.python.failure import Failure
+    from twisted.web.client import ResponseDone
+
+    from ecs.etcd import _Messages, watch_events
+
+    got: list[dict[str, Any]] = []
+    done: Deferred[None] = Deferred()
+    reader = _Messages(got.append, done)
+    key = base64.b64encode(b"/test/leader").decode()
+    created = b'{"result":{"header":{"revision":"5"},"created":true}}\n'
+    put_ = ('{"result":{"header":{"revision":"6"},"events":[{"kv":{"key":"%s","value":"%s",'
+            '"mod_revision":"6","create_revision":"6","lease":"7"}}]}}\n'
+            % (key, base64.b64encode("ecs1 é".encode()).decode())).encode()
+    delete = ('{"result":{"header":{"revision":"7"},"events":[{"type":"DELETE","kv":{"key":"%s",'
+              '"mod_revision":"7"}}]}}\n' % key).encode()
+    stream = created + put_ + delete
+    # split everywhere, one byte at a time at the start
+    for i in range(0, 10):
+        reader.dataReceived(stream[i:i + 1])
+    reader.dataReceived(stream[10:70])
+    reader.dataReceived(stream[70:])
+    assert len(got) == 3
+    assert watch_events(got[0]) == ([], False)
+    (kind, kv), = watch_events(got[1])[0]
+    assert (kind, kv.key, kv.value, kv.mod_revision) == ("PUT", b"/test/leader",
+                                                         "ecs1 é".encode(), 6)
+    (kind, kv), = watch_events(got[2])[0]
+    assert (kind, kv.mod_revision) == ("DELETE", 7)
+    assert watch_events({"result": {"canceled": True, "compact_revision": "9"}}) == ([], True)
+    assert not done.called
+    reader.connectionLost(Failure(ResponseDone()))
+    assert result(done) is None

@@ -93,14 +93,22 @@ def test_one_leader_and_standbys_that_know_it() -> None:
     assert a.election.leading and not a.deposed
 
 
+def started_pair(clock: Clock, etcd: FakeEtcd, *, stagger: float = 0.0,
+                 seconds: float = 1.0) -> tuple[Candidate, Candidate]:
+    """Candidates "1" and "2" started in that order, C{stagger} apart, then run for C{seconds}."""
+    a, b = Candidate(etcd, "1"), Candidate(etcd, "2")
+    a.election.start()
+    if stagger:
+        clock.advance(stagger)
+    b.election.start()
+    run(clock, seconds, [a, b])
+    return a, b
+
+
 def test_a_killed_leader_is_replaced_within_ttl_and_a_tick() -> None:
     clock = Clock()
     etcd = FakeEtcd(clock)
-    a, b = Candidate(etcd, "1"), Candidate(etcd, "2")
-    a.election.start()
-    clock.advance(0.01)
-    b.election.start()
-    run(clock, 2, [a, b])
+    a, b = started_pair(clock, etcd, stagger=0.01, seconds=2)
     killed_at = clock.seconds()
     a.kill()
     run(clock, TTL + 2, [a, b])
@@ -113,10 +121,7 @@ def test_a_killed_leader_is_replaced_within_ttl_and_a_tick() -> None:
 def test_a_leader_cut_from_etcd_stands_down_before_another_is_elected() -> None:
     clock = Clock()
     etcd = FakeEtcd(clock)
-    a, b = Candidate(etcd, "1"), Candidate(etcd, "2")
-    a.election.start()
-    b.election.start()
-    run(clock, 2, [a, b])
+    a, b = started_pair(clock, etcd, seconds=2)
     assert a.election.leading
     a.transport.reachable = False
     run(clock, TTL + 2, [a, b])  # run() checks there is never a second leader meanwhile
@@ -142,10 +147,7 @@ def test_a_hung_etcd_request_does_not_keep_a_leader_leading() -> None:
 def test_stop_revokes_the_lease_so_a_standby_takes_over_at_once() -> None:
     clock = Clock()
     etcd = FakeEtcd(clock)
-    a, b = Candidate(etcd, "1"), Candidate(etcd, "2")
-    a.election.start()
-    b.election.start()
-    run(clock, 1, [a, b])
+    a, b = started_pair(clock, etcd, seconds=1)
     stopped_at = clock.seconds()
     result(Deferred.fromCoroutine(a.election.stop()))
     run(clock, 1, [a, b])
@@ -186,10 +188,7 @@ def test_a_watching_standby_campaigns_as_soon_as_the_leader_key_is_deleted() -> 
 def test_a_watching_standby_campaigns_only_as_a_safety_net() -> None:
     clock = Clock()
     etcd = FakeEtcd(clock)
-    a, b = Candidate(etcd, "1"), Candidate(etcd, "2")
-    a.election.start()
-    b.election.start()
-    run(clock, 1, [a, b])
+    a, b = started_pair(clock, etcd, seconds=1)
     before = len(campaigns(etcd))
     run(clock, 10, [a, b])
     # one every TTL, where polling takes one every TTL/4 (20 in 10 s)
@@ -207,11 +206,7 @@ def campaigns(etcd: FakeEtcd) -> list[Any]:
 def test_a_broken_watch_is_opened_again_after_a_back_off() -> None:
     clock = Clock()
     etcd = FakeEtcd(clock)
-    a, b = Candidate(etcd, "1"), Candidate(etcd, "2")
-    a.election.start()
-    clock.advance(0.25)
-    b.election.start()
-    run(clock, 1, [a, b])
+    a, b = started_pair(clock, etcd, stagger=0.25, seconds=1)
     assert len(etcd.watches) == 1
     for _ in range(3):  # back-off 0.1, 0.2, 0.4 s
         etcd.drop_watches()

@@ -485,6 +485,14 @@ def test_listen_ports_lie_below_the_ephemeral_range() -> None:
     assert all(1024 <= p < low for p in ports)
 
 
+def test_listen_ports_are_never_handed_out_twice() -> None:
+    # A cluster picks every server's ports before it starts one, so a port picked twice is
+    # still free the second time: two servers would be given it (12,000 ports: 1,500 picks
+    # repeat some port almost surely without the check).
+    ports = [listen_port() for _ in range(1500)]
+    assert len(set(ports)) == len(ports)
+
+
 # -- the CI short schedule, against real processes -------------------------------------------------
 
 

@@ -29,6 +29,7 @@ L{harness.processes} block while a process starts; they run in a worker thread
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -623,13 +624,22 @@ def listen_port(host: str = HOST, tries: int = 200) -> int:
     rng = random.SystemRandom()
     for _ in range(tries):
         port = rng.randrange(max(1024, low - 12000), low)
+        # A port handed out before may not be listened on yet (a cluster picks all its ports
+        # before it starts a server): binding it here would succeed and two servers share it.
+        if port in _LISTEN_PORTS:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
+        _LISTEN_PORTS.append(port)
         return port
     return free_port(host)
+
+
+#: the ports L{listen_port} handed out lately in this process
+_LISTEN_PORTS: collections.deque[int] = collections.deque(maxlen=4096)
 
 
 def _ephemeral_range() -> tuple[int, int]:

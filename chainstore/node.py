@@ -134,15 +134,19 @@ class KVNode:
     def put(self, key: bytes, value: bytes, request_id: bytes = b"") -> Deferred[bool]:
         """Store C{value} under C{key}; fires with True if it replaced a value, once the tail
         of the key's chain has applied the write."""
+        return self._timed("put", self.metrics.put_timer, self._put, key, value, request_id)
+
+    def _timed(self, command: str, timer: Any, call: Callable[..., Deferred[Any]],
+               *args: Any) -> Deferred[Any]:
+        """C{call(*args)}, counted and timed as C{command} (by C{timer} when it succeeds)."""
         started = self.metrics.clock()
         try:
-            d = self._put(key, value, request_id)
+            d = call(*args)
         except Exception as e:
-            self.metrics.failed("put", e)
+            self.metrics.failed(command, e)
             raise
-        metrics = self.metrics
-        return d.addCallbacks(metrics.put_timer.passed, metrics.request_failed, (started,), None,
-                              ("put",))
+        return d.addCallbacks(timer.passed, self.metrics.request_failed, (started,), None,
+                              (command,))
 
     def _put(self, key: bytes, value: bytes, request_id: bytes) -> Deferred[bool]:
         check_key(key)
@@ -162,15 +166,7 @@ class KVNode:
 
     def delete(self, key: bytes, request_id: bytes = b"") -> Deferred[None]:
         """Remove C{key}; fails with L{KeyNotFound} if it held no value."""
-        started = self.metrics.clock()
-        try:
-            d = self._delete(key, request_id)
-        except Exception as e:
-            self.metrics.failed("delete", e)
-            raise
-        metrics = self.metrics
-        return d.addCallbacks(metrics.delete_timer.passed, metrics.request_failed, (started,),
-                              None, ("delete",))
+        return self._timed("delete", self.metrics.delete_timer, self._delete, key, request_id)
 
     def _delete(self, key: bytes, request_id: bytes) -> Deferred[None]:
         check_key(key)

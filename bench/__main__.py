@@ -3,7 +3,8 @@
 Systems (``--systems``, default ``chain,chain-any,chain-plain,single,redis,etcd``): ``chain``, an
 ECS with three ``twistd kvserver`` processes replicating every range three ways (puts to each
 key's head, gets to its tail); ``chain-any``, the same with each get sent to a member of the key's
-chain in turn (reads at any member, CRAQ; its targets: at least chain's throughput in workloads
+chain as the client library picks it (client/readers.py: by key, hot keys in turn; reads at any
+member, CRAQ; its targets: at least chain's throughput in workloads
 C and B, and under C no server sent more than 45% of the gets); ``single``, one unreplicated server; ``redis``, a primary and two replicas,
 each write followed by ``WAIT 2 0``; ``etcd``, three members, linearizable reads; ``echo``, a
 bare AMP echo server over plaintext (what AMP itself costs; not in the default set). chain and

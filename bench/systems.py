@@ -36,6 +36,7 @@ from bench.echo_server import Echo
 from chainstore import protocol
 from chainstore.ring import Ring, position
 from chainstore.tls import Credentials, client_endpoint, load
+from client.readers import ReaderChoice
 from harness.processes import ECSProcess, KVServerProcess, ProcessFailed, free_port
 
 HOST = "127.0.0.1"
@@ -287,7 +288,8 @@ class EchoSystem(SystemUnderTest):
 class ChainRouter:
     """One client handle of L{ChainSystem}: an AMP connection to every server of the ring, and
     for each range the connections to its chain's head and tail, and to the members that
-    answer its gets: the tail (C{reads="tail"}) or every member, in turn (C{"any"}).
+    answer its gets: the tail (C{reads="tail"}) or every member (C{"any"}), picked per get as
+    the client library picks it (L{client.readers.ReaderChoice}: by key, hot keys in turn).
 
     Routing a key costs one MD5 and one bisection (L{Ring.owner_index}), so a request costs the
     load generator about what a request to the single server does. C{credentials} are what its
@@ -307,16 +309,18 @@ class ChainRouter:
         self._readers = [[(n.name, conns[n.name]) for n in (chain if reads == "any"
                                                              else chain[-1:])]
                          for chain in chains]
-        self._turn = [0] * len(chains)
+        self._choice = ReaderChoice()
         self.gets: Counter[str] = Counter()
 
     def reader(self, key: bytes) -> amp.AMP:
         """The connection a get of C{key} goes to (counted in C{gets})."""
-        index = self.ring.owner_index(position(key))
+        pos = position(key)
+        index = self.ring.owner_index(pos)
         readers = self._readers[index]
-        turn = self._turn[index]
-        self._turn[index] = turn + 1
-        name, conn = readers[turn % len(readers)]
+        if len(readers) == 1:
+            name, conn = readers[0]
+        else:
+            name, conn = readers[self._choice.member(key, pos, len(readers))]
         self.gets[name] += 1
         return conn
 
@@ -476,8 +480,8 @@ def single_plain(workdir: str | os.PathLike[str]) -> SingleSystem:
 
 
 def chain_any(workdir: str | os.PathLike[str]) -> ChainSystem:
-    """L{ChainSystem} whose gets go to every member of the key's chain in turn (CRAQ reads,
-    what the client library does by default), beside C{chain}'s tail-only gets."""
+    """L{ChainSystem} whose gets go to the members of the key's chain as the client library
+    sends them by default (CRAQ reads; L{client.readers}), beside C{chain}'s tail-only gets."""
     return ChainSystem(workdir, reads="any")
 
 

@@ -42,10 +42,11 @@ from chainstore.errors import InvalidKey, KVError, NotResponsible, ServerStopped
 from chainstore.limits import check_key, check_value
 from chainstore.logs import get_logger
 from chainstore.peers import no_delay
-from chainstore.ring import NodeInfo, Ring
+from chainstore.ring import NodeInfo, Ring, position
 from chainstore.roles import SERVER, RoleGuard
 from chainstore.tls import Credentials, TLSFiles, client_endpoint
 from client.errors import ClientClosed, RequestTimedOut, WrongProtocol
+from client.readers import ReaderChoice
 
 log = get_logger("client.kvstore")
 
@@ -227,9 +228,12 @@ class KVStore:
     @param endpoint_factory: C{(host, port) -> IStreamClientEndpoint}; by default a TCP
         connection with C{timeout}, with mutual TLS unless C{tls} is None (C{tls} is then
         not used).
-    @param read_policy: C{"any"} (default): each get goes to a member of the key's live chain
-        chosen at random (members we failed to reach lately last), which spreads a hot key's
-        reads over its whole chain; C{"tail"}: to the chain's tail.
+    @param read_policy: C{"any"} (default): each get goes to a member of the key's live chain,
+        the same one for every get of a key (each member then caches a share of the keys),
+        except for the few keys that take a large share of the recent gets, whose reads go to
+        every member in turn (L{client.readers}); a retry, or a get whose member we failed to
+        reach lately, goes to a member chosen at random (those we reach first);
+        C{"tail"}: to the chain's tail.
     """
 
     def __init__(self, reactor: Any, addresses: Iterable[Address], *, timeout: float = 10.0,
@@ -242,6 +246,7 @@ class KVStore:
             raise ValueError(f"read_policy is one of {', '.join(READ_POLICIES)}, "
                              f"not {read_policy!r}")
         self.read_policy = read_policy
+        self._reader_choice = ReaderChoice()
         self._reactor = reactor
         self.addresses: list[Address] = [(str(h), int(p)) for h, p in addresses]
         if not self.addresses:
@@ -336,14 +341,27 @@ class KVStore:
 
     async def _get(self, key: Key) -> bytes:
         k = key_bytes(key)
-        answer = await self._request(protocol.Get, lambda ring: self._reader(ring, k), key=k)
+        attempts = 0
+
+        def route(ring: Ring) -> NodeInfo:
+            nonlocal attempts
+            attempts += 1
+            return self._reader(ring, k, attempts == 1)
+        answer = await self._request(protocol.Get, route, key=k)
         return bytes(answer["value"])
 
-    def _reader(self, ring: Ring, key: bytes) -> NodeInfo:
-        """The member of C{key}'s live chain a get goes to (see C{read_policy})."""
-        chain = ring.chain(key)
+    def _reader(self, ring: Ring, key: bytes, first: bool = True) -> NodeInfo:
+        """The member of C{key}'s live chain a get goes to (see C{read_policy}); C{first}:
+        the get's first attempt (a retry goes to a member at random: the one the key's reads
+        go to may be the one refusing them)."""
+        pos = position(key)
+        chain = ring.chain_for_index(ring.owner_index(pos))
         if self.read_policy == "tail" or not chain:
             return ring.tail(key)
+        if first:
+            choice = chain[self._reader_choice.member(key, pos, len(chain))]
+            if (choice.host, choice.amp_port) not in self._suspects:
+                return choice
         reachable = [n for n in chain if (n.host, n.amp_port) not in self._suspects]
         choices = reachable or list(chain)
         return choices[int(self._random.random() * len(choices)) % len(choices)]

@@ -36,7 +36,7 @@ from chainstore.errors import (
 )
 from chainstore.limits import MAX_VALUE_BYTES
 from chainstore.node import RUNNING, STOPPED, KVNode
-from chainstore.ring import NodeInfo, Ring
+from chainstore.ring import NodeInfo, Ring, position
 from chainstore.storage import STORE_NAMES, StoreSet
 from client.errors import ClientClosed, RequestTimedOut, WrongProtocol
 from client.kvstore import KVStore
@@ -401,6 +401,26 @@ def test_reads_are_spread_over_every_member_of_the_chain_by_default(net: FakeNet
         assert drive(net, store.get(key)) == b"v"
     with pytest.raises(ValueError):
         make_store(net, [amp(ring.nodes[0])], read_policy="head")
+
+
+def test_keys_read_now_and_then_each_go_to_the_one_member_their_position_names(
+        net: FakeNetwork) -> None:
+    # So each member reads, and caches, a third of its ranges' keys (client/readers.py).
+    ring = three_node_ring(net)
+    store = make_store(net, [amp(ring.nodes[0])])
+    keys = [b"key%d" % i for i in range(30)]
+    for key in keys:
+        drive(net, store.put(key, b"v"))
+    places = Counter()
+    for _ in range(2):
+        for key in keys:
+            net.received.clear()
+            assert drive(net, store.get(key)) == b"v"
+            chain = ring.chain(key)
+            member = chain[position(key) % len(chain)]
+            assert [a for a, _, n in net.received if n == "Get"] == [amp(member)]
+            places[chain.index(member)] += 1
+    assert set(places) == {0, 1, 2}
 
 
 def test_not_responsible_refreshes_the_ring_and_retries_at_once(net: FakeNetwork) -> None:

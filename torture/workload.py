@@ -42,7 +42,8 @@ class WorkloadConfig:
     C{put_ratio} are puts and C{delete_ratio} deletes, the rest gets; each pauses uniformly in
     C{pause} seconds between operations. C{timeout} is the library's per-request timeout,
     C{deadline} the most one operation may take with its retries. C{read_policy}: where the
-    library sends gets (C{"any"}: every member of a key's chain, spread at random)."""
+    library sends gets (C{"any"}: a member of the key's chain; with only a few keys, each takes
+    a large share of a client's gets, so the library sends them to every member in turn)."""
 
     clients: int = 6
     keys: int = 10

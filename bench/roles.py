@@ -4,7 +4,9 @@ In the ordinary benchmark every server is head, middle and tail of one range eac
 time mixes the three roles. Here a chain of three (``ChainSystem``, mutual TLS, as
 ``python -m bench`` runs it) receives puts to the keys of one range only: one server is their
 head, the next their middle, the last their tail, and each process's CPU time (``/proc``) per
-put is that role's cost. A single server (``SingleSystem``) takes the same puts for comparison.
+put is that role's cost, with the kernel's share of it and the process's wake-ups (voluntary
+context switches) and preemptions per put. A single server (``SingleSystem``) takes the same
+puts for comparison.
 With ``--py-spy DIR`` every server process is also sampled by py-spy (``pip install py-spy``;
 not a dependency of the project) while the puts run, and the functions with the most samples
 of each role are listed (raw collapsed stacks are kept in DIR).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,16 +24,60 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench.driver import interrupt_on_sigterm, log, run_reactor
 from bench.loadgen import ClosedLoop
-from bench.systems import ChainSystem, SingleSystem, process_cpu_seconds
+from bench.systems import ChainSystem, SingleSystem
 from bench.ycsb import record_keys, record_values
 from chainstore import protocol
 from chainstore.ring import position
 
 ROLES = ("head", "middle", "tail")
+
+
+class Activity(NamedTuple):
+    """What a process has done so far, from /proc. A voluntary context switch is the process
+    going to sleep with nothing to do (the reactor waiting in epoll), so their count per put
+    is the wake-ups a put costs; an involuntary one is the process preempted while it had
+    work (another process took the CPU)."""
+
+    cpu: float  # seconds, user and system
+    kernel: float  # of which system
+    wakeups: int  # voluntary context switches
+    preempted: int  # involuntary ones
+
+    def __sub__(self, other: Any) -> Activity:  # type: ignore[override]
+        return Activity(*(a - b for a, b in zip(self, other)))
+
+
+def parse_activity(stat: str, status: str) -> Activity:
+    """The L{Activity} of a process given the text of its /proc/PID/stat and
+    /proc/PID/status."""
+    # The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    fields = stat.rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    user, system = int(fields[11]) / tick, int(fields[12]) / tick
+    switches = {}
+    for line in status.splitlines():
+        name, _, value = line.partition(":")
+        if name in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
+            switches[name] = int(value)
+    return Activity(user + system, system, switches["voluntary_ctxt_switches"],
+                    switches["nonvoluntary_ctxt_switches"])
+
+
+def activity(pid: int) -> Activity:
+    """The L{Activity} of process C{pid} (Linux)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat, \
+            open(f"/proc/{pid}/status", encoding="ascii") as status:
+        return parse_activity(stat.read(), status.read())
+
+
+def per_put(spent: Activity, puts: int) -> str:
+    """CPU µs per put, the kernel's share of it, wake-ups and preemptions per put."""
+    return (f"{spent.cpu / puts * 1e6:>10.0f}  {spent.kernel / max(spent.cpu, 1e-9):>6.0%}  "
+            f"{spent.wakeups / puts:>8.3f}  {spent.preempted / puts:>9.3f}")
 
 
 def range_keys(ring: Any, index: int | None, count: int) -> list[bytes]:
@@ -104,7 +151,7 @@ async def measure(reactor: Any, args: argparse.Namespace, workdir: Path) -> list
             lines.append(f"chain {' -> '.join(n.name for n in members)}, {len(keys)} keys "
                          f"of {members[0].name}'s range")
         lines.append(f"{args.inflight} in flight, {args.seconds:.0f} s per size")
-        lines.append("value B  role    puts/s  CPU us/put  (single: puts/s, CPU us/put)")
+        lines.append("value B  role    puts/s  CPU us/put  kernel  wake-ups  preempted  (per put)")
         for size in args.values:
             value = record_values(size)[1]
             # Warm up (and insert) the keys first: the measured puts are updates.
@@ -113,29 +160,30 @@ async def measure(reactor: Any, args: argparse.Namespace, workdir: Path) -> list
             spies = (sample(pids, args.seconds, args.py_spy, f"{size}", args.rate)
                      if args.py_spy else [])
             sent_before = await writes_per_batch(router)
-            before = {role: process_cpu_seconds(pid) or 0.0 for role, pid in pids.items()}
+            before = {role: activity(pid) for role, pid in pids.items()}
             start = time.monotonic()
             done = await put_loop(reactor, chain, router, keys, value, args.inflight,
                                   args.seconds)
             elapsed = time.monotonic() - start
-            after = {role: process_cpu_seconds(pid) or 0.0 for role, pid in pids.items()}
+            spent = {role: activity(pid) - before[role] for role, pid in pids.items()}
             sent_after = await writes_per_batch(router)
             for spy in spies:
                 spy.wait()
-            s_before = process_cpu_seconds(single.pids[0]) or 0.0
+            s_before = activity(single.pids[0])
             s_start = time.monotonic()
             s_done = await put_loop(reactor, single, single_conn, keys, value, args.inflight,
                                     args.seconds)
             s_elapsed = time.monotonic() - s_start
-            s_cpu = (process_cpu_seconds(single.pids[0]) or 0.0) - s_before
-            total = 0.0
+            s_spent = activity(single.pids[0]) - s_before
             for role in ROLES:
-                us = (after[role] - before[role]) / done * 1e6
-                total += us
-                lines.append(f"{size:>7}  {role:<6} {done / elapsed:>7,.0f}  {us:>10.0f}")
-            lines.append(f"{size:>7}  all    {done / elapsed:>7,.0f}  {total:>10.0f}  "
-                         f"(single: {s_done / s_elapsed:,.0f}, {s_cpu / s_done * 1e6:.0f}; "
-                         f"chain / single CPU {total / (s_cpu / s_done * 1e6):.1f}x)")
+                lines.append(f"{size:>7}  {role:<6} {done / elapsed:>7,.0f}  "
+                             f"{per_put(spent[role], done)}")
+            total = Activity(*map(sum, zip(*spent.values())))
+            lines.append(f"{size:>7}  all    {done / elapsed:>7,.0f}  {per_put(total, done)}")
+            lines.append(f"{size:>7}  single {s_done / s_elapsed:>7,.0f}  "
+                         f"{per_put(s_spent, s_done)}")
+            lines.append(f"         chain / single CPU per put "
+                         f"{(total.cpu / done) / (s_spent.cpu / s_done):.1f}x")
             batches = sum(sent_after[n][0] - sent_before[n][0] for n in sent_after)
             writes = sum(sent_after[n][1] - sent_before[n][1] for n in sent_after)
             lines.append(f"         {writes / max(batches, 1):.1f} writes per Replicate "

@@ -58,7 +58,8 @@ from bench.dataset import keys_to_verify, load, verify
 from bench.driver import INTERRUPTED, interrupt_on_sigterm, log, run_reactor
 from bench.memory import MemorySampler
 from bench.stalls import StallWatch
-from bench.reconfig_report import OpResult, SizeResult, compare, format_report, format_table
+from bench.reconfig_report import (OpResult, SizeResult, compare, format_report, format_table,
+                                   latency_by_step)
 from bench.systems import ChainRouter
 from bench.writer import Writer
 from chainstore import protocol
@@ -231,7 +232,8 @@ async def run_op(reactor: Any, ecs: ECSProcess, settings: argparse.Namespace, op
         lost_answers=len(seen.lost), skipped_writes=seen.skipped, errors=seen.errors[:20],
         steps=steps, store_keys=store_keys, epoch_before=ring.epoch, epoch_after=new_ring.epoch,
         ring_after=[n.name for n in new_ring.nodes],
-        stalls=stalls.largest(zero, zero + seconds))
+        stalls=stalls.largest(zero, zero + seconds),
+        by_step=latency_by_step(seen.accepted, seen.latencies, steps))
     return result, router, writer.version
 
 

@@ -45,6 +45,8 @@ class OpResult:
     #: server -> its largest reactor stall from the command sent to its answer (ms, and the
     #: server's CPU ms meanwhile; bench/stalls.py); 0 if none reached 10 ms
     stalls: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: per step (L{latency_by_step}): (step, writes sent in it, of them over SLOW_MS, max ms)
+    by_step: list[tuple[str, int, int, float]] = field(default_factory=list)
 
     @property
     def max_stall_ms(self) -> float | None:
@@ -96,6 +98,27 @@ class SizeResult:
         return max(self.peak_kib.values(), default=0)
 
 
+#: A write slower than this (the issue's p99 target) is counted per step by L{latency_by_step}.
+SLOW_MS = 50.0
+
+
+def latency_by_step(accepted: list[float], latencies: list[float],
+                    steps: list[tuple[float, str]]) -> list[tuple[str, int, int, float]]:
+    """The writer's accepted writes grouped by the step that was showing when each was sent
+    (C{accepted} and C{latencies} in seconds, parallel; C{steps} (time, step) as first shown by
+    C{Status}; "before" until the first): per step (step, writes, writes over L{SLOW_MS}, max
+    ms), in the steps' order. Where the slow writes fall says what held them."""
+    names = ["before"] + [step for _, step in steps]
+    starts = [t for t, _ in steps]
+    groups: dict[str, list[float]] = {name: [] for name in names}
+    for done, latency in zip(accepted, latencies):
+        sent = done - latency
+        place = sum(1 for start in starts if start <= sent)
+        groups[names[place]].append(latency * 1e3)
+    return [(name, len(ms), sum(1 for m in ms if m > SLOW_MS), max(ms, default=0.0))
+            for name, ms in groups.items() if ms]
+
+
 def _mib(kib: int) -> str:
     return f"{kib / 1024:.0f}"
 
@@ -129,6 +152,8 @@ def format_op(o: OpResult) -> list[tuple[str, str]]:
             f"{name} {'/'.join(f'{c[s]:,}' for s in STORES)}"
             for name, c in sorted(o.store_keys.items())) + " (coordinator/replica1/replica2)"),
         ("  steps (Status)", ", ".join(f"+{t:.2f} s {step}" for t, step in o.steps)),
+        ("  writes by step", f"sent during (puts, over {SLOW_MS:.0f} ms, max ms): " + ", ".join(
+            f"{step} {n:,}/{slow:,}/{top:.0f}" for step, n, slow, top in o.by_step)),
     ]
 
 

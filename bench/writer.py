@@ -24,6 +24,7 @@ class WriterLog:
     """What the writer saw; times in seconds since its zero (the operation's command sent)."""
 
     accepted: list[float] = field(default_factory=list)
+    #: each accepted write's latency, in the order of L{accepted}
     latencies: list[float] = field(default_factory=list)
     refused: list[float] = field(default_factory=list)
     not_responsible: list[float] = field(default_factory=list)

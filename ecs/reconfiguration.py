@@ -131,9 +131,14 @@ class Reconfigurer:
                 await self._call(move.server, control.DropRange, timeout=None,
                                  store=move.target_store, start=move.range.start,
                                  end=move.range.end)
-                await self._call(move.server, control.MoveLocal, timeout=None,
-                                 source=move.source_store, target=move.target_store,
-                                 start=move.range.start, end=move.range.end)
+                began = self.clock.seconds()
+                result = await self._call(move.server, control.MoveLocal, timeout=None,
+                                          source=move.source_store, target=move.target_store,
+                                          start=move.range.start, end=move.range.end)
+                log.info("epoch {epoch}: moved {keys} keys from {source} to {target} on "
+                         "{server} in {seconds:.3f}s", epoch=epoch, keys=result["keys"],
+                         source=move.source_store, target=move.target_store,
+                         server=move.server, seconds=self.clock.seconds() - began)
             for copy in plan.copies:
                 result = await self._call(copy.source, control.TrackWrites,
                                           store=copy.source_store, start=copy.range.start,
@@ -144,7 +149,14 @@ class Reconfigurer:
                 await self._call(copy.target, control.DropRange, timeout=None,
                                  store=copy.target_store, start=copy.range.start,
                                  end=copy.range.end, attempt=epoch)
+                began = self.clock.seconds()
                 result = await self._copy(op, copy, epoch)
+                log.info("epoch {epoch}: copied {keys} keys ({nbytes} bytes) from {source} "
+                         "{source_store} to {target} {target_store} in {seconds:.3f}s",
+                         epoch=epoch, keys=result["keys"], nbytes=result["bytes"],
+                         source=copy.source, source_store=copy.source_store,
+                         target=copy.target, target_store=copy.target_store,
+                         seconds=self.clock.seconds() - began)
                 op.copies.clear()
                 op.keys += result["keys"]
                 op.bytes += result["bytes"]

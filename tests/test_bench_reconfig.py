@@ -23,7 +23,8 @@ from bench.cluster import MeasurementFailed, pick_leaving, share
 from bench.dataset import key_of, keys_to_verify, load, value_of, verify, version_of
 from bench.memory import MemorySampler, parse_memory, read_memory
 from bench.reconfig import copy_step, ecs_summary, parse_ops, parse_sizes
-from bench.reconfig_report import OpResult, SizeResult, compare, format_report, format_table
+from bench.reconfig_report import (OpResult, SizeResult, compare, format_report, format_table,
+                                   latency_by_step)
 from bench.systems import ChainRouter
 from bench.writer import Writer
 from chainstore import protocol
@@ -133,7 +134,8 @@ def _op(op: str = "join", client: float | None = 0.05, ecs_locked: float = 0.06,
         skipped_writes=0, errors=[], steps=[(0.1, "copying"), (1.4, "catching up")],
         store_keys={"server1": {"coordinator": 5, "replica1": 6, "replica2": 7}},
         epoch_before=1, epoch_after=2, ring_after=["server1", "server4"],
-        stalls={"server1": (23.4, 21.0), "server4": (0.0, 0.0)})
+        stalls={"server1": (23.4, 21.0), "server4": (0.0, 0.0)},
+        by_step=[("copying", 900, 3, 61.5), ("switching", 40, 12, 230.0)])
 
 
 def _size(keys: int, ops: list[OpResult], peak_mib: float) -> SizeResult:
@@ -183,12 +185,24 @@ def test_reports_show_every_figure() -> None:
     assert "server1 5/6/7" in text
     assert "RSS server1 (MiB)" in text and "load 60, join 60; peak 60 (VmHWM)" in text
     assert "data on disk 30 MiB" in text
+    assert "copying 900/3/62, switching 40/12/230" in text
     table = format_table([r]).splitlines()
     assert len(table) == 3
     assert "reactor stalls" in text and "server1 23 ms (21), server4 < 10 ms" in text
     assert table[1].split() == ["100,000", "join", "3.00", "2.00", "80,000", "10.0", "5.00",
                                 "4.00", "0.250", "0.060", "9/20", "23", "60"]
     assert table[2].split()[8] == "-"
+
+
+def test_writes_are_grouped_by_the_step_shown_when_they_were_sent() -> None:
+    steps = [(0.5, "copying"), (2.0, "locking writes"), (2.2, "switching")]
+    # (answered at, latency): sent at 0.1, 0.45, 1.0, 2.1, 2.21 and 2.3
+    answers = [(0.11, 0.01), (0.52, 0.07), (1.002, 0.002), (2.3, 0.2), (2.26, 0.05), (2.4, 0.1)]
+    accepted, latencies = [a for a, _ in answers], [lat for _, lat in answers]
+    assert latency_by_step(accepted, latencies, steps) == [
+        ("before", 2, 1, pytest.approx(70.0)), ("copying", 1, 0, pytest.approx(2.0)),
+        ("locking writes", 1, 1, pytest.approx(200.0)), ("switching", 2, 1, pytest.approx(100.0))]
+    assert latency_by_step([], [], steps) == []
 
 
 def test_ecs_summary_takes_the_operations_own_line() -> None:

@@ -2,7 +2,7 @@
 
 The SQLite store keeps each key's ring bucket (the top bits of its position) in an indexed
 column; a range copy, move or drop reads only that range's buckets, a page at a time with the
-reactor running between pages; the key count is one row kept by triggers; files made before
+reactor running between pages; the key count is one row kept in the same transactions; files made before
 the column existed are upgraded when they are opened.
 """
 
@@ -110,6 +110,65 @@ def test_range_pages_hold_the_range_once_each_on_both_backends(
     finally:
         sqlite.close()
         dumb.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sets(st.binary(min_size=1, max_size=8), max_size=80), ranges,
+       st.integers(1, 30), st.sampled_from([None, 1, 40, 400]))
+def test_a_page_moved_between_files_is_the_page_read_on_both_backends(
+        tmp_path_factory, present, rng, limit, max_bytes):
+    where = tmp_path_factory.mktemp("moves")
+    items = {k: k * 3 for k in present}
+    for make in (lambda name: sqlitedbm.open(where / f"{name}.sqlite"),
+                 lambda name: DumbDBM(str(where / name))):
+        source, target = make("source"), make("target")
+        try:
+            source.update_many(list(items.items()))
+            # a key the target holds already is overwritten; one outside the range stays
+            target.update_many([(k, b"old") for k in list(items)[:3]] + [(b"\xff" * 9, b"x")])
+            before = {k: target.get(k) for k in [*items, b"\xff" * 9]}
+            read, moved, cursor = [], [], None
+            while True:
+                page, _ = source.range_page(rng.start, rng.end, cursor, limit, True, max_bytes)
+                copied, cursor = target.move_page(source, rng.start, rng.end, cursor, limit,
+                                                  max_bytes)
+                read.append(sorted(k for k, _ in page))
+                moved.append(copied)
+                if cursor is None:
+                    break
+            # page for page what range_page reads (and the same cursors)
+            assert moved == [len(page) for page in read]
+            in_range = {k for k in items if position(k) in rng}
+            assert sorted(k for page in read for k in page) == sorted(in_range)
+            for key, old in before.items():
+                assert target.get(key) == (items[key] if key in in_range else old)
+            assert len(target) == len({k for k, v in before.items() if v is not None}
+                                      | in_range)
+        finally:
+            source.close()
+            target.close()
+
+
+def test_a_page_moves_inside_sqlite_and_leaves_nothing_attached(tmp_path):
+    source = sqlitedbm.open(tmp_path / "source.sqlite")
+    target = sqlitedbm.open(tmp_path / "target.sqlite")
+    try:
+        source.update_many([(k, b"v" * 50) for k in keys(600)])
+        statements: list[str] = []
+        target._conn.set_trace_callback(statements.append)
+        copied, cursor = target.move_page(source, 0, 0, None, 256, None)
+        assert copied == 256 and cursor is not None
+        # one INSERT ... SELECT per bucket of the page, no pair bound one by one
+        # (the trace repeats a statement for each row its trigger fires on)
+        inserts = {sql for sql in statements if sql.startswith("INSERT")}
+        assert inserts and all("SELECT k, v, b FROM source.kv" in sql for sql in inserts)
+        assert len(inserts) <= 64
+        assert [r[1] for r in target._conn.execute("PRAGMA database_list")] == ["main"]
+        with pytest.raises(ValueError, match="into itself"):
+            source.move_page(source, 0, 0, None, 256, None)
+    finally:
+        source.close()
+        target.close()
 
 
 def test_the_whole_ring_and_the_two_halves_partition_the_keys(db):
@@ -304,6 +363,25 @@ def test_len_reads_one_row_whatever_the_size_and_stays_exact(db):
     db.abandon()
     expected = 20_000 + 1 - 1 + 1 - 1 + 1 - 1 + 1 - 1
     assert len(db) == expected == sum(1 for _ in db)
+
+
+def test_deletes_are_counted_without_a_trigger_also_in_files_that_had_one(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with sqlitedbm.open(path) as db:
+        db.update_many([(k, b"v") for k in keys(100)])
+        # the version before counted deletes by a trigger as well
+        db._conn.execute("CREATE TRIGGER kv_count_delete AFTER DELETE ON kv "
+                         "BEGIN UPDATE kv_count SET n = n - 1 WHERE id = 0; END")
+    with sqlitedbm.open(path, "w") as db:
+        triggers = {r[0] for r in db._conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+        assert triggers == {"kv_count_insert"}
+        del db[b"k00001"]
+        db.update_many([], [b"k00002", b"k00003", b"absent"])
+        assert len(db) == 97 == sum(1 for _ in db)
+        with pytest.raises(KeyError):
+            del db[b"k00001"]
+        assert len(db) == 97
 
 
 def test_files_without_buckets_are_upgraded_on_open_in_chunks(tmp_path, monkeypatch):

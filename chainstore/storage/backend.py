@@ -44,6 +44,12 @@ class Backend(Protocol):
                     deletes: Iterable[bytes] = ()) -> None:
         """The puts, then the deletes (a missing key is no error), atomically if it can."""
 
+    def move_page(self, source: Any, start: int, end: int, cursor: Any, limit: int,
+                  max_bytes: int | None = None) -> tuple[int, Any]:
+        """Copy the next page (as L{range_page} reads it) of the ring range (start, end] of
+        C{source}, another file of the same backend, into this one, atomically if it can;
+        (pairs copied, cursor of the next page or None)."""
+
     def clear(self) -> None:
         """Delete every key; the chain state stays. SQLite does it by replacing the file,
         in a time that does not grow with the data."""
@@ -153,6 +159,12 @@ class DumbDBM:
         for key in deletes:
             if key in self._db:
                 del self._db[key]
+
+    def move_page(self, source: Any, start: int, end: int, cursor: Any, limit: int,
+                  max_bytes: int | None = None) -> tuple[int, Any]:
+        page, cursor = source.range_page(start, end, cursor, limit, True, max_bytes)
+        self.update_many(page)
+        return len(page), cursor
 
     def clear(self) -> None:
         self._db.clear()

@@ -178,6 +178,20 @@ class Store:
             self._wrote()
 
     @_guarded
+    def move_page(self, source: Store, rng: KeyRange, cursor: Any, limit: int,
+                  max_bytes: int | None = None) -> tuple[int, Any]:
+        """Copy the next page of C{source}'s pairs in C{rng} into this store, atomically
+        where the backend can; (pairs copied, cursor of the next page or None). A failure
+        reading C{source} fails this store too: either way the server stops serving."""
+        if source.failure is not None:
+            raise StorageFailed(f"storage failed: {source.failure}")
+        copied, cursor = self.db.move_page(source.db, rng.start, rng.end, cursor, limit,
+                                           max_bytes)
+        if copied:
+            self._wrote()
+        return copied, cursor
+
+    @_guarded
     def clear(self) -> None:
         """Delete every key (the serials stay: see L{set_chain_state})."""
         self.db.clear()

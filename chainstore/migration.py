@@ -244,13 +244,18 @@ def move_dirty(source: Store, target: Store, keys: set[bytes]) -> int:
 
 
 async def move_local(source: Store, target: Store, rng: KeyRange, clock: IReactorTime) -> int:
-    """Copy C{source}'s keys in C{rng} into C{target}, yielding to the reactor between pages."""
+    """Copy C{source}'s keys in C{rng} into C{target}, a page (L{PAGE_ROWS} rows, about
+    L{BATCH_BYTES}) per transaction, yielding to the reactor between pages. The SQLite backend
+    copies each page inside SQLite (L{Store.move_page})."""
     moved = 0
+    cursor: Any = None
     async with source.lock.reading():
-        async for batch in batches(source, rng, clock):
-            write_batch(target, batch)
-            moved += len(batch)
-    return moved
+        while True:
+            copied, cursor = target.move_page(source, rng, cursor, PAGE_ROWS, BATCH_BYTES)
+            moved += copied
+            if cursor is None:
+                return moved
+            await turn(clock)
 
 
 async def drop_range(store: Store, rng: KeyRange, clock: IReactorTime) -> int:

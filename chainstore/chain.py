@@ -80,6 +80,12 @@ OP_HEADER_BYTES = 15
 MAX_QUEUED_OPS = 20_000
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
 RETRY_SECONDS = 0.2
+# A forward refused for its epoch is retried sooner, doubling up to RETRY_SECONDS: when a new
+# ring reaches two members a moment apart, the successor takes the batch as soon as it has
+# the same ring, and every write of the chain waits for the resend (at 0.2 s, the writes in
+# flight at a switch were the slowest of bench.reconfig's writer). The sender, if it is the
+# one behind, resends as soon as it adopts the new ring (ChainReplicator.adopt).
+EPOCH_RETRY_SECONDS = 0.02
 # A Replicate not answered within this is taken for a lost successor (a hung process, a half-open
 # connection): the connection is dropped and the window resent on a new one. Generous: the answer
 # waits for the rest of the chain, and a new tail waits out a lease before it answers.
@@ -129,6 +135,8 @@ class Replica:
     # batch overtakes an older one on the way to the successor
     retry: Any = None
     paused: bool = False
+    # the wait before the next resend of a forward refused for its epoch (EPOCH_RETRY_SECONDS)
+    epoch_retry: float = EPOCH_RETRY_SECONDS
     # True from a restart until a forward is answered: the successor may skip a gap of writes
     # that were applied here and never forwarded (never acknowledged to anyone).
     resumed: bool = False
@@ -262,6 +270,10 @@ class ChainReplicator:
                 replica = previous
             self._relink(replica, ring, owner_index)
             self.replicas[owner] = replica
+            if replica.paused:
+                # A forward refused for its epoch waits for a resend: the successor may have
+                # refused it for the very ring adopted now, so resend now.
+                self._resend_now(replica)
         for unused in STORE_NAMES[ring.chain_length:]:
             # A store with no role in this ring starts afresh if it gets one again: a chain of
             # the same names may come back later, and the serial kept from before would make
@@ -565,6 +577,7 @@ class ChainReplicator:
     def _answered(self, acked: int, replica: Replica, generation: int) -> None:
         if generation == replica.generation:
             replica.resumed = False
+            replica.epoch_retry = EPOCH_RETRY_SECONDS
             self._advance(replica, acked)
 
     def _send_failed(self, failure: Failure, replica: Replica, generation: int,
@@ -575,9 +588,20 @@ class ChainReplicator:
                  owner=replica.owner, to=successor.name, error=failure.getErrorMessage())
         replica.generation += 1
         replica.paused = True
-        self.peers.drop(successor)
+        delay = RETRY_SECONDS
+        if failure.check(StaleEpoch):
+            # The link is fine: only the rings differ, for a moment at a switch.
+            delay, replica.epoch_retry = replica.epoch_retry, min(RETRY_SECONDS,
+                                                                  2 * replica.epoch_retry)
+        else:
+            self.peers.drop(successor)
         if replica.retry is None or not replica.retry.active():
-            replica.retry = self.clock.callLater(RETRY_SECONDS, self._resend, replica)
+            replica.retry = self.clock.callLater(delay, self._resend, replica)
+
+    def _resend_now(self, replica: Replica) -> None:
+        if replica.retry is not None and replica.retry.active():
+            replica.retry.cancel()
+        self._resend(replica)
 
     def _resend(self, replica: Replica) -> None:
         replica.paused = False

@@ -627,3 +627,28 @@ def test_a_lease_renewal_on_a_hung_connection_times_out_and_the_next_one_redials
     assert net.nodes[tail.name].get(key) == b"v"
     net.run(5 * chain.LEASE_SECONDS)
     assert net.nodes[tail.name].get(key) == b"v"
+
+
+@pytest.mark.parametrize("first", ["middle", "head"])
+def test_a_forward_refused_at_a_ring_switch_is_resent_as_soon_as_both_share_the_ring(net, first):
+    # The ECS sends a new ring to every server at once, but one member adopts it a moment
+    # before the next: a batch crossing that moment is refused for its epoch.
+    ring = net.cluster(3)
+    key = keys_headed_by(ring, "n0", 1)[0]
+    head, middle, tail = ring.chain(key)
+    newer = replace(ring, epoch=ring.epoch + 1)
+    ahead, behind = (middle, head) if first == "middle" else (head, middle)
+    net.nodes[ahead.name].set_ring(newer)
+    done = put(net, ring, key, b"v")
+    net.clock.advance(0)  # the head sends the batch, in its epoch
+    net.flush()
+    warned = net.nodes[head.name].chain.replicas[head.name]
+    assert warned.paused  # refused: the two epochs differ
+    net.clock.advance(0.005)
+    net.set_ring(newer, [behind.name, tail.name])
+    for _ in range(12):  # 60 ms: far less than the 0.2 s of a resend after a lost link
+        net.flush()
+        net.clock.advance(0.005)
+    assert done.called
+    assert net.settle(done) is False
+    assert replicas_of(net, newer, key) == {n.name: b"v" for n in (head, middle, tail)}

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -320,14 +320,15 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
     def move_local(self, source: str, target: str, start: int, end: int,
                    tracker: int | None = None) -> Deferred[dict[str, Any]]:
         from_store, to_store = self._store(source), self._store(target)
-        if tracker is not None:
-            return succeed({"keys": migration.move_dirty(from_store, to_store,
-                                                         self._tracked(tracker))})
+        dirty = self._tracked(tracker) if tracker is not None else None
 
         async def move() -> dict[str, Any]:
             try:
-                keys = await migration.move_local(from_store, to_store, KeyRange(start, end),
-                                                  self.reactor)
+                if dirty is not None:
+                    keys = await migration.move_dirty(from_store, to_store, dirty, self.reactor)
+                else:
+                    keys = await migration.move_local(from_store, to_store,
+                                                      KeyRange(start, end), self.reactor)
             except CancelledError:
                 raise control.ControlFailed("move cancelled: the ECS link dropped") from None
             return {"keys": keys}

@@ -235,9 +235,15 @@ async def copy_dirty(source: Store, keys: set[bytes], target: amp.AMP, target_st
     return count, nbytes
 
 
-def move_dirty(source: Store, target: Store, keys: set[bytes]) -> int:
+async def move_dirty(source: Store, target: Store, keys: set[bytes],
+                     clock: IReactorTime) -> int:
+    """Bring C{target} up to date for C{keys} (current values, or deletions) from C{source},
+    a batch per transaction, the reactor running between two: the keys written during a bulk
+    move grow with its length (with the store), so in one go they were a stall of their own."""
     moved = 0
     for puts, deletes in dirty_batches(source, keys):
+        if moved:
+            await turn(clock)
         write_batch(target, puts, deletes)
         moved += len(puts) + len(deletes)
     return moved

@@ -264,6 +264,19 @@ def test_move_local_copies_the_range_and_yields_between_batches(stores, monkeypa
     assert contents(src) == items  # a move copies; the drop comes later
 
 
+def test_the_keys_written_during_a_move_follow_it_a_batch_per_reactor_turn(stores, monkeypatch):
+    monkeypatch.setattr(migration, "BATCH_KEYS", 40)
+    clock = Clock()
+    src, dst = stores["replica1"], stores["coordinator"]
+    fill(src, {k: b"new" for k in keys(100)})
+    fill(dst, {k: b"old" for k in keys(130)})
+    dirty = set(keys(130))  # the last 30 were deleted at the source: deletions to carry
+    d = Deferred.fromCoroutine(migration.move_dirty(src, dst, dirty, clock))
+    assert not d.called and len(dst) == 130  # the first batch of 40 overwrote, deleted none
+    assert run(d, lambda: clock.advance(0)) == 130
+    assert contents(dst) == {k: b"new" for k in keys(100)}
+
+
 def test_move_local_holds_a_read_lock_on_the_source(stores, monkeypatch):
     monkeypatch.setattr(migration, "PAGE_ROWS", 4)
     clock = Clock()

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -66,3 +68,17 @@ def run_reactor(main: Callable[[Any], Coroutine[Any, Any, Any]]) -> tuple[bool, 
     if isinstance(outcome[0], Failure):
         outcome[0].raiseException()
     return True, outcome[0]
+
+
+def print_report(measure: Callable[[Any, Path], Coroutine[Any, Any, list[str]]],
+                 prefix: str) -> int:
+    """Run C{measure(reactor, workdir)} in a fresh temporary directory (removed afterwards) and
+    print the lines it returns; the exit status: 0, or L{INTERRUPTED} if a signal stopped it."""
+    interrupt_on_sigterm()
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        finished, lines = run_reactor(lambda reactor: measure(reactor, Path(tmp)))
+    if not finished:
+        return INTERRUPTED
+    for line in lines:
+        print(line)
+    return 0

@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.driver import interrupt_on_sigterm, log, run_reactor
+from bench.driver import log, print_report
 from bench.loadgen import ClosedLoop
 from bench.roles import ROLES, range_keys
 from bench.systems import ChainSystem, kv_request, process_cpu_seconds
@@ -98,14 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keys per role; the three roles' must fit the cache [300]")
     parser.add_argument("--value", type=int, default=100, help="value size in bytes [100]")
     args = parser.parse_args(argv)
-    interrupt_on_sigterm()
-    with tempfile.TemporaryDirectory(prefix="bench-read-roles-") as tmp:
-        finished, lines = run_reactor(lambda reactor: measure(reactor, args, Path(tmp)))
-    if not finished:
-        return 130
-    for line in lines:
-        print(line)
-    return 0
+    return print_report(lambda reactor, workdir: measure(reactor, args, workdir),
+                        "bench-read-roles-")
 
 
 if __name__ == "__main__":

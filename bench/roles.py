@@ -20,13 +20,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from bench.driver import interrupt_on_sigterm, log, run_reactor
+from bench.driver import log, print_report
 from bench.loadgen import ClosedLoop
 from bench.systems import ChainSystem, SingleSystem
 from bench.ycsb import record_keys, record_values
@@ -218,14 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.py_spy:
         args.py_spy.mkdir(parents=True, exist_ok=True)
-    interrupt_on_sigterm()
-    with tempfile.TemporaryDirectory(prefix="bench-roles-") as tmp:
-        finished, lines = run_reactor(lambda reactor: measure(reactor, args, Path(tmp)))
-    if not finished:
-        return 130
-    for line in lines:
-        print(line)
-    return 0
+    return print_report(lambda reactor, workdir: measure(reactor, args, workdir),
+                        "bench-roles-")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from twisted.internet.task import deferLater
 from bench.cluster import (CACHE_SIZE, INITIAL_SERVERS, STORES, MeasurementFailed, ask_ecs,
                            credentials_of, fetch_ring, pool_config, router_for, slot_node,
                            status_of, wait_serving)
+from bench.cpu_watch import CPUWatch
 from bench.dataset import keys_to_verify, load, verify
 from bench.driver import INTERRUPTED, interrupt_on_sigterm, log, run_reactor
 from bench.memory import MemorySampler
@@ -161,6 +162,8 @@ async def run_op(reactor: Any, ecs: ECSProcess, settings: argparse.Namespace, op
         probed[server] = NodeInfo(server, *_address(ecs, server))
     stalls = StallWatch(reactor, probed, router.credentials)
     stalls.start()
+    cpu = CPUWatch(reactor, lambda: {name: found[-1] for name, found in ecs.server_pids().items()
+                                     if found})
     writer = Writer(reactor, router, keys, settings.value_bytes, settings.rate,
                     settings.writer_inflight, acked, first_version, seed=first_version)
     writer.start()
@@ -171,6 +174,7 @@ async def run_op(reactor: Any, ecs: ECSProcess, settings: argparse.Namespace, op
         progress: list[tuple[float, str, int]] = []
         answered = [False]
         writer.zero = zero = reactor.seconds()
+        cpu.start()
         watching = Deferred.fromCoroutine(watch(reactor, ecs, zero, answered, steps, progress))
         if op == "join":
             command: Deferred[dict[str, Any]] = Deferred.fromCoroutine(ask_ecs(
@@ -185,6 +189,7 @@ async def run_op(reactor: Any, ecs: ECSProcess, settings: argparse.Namespace, op
             raise MeasurementFailed(f"{op} of {server} failed: {e}") from None
         finally:
             answered[0] = True
+            cpu.stop()
         seconds = reactor.seconds() - zero
         log(f"  +{seconds:7.3f}s  {answer['message']}")
         if op == "join" and answer["names"] != [server]:
@@ -233,7 +238,8 @@ async def run_op(reactor: Any, ecs: ECSProcess, settings: argparse.Namespace, op
         steps=steps, store_keys=store_keys, epoch_before=ring.epoch, epoch_after=new_ring.epoch,
         ring_after=[n.name for n in new_ring.nodes],
         stalls=stalls.largest(zero, zero + seconds),
-        by_step=latency_by_step(seen.accepted, seen.latencies, steps))
+        by_step=latency_by_step(seen.accepted, seen.latencies, steps),
+        cpu_seconds=cpu.spent())
     return result, router, writer.version
 
 

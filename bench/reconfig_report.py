@@ -47,6 +47,8 @@ class OpResult:
     stalls: dict[str, tuple[float, float]] = field(default_factory=dict)
     #: per step (L{latency_by_step}): (step, writes sent in it, of them over SLOW_MS, max ms)
     by_step: list[tuple[str, int, int, float]] = field(default_factory=list)
+    #: server -> its CPU seconds from the command sent to its answer (bench/cpu_watch.py)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def max_stall_ms(self) -> float | None:
@@ -152,6 +154,9 @@ def format_op(o: OpResult) -> list[tuple[str, str]]:
             f"{name} {'/'.join(f'{c[s]:,}' for s in STORES)}"
             for name, c in sorted(o.store_keys.items())) + " (coordinator/replica1/replica2)"),
         ("  steps (Status)", ", ".join(f"+{t:.2f} s {step}" for t, step in o.steps)),
+        ("  servers' CPU", f"{sum(o.cpu_seconds.values()):.2f} s "
+         f"({sum(o.cpu_seconds.values()) / max(o.moved_keys, 1) * 1e6:.0f} us per key moved): "
+         + ", ".join(f"{name} {s:.2f}" for name, s in o.cpu_seconds.items())),
         ("  writes by step", f"sent during (puts, over {SLOW_MS:.0f} ms, max ms): " + ", ".join(
             f"{step} {n:,}/{slow:,}/{top:.0f}" for step, n, slow, top in o.by_step)),
     ]
@@ -182,7 +187,7 @@ def format_table(results: list[SizeResult]) -> str:
     """One line per size and operation, the figures side by side."""
     header = ("keys", "op", "total s", "ECS s", "moved keys", "MB", "MB/s", "copy MB/s",
               "refused client s", "refused ECS s", "writer p99/max ms", "max stall ms",
-              "peak RSS MiB")
+              "server CPU s", "peak RSS MiB")
     rows = [header]
     for r in results:
         for o in r.ops:
@@ -195,7 +200,7 @@ def format_table(results: list[SizeResult]) -> str:
                          f"{o.ecs_locked_seconds:.3f}",
                          f"{o.write_p99_ms:.0f}/{o.write_max_ms:.0f}",
                          "-" if o.max_stall_ms is None else f"{o.max_stall_ms:.0f}",
-                         _mib(r.max_peak_kib)))
+                         f"{sum(o.cpu_seconds.values()):.1f}", _mib(r.max_peak_kib)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths))
                      for row in rows)

@@ -20,6 +20,7 @@ from twisted.internet.task import Clock
 
 from bench import cluster, reconfig
 from bench.cluster import MeasurementFailed, pick_leaving, share
+from bench.cpu_watch import CPUWatch
 from bench.dataset import key_of, keys_to_verify, load, value_of, verify, version_of
 from bench.memory import MemorySampler, parse_memory, read_memory
 from bench.reconfig import copy_step, ecs_summary, parse_ops, parse_sizes
@@ -135,7 +136,8 @@ def _op(op: str = "join", client: float | None = 0.05, ecs_locked: float = 0.06,
         store_keys={"server1": {"coordinator": 5, "replica1": 6, "replica2": 7}},
         epoch_before=1, epoch_after=2, ring_after=["server1", "server4"],
         stalls={"server1": (23.4, 21.0), "server4": (0.0, 0.0)},
-        by_step=[("copying", 900, 3, 61.5), ("switching", 40, 12, 230.0)])
+        by_step=[("copying", 900, 3, 61.5), ("switching", 40, 12, 230.0)],
+        cpu_seconds={"server1": 1.25, "server4": 0.75})
 
 
 def _size(keys: int, ops: list[OpResult], peak_mib: float) -> SizeResult:
@@ -186,12 +188,30 @@ def test_reports_show_every_figure() -> None:
     assert "RSS server1 (MiB)" in text and "load 60, join 60; peak 60 (VmHWM)" in text
     assert "data on disk 30 MiB" in text
     assert "copying 900/3/62, switching 40/12/230" in text
+    assert "2.00 s (25 us per key moved): server1 1.25, server4 0.75" in text
     table = format_table([r]).splitlines()
     assert len(table) == 3
     assert "reactor stalls" in text and "server1 23 ms (21), server4 < 10 ms" in text
     assert table[1].split() == ["100,000", "join", "3.00", "2.00", "80,000", "10.0", "5.00",
-                                "4.00", "0.250", "0.060", "9/20", "23", "60"]
+                                "4.00", "0.250", "0.060", "9/20", "23", "2.0", "60"]
     assert table[2].split()[8] == "-"
+
+
+def test_cpu_watch_counts_each_server_from_its_first_reading_to_its_last() -> None:
+    clock = Clock()
+    cpu = {101: 5.0, 102: 7.0}
+    pids = {"server1": 101, "server2": 102}
+    watch = CPUWatch(clock, lambda: dict(pids), lambda pid: cpu.get(pid), interval=0.2)
+    watch.start()
+    cpu[101] += 0.5
+    pids["server4"], cpu[104] = 104, 1.0  # joins: counted from its first reading
+    clock.advance(0.2)
+    cpu[104] += 0.25
+    del cpu[102]  # leaves: counted until its last reading
+    clock.advance(0.2)
+    cpu[101] += 0.5
+    watch.stop()
+    assert watch.spent() == {"server1": 1.0, "server2": 0.0, "server4": 0.25}
 
 
 def test_writes_are_grouped_by_the_step_shown_when_they_were_sent() -> None:

@@ -71,9 +71,7 @@ def measure(keys: int, value_bytes: int, directory: str) -> list[str]:
         cursor = None
         while True:
             def drop_chunk() -> Any:
-                page, after = source.range_page(QUARTER, cursor, migration.DROP_KEYS, False)
-                source.write_batch([], [k for k, _ in page])
-                return after
+                return source.drop_page(QUARTER, cursor, migration.DROP_KEYS)[1]
             cursor = timed(drops, drop_chunk)
             if cursor is None:
                 break

@@ -266,15 +266,14 @@ async def move_local(source: Store, target: Store, rng: KeyRange, clock: IReacto
 
 async def drop_range(store: Store, rng: KeyRange, clock: IReactorTime) -> int:
     """Delete C{store}'s keys in C{rng}, at most L{DROP_KEYS} per transaction, the reactor
-    running between two; only the range's part of the store is read, no value."""
+    running between two; only the range's part of the store is read, no value (SQLite deletes
+    each page by rowid, L{Store.drop_page})."""
     dropped = 0
     async with store.lock.writing():
         cursor: Any = None
         while True:
-            page, cursor = store.range_page(rng, cursor, DROP_KEYS, values=False)
-            if page:
-                write_batch(store, [], [key for key, _ in page])
-                dropped += len(page)
+            deleted, cursor = store.drop_page(rng, cursor, DROP_KEYS)
+            dropped += deleted
             if cursor is None:
                 return dropped
             await turn(clock)

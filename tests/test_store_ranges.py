@@ -149,6 +149,40 @@ def test_a_page_moved_between_files_is_the_page_read_on_both_backends(
             target.close()
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.sets(st.binary(min_size=1, max_size=8), max_size=80), ranges, st.integers(1, 30))
+def test_a_dropped_page_is_the_page_read_on_both_backends(tmp_path_factory, present, rng, limit):
+    where = tmp_path_factory.mktemp("drops")
+    items = {k: k * 3 for k in present}
+    for db in (sqlitedbm.open(where / "s.sqlite"), DumbDBM(str(where / "d"))):
+        try:
+            db.update_many(list(items.items()))
+            cursor, dropped = None, []
+            while True:
+                page, _ = db.range_page(rng.start, rng.end, cursor, limit, False)
+                deleted, cursor = db.drop_page(rng.start, rng.end, cursor, limit)
+                assert deleted == len(page) and all(db.get(k) is None for k, _ in page)
+                dropped.extend(k for k, _ in page)
+                if cursor is None:
+                    break
+            assert sorted(dropped) == sorted(k for k in items if position(k) in rng)
+            assert {k: db.get(k) for k in items} == \
+                {k: None if k in dropped else v for k, v in items.items()}
+            assert len(db) == len(items) - len(dropped) == sum(1 for _ in db)
+        finally:
+            db.close()
+
+
+def test_a_page_is_dropped_by_rowid_without_reading_its_keys(db):
+    db.update_many([(k, b"v") for k in keys(600)])
+    statements: list[str] = []
+    db._conn.set_trace_callback(statements.append)
+    deleted, cursor = db.drop_page(5, 5, None, 256)  # the whole ring: no bucket in part
+    assert deleted == 256 and cursor is not None and len(db) == 600 - 256
+    assert not [sql for sql in statements if "SELECT rowid, k" in sql or "k = " in sql]
+    assert any(sql.startswith("DELETE FROM kv WHERE b = ") for sql in statements)
+
+
 def test_a_page_moves_inside_sqlite_and_leaves_nothing_attached(tmp_path):
     source = sqlitedbm.open(tmp_path / "source.sqlite")
     target = sqlitedbm.open(tmp_path / "target.sqlite")

@@ -50,6 +50,10 @@ class Backend(Protocol):
         C{source}, another file of the same backend, into this one, atomically if it can;
         (pairs copied, cursor of the next page or None)."""
 
+    def drop_page(self, start: int, end: int, cursor: Any, limit: int) -> tuple[int, Any]:
+        """Delete the next page (as L{range_page} reads it) of the ring range (start, end],
+        atomically if it can; (keys deleted, cursor of the next page or None)."""
+
     def clear(self) -> None:
         """Delete every key; the chain state stays. SQLite does it by replacing the file,
         in a time that does not grow with the data."""
@@ -164,6 +168,11 @@ class DumbDBM:
                   max_bytes: int | None = None) -> tuple[int, Any]:
         page, cursor = source.range_page(start, end, cursor, limit, True, max_bytes)
         self.update_many(page)
+        return len(page), cursor
+
+    def drop_page(self, start: int, end: int, cursor: Any, limit: int) -> tuple[int, Any]:
+        page, cursor = self.range_page(start, end, cursor, limit, False)
+        self.update_many([], [key for key, _ in page])
         return len(page), cursor
 
     def clear(self) -> None:

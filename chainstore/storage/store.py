@@ -192,6 +192,12 @@ class Store:
         return copied, cursor
 
     @_guarded
+    def drop_page(self, rng: KeyRange, cursor: Any, limit: int) -> tuple[int, Any]:
+        """Delete the next page of C{rng}'s keys, atomically where the backend can; (keys
+        deleted, cursor of the next page or None)."""
+        return self.db.drop_page(rng.start, rng.end, cursor, limit)
+
+    @_guarded
     def clear(self) -> None:
         """Delete every key (the serials stay: see L{set_chain_state})."""
         self.db.clear()

@@ -682,6 +682,11 @@ class ChainReplicator:
         """Fires once every write this replica has applied is at the tail."""
         return self._wait(replica, replica.last_serial)
 
+    def acknowledged(self, replica: Replica, serial: int) -> Deferred[int]:
+        """Fires when C{replica} has the tail's acknowledgement of C{serial} (at once if it
+        has); fails as a waiting write does when the chain is rebuilt or the server stops."""
+        return self._wait(replica, serial)
+
     def _wait(self, replica: Replica, serial: int) -> Deferred[int]:
         if self.failed is not None:
             return fail(self.failed)

@@ -314,6 +314,7 @@ class KVNode:
             # tail (chainstore/craq.py)
             "gets_local": self.member_reads.local,
             "gets_resolved": self.member_reads.resolved,
+            "gets_waited": self.member_reads.waited,
         }
         stats.update(self.cache.stats())
         if self.failure is not None:

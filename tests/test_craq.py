@@ -46,6 +46,13 @@ def start(net: SimNet, count: int = 3) -> tuple[Ring, bytes, list[str]]:
     return ring, key, names
 
 
+def ask_the_tail_at_once(net: SimNet) -> None:
+    """Dirty reads ask the tail without first waiting for their write's acknowledgement (the
+    tests of that path: a dirty read that waits, then finds its key clean, asks nobody)."""
+    for node in net.nodes.values():
+        node.member_reads.dirty_wait = None
+
+
 def pump_once(net: SimNet, source: str, target: str) -> None:
     """Deliver what is waiting on the links from C{source} to C{target}, once (the answers
     the receiver writes stay queued until the next pump)."""
@@ -85,6 +92,7 @@ def test_clean_reads_are_answered_at_every_member_without_asking_the_tail(net):
 
 def test_a_dirty_read_the_tail_has_not_applied_answers_the_tails_value(net):
     ring, key, (head, middle, tail) = start(net)
+    ask_the_tail_at_once(net)
     done = net.nodes[head].put(key, b"new")
     # Applied at the head, not yet forwarded: the head's own store holds "new".
     assert net.nodes[head].stores["coordinator"].get(key) == b"new"
@@ -98,6 +106,7 @@ def test_a_dirty_read_the_tail_has_not_applied_answers_the_tails_value(net):
 
 def test_a_dirty_read_of_a_write_the_tail_applied_is_answered_from_the_local_value(net):
     ring, key, (head, middle, tail) = start(net)
+    ask_the_tail_at_once(net)
     done = net.nodes[head].put(key, b"new")
     net.clock.advance(0)  # the head forwards
     pump_once(net, head, middle)
@@ -116,6 +125,7 @@ def test_a_dirty_read_of_a_write_the_tail_applied_is_answered_from_the_local_val
 
 def test_a_read_racing_the_acknowledgement_answers_what_the_tail_had_when_it_answered(net):
     ring, key, (head, middle, tail) = start(net)
+    ask_the_tail_at_once(net)
     done = net.nodes[head].put(key, b"new")
     queried = net.nodes[head].get(key)  # dirty: asks the tail, which has not got the write
     answers: list[Any] = []
@@ -136,6 +146,7 @@ def test_a_read_racing_the_acknowledgement_answers_what_the_tail_had_when_it_ans
 
 def test_several_writes_in_flight_resolve_to_the_committed_one(net):
     ring, key, (head, middle, tail) = start(net)
+    ask_the_tail_at_once(net)
     first = net.nodes[head].put(key, b"v1")
     net.settle(first)
     writes = [net.nodes[head].put(key, b"v%d" % i) for i in (2, 3, 4)]
@@ -246,6 +257,7 @@ def test_a_restarted_head_never_answers_a_write_it_did_not_forward(net):
 
 def test_a_member_caches_clean_values_only(net):
     ring, key, (head, middle, tail) = start(net)
+    ask_the_tail_at_once(net)
     assert read(net, middle, key) == b"old"
     assert net.nodes[middle].cache.get(key) == b"old"
     done = net.nodes[head].put(key, b"new")
@@ -257,3 +269,55 @@ def test_a_member_caches_clean_values_only(net):
     net.settle(done)
     assert read(net, middle, key) == b"new"
     assert net.nodes[middle].cache.get(key) == b"new"
+
+
+def test_a_dirty_read_waits_for_the_acknowledgement_and_is_answered_locally(net):
+    ring, key, (head, middle, tail) = start(net)
+    done = net.nodes[head].put(key, b"new")
+    for name in (head, middle):
+        queried = net.nodes[name].get(key)
+        assert isinstance(queried, Deferred) and not queried.called  # dirty: it waits
+        net.settle(done)  # the ack comes back up the chain
+        assert queried.result == b"new"
+        done = net.nodes[head].put(key, b"new")
+        net.clock.advance(0)
+        pump_once(net, head, middle)
+    net.settle(done)
+    for name in (head, middle):
+        stats = net.nodes[name].stats()
+        # no version query: the wait found the key clean
+        assert (stats["gets_waited"], stats["gets_resolved"], stats["gets_local"]) == (1, 0, 1)
+
+
+def test_a_dirty_read_whose_acknowledgement_is_late_asks_the_tail(net):
+    ring, key, (head, middle, tail) = start(net)
+    net.cut.add(frozenset((middle, tail)))  # the write cannot reach the tail
+    done = net.nodes[head].put(key, b"new")
+    net.clock.advance(0)
+    queried = net.nodes[head].get(key)
+    assert isinstance(queried, Deferred)
+    net.clock.advance(craq.DIRTY_WAIT)  # no ack: it asks the tail, which has "old" committed
+    net.flush()
+    assert queried.result == b"old"
+    stats = net.nodes[head].stats()
+    assert (stats["gets_waited"], stats["gets_resolved"]) == (1, 1)
+    net.cut.discard(frozenset((middle, tail)))
+    assert net.settle(done) is True
+    assert read(net, head, key) == b"new"
+
+
+def test_a_read_waiting_for_an_acknowledgement_is_refused_when_its_member_leaves_the_chain(net):
+    ring, key, (head, middle, tail) = start(net)
+    net.nodes[head].put(key, b"new")
+    queried = net.nodes[middle].get(key)  # not dirty yet at the middle: answered at once
+    assert queried == b"old"
+    net.clock.advance(0)
+    pump_once(net, head, middle)  # the middle applies "new" and forwards it
+    queried = net.nodes[middle].get(key)
+    assert isinstance(queried, Deferred) and not queried.called
+    # The ECS marks the middle dead (it was cut off); it learns so before any ack arrives.
+    net.nodes[middle].set_ring(Ring(ring.nodes, epoch=ring.epoch + 1, replication=3,
+                                    dead={middle}))
+    with pytest.raises(NotResponsible):
+        net.settle(queried)
+    assert net.nodes[middle].stats()["gets_resolved"] == 0  # refused, never answered

@@ -514,9 +514,14 @@ async def test_the_short_schedule_finds_no_anomaly(reactor: Any, tmp_path: Path)
         assert r.checked, where
         assert r.faults >= 1, where
         assert r.ops["ok"] > 200, where
-        # Reads went to every role: tails, and heads and middles (locally and via the tail).
-        assert all(r.reads[k] > 0 for k in ("tail", "local", "resolved")), (r.reads, where)
+        # Reads went to every role: tails, and heads and middles: locally, and for dirty keys
+        # after waiting for their acknowledgement or asking the tail (chainstore/craq.py).
+        assert all(r.reads[k] > 0 for k in ("tail", "local")), (r.reads, where)
+        assert r.reads["waited"] + r.reads["resolved"] > 0, (r.reads, where)
         assert r.passed, where
+    # Dirty reads mostly wait now; over the schedule some still asked the tail (a key written
+    # again during the wait, or a member without a lease during a fault).
+    assert sum(r.reads["resolved"] for r in results) > 0, [r.reads for r in results]
     assert exit_code(results) == 0
 
 

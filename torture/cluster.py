@@ -444,9 +444,11 @@ class Cluster:
 
     async def reads_by_role(self) -> dict[str, int]:
         """Gets answered so far by the live servers: C{"tail"} at tails, C{"local"} by heads and
-        middles from their own store, C{"resolved"} by heads and middles after asking the tail
-        (counted since each server's last start, from its C{Stats})."""
-        totals = {"tail": 0, "local": 0, "resolved": 0}
+        middles from their own store, C{"resolved"} by heads and middles after asking the tail,
+        and of those two C{"waited"}: reads of a dirty key that first waited for its write's
+        acknowledgement (counted since each server's last start, from its C{Stats}; the few
+        waiting reads refused because their member left the chain count as C{"tail"})."""
+        totals = {"tail": 0, "local": 0, "resolved": 0, "waited": 0}
         for address in self.amp_addresses:
             store = KVStore(self.reactor, [address], timeout=2.0, deadline=2.0,
                             tls=self.credentials(CLIENT))
@@ -460,6 +462,7 @@ class Cluster:
             local, resolved = stats.get("gets_local", 0), stats.get("gets_resolved", 0)
             totals["local"] += local
             totals["resolved"] += resolved
+            totals["waited"] += stats.get("gets_waited", 0)
             totals["tail"] += stats.get("gets", 0) - local - resolved
         return totals
 

@@ -45,7 +45,8 @@ class ScenarioResult:
     #: extra options of the run that a rerun needs (such as --netns)
     options: str = ""
     #: gets the servers answered, by where: "tail", and at heads and middles "local" (clean
-    #: keys) and "resolved" (asked the tail first); see Cluster.reads_by_role
+    #: keys) and "resolved" (asked the tail first), and "waited" (of those two, dirty keys
+    #: that waited for their acknowledgement first); see Cluster.reads_by_role
     reads: dict[str, int] = field(default_factory=dict)
 
     @property

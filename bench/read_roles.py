@@ -97,10 +97,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="keys per role; the three roles' must fit the cache [300]")
     parser.add_argument("--value", type=int, default=100, help="value size in bytes [100]")
     args = parser.parse_args(argv)
+    # After parse_args: --help and a bad option start nothing, and say nothing of starting.
+    log("python -m bench.read_roles: starting a chain of three")
     return print_report(lambda reactor, workdir: measure(reactor, args, workdir),
                         "bench-read-roles-")
 
 
 if __name__ == "__main__":
-    log("python -m bench.read_roles: starting a chain of three")
     sys.exit(main())

@@ -217,10 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.py_spy:
         args.py_spy.mkdir(parents=True, exist_ok=True)
+    # After parse_args: --help and a bad option start nothing, and say nothing of starting.
+    log("python -m bench.roles: starting a chain of three and a single server")
     return print_report(lambda reactor, workdir: measure(reactor, args, workdir),
                         "bench-roles-")
 
 
 if __name__ == "__main__":
-    log("python -m bench.roles: starting a chain of three and a single server")
     sys.exit(main())

@@ -90,10 +90,10 @@ class DirtyKeys:
         self._order.clear()
 
 
-def may_answer_locally(replica: Replica, key: bytes, now: float) -> bool:
-    """Whether a non-tail member may answer a read of C{key} from its own store."""
-    return (replica.trusted and now < replica.up_lease_until
-            and key not in replica.dirty)
+def vouches(replica: Replica, now: float) -> bool:
+    """Whether a non-tail member may answer reads of its clean keys from its own store: it
+    holds a read lease from its successor and its store holds nothing unforwarded."""
+    return replica.trusted and now < replica.up_lease_until
 
 
 class MemberReads:
@@ -112,21 +112,19 @@ class MemberReads:
 
     def read(self, replica: Replica, key: bytes, tail: NodeInfo,
              wait: bool = True) -> bytes | Deferred[bytes]:
-        now = self.chain.monotonic()
-        if wait and self.dirty_wait is not None and replica.trusted \
-                and now < replica.up_lease_until:
+        if vouches(replica, self.chain.monotonic()):
             serial = replica.dirty.serial(key)
-            if serial is not None:
-                return self._wait_clean(replica, key, tail, serial)
-        if may_answer_locally(replica, key, now):
-            self.local += 1
-            value = self.cache.get(key)
-            if value is None:
-                value = replica.store.get(key)
+            if serial is None:  # clean
+                self.local += 1
+                value = self.cache.get(key)
                 if value is None:
-                    raise KeyNotFound(f"no value is stored under {key!r}")
-                self.cache.put(key, value)
-            return value
+                    value = replica.store.get(key)
+                    if value is None:
+                        raise KeyNotFound(f"no value is stored under {key!r}")
+                    self.cache.put(key, value)
+                return value
+            if wait and self.dirty_wait is not None:
+                return self._wait_clean(replica, key, tail, serial)
         self.resolved += 1
         return self._resolve(replica, key, tail)
 
@@ -201,4 +199,4 @@ def answer_version(replica: Replica, key: bytes, newest: int, held: int,
 
 
 __all__ = ["DIRTY_WAIT", "DirtyKeys", "MemberReads", "READ_QUERY_TIMEOUT", "UNKNOWN",
-           "answer_version", "may_answer_locally"]
+           "answer_version", "vouches"]

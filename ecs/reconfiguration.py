@@ -25,11 +25,11 @@ trackers stop, the locks are released and the ring stays as it was.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import LogLevel
 
@@ -118,86 +118,64 @@ class Reconfigurer:
                       start=rng.start, end=rng.end)
         locked: list[tuple[str, list[KeyRange], bool]] = []
         trackers: list[tuple[str, int, planner.Copy | planner.LocalMove]] = []
+        renewed: list[tuple[str, int, planner.Copy | planner.LocalMove]] = []
         locked_at: float | None = None
         try:
             # 1. The bulk of the data moves while writes go on; each source records the keys
-            #    written meanwhile.
+            #    written meanwhile. One move or copy at a time: side by side they finish
+            #    sooner but take the CPUs from the writes going on, whose latency is what the
+            #    clients see (docs/DESIGN.md, "Where a writer's time goes").
             op.step = "copying"
             for move in plan.moves:
-                result = await self._call(move.server, control.TrackWrites,
-                                          store=move.source_store, start=move.range.start,
-                                          end=move.range.end)
-                trackers.append((move.server, result["tracker"], move))
-                await self._call(move.server, control.DropRange, timeout=None,
-                                 store=move.target_store, start=move.range.start,
-                                 end=move.range.end)
-                began = self.clock.seconds()
-                result = await self._call(move.server, control.MoveLocal, timeout=None,
-                                          source=move.source_store, target=move.target_store,
-                                          start=move.range.start, end=move.range.end)
-                log.info("epoch {epoch}: moved {keys} keys from {source} to {target} on "
-                         "{server} in {seconds:.3f}s", epoch=epoch, keys=result["keys"],
-                         source=move.source_store, target=move.target_store,
-                         server=move.server, seconds=self.clock.seconds() - began)
+                await self._move(epoch, move, trackers)
             for copy in plan.copies:
-                result = await self._call(copy.source, control.TrackWrites,
-                                          store=copy.source_store, start=copy.range.start,
-                                          end=copy.range.end)
-                trackers.append((copy.source, result["tracker"], copy))
-                # The wipe prepares the target for this attempt: from now on it refuses
-                # batches of any other (a late one of an aborted attempt must not land).
-                await self._call(copy.target, control.DropRange, timeout=None,
-                                 store=copy.target_store, start=copy.range.start,
-                                 end=copy.range.end, attempt=epoch)
-                began = self.clock.seconds()
-                result = await self._copy(op, copy, epoch)
-                log.info("epoch {epoch}: copied {keys} keys ({nbytes} bytes) from {source} "
-                         "{source_store} to {target} {target_store} in {seconds:.3f}s",
-                         epoch=epoch, keys=result["keys"], nbytes=result["bytes"],
-                         source=copy.source, source_store=copy.source_store,
-                         target=copy.target, target_store=copy.target_store,
-                         seconds=self.clock.seconds() - began)
-                op.copies.clear()
-                op.keys += result["keys"]
-                op.bytes += result["bytes"]
+                await self._bulk_copy(op, epoch, copy, trackers)
             # 1b. One more unlocked pass: the keys written during the bulk copy move again while
             #     fresh trackers record the writes of this (much shorter) pass, so what is left
             #     for the locked pass below depends on the write rate, not on the data size.
+            #     Short passes from here on: every server at once, each its own in turn.
             op.step = "catching up"
-            renewed = []
+            work: dict[str, list[Callable[[], Coroutine[Any, Any, None]]]] = {}
             for server, tracker, item in trackers:
-                source_store = item.source_store
-                result = await self._call(server, control.TrackWrites, store=source_store,
-                                          start=item.range.start, end=item.range.end)
-                renewed.append((server, result["tracker"], item))
-                await self._catch_up(op, epoch, server, tracker, item)
-            trackers = renewed
+                work.setdefault(server, []).append(
+                    lambda s=server, t=tracker, i=item: self._renew_and_catch_up(
+                        op, epoch, s, t, i, renewed))
+            await self._by_server(work)
+            trackers[:], renewed[:] = renewed, []
             self._check(failures)
             # 2. Writes to the changing ranges stop at their heads, and what is in flight
-            #    reaches the tails, so every replica is identical.
+            #    reaches the tails, so every replica is identical. Every lock is in place
+            #    before any drain begins: a head locked late could take a write after its
+            #    drain had been answered.
             op.step = "locking writes"
             locked_at = self.clock.seconds()
-            for server, ranges in plan.write_locks.items():
-                await self._call(server, control.LockRanges, ranges=_wire(ranges), reads=False)
-                locked.append((server, ranges, False))
-            for server in plan.write_locks:
-                await self._call(server, control.DrainWrites, timeout=30.0)
+            # Listed before they are sent: an abort unlocks a lock whose answer it never saw.
+            locked.extend((server, ranges, False) for server, ranges in plan.write_locks.items())
+            await self._together(
+                [self._call(server, control.LockRanges, ranges=_wire(ranges), reads=False)
+                 for server, ranges in plan.write_locks.items()])
+            await self._together([self._call(server, control.DrainWrites, timeout=30.0)
+                                  for server in plan.write_locks])
             # 3. Only the keys written since the last pass move again.
             op.step = "final catch-up"
-            while trackers:
-                server, tracker, item = trackers.pop(0)
-                await self._catch_up(op, epoch, server, tracker, item)
+            work = {}
+            for server, tracker, item in trackers:
+                work.setdefault(server, []).append(
+                    lambda s=server, t=tracker, i=item: self._catch_up(op, epoch, s, t, i))
+            trackers.clear()
+            await self._by_server(work)
             self._check(failures)
             # 4. The old tails stop reading for the switch itself.
             op.step = "switching"
-            for server, ranges in plan.read_locks.items():
-                await self._call(server, control.LockRanges, ranges=_wire(ranges), reads=True)
-                locked.append((server, ranges, True))
+            locked.extend((server, ranges, True) for server, ranges in plan.read_locks.items())
+            await self._together(
+                [self._call(server, control.LockRanges, ranges=_wire(ranges), reads=True)
+                 for server, ranges in plan.read_locks.items()])
             self._check(failures)
         except Exception as e:
             log.failure("{description} aborted at {step}", level=LogLevel.error,
                         description=description, step=op.step)
-            for server, tracker, _ in trackers:
+            for server, tracker, _ in trackers + renewed:
                 self._call(server, control.StopTracking, tracker=tracker).addErrback(
                     lambda f: None)
             await self._unlock(locked)
@@ -228,12 +206,7 @@ class Reconfigurer:
         # 6. Drop what no store should hold any more.
         op.step = "dropping moved data"
         for drop in plan.drops:
-            try:
-                await self._call(drop.server, control.DropRange, timeout=None, store=drop.store,
-                                 start=drop.range.start, end=drop.range.end)
-            except Exception as e:
-                log.warn("could not drop {store} data on {server}: {error}", store=drop.store,
-                         server=drop.server, error=e)
+            await self._drop(drop)
         elapsed = self.clock.seconds() - op.started
         log.info("epoch {epoch}: {description} done in {elapsed:.2f}s, moved {keys} keys "
                  "({nbytes} bytes); writes to the moved ranges were refused for "
@@ -243,6 +216,93 @@ class Reconfigurer:
                                      "keys": op.keys, "bytes": op.bytes,
                                      "write_locked_seconds": write_locked}
         self.operation = None
+
+    async def _by_server(
+            self, work: dict[str, list[Callable[[], Coroutine[Any, Any, None]]]]) -> None:
+        """Run each server's steps in order, every server's at once. Once a step fails, no
+        server begins another: the change aborts once those under way have ended."""
+        failed = False
+
+        async def in_turn(steps: list[Callable[[], Coroutine[Any, Any, None]]]) -> None:
+            nonlocal failed
+            for step in steps:
+                if failed:
+                    return
+                try:
+                    await step()
+                except BaseException:
+                    failed = True
+                    raise
+
+        await self._together([Deferred.fromCoroutine(in_turn(steps))
+                              for steps in work.values()])
+
+    @staticmethod
+    async def _together(running: list[Deferred[Any]]) -> None:
+        """Wait for every one of C{running}, then raise the first error if any failed.
+
+        None is cancelled: a call under way may already have changed its server (a tracker
+        started, a range wiped), and the abort must know of it to undo it."""
+        results = await DeferredList(running, consumeErrors=True)
+        for ok, result in results:
+            if not ok:
+                result.raiseException()
+
+    async def _move(self, epoch: int, move: planner.LocalMove,
+                    trackers: list[tuple[str, int, planner.Copy | planner.LocalMove]]) -> None:
+        result = await self._call(move.server, control.TrackWrites, store=move.source_store,
+                                  start=move.range.start, end=move.range.end)
+        trackers.append((move.server, result["tracker"], move))
+        await self._call(move.server, control.DropRange, timeout=None, store=move.target_store,
+                         start=move.range.start, end=move.range.end)
+        began = self.clock.seconds()
+        result = await self._call(move.server, control.MoveLocal, timeout=None,
+                                  source=move.source_store, target=move.target_store,
+                                  start=move.range.start, end=move.range.end)
+        log.info("epoch {epoch}: moved {keys} keys from {source} to {target} on "
+                 "{server} in {seconds:.3f}s", epoch=epoch, keys=result["keys"],
+                 source=move.source_store, target=move.target_store,
+                 server=move.server, seconds=self.clock.seconds() - began)
+
+    async def _bulk_copy(self, op: Operation, epoch: int, copy: planner.Copy,
+                         trackers: list[tuple[str, int, planner.Copy | planner.LocalMove]],
+                         ) -> None:
+        result = await self._call(copy.source, control.TrackWrites, store=copy.source_store,
+                                  start=copy.range.start, end=copy.range.end)
+        trackers.append((copy.source, result["tracker"], copy))
+        # The wipe prepares the target for this attempt: from now on it refuses batches of
+        # any other (a late one of an aborted attempt must not land).
+        await self._call(copy.target, control.DropRange, timeout=None,
+                         store=copy.target_store, start=copy.range.start, end=copy.range.end,
+                         attempt=epoch)
+        began = self.clock.seconds()
+        result = await self._copy(op, copy, epoch)
+        log.info("epoch {epoch}: copied {keys} keys ({nbytes} bytes) from {source} "
+                 "{source_store} to {target} {target_store} in {seconds:.3f}s",
+                 epoch=epoch, keys=result["keys"], nbytes=result["bytes"],
+                 source=copy.source, source_store=copy.source_store,
+                 target=copy.target, target_store=copy.target_store,
+                 seconds=self.clock.seconds() - began)
+        op.copies.clear()
+        op.keys += result["keys"]
+        op.bytes += result["bytes"]
+
+    async def _renew_and_catch_up(
+            self, op: Operation, epoch: int, server: str, tracker: int,
+            item: planner.Copy | planner.LocalMove,
+            renewed: list[tuple[str, int, planner.Copy | planner.LocalMove]]) -> None:
+        result = await self._call(server, control.TrackWrites, store=item.source_store,
+                                  start=item.range.start, end=item.range.end)
+        renewed.append((server, result["tracker"], item))
+        await self._catch_up(op, epoch, server, tracker, item)
+
+    async def _drop(self, drop: planner.Drop) -> None:
+        try:
+            await self._call(drop.server, control.DropRange, timeout=None, store=drop.store,
+                             start=drop.range.start, end=drop.range.end)
+        except Exception as e:
+            log.warn("could not drop {store} data on {server}: {error}", store=drop.store,
+                     server=drop.server, error=e)
 
     async def _catch_up(self, op: Operation, epoch: int, server: str, tracker: int,
                         item: planner.Copy | planner.LocalMove) -> None:

@@ -217,7 +217,7 @@ def test_the_largest_legitimate_server_boxes_fit_the_servers_cap():
     biggest = max(biggest, size(control.ReceiveRange, epoch=2 ** 40, store="replica2",
                                 items=items, deletes=control.pack_items([]),
                                 requests=control.pack_items(
-                                    [(b"r" * 64, b"k" * 20)] * migration.BATCH_KEYS)))
+                                    [(b"r" * 64, b"k" * 20)] * migration.REQUEST_BATCH)))
     assert biggest < 0.7 * SERVER_BOX_BYTES
 
 

@@ -133,14 +133,11 @@ class Reconfigurer:
             # 1b. One more unlocked pass: the keys written during the bulk copy move again while
             #     fresh trackers record the writes of this (much shorter) pass, so what is left
             #     for the locked pass below depends on the write rate, not on the data size.
-            #     Short passes from here on: every server at once, each its own in turn.
+            #     Still one at a time, as bulk work: at a million keys this pass moves thousands
+            #     of keys per range.
             op.step = "catching up"
-            work: dict[str, list[Callable[[], Coroutine[Any, Any, None]]]] = {}
             for server, tracker, item in trackers:
-                work.setdefault(server, []).append(
-                    lambda s=server, t=tracker, i=item: self._renew_and_catch_up(
-                        op, epoch, s, t, i, renewed))
-            await self._by_server(work)
+                await self._renew_and_catch_up(op, epoch, server, tracker, item, renewed)
             trackers[:], renewed[:] = renewed, []
             self._check(failures)
             # 2. Writes to the changing ranges stop at their heads, and what is in flight
@@ -156,9 +153,10 @@ class Reconfigurer:
                  for server, ranges in plan.write_locks.items()])
             await self._together([self._call(server, control.DrainWrites, timeout=30.0)
                                   for server in plan.write_locks])
-            # 3. Only the keys written since the last pass move again.
+            # 3. Only the keys written since the last pass move again, every server at once
+            #    (each its own in turn): writes are refused meanwhile.
             op.step = "final catch-up"
-            work = {}
+            work: dict[str, list[Callable[[], Coroutine[Any, Any, None]]]] = {}
             for server, tracker, item in trackers:
                 work.setdefault(server, []).append(
                     lambda s=server, t=tracker, i=item: self._catch_up(op, epoch, s, t, i))

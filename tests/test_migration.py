@@ -306,6 +306,46 @@ def test_drop_range_deletes_only_the_range_under_the_write_lock(stores, monkeypa
     assert not store.lock.locked
 
 
+@pytest.mark.parametrize("operation", ["drop", "move", "copy pages"])
+def test_bulk_work_rests_half_as_long_as_it_worked(stores, monkeypatch, operation):
+    # Flat out, a server moving data takes a CPU from the writes going on; between its pages
+    # it rests BULK_REST (half) of the time the page took.
+    monkeypatch.setattr(migration, "DROP_KEYS", 30)
+    monkeypatch.setattr(migration, "PAGE_ROWS", 30)
+    clock = Clock()
+    src, dst = stores["coordinator"], stores["replica1"]
+    fill(src, {k: b"v" + k for k in keys(400)})
+    name = {"drop": "drop_page", "move": "move_page", "copy pages": "range_page"}[operation]
+    owner = dst if operation == "move" else src
+    real = getattr(owner, name)
+    calls: list[float] = []
+
+    def working(*args: Any, **kwargs: Any) -> Any:
+        calls.append(clock.seconds())
+        clock.advance(0.010)  # the page takes 10 ms
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, working)
+
+    async def copy_pages() -> int:
+        return sum([len(page) async for page in migration.pages(src, KeyRange(0, 0), clock)])
+
+    coroutine = {"drop": lambda: migration.drop_range(src, KeyRange(0, 0), clock),
+                 "move": lambda: migration.move_local(src, dst, KeyRange(0, 0), clock),
+                 "copy pages": copy_pages}[operation]()
+    d = Deferred.fromCoroutine(coroutine)
+    assert len(calls) == 1
+    clock.advance(0.0049)
+    assert len(calls) == 1  # still resting
+    clock.advance(0.0002)
+    assert len(calls) == 2
+    assert run(d, lambda: clock.advance(0.001)) == 400
+    assert migration.BULK_REST == 0.5
+    # each page began 10 ms of work plus 5 ms of rest after the one before
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    assert len(gaps) >= 10 and all(0.015 <= g < 0.0161 for g in gaps), gaps
+
+
 def test_drop_range_of_an_empty_range_is_a_no_op(stores):
     clock = Clock()
     d = Deferred.fromCoroutine(migration.drop_range(stores["replica2"], LOW, clock))

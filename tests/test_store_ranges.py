@@ -288,9 +288,9 @@ def turns_seen(monkeypatch: Any, probe: Any) -> list[Any]:
     seen: list[Any] = []
     real = migration.turn
 
-    async def turn(clock: Any) -> None:
+    async def turn(clock: Any, rest: float = 0.0) -> None:
         seen.append(probe())
-        await real(clock)
+        await real(clock, rest)
 
     monkeypatch.setattr(migration, "turn", turn)
     return seen

@@ -17,6 +17,9 @@ caller:
   happened). Retrying a write is safe because each carries a request id that the chain applies
   once; a retry of a write that had been applied can answer C{put_update} for a key it created,
   or C{KeyNotFound} for a key it deleted.
+- C{ServerError} (a server whose storage failed answers it to everything until restarted, and
+  the ECS repairs it away like a crashed one): as an unreachable server, the ring is fetched
+  from another server and the request retried until the deadline, then raised.
 - C{KeyNotFound}, C{InvalidKey}, C{ValueTooLarge} and anything unexpected: raised at once.
 """
 
@@ -38,7 +41,14 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from chainstore import protocol
-from chainstore.errors import InvalidKey, KVError, NotResponsible, ServerStopped, WriteLocked
+from chainstore.errors import (
+    InvalidKey,
+    KVError,
+    NotResponsible,
+    ServerError,
+    ServerStopped,
+    WriteLocked,
+)
 from chainstore.limits import check_key, check_value
 from chainstore.logs import get_logger
 from chainstore.peers import no_delay
@@ -413,11 +423,14 @@ class KVStore:
                 error = e
             except _BACK_OFF as e:
                 error: Exception = e
-            except _UNREACHABLE as e:
+            except (*_UNREACHABLE, ServerError) as e:
+                # A server whose storage failed answers ServerError to everything until it is
+                # restarted, and never hears of the ring the ECS makes without it: like one
+                # that is gone, learn the ring from another server. (A write's outcome is
+                # unknown after ServerError; its retry carries the same request id.)
                 error = e
                 if address is not None:
                     self._suspects.add(address)
-                # The server may have left the ring: learn the ring from another one.
                 refresh, prefer, avoid = route is not None, None, address
             except RequestTimedOut as e:
                 # A hung server (paused, partitioned) is replaced by the ECS within its failure

@@ -30,6 +30,7 @@ from chainstore.errors import (
     InvalidKey,
     KeyNotFound,
     NotResponsible,
+    ServerError,
     ServerStopped,
     ValueTooLarge,
     WriteLocked,
@@ -503,6 +504,31 @@ def test_a_refused_connection_learns_the_ring_from_another_server(net: FakeNetwo
     assert store.ring is not None and store.ring.epoch == 2
     # One back-off between the refused connect and the retry, within the first cap.
     assert 0 < net.clock.seconds() < store.backoff_base
+
+
+def test_a_server_whose_storage_failed_is_left_for_the_ring_another_server_knows(
+        net: FakeNetwork) -> None:
+    # It answers ServerError to everything until restarted and never hears of the ring the
+    # ECS makes without it: raising at once left every key it headed failing for good.
+    infos = [node_info(i) for i in range(2)]
+    old = Ring(tuple(infos), epoch=1, replication=1)
+    for info in infos:
+        net.add_node(info, ring=old)
+    store = make_store(net, [amp(infos[0])])
+    key = key_headed_by(old, "n0")
+    drive(net, store.put(key, b"1"))
+    failed = net.nodes[amp(infos[0])]
+    failed.storage_failed(failed.stores["coordinator"], "disk I/O error")
+    with pytest.raises(ServerError):
+        drive(net, make_store(net, [amp(infos[0])], deadline=1.0).get(key))
+    # The ECS repairs it away: n1 heads the whole ring (the data move is not the client's).
+    net.nodes[amp(infos[1])].stores["coordinator"].put(key, b"1")
+    net.nodes[amp(infos[1])].ring = Ring((infos[1],), epoch=2, replication=1)
+    net.received.clear()
+    assert drive(net, store.put(key, b"2")) is True
+    assert net.nodes[amp(infos[1])].stores["coordinator"].get(key) == b"2"
+    assert [a for a, _ in net.commands("GetMetadata")] == [amp(infos[1])]
+    assert store.ring is not None and store.ring.epoch == 2
 
 
 def test_a_bootstrap_address_that_is_down_is_skipped(net: FakeNetwork) -> None:

@@ -483,7 +483,8 @@ def test_a_new_tail_waiting_for_its_read_lease_is_retried_until_it_has_one(
     assert drive(net, make_store(net, [address], max_refreshes=3).get("a")) == b"1"
 
 
-def test_a_refused_connection_learns_the_ring_from_another_server(net: FakeNetwork) -> None:
+def n0_heads_a_stored_key(net: FakeNetwork) -> tuple[list[NodeInfo], KVStore, bytes]:
+    """Two servers, chains of one; a client that knows n0 has put a key n0 heads."""
     infos = [node_info(i) for i in range(2)]
     old = Ring(tuple(infos), epoch=1, replication=1)
     for info in infos:
@@ -491,6 +492,11 @@ def test_a_refused_connection_learns_the_ring_from_another_server(net: FakeNetwo
     store = make_store(net, [amp(infos[0])])
     key = key_headed_by(old, "n0")
     drive(net, store.put(key, b"1"))
+    return infos, store, key
+
+
+def test_a_refused_connection_learns_the_ring_from_another_server(net: FakeNetwork) -> None:
+    infos, store, key = n0_heads_a_stored_key(net)
     # n0 dies; the ECS gives its range to n1 (the data move is not the client's business).
     net.down.add(amp(infos[0]))
     net.disconnect(amp(infos[0]))
@@ -510,13 +516,7 @@ def test_a_server_whose_storage_failed_is_left_for_the_ring_another_server_knows
         net: FakeNetwork) -> None:
     # It answers ServerError to everything until restarted and never hears of the ring the
     # ECS makes without it: raising at once left every key it headed failing for good.
-    infos = [node_info(i) for i in range(2)]
-    old = Ring(tuple(infos), epoch=1, replication=1)
-    for info in infos:
-        net.add_node(info, ring=old)
-    store = make_store(net, [amp(infos[0])])
-    key = key_headed_by(old, "n0")
-    drive(net, store.put(key, b"1"))
+    infos, store, key = n0_heads_a_stored_key(net)
     failed = net.nodes[amp(infos[0])]
     failed.storage_failed(failed.stores["coordinator"], "disk I/O error")
     with pytest.raises(ServerError):

@@ -574,6 +574,16 @@ def place_by_role(cluster: Cluster, keys: list[bytes]) -> None:
             cluster.servers[node.name].node.stores[STORE_NAMES[role]].put(key, b"v-" + key)
 
 
+@pytest.fixture
+def ring3(tmp_path):
+    """Three servers at replication 3, every key in the store of its role on its chain."""
+    c = Cluster(tmp_path, replication=3, initial=3)
+    c.start()
+    place_by_role(c, KEYS)
+    yield c
+    c.close()
+
+
 def test_with_replication_3_every_store_holds_its_roles_after_joins_and_leaves(tmp_path):
     c = Cluster(tmp_path, replication=3, initial=3)
     try:
@@ -601,70 +611,60 @@ def test_with_replication_3_every_store_holds_its_roles_after_joins_and_leaves(t
         c.close()
 
 
-def test_bulk_copies_go_one_at_a_time_and_the_locked_steps_reach_every_server_at_once(tmp_path):
+def test_bulk_copies_go_one_at_a_time_and_the_locked_steps_reach_every_server_at_once(ring3):
     # A join at replication 3 copies from three sources and moves data on two servers. The
     # bulk of it goes one move or copy at a time (side by side they take the CPUs from the
     # writes going on); but each write lock, drain and catch-up under the lock used to be a
     # round trip of its own, one server after another, all inside the time writes are refused.
-    c = Cluster(tmp_path, replication=3, initial=3)
-    try:
-        c.start()
-        place_by_role(c, KEYS)
-        open_calls: dict[str, int] = {}
-        most_open: dict[tuple[str, str], int] = {}
-        real_call = c.ecs.calls.call
+    c = ring3
+    open_calls: dict[str, int] = {}
+    most_open: dict[tuple[str, str], int] = {}
+    real_call = c.ecs.calls.call
 
-        def call(name: str, command: Any, timeout: Any = None, **kwargs: Any) -> Deferred[Any]:
-            d = real_call(name, command, timeout, **kwargs)
-            kind = command.__name__
-            if command in (control.CopyRange, control.MoveLocal):
-                kind = "catch-up" if "tracker" in kwargs else "bulk"
-            open_calls[kind] = open_calls.get(kind, 0) + 1
-            operation = c.ecs.reconfigurer.operation
-            key = (kind, operation.step if operation is not None else "")
-            most_open[key] = max(most_open.get(key, 0), open_calls[kind])
+    def call(name: str, command: Any, timeout: Any = None, **kwargs: Any) -> Deferred[Any]:
+        d = real_call(name, command, timeout, **kwargs)
+        kind = command.__name__
+        if command in (control.CopyRange, control.MoveLocal):
+            kind = "catch-up" if "tracker" in kwargs else "bulk"
+        open_calls[kind] = open_calls.get(kind, 0) + 1
+        operation = c.ecs.reconfigurer.operation
+        key = (kind, operation.step if operation is not None else "")
+        most_open[key] = max(most_open.get(key, 0), open_calls[kind])
 
-            def closed(result: Any) -> Any:
-                open_calls[kind] -= 1
-                return result
+        def closed(result: Any) -> Any:
+            open_calls[kind] -= 1
+            return result
 
-            return d.addBoth(closed)
+        return d.addBoth(closed)
 
-        c.ecs.calls.call = call  # type: ignore[method-assign]
-        assert c.run(c.ecs.add_nodes(1, "LRU", 10)) == ["s4"]
-        c.check_placement(KEYS, read=False)
-        assert most_open[("bulk", "copying")] == 1
-        heads = most_open[("LockRanges", "locking writes")]
-        assert heads >= 2 and most_open[("DrainWrites", "locking writes")] == heads
-        assert most_open[("catch-up", "final catch-up")] >= 2
-        assert most_open[("LockRanges", "switching")] >= 2
-    finally:
-        c.close()
+    c.ecs.calls.call = call  # type: ignore[method-assign]
+    assert c.run(c.ecs.add_nodes(1, "LRU", 10)) == ["s4"]
+    c.check_placement(KEYS, read=False)
+    assert most_open[("bulk", "copying")] == 1
+    heads = most_open[("LockRanges", "locking writes")]
+    assert heads >= 2 and most_open[("DrainWrites", "locking writes")] == heads
+    assert most_open[("catch-up", "final catch-up")] >= 2
+    assert most_open[("LockRanges", "switching")] >= 2
 
 
-def test_a_failed_copy_among_several_aborts_the_others_and_leaves_no_tracker(tmp_path):
-    # Copies from every source run at once: one failing stops the others, every write tracker
-    # of the attempt ends and the old ring stays; the join can be redone.
-    c = Cluster(tmp_path, replication=3, initial=3)
-    try:
-        c.start()
-        place_by_role(c, KEYS)
-        old_ring = c.ring()
-        c.cut_copies_to.add("s4")
-        with pytest.raises(AdminError, match="adding s4 failed while copying"):
-            c.run(c.ecs.add_nodes(1, "LRU", 10))
-        c.settle()
-        assert c.ring().nodes == old_ring.nodes
-        for name in ("s1", "s2", "s3"):
-            node = c.servers[name].node
-            assert node.write_locks == [] and node.read_locks == []
-            assert all(not node.stores[store].trackers for store in STORE_NAMES), name
-        assert c.ecs.operation is None and not c.ecs.busy.locked
-        c.cut_copies_to.clear()
-        assert c.run(c.ecs.add_nodes(1, "LRU", 10)) == ["s4"]
-        c.check_placement(KEYS, read=False)
-    finally:
-        c.close()
+def test_a_failed_copy_at_replication_3_aborts_and_leaves_no_tracker(ring3):
+    # The abort stops every write tracker the attempt started (a tracker left behind records
+    # keys for ever), releases the locks and keeps the old ring; the join can be redone.
+    c = ring3
+    old_ring = c.ring()
+    c.cut_copies_to.add("s4")
+    with pytest.raises(AdminError, match="adding s4 failed while copying"):
+        c.run(c.ecs.add_nodes(1, "LRU", 10))
+    c.settle()
+    assert c.ring().nodes == old_ring.nodes
+    for name in ("s1", "s2", "s3"):
+        node = c.servers[name].node
+        assert node.write_locks == [] and node.read_locks == []
+        assert all(not node.stores[store].trackers for store in STORE_NAMES), name
+    assert c.ecs.operation is None and not c.ecs.busy.locked
+    c.cut_copies_to.clear()
+    assert c.run(c.ecs.add_nodes(1, "LRU", 10)) == ["s4"]
+    c.check_placement(KEYS, read=False)
 
 
 def test_removing_below_the_replication_factor_needs_force(tmp_path):

@@ -94,10 +94,14 @@ class Credentials:
         self._mine: PrivateCertificate | None = None
         self._server: CertificateOptions | None = None
         self._clients: dict[str, Any] = {}
+        #: serial numbers of the certificates the CA's revocation list names
+        self.revoked: frozenset[int] = frozenset()
 
     def _fresh(self) -> None:
+        crl = pki.crl_path(self.files.ca)
         try:
             stamps = tuple(_stamp(p) for p in (self.files.ca, self.files.cert, self.files.key))
+            stamps += (_stamp(crl) if os.path.exists(crl) else None,)
         except OSError as e:
             raise TLSConfigError(
                 f"cannot read {e.filename}: {e.strerror}; create the PKI with chainstore-pki "
@@ -112,11 +116,16 @@ class Credentials:
             with open(self.files.key, "rb") as f:
                 key_pem = f.read()
             mine = PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+            revoked = pki.revoked_serials(self.files.ca)
+        except pki.PKIError as e:
+            raise TLSConfigError(str(e)) from None
         except (OSError, SSL.Error, ValueError) as e:
             raise TLSConfigError(f"cannot load {self.files}: {e}") from None
         if self._stamps is not None:
             log.info("loaded renewed TLS files {cert}", cert=self.files.cert)
-        self._stamps, self._ca, self._mine = stamps, ca, mine
+        if revoked != self.revoked:
+            log.info("{count} revoked certificate(s) in {crl}", count=len(revoked), crl=crl)
+        self._stamps, self._ca, self._mine, self.revoked = stamps, ca, mine, revoked
         self._server = None
         self._clients.clear()
 
@@ -153,6 +162,28 @@ class Credentials:
                 self._clients.clear()
             self._clients[hostname] = options
         return options
+
+
+    def refusing_revoked(self, connection: SSL.Connection) -> SSL.Connection:
+        """C{connection}, made to fail its handshake if the peer's certificate is revoked
+        (the chain is checked as before: this only adds the revocation list)."""
+        revoked = self.revoked
+        if not revoked:
+            return connection
+
+        def verify(conn: SSL.Connection, cert: Any, errno: int, depth: int, ok: int) -> bool:
+            if not ok:
+                return False
+            if depth == 0 and cert.get_serial_number() in revoked:
+                who = pki.identity_of(cert.to_cryptography())
+                log.warn("refused the certificate of {name} (role {role}, serial {serial:X}): "
+                         "it is revoked", name=who.name, role=who.role or "none",
+                         serial=cert.get_serial_number())
+                return False
+            return True
+
+        connection.set_verify(connection.get_context().get_verify_mode(), verify)
+        return connection
 
 
 def holder_credentials(files: TLSFiles, role: str, name: str | None, pki_dir: str | None,
@@ -192,7 +223,8 @@ class _ServerCreator:
         self.credentials = credentials
 
     def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:
-        return self.credentials.server_options().serverConnectionForTLS(protocol)
+        return self.credentials.refusing_revoked(
+            self.credentials.server_options().serverConnectionForTLS(protocol))
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -203,7 +235,8 @@ class _ClientCreator:
         self.credentials, self.hostname = credentials, hostname
 
     def clientConnectionForTLS(self, protocol: Any) -> SSL.Connection:
-        return self.credentials.client_options(self.hostname).clientConnectionForTLS(protocol)
+        return self.credentials.refusing_revoked(
+            self.credentials.client_options(self.hostname).clientConnectionForTLS(protocol))
 
 
 @implementer(IStreamServerEndpoint)

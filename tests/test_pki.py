@@ -86,3 +86,47 @@ def test_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert lines[2].split()[:2] == ["s1", "server"] and lines[2].endswith("h1, localhost, 127.0.0.1")
     assert pki.main(["--dir", str(tmp_path / "none"), "list"]) == 1
     assert "no PKI directory" in capsys.readouterr().err
+
+
+# -- revocation ------------------------------------------------------------------------------------
+
+def test_revoke_lists_the_serial_in_a_crl_the_ca_signed(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    directory = str(tmp_path)
+    pki.ensure(directory, [("client", "alice", []), ("client", "bob", [])])
+    ca_file = pki.cert_path(directory, "ca")
+    assert pki.revoked_serials(ca_file) == frozenset()  # no list: nothing revoked
+    alice = load(tmp_path / "alice.crt").serial_number
+    assert pki.revoke(directory, "alice") == alice
+    crl = x509.load_pem_x509_crl((tmp_path / "ca.crl").read_bytes())
+    assert crl.is_signature_valid(load(tmp_path / "ca.crt").public_key())  # type: ignore[arg-type]
+    assert pki.revoked_serials(ca_file) == {alice}
+    # Revoking again changes nothing; another name is added to what the list held.
+    pki.revoke(directory, "alice")
+    bob = pki.revoke(directory, "bob")
+    assert pki.revoked_serials(ca_file) == {alice, bob}
+    # Issued again, alice has a new certificate the list does not name.
+    pki.issue(directory, "client", "alice")
+    assert load(tmp_path / "alice.crt").serial_number not in pki.revoked_serials(ca_file)
+    assert pki.main(["--dir", directory, "list"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "REVOKED" in lines["bob"] and "REVOKED" not in lines["alice"]
+
+
+def test_a_revocation_list_of_another_ca_or_unreadable_is_an_error(tmp_path: Path) -> None:
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    pki.ensure(str(ours), [("client", "alice", [])])
+    pki.ensure(str(theirs), [("client", "alice", [])])
+    pki.revoke(str(theirs), "alice")
+    (ours / "ca.crl").write_bytes((theirs / "ca.crl").read_bytes())
+    with pytest.raises(pki.PKIError, match="ours/ca.crl is not signed by the CA beside it"):
+        pki.revoked_serials(str(ours / "ca.crt"))
+    (ours / "ca.crl").write_bytes(b"garbage")
+    with pytest.raises(pki.PKIError, match="ca.crl cannot be read"):
+        pki.revoked_serials(str(ours / "ca.crt"))
+    with pytest.raises(pki.PKIError, match="no certificate .*nobody.crt to revoke"):
+        pki.revoke(str(theirs), "nobody")
+    # A certificate of another CA copied in is not this CA's to revoke.
+    (theirs / "stranger.crt").write_bytes((ours / "alice.crt").read_bytes())
+    with pytest.raises(pki.PKIError, match="was not issued by this CA"):
+        pki.revoke(str(theirs), "stranger")

@@ -220,6 +220,45 @@ async def test_the_library_refuses_a_server_whose_certificate_does_not_name_its_
         proc.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_revoked_certificate_is_refused_at_the_handshake_both_ways(
+        tmp_path: Path, pki_dir: Path, reactor: Any) -> None:
+    # A key leaks: its certificate is revoked, and from the next connection on neither a
+    # server nor a client accepts it, while every other certificate still works.
+    directory = tmp_path / "pki"
+    shutil.copytree(pki_dir, directory)
+    pki.issue(str(directory), "client", "mallory")
+    proc = KVServerProcess(tmp_path, "server1", extra_args=[
+        "--tls-ca", str(directory / "ca.crt"), "--tls-cert", str(directory / "server1.crt"),
+        "--tls-key", str(directory / "server1.key")])
+    try:
+        proc.start()
+        host, port = proc.amp_address
+        mallory = TLSFiles.in_dir(str(directory), "mallory")
+        client = TLSFiles.in_dir(str(directory), "client")
+        amp_call(host, port, mallory, protocol.Put, key=b"k", value=b"v")
+        pki.revoke(str(directory), "mallory")
+        refused_at_handshake(host, port, mallory, protocol.Get, key=b"k")
+        assert amp_call(host, port, client, protocol.Get, key=b"k") == {"value": b"v"}
+        log = proc.log_path.read_text()
+        assert "1 revoked certificate(s) in" in log
+        assert "refused the certificate of mallory (role client, serial" in log
+        # The library, given a list that revokes the server's certificate, will not talk to it.
+        own = tmp_path / "client-pki"
+        shutil.copytree(directory, own)
+        pki.revoke(str(own), "server1")
+        store = KVStore(reactor, [proc.amp_address], timeout=5, deadline=3,
+                        tls=TLSFiles.in_dir(str(own), "client"))
+        try:
+            with pytest.raises(Exception) as failed:
+                await store.get("k")
+            assert "certificate verify failed" in str(tls.describe_failure(failed.value))
+        finally:
+            store.close()
+    finally:
+        proc.stop()
+
+
 def test_a_server_refuses_to_start_with_another_servers_certificate(
         tmp_path: Path, pki_dir: Path) -> None:
     proc = KVServerProcess(tmp_path, "server2", extra_args=[

@@ -29,7 +29,7 @@ import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -59,6 +59,8 @@ class Identity:
 
     name: str
     role: str | None
+    #: the certificate's serial number (a revocation list names certificates by it)
+    serial: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ def identity_of(cert: x509.Certificate) -> Identity:
              if uri.startswith(ROLE_URI)]
     # Two roles in one certificate is not something this PKI issues: trust neither.
     role = roles[0] if len(roles) == 1 and roles[0] in ROLES else None
-    return Identity(name, role)
+    return Identity(name, role, cert.serial_number)
 
 
 def _sans(cert: x509.Certificate, kind: type) -> list[str]:

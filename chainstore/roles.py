@@ -122,6 +122,8 @@ class RoleGuard(amp.AMP):
     def locateResponder(self, name: bytes) -> Callable[[amp.AmpBox], Any] | None:
         # Every box asks this: each allowed command's responder is built once per connection
         # (the lookup and the role check were ~13% of a chain head's CPU in py-spy).
+        if self._peer is not None and tls.is_revoked(self._peer.serial):
+            return self._revoked(name)
         allowed = self.__dict__.setdefault("_allowed", {})
         found = allowed.get(name)
         if found is not None:
@@ -146,6 +148,15 @@ class RoleGuard(amp.AMP):
         if self._peer is not None or not tls.is_tls(self.transport):
             allowed[name] = guarded
         return guarded
+
+    def _revoked(self, name: bytes) -> Callable[[amp.AmpBox], Any]:
+        # The certificate was revoked after this connection was made: nothing more from it.
+        why = "this certificate is revoked"
+        if not self.__dict__.get("_revocation_logged"):
+            self._revocation_logged = True
+            log.warn("refusing every command from {peer}: its certificate (serial {serial:X}) "
+                     "was revoked", peer=self.describe_peer(), serial=self._peer.serial)
+        return lambda box: fail(amp.RemoteAmpError(PermissionDenied.code, why))
 
     def _undeclared(self, failure: Failure, name: bytes) -> Failure:
         # AMP answers an undeclared error (a bug, or arguments that do not parse) by closing

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 from OpenSSL import SSL
+from twisted.application.internet import TimerService
 from twisted.internet.endpoints import HostnameEndpoint, serverFromString, wrapClientTLS
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
@@ -42,6 +44,19 @@ log = get_logger("chainstore.tls")
 
 #: Seconds a new connection has to finish its TLS handshake before it is closed.
 HANDSHAKE_TIMEOUT = 10.0
+#: Seconds between two looks at a running process's TLS files (renewed certificates, a changed
+#: revocation list), beside the look each new connection takes.
+REFRESH_SECONDS = 2.0
+
+# Every Credentials of this process (one, but for tests and the benchmarks), and the serials
+# their revocation lists name together: is_revoked runs for every AMP box.
+_everyone: weakref.WeakSet[Credentials] = weakref.WeakSet()
+_revoked: frozenset[int] = frozenset()
+
+
+def is_revoked(serial: int | None) -> bool:
+    """Whether a revocation list this process has loaded names the certificate C{serial}."""
+    return serial in _revoked
 
 
 class TLSConfigError(ValueError):
@@ -96,6 +111,7 @@ class Credentials:
         self._clients: dict[str, Any] = {}
         #: serial numbers of the certificates the CA's revocation list names
         self.revoked: frozenset[int] = frozenset()
+        _everyone.add(self)
 
     def _fresh(self) -> None:
         crl = pki.crl_path(self.files.ca)
@@ -126,6 +142,8 @@ class Credentials:
         if revoked != self.revoked:
             log.info("{count} revoked certificate(s) in {crl}", count=len(revoked), crl=crl)
         self._stamps, self._ca, self._mine, self.revoked = stamps, ca, mine, revoked
+        global _revoked
+        _revoked = frozenset().union(*(c.revoked for c in _everyone))
         self._server = None
         self._clients.clear()
 
@@ -163,6 +181,19 @@ class Credentials:
             self._clients[hostname] = options
         return options
 
+
+    def watcher(self, interval: float = REFRESH_SECONDS) -> TimerService:
+        """A service that looks at the files every C{interval} seconds, so that a revocation
+        reaches the connections already open (L{roles.RoleGuard} refuses every command of a
+        revoked peer) without waiting for a new connection."""
+        def look() -> None:
+            try:
+                self._fresh()
+            except TLSConfigError as e:
+                # New connections fail with the same error; the open ones keep what they had.
+                log.error("{error}", error=str(e))
+
+        return TimerService(interval, look)
 
     def refusing_revoked(self, connection: SSL.Connection) -> SSL.Connection:
         """C{connection}, made to fail its handshake if the peer's certificate is revoked

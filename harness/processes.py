@@ -308,7 +308,14 @@ def amp_call(host: str, port: int, tls: TLSFiles | None, command: Any, timeout: 
              /, **arguments: Any) -> dict[str, Any]:
     """One AMP command on a fresh blocking connection (mutual TLS as C{tls}'s holder, or
     plaintext); its answer, or L{AMPError}. OSError (ssl.SSLError among them) or
-    ConnectionError if the connection fails or closes first.
+    ConnectionError if the connection fails or closes first."""
+    with connect(host, port, tls, timeout) as s:
+        return sock_call(s, command, **arguments)
+
+
+def sock_call(s: socket.socket, command: Any, /, **arguments: Any) -> dict[str, Any]:
+    """One AMP command on the open blocking connection C{s} (see L{connect}); its answer, or
+    L{AMPError}.
 
     Twisted's own AMP encodes the call and decodes the answer: an L{amp.AMP} writes to a
     L{StringTransport} that this function sends and is fed what the socket receives, so no
@@ -323,13 +330,12 @@ def amp_call(host: str, port: int, tls: TLSFiles | None, command: Any, timeout: 
     protocol.callRemoteString(command.commandName, True,
                               **{key.decode("ascii"): value for key, value in box.items()}
                               ).addBoth(answers.append)
-    with connect(host, port, tls, timeout) as s:
-        s.sendall(wire.value())
-        while not answers:
-            data = s.recv(65536)
-            if not data:
-                raise ConnectionError("the peer closed the connection before answering")
-            protocol.dataReceived(data)
+    s.sendall(wire.value())
+    while not answers:
+        data = s.recv(65536)
+        if not data:
+            raise ConnectionError("the peer closed the connection before answering")
+        protocol.dataReceived(data)
     if isinstance(answers[0], Failure):
         error = answers[0].value
         if isinstance(error, amp.RemoteAmpError):

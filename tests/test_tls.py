@@ -13,6 +13,7 @@ import json
 import shutil
 import socket
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from harness.processes import (
     KVServerProcess,
     amp_call,
     connect,
+    sock_call,
 )
 from chainstore.tls import TLSFiles
 from client.kvstore import KVStore
@@ -237,12 +239,27 @@ async def test_a_revoked_certificate_is_refused_at_the_handshake_both_ways(
         mallory = TLSFiles.in_dir(str(directory), "mallory")
         client = TLSFiles.in_dir(str(directory), "client")
         amp_call(host, port, mallory, protocol.Put, key=b"k", value=b"v")
-        pki.revoke(str(directory), "mallory")
-        refused_at_handshake(host, port, mallory, protocol.Get, key=b"k")
+        with connect(host, port, mallory) as open_before:
+            assert sock_call(open_before, protocol.Get, key=b"k") == {"value": b"v"}
+            pki.revoke(str(directory), "mallory")
+            refused_at_handshake(host, port, mallory, protocol.Get, key=b"k")
+            # The connection made before: every command refused once the server has looked
+            # at its files again (every tls.REFRESH_SECONDS).
+            deadline = time.monotonic() + 3 * tls.REFRESH_SECONDS + 5
+            while True:
+                try:
+                    sock_call(open_before, protocol.Get, key=b"k")
+                except AMPError as e:
+                    assert e.code == PermissionDenied.code
+                    assert e.description == "this certificate is revoked"
+                    break
+                assert time.monotonic() < deadline, "the revoked peer was still served"
+                time.sleep(0.2)
         assert amp_call(host, port, client, protocol.Get, key=b"k") == {"value": b"v"}
         log = proc.log_path.read_text()
         assert "1 revoked certificate(s) in" in log
         assert "refused the certificate of mallory (role client, serial" in log
+        assert "refusing every command from 127.0.0.1" in log and "was revoked" in log
         # The library, given a list that revokes the server's certificate, will not talk to it.
         own = tmp_path / "client-pki"
         shutil.copytree(directory, own)

@@ -62,7 +62,7 @@ class KVServerService(MultiService):
             credentials = server_credentials(config)
         self.credentials = credentials
         if credentials is not None:
-            credentials.watcher().setServiceParent(self)
+            credentials.watcher(reactor).setServiceParent(self)
         me = NodeInfo(config.name, config.advertised_host, config.console_port, config.amp_port)
         # Peers named in --peer-routes are dialled at the address given there (a fault proxy).
         routes = load_peer_routes(config.peer_routes) if config.peer_routes else {}

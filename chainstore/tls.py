@@ -182,7 +182,7 @@ class Credentials:
         return options
 
 
-    def watcher(self, interval: float = REFRESH_SECONDS) -> TimerService:
+    def watcher(self, clock: Any, interval: float = REFRESH_SECONDS) -> TimerService:
         """A service that looks at the files every C{interval} seconds, so that a revocation
         reaches the connections already open (L{roles.RoleGuard} refuses every command of a
         revoked peer) without waiting for a new connection."""
@@ -193,7 +193,9 @@ class Credentials:
                 # New connections fail with the same error; the open ones keep what they had.
                 log.error("{error}", error=str(e))
 
-        return TimerService(interval, look)
+        service = TimerService(interval, look)
+        service.clock = clock
+        return service
 
     def refusing_revoked(self, connection: SSL.Connection) -> SSL.Connection:
         """C{connection}, made to fail its handshake if the peer's certificate is revoked

@@ -144,7 +144,7 @@ def makeService(options: Options) -> IService:
     else:
         log.info("mutual TLS with {cert} (CA {ca})", cert=credentials.files.cert,
                  ca=credentials.files.ca)
-        credentials.watcher().setServiceParent(top)
+        credentials.watcher(reactor).setServiceParent(top)
     listener = StreamServerEndpointService(
         server_endpoint(reactor, config.listen, credentials), ECSFactory(leader))
     listener._raiseSynchronously = True

@@ -59,6 +59,9 @@ log = get_logger("chainstore.chain")
 Op = tuple[int, int, bytes, bytes, bytes]  # serial, kind, key, value, request id
 
 LEASE_SECONDS = 2.0
+#: How much sooner than the ECS could declare this server failed its read leases end
+#: (monotonic clocks of two machines drift apart a little).
+LEASE_BOUND_MARGIN = 0.25
 # Batches in flight per link. Few: while they travel, new writes gather into the next batch, so
 # under load each message carries many writes (measured: 1-2 gave ~10% more chain puts at 32 in
 # flight than 32 did, on this 2-core machine); the backlog is bounded in writes and bytes, below.
@@ -216,6 +219,9 @@ class ChainReplicator:
         self.clock = clock
         self.monotonic = monotonic
         self.lease = lease
+        #: Under an ECS, the moment (monotonic) until which this server may grant read leases:
+        #: the ECS cannot declare it failed before then (see L{ecs_contact}). None: no ECS.
+        self.lease_bound: float | None = None
         self.epoch = 0
         self.replicas: dict[str, Replica] = {}
         self._turn: set[Replica] = set()
@@ -819,15 +825,35 @@ class ChainReplicator:
             raise StaleEpoch(f"lease for epoch {epoch}; this server is at {self.epoch}")
         replica = self.replicas.get(owner)
         now = self.monotonic()
+        seconds = self.lease
+        if self.lease_bound is not None:
+            seconds = min(seconds, self.lease_bound - now)
+            if seconds <= 0:
+                raise ControlFailed(f"{self.me.name} has not heard from the ECS lately: it "
+                                    "grants no read lease")
         if upstream:
             if replica is None or replica.predecessor is None:
                 raise NotResponsible(f"{self.me.name} follows nobody in {owner}'s chain")
-            replica.granted_up_until = max(replica.granted_up_until, now + self.lease)
-            return self.lease
+            replica.granted_up_until = max(replica.granted_up_until, now + seconds)
+            return seconds
         if replica is None or not replica.successor_is_tail:
             raise NotResponsible(f"{self.me.name} grants no lease in {owner}'s chain")
-        replica.granted_until = max(replica.granted_until, now + self.lease)
-        return self.lease
+        replica.granted_until = max(replica.granted_until, now + seconds)
+        return seconds
+
+    def ecs_contact(self, sent: float, timeout: float) -> None:
+        """The ECS answered an L{control.Alive} this server sent at C{sent} (monotonic): it
+        received it later than that, so it declares this server failed no sooner than
+        C{timeout} after C{sent}. Only then may a new chain take writes without this server,
+        and any read lease it granted must have run out by then: this server's leases end by
+        that moment, less L{LEASE_BOUND_MARGIN}.
+
+        Without it, two members cut off from the ECS together but still talking to each
+        other would go on granting each other leases, and answering reads, while the ECS
+        formed a new chain of their range that commits writes they never see."""
+        bound = sent + timeout - LEASE_BOUND_MARGIN
+        if self.lease_bound is None or bound > self.lease_bound:
+            self.lease_bound = bound
 
     # -- reads at any member (chainstore/craq.py) ------------------------------------------------
 

@@ -88,6 +88,20 @@ class CopyProgress(_ControlCommand):
     requiresAnswer = False
 
 
+class Alive(_ControlCommand):
+    """A registered server tells the ECS it is there (every L{ALIVE_SECONDS}). The ECS counts
+    the moment it receives it as heard from the server, and answers with its failure timeout:
+    the server then knows the ECS will not declare it failed before C{timeout} seconds after
+    it sent this, and grants read leases only that far (chainstore/chain.py, "lease bound")."""
+
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response = [(b"timeout", amp.Float())]
+
+
+#: Seconds between two L{Alive} of a server.
+ALIVE_SECONDS = 0.5
+
+
 # -- ECS -> server -------------------------------------------------------------------------------
 
 class Heartbeat(_ControlCommand):

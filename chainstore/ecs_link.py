@@ -26,6 +26,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.protocols import amp
 from zope.interface import implementer
 
@@ -81,6 +82,9 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
         self._request_marks: dict[int, int] = {}
         # copies and local moves running for the ECS on this link, cancelled if it drops
         self._running: set[Deferred[Any]] = set()
+        # Alive every ALIVE_SECONDS once registered (the lease bound, chainstore/chain.py)
+        self._alive = LoopingCall(self._send_alive)
+        self._alive.clock = reactor
 
     def _dial(self, host: str, port: int) -> Deferred[amp.AMP]:
         # A copy's target checks our server certificate; we check its name is the host.
@@ -90,6 +94,8 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
 
     def connectionLost(self, reason: Any) -> None:  # type: ignore[override]
         super().connectionLost(reason)
+        if self._alive.running:
+            self._alive.stop()
         if self._silence is not None and self._silence.active():
             self._silence.cancel()
         # Any change the ECS was making through this link fails on its side when the link
@@ -178,6 +184,18 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
                 self.transport.loseConnection()
                 return
         log.info("registered with the ECS: {message}", message=result["message"])
+        if not self._alive.running:
+            self._alive.start(control.ALIVE_SECONDS, now=True).addErrback(
+                lambda f: log.failure("the Alive loop stopped", f))
+
+    def _send_alive(self) -> None:
+        chain = self.node.chain
+        sent = chain.monotonic()
+        d = self.callRemote(control.Alive)
+        d.addTimeout(control.ALIVE_SECONDS * 2, self.reactor)
+        d.addCallbacks(lambda answer: chain.ecs_contact(sent, answer["timeout"]),
+                       lambda f: log.debug("Alive unanswered: {error}",
+                                           error=f.getErrorMessage()))
 
     def _refused(self, failure: Any) -> None:
         if failure.check(control.NotLeader):
@@ -444,13 +462,18 @@ def make_ecs_link(node: KVNode, description: str, reactor: Any,
                   credentials: tls.Credentials | None = None) -> ClientService:
     """A service that keeps this server connected and registered to the ECS at C{description}
     (several, comma-separated: to whichever leads)."""
+    # Under an ECS, no read lease before the ECS has answered an Alive (chainstore/chain.py).
+    node.chain.lease_bound = 0.0
     descriptions = ecs_descriptions(description)
     endpoints = LeaderEndpoints([ecs_endpoint(reactor, d, credentials) for d in descriptions],
                                 [_address(d) for d in descriptions])
     return ClientService(
         endpoints,
         _LinkFactory(node, reactor, shutdown, credentials, endpoints),
-        retryPolicy=(backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=2.0)
+        # At most a second between two dials: a server that lost its ECS grants no read lease
+        # once the ECS could have declared it failed, so its successor's reads wait for the
+        # link (chainstore/chain.py, "lease bound"); a dial a second costs the ECS nothing.
+        retryPolicy=(backoffPolicy(initialDelay=0.2, maxDelay=1.0, factor=2.0)
                      if len(descriptions) == 1 else
                      # Several ECS: a standby's answer names the leader, to be dialled at once,
                      # and a new leader waits for its servers; so little jitter, a short cap.

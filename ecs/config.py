@@ -12,6 +12,7 @@ from typing import Any
 
 
 from chainstore.cache import STRATEGIES
+from chainstore.control import ALIVE_SECONDS
 from chainstore.config import read_options
 from chainstore.logs import LEVELS
 from chainstore.web import WebConfigError, check_endpoint
@@ -28,6 +29,11 @@ from chainstore.tls import (
 
 class ECSConfigError(ValueError):
     """The ECS configuration is wrong; the message names the option and the fix."""
+
+
+#: The shortest failure timeout: leases end LEASE_BOUND_MARGIN before it, renewed from an Alive
+#: every ALIVE_SECONDS (docs/DESIGN.md, "The lease bound").
+MIN_FAILURE_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,12 @@ class ECSConfig:
     def validated(self) -> ECSConfig:
         if self.heartbeat_interval <= 0:
             raise ECSConfigError("heartbeat-interval must be more than 0 seconds")
+        if self.failure_timeout < MIN_FAILURE_TIMEOUT:
+            raise ECSConfigError(
+                f"failure-timeout ({self.failure_timeout}s) must be at least "
+                f"{MIN_FAILURE_TIMEOUT}s: a server grants read leases only until a little "
+                "before the ECS could declare it failed, and tells the ECS it is there every "
+                f"{ALIVE_SECONDS}s")
         if self.failure_timeout <= self.heartbeat_interval:
             raise ECSConfigError(
                 f"failure-timeout ({self.failure_timeout}s) must be longer than "

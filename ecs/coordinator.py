@@ -391,6 +391,15 @@ class ECS:
             self.last_seen.pop(name, None)
             log.info("forgot member {name} to make room for a new one", name=name)
 
+    def alive(self, link: amp.AMP) -> float:
+        """A registered server's L{control.Alive}: heard from it now. Returns the failure
+        timeout, the least time from now before this ECS may declare it failed."""
+        name = getattr(link, "server_name", None)
+        if name is None or self.links.get(name) is not link:
+            raise control.ControlFailed("this link is not the server's current one")
+        self.last_seen[name] = max(self.last_seen.get(name, 0.0), self.clock.seconds())
+        return self.config.failure_timeout
+
     def link_lost(self, link: amp.AMP) -> None:
         name = getattr(link, "server_name", None)
         if name is not None and self.links.get(name) is link:

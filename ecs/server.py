@@ -30,7 +30,7 @@ class ECSProtocol(BoundedAMP, RoleGuard):
     """Servers register and report here; admins (ecsclient) run the admin commands."""
 
     command_roles = {
-        **allow((SERVER,), (control.Register, control.CopyProgress)),
+        **allow((SERVER,), (control.Register, control.CopyProgress, control.Alive)),
         **allow((ADMIN,), (protocol.Start, protocol.Stop, protocol.ShutDown, protocol.AddNodes,
                            protocol.RemoveNode, protocol.Status)),
     }
@@ -64,6 +64,12 @@ class ECSProtocol(BoundedAMP, RoleGuard):
         self.registered_with = ecs
         return d.addCallback(lambda message: {"message": message,
                                               "ecs_epoch": ecs.committed_epoch})
+
+    @control.Alive.responder
+    def alive(self) -> dict[str, Any]:
+        if self.registered_with is None:
+            raise control.ControlFailed("this server has not registered on this link")
+        return {"timeout": self.registered_with.alive(self)}
 
     @control.CopyProgress.responder
     def copy_progress(self, operation: int, keys: int, bytes: int) -> dict[str, Any]:

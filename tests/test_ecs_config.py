@@ -142,6 +142,11 @@ def test_failure_timeout_must_exceed_the_heartbeat_interval(tmp_path, text):
     assert "failure-timeout" in message and "heartbeat-interval" in message
 
 
+def test_failure_timeout_leaves_room_for_the_lease_bound(tmp_path):
+    message = error_of(tmp_path, "heartbeat-interval: 0.1\nfailure-timeout: 0.5\n")
+    assert "failure-timeout (0.5s) must be at least 1.0s" in message
+
+
 @pytest.mark.parametrize("text, word", [
     ("heartbeat-interval: 0\n", "heartbeat-interval"),
     ("replication: 0\n", "replication"),

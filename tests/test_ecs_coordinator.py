@@ -37,6 +37,7 @@ from ecs.server import ECSProtocol
 from ecs.state import ACTIVE, FAILED, REMOVED, StateFile
 
 INTERVAL, TIMEOUT = 1.0, 3.0
+ECS_LINK = "(ECS link)"  # tags the pumps of servers' links to the ECS
 
 
 def pool(count: int) -> tuple[NodeSlot, ...]:
@@ -102,6 +103,8 @@ class Cluster:
         # (names of the servers at either end, pump); a hung server's pumps stand still
         self.pumps: list[tuple[frozenset[str], iosim.IOPump]] = []
         self.hung: set[str] = set()
+        # servers whose ECS link stands still (they still talk to each other)
+        self.cut_from_ecs: set[str] = set()
         self.peer_gate: Deferred[None] | None = None
         self.cut_copies_to: set[str] = set()
         self.hang_copies_to: set[str] = set()
@@ -130,7 +133,7 @@ class Cluster:
         ecs_side = ECSProtocol(self.ecs)
         pump = iosim.connect(ecs_side, iosim.makeFakeServer(ecs_side), ctrl,
                              iosim.makeFakeClient(ctrl), greet=False, clock=self.clock)
-        self.pumps.append((frozenset([server.name]), pump))
+        self.pumps.append((frozenset([server.name, ECS_LINK]), pump))
 
     def connect_peer(self, host: str, port: int) -> Deferred[amp.AMP]:
         target = next((s for s in self.servers.values()
@@ -187,7 +190,8 @@ class Cluster:
                 return
             moved = False
             for names, pump in list(self.pumps):
-                if not names & self.hung:
+                if not names & self.hung and not (ECS_LINK in names
+                                                   and names & self.cut_from_ecs):
                     moved = pump.pump(advanceClock=False) or moved
             self.clock.advance(0)
             quiet = 0 if moved else quiet + 1
@@ -665,6 +669,34 @@ def test_a_failed_copy_at_replication_3_aborts_and_leaves_no_tracker(ring3):
     c.cut_copies_to.clear()
     assert c.run(c.ecs.add_nodes(1, "LRU", 10)) == ["s4"]
     c.check_placement(KEYS, read=False)
+
+
+def test_members_cut_off_from_the_ecs_together_hold_no_lease_once_it_declares_them_failed(
+        ring3):
+    # The middle and the tail of a chain lose the ECS but not each other. Each grants the
+    # other its read lease; unbounded, they renewed them for ever while the ECS declared them
+    # failed and let the head take writes alone, so the old tail (or middle) answered reads
+    # that missed those writes. A server's leases now end before the ECS may declare it failed.
+    c = ring3
+    head, middle, tail = [n.name for n in c.ring().chain(KEYS[0])]
+    c.cut_from_ecs |= {middle, tail}
+    cut_at = c.clock.seconds()
+    leases: list[tuple[float, float, float]] = []
+    while not {middle, tail} <= c.ecs.state.dead:
+        c.pass_time(0.05, step=0.05)
+        assert c.clock.seconds() < cut_at + 3 * TIMEOUT, "the ECS never declared them failed"
+        held_tail = c.servers[tail].node.chain.replicas[head].lease_until
+        held_middle = c.servers[middle].node.chain.replicas[head].up_lease_until
+        leases.append((c.clock.seconds(), held_tail, held_middle))
+    declared = c.clock.seconds()
+    assert declared >= cut_at + TIMEOUT
+    # Their leases were renewed while the ECS could still hear of them (reads went on)...
+    assert any(t > cut_at + LEASE_SECONDS for _, t, _ in leases)
+    # ... and ended before it could declare either of them failed.
+    assert all(t <= cut_at + TIMEOUT and m <= cut_at + TIMEOUT for _, t, m in leases), leases
+    now = c.clock.seconds()
+    assert c.servers[tail].node.chain.replicas[head].lease_until <= now
+    assert c.servers[middle].node.chain.replicas[head].up_lease_until <= now
 
 
 def test_removing_below_the_replication_factor_needs_force(tmp_path):

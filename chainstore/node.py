@@ -173,15 +173,24 @@ class KVNode:
         check_request_id(request_id)
         replica = self._head_replica(key)
         self.counts["delete"] += 1
+        # Down the chain even when the key is missing here: "not found" is a read of the key,
+        # and only the tail's acknowledgement proves this server is still the head of a chain
+        # that commits. Answered from the store once earlier writes were acknowledged, a head
+        # cut off from the ECS answered "not found" for a key the new chain had put.
+        # A delete that finds nothing changes nothing, so it is not remembered by its request
+        # id: a retry runs again (and answers "not found", or deletes a value put meanwhile,
+        # both as if it had run once, then), instead of answering "deleted" as a retry of a
+        # delete that was applied does.
         if replica.store.get(key) is None and request_id not in self.chain.recent:
-            # Answer only once every earlier write is at the tail: "not found" must not rest
-            # on a write that could still be lost with this head.
-            def missing(_: object) -> None:
-                raise KeyNotFound(f"no value is stored under {key!r}")
-            return self.chain.settled(replica).addCallback(missing)
-        _, committed = self.chain.write(replica, DELETE, key, b"", request_id)
+            request_id = b""
+        existed, committed = self.chain.write(replica, DELETE, key, b"", request_id)
         self.cache.discard(key)
-        return committed.addCallback(lambda _: None)
+
+        def answered(_: object) -> None:
+            if not existed:
+                raise KeyNotFound(f"no value is stored under {key!r}")
+
+        return committed.addCallback(answered)
 
     def get(self, key: bytes) -> bytes | Deferred[bytes]:
         """The value of C{key}, from any member of its chain: the tail under its lease, a head

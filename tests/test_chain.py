@@ -473,9 +473,12 @@ def test_a_delete_of_a_missing_key_waits_for_earlier_writes(net):
     ring = net.cluster(3)
     key = keys_headed_by(ring, "n1", 1)[0]
     head = net.nodes[ring.head(key).name]
-    first = head.delete(key)
+    first = head.delete(key, request_id=b"r1")
     with pytest.raises(KeyNotFound):
         net.settle(first)
+    # Its retry finds nothing either: "not found" again, never "deleted".
+    with pytest.raises(KeyNotFound):
+        net.settle(head.delete(key, request_id=b"r1"))
     net.settle(head.put(key, b"v"))
     net.settle(head.delete(key))
     net.run(1.0)

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from chainstore import craq
 from chainstore.errors import KeyNotFound, NotResponsible, ServerStopped
@@ -219,6 +220,28 @@ def test_a_head_cut_off_from_the_new_ring_answers_only_until_its_lease_ends(net)
     with pytest.raises(NotResponsible):
         read(net, head, key)
     assert read(net, tail, key) == b"new"
+
+
+def test_a_head_cut_off_from_the_new_ring_never_answers_a_delete_with_not_found(net):
+    """A delete of a key the old head does not hold used to be answered "not found" from its
+    own store once its earlier writes were acknowledged: cut off from the ECS, it did so
+    after the new chain had put the key (torture combined, seed 5436: a delete answered
+    "not found" 16 ms after a put to the key was acknowledged, and the next get read the
+    put). A delete now goes down the chain like any write, whether or not it finds the key."""
+    ring, key, (head, middle, tail) = start(net)
+    zombie = net.nodes[head]
+    other = next(k for k in (b"absent%d" % i for i in range(1000))
+                 if [n.name for n in ring.chain(k)] == [head, middle, tail])
+    new = Ring(ring.nodes, epoch=ring.epoch + 1, replication=3, dead={head})
+    net.set_ring(new, [n for n in net.nodes if n != head])
+    net.run(net.nodes[middle].chain.replicas["n0"].accept_from - net.clock.seconds() + 0.1)
+    assert net.settle(net.nodes[middle].put(other, b"new")) is False
+    assert zombie.stores["coordinator"].get(other) is None
+    answers: list[Any] = []
+    zombie.delete(other).addBoth(answers.append)
+    net.run(2.0)
+    assert not any(isinstance(a, Failure) and a.check(KeyNotFound) for a in answers), answers
+    assert read(net, tail, other) == b"new"
 
 
 def test_a_paused_middle_that_wakes_after_a_reconfiguration_does_not_answer(net):

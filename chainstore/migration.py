@@ -70,14 +70,13 @@ class Pace:
     """Rests between the steps of bulk work, L{BULK_REST} times as long as the work since the
     last rest took (wall time), so the writes going on meanwhile find a CPU."""
 
-    def __init__(self, clock: IReactorTime, rest: float | None = None) -> None:
+    def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
-        self.rest = BULK_REST if rest is None else rest
         self.mark = clock.seconds()
 
     async def __call__(self) -> None:
         worked = self.clock.seconds() - self.mark
-        await turn(self.clock, max(0.0, worked * self.rest))
+        await turn(self.clock, max(0.0, worked * BULK_REST))
         self.mark = self.clock.seconds()
 
 

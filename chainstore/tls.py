@@ -181,7 +181,6 @@ class Credentials:
             self._clients[hostname] = options
         return options
 
-
     def watcher(self, clock: Any, interval: float = REFRESH_SECONDS) -> TimerService:
         """A service that looks at the files every C{interval} seconds, so that a revocation
         reaches the connections already open (L{roles.RoleGuard} refuses every command of a

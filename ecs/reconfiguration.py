@@ -137,7 +137,10 @@ class Reconfigurer:
             #     of keys per range.
             op.step = "catching up"
             for server, tracker, item in trackers:
-                await self._renew_and_catch_up(op, epoch, server, tracker, item, renewed)
+                result = await self._call(server, control.TrackWrites, store=item.source_store,
+                                          start=item.range.start, end=item.range.end)
+                renewed.append((server, result["tracker"], item))
+                await self._catch_up(op, epoch, server, tracker, item)
             trackers[:], renewed[:] = renewed, []
             self._check(failures)
             # 2. Writes to the changing ranges stop at their heads, and what is in flight
@@ -284,15 +287,6 @@ class Reconfigurer:
         op.copies.clear()
         op.keys += result["keys"]
         op.bytes += result["bytes"]
-
-    async def _renew_and_catch_up(
-            self, op: Operation, epoch: int, server: str, tracker: int,
-            item: planner.Copy | planner.LocalMove,
-            renewed: list[tuple[str, int, planner.Copy | planner.LocalMove]]) -> None:
-        result = await self._call(server, control.TrackWrites, store=item.source_store,
-                                  start=item.range.start, end=item.range.end)
-        renewed.append((server, result["tracker"], item))
-        await self._catch_up(op, epoch, server, tracker, item)
 
     async def _drop(self, drop: planner.Drop) -> None:
         try:

@@ -338,3 +338,17 @@ def test_only_a_server_registers_and_only_as_itself(ecs: ECSProcess) -> None:
     status = ecs.status()
     assert status["members"] == []
     assert "refused 127.0.0.1" in ecs.log_path.read_text()
+
+
+def test_alive_counts_only_from_a_registered_server_link(ecs: ECSProcess) -> None:
+    # Alive keeps a server "heard from" (and so not declared failed): only a server's
+    # certificate may send it, and only on a link it registered on.
+    host, port = ecs.host, ecs.port
+    for holder in ("client", "admin"):
+        with pytest.raises(AMPError) as refused:
+            amp_call(host, port, ecs.tls(holder), control.Alive)
+        assert refused.value.code == PermissionDenied.code
+        assert "Alive needs the role server" in refused.value.description
+    with pytest.raises(AMPError) as refused:
+        amp_call(host, port, ecs.tls("server1"), control.Alive)
+    assert refused.value.description == "this server has not registered on this link"

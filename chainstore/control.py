@@ -9,11 +9,11 @@ Who sends what:
   part of one of its stores to another server, C{MoveLocal} and C{DropRange} to reshape its own
   stores, C{ClearStores} before a fresh join, C{Shutdown} to end its process.
 - While a server executes C{CopyRange} it sends C{ReceiveRange} batches to the target server's AMP
-  port (the server-to-server link), one batch in flight at a time, so memory stays bounded by the
-  batch size whatever the range size, and reports C{CopyProgress} to the ECS. Copies are fenced:
-  the epoch a copy carries identifies its reconfiguration attempt, a target takes batches only
-  of the attempt its last C{DropRange} with C{attempt} prepared it for, and a source whose ECS
-  link drops stops streaming.
+  port (the server-to-server link), at most two batches in flight (C{migration.COPY_WINDOW}), so
+  memory stays bounded by the batch size whatever the range size, and reports C{CopyProgress}
+  to the ECS. Copies are fenced: the epoch a copy carries identifies its reconfiguration
+  attempt, a target takes batches only of the attempt its last C{DropRange} with C{attempt}
+  prepared it for, and a source whose ECS link drops stops streaming.
 
 Ranges are (start, end] of the ring as 128-bit integers (see L{chainstore.ring.KeyRange}).
 """
@@ -131,7 +131,8 @@ class LockRanges(_ControlCommand):
 
     Without C{reads}: writes are refused (``server_write_lock``), reads go on, while a range is
     copied. With C{reads}: reads are refused (``server_not_responsible``) for the moment of a
-    switch, so the old tail never answers once the new chain may commit writes.
+    switch, so the old tail never answers once the new chain may commit writes. Locks set over
+    a link that drops stay until the ECS sends the ring over a new one.
     """
 
     arguments = [(b"ranges", amp.AmpList(RANGE_FIELDS)), (b"reads", amp.Boolean())]

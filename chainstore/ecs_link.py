@@ -82,6 +82,8 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
         self._request_marks: dict[int, int] = {}
         # copies and local moves running for the ECS on this link, cancelled if it drops
         self._running: set[Deferred[Any]] = set()
+        # the locks this link set and has not lifted: (reads, the range object in its list)
+        self._locks: list[tuple[bool, KeyRange]] = []
         # Alive every ALIVE_SECONDS once registered (the lease bound, chainstore/chain.py)
         self._alive = LoopingCall(self._send_alive)
         self._alive.clock = reactor
@@ -99,9 +101,13 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
         if self._silence is not None and self._silence.active():
             self._silence.cancel()
         # Any change the ECS was making through this link fails on its side when the link
-        # drops, and it aborts; locks and write trackers it left here must not outlive it.
-        self.node.write_locks.clear()
-        self.node.read_locks.clear()
+        # drops, and it aborts, or it had committed and its new ring did not get here. Which
+        # one, only the ECS knows: the locks stay until it tells this server its ring over a
+        # new link (an old tail that dropped its read lock here would answer reads the new
+        # chain has overwritten, for as long as its lease lasts).
+        self.node.orphaned_locks.extend(self._locks)
+        self._locks = []
+        # Write trackers and running copies serve only the change itself, which is over.
         if self.node.stores is not None:
             for store in self.node.stores.stores.values():
                 store.trackers.clear()
@@ -219,6 +225,12 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
         ring = ring_from_wire(wire)
         self.node.set_ring(ring)
         self.ecs_epoch = max(ring.epoch, self.ecs_epoch or 0)
+        # A newer ring lifted every lock: forget ours, so the list stays as short as the locks.
+        self._locks = [(reads, rng) for reads, rng in self._locks if self.node.holds(reads, rng)]
+        released = self.node.release_orphaned_locks()
+        if released:
+            log.info("epoch {epoch}: lifted {count} locks left by the ECS's previous link",
+                     epoch=ring.epoch, count=released)
         return {}
 
     @control.SetState.responder
@@ -236,16 +248,21 @@ class ServerControlProtocol(BoundedAMP, RoleGuard):
     @control.LockRanges.responder
     def lock_ranges(self, ranges: list[dict[str, int]], reads: bool) -> dict[str, Any]:
         locks = self.node.read_locks if reads else self.node.write_locks
-        locks.extend(KeyRange(r["start"], r["end"]) for r in ranges)
+        for r in ranges:
+            rng = KeyRange(r["start"], r["end"])
+            locks.append(rng)
+            self._locks.append((reads, rng))
         return {}
 
     @control.UnlockRanges.responder
     def unlock_ranges(self, ranges: list[dict[str, int]], reads: bool) -> dict[str, Any]:
-        locks = self.node.read_locks if reads else self.node.write_locks
         for r in ranges:
-            rng = KeyRange(r["start"], r["end"])
-            if rng in locks:
-                locks.remove(rng)
+            wanted = KeyRange(r["start"], r["end"])
+            # Only a lock this link set: one of a dropped link's waits for the ring.
+            mine = next((i for i, (r_reads, rng) in enumerate(self._locks)
+                         if r_reads == reads and rng == wanted), None)
+            if mine is not None:
+                self.node.unlock(*self._locks.pop(mine))
         return {}
 
     @control.TrackWrites.responder

@@ -72,6 +72,10 @@ class KVNode:
         # Ranges whose tail role is being handed over: reads are refused for the moment of the
         # switch, so an old tail never answers after a new one has committed a write.
         self.read_locks: list[KeyRange] = []
+        # Locks set over an ECS link that has since dropped, (reads, range) with each range
+        # the very object in its list: they stay until the ECS, over a new link, tells this
+        # server its ring (docs/DESIGN.md, "Locks outlive the link that set them").
+        self.orphaned_locks: list[tuple[bool, KeyRange]] = []
         # The reconfiguration attempt (its epoch) the ECS last prepared this server for as a
         # copy's target (C{DropRange} with C{attempt}): C{ReceiveRange} batches of any other
         # attempt are refused, so a late batch of an aborted attempt cannot land after the
@@ -265,10 +269,33 @@ class KVNode:
         # Locks belong to the reconfiguration that the new ring completes (or supersedes).
         self.write_locks.clear()
         self.read_locks.clear()
+        self.orphaned_locks.clear()
         self.ring = ring
         log.info("epoch {epoch}: {count} servers in the ring{dead}", epoch=ring.epoch,
                  count=len(ring), dead=f", {sorted(ring.dead)} dead" if ring.dead else "")
         return True
+
+    def release_orphaned_locks(self) -> int:
+        """Lift the locks of dropped ECS links (L{orphaned_locks}); how many were still held.
+        For the ECS to call, over a live link, once it has told this server its ring: the
+        change that set them has then committed (a newer ring, which lifted them already) or
+        aborted."""
+        released = sum(self.unlock(reads, rng) for reads, rng in self.orphaned_locks)
+        self.orphaned_locks.clear()
+        return released
+
+    def unlock(self, reads: bool, rng: KeyRange) -> bool:
+        """Lift the lock C{rng}, that very object (another lock of an equal range stays);
+        whether it was held."""
+        locks = self.read_locks if reads else self.write_locks
+        for i, held in enumerate(locks):
+            if held is rng:
+                del locks[i]
+                return True
+        return False
+
+    def holds(self, reads: bool, rng: KeyRange) -> bool:
+        return any(held is rng for held in (self.read_locks if reads else self.write_locks))
 
     def _serving(self) -> StoreSet:
         if self.failure is not None:

@@ -622,9 +622,10 @@ def test_a_deposed_leaders_half_done_change_never_commits_and_the_next_leader_go
         assert "s4" not in saved_state(h.etcd)["ring_members"]
         for name in ("s1", "s2", "s3"):
             node = c.servers[name].node
-            # no server saw the attempt's ring, and the abdication dropped its links: no locks
+            # No server saw the attempt's ring. The abdication dropped its links, but not the
+            # locks it set through them: only the next leader knows the change is void.
             assert node.ring.epoch == committed
-            assert not node.write_locks and not node.read_locks
+            assert node.write_locks and node.orphaned_locks
         assert not old.links and not old.heartbeats.running
         # The servers find the new leader, which resumes above the aborted attempt's epoch.
         c.ecs = new
@@ -634,6 +635,8 @@ def test_a_deposed_leaders_half_done_change_never_commits_and_the_next_leader_go
         c.settle()
         assert new.state.epoch > attempt
         assert all(c.servers[n].node.ring.epoch == new.state.epoch for n in ("s1", "s2", "s3"))
+        assert not any(c.servers[n].node.write_locks or c.servers[n].node.read_locks
+                       for n in ("s1", "s2", "s3"))
         assert new.state.ring_members == ["s1", "s2", "s3"]
         # and completes the change cleanly: the half-copied s4 is wiped and added anew
         assert c.run(new.add_nodes(1, "LRU", 10)) == ["s4"]

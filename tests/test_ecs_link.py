@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from chainstore import control, migration
@@ -243,6 +244,72 @@ def test_a_new_ring_clears_the_locks_of_the_reconfiguration_it_completes(link):
     link.call(control.LockRanges, ranges=[{"start": 1, "end": 2}], reads=True)
     link.call(control.SetMetadata, **wire(ring(ME, epoch=7)))
     assert link.node.write_locks == [] and link.node.read_locks == []
+
+
+def relink(lk: Link) -> RecordingECS:
+    """Drop the server's ECS link and connect it to the ECS again, as its ClientService does
+    (the node, and what it holds, stay)."""
+    lk.server.connectionLost(Failure(ConnectionLost("the ECS link dropped")))
+    lk.ecs = RecordingECS()
+    lk.server = ServerControlProtocol(lk.node, lk.clock, lk._shutdown)
+    _, _, pump = iosim.connectedServerAndClient(
+        lambda: lk.ecs, lambda: lk.server, greet=False, clock=lk.clock)
+    lk.pumps = [pump]
+    lk.pump()
+    return lk.ecs
+
+
+def test_locks_outlive_the_link_that_set_them_until_the_ecs_gives_the_ring_again(link):
+    """An old tail whose link drops between the switch's read lock and the new ring must not
+    read again: the change may have committed. It did here not (the ring stays at its epoch):
+    the ECS's ring over the new link, the same epoch, lifts the orphaned locks."""
+    key = next(k for k in (b"k%d" % i for i in range(100)) if position(k) > HALF)
+    link.call(control.SetMetadata, **wire(ring(ME, epoch=3)))
+    link.call(control.SetState, state=RUNNING)
+    result_of(link.node.put(key, b"v"), link.clock)
+    link.call(control.LockRanges, ranges=[{"start": HALF, "end": 0}], reads=False)
+    link.call(control.LockRanges, ranges=[{"start": HALF, "end": 0}], reads=True)
+    relink(link)
+    assert link.ecs.registrations  # registered again
+    with pytest.raises(NotResponsible):
+        link.node.get(key)
+    with pytest.raises(WriteLocked):
+        link.node.put(key, b"w")
+    # the new link cannot unlock what the dropped one locked: only the ring does
+    link.call(control.UnlockRanges, ranges=[{"start": HALF, "end": 0}], reads=True)
+    with pytest.raises(NotResponsible):
+        link.node.get(key)
+    link.call(control.SetMetadata, **wire(ring(ME, epoch=3)))
+    assert link.node.get(key) == b"v"
+    assert link.node.write_locks == [] and link.node.read_locks == []
+    assert link.node.orphaned_locks == []
+
+
+def test_the_ring_over_a_new_link_keeps_that_links_own_locks(link):
+    """A change running on the new link may lock before the ECS's ring reaches the server:
+    only the dropped link's locks go, even where the ranges are equal."""
+    link.call(control.SetMetadata, **wire(ring(ME, epoch=3)))
+    link.call(control.LockRanges, ranges=[{"start": 1, "end": 2}], reads=True)
+    relink(link)
+    link.call(control.LockRanges, ranges=[{"start": 1, "end": 2}], reads=True)
+    link.call(control.LockRanges, ranges=[{"start": 5, "end": 6}], reads=False)
+    assert link.node.read_locks == [KeyRange(1, 2), KeyRange(1, 2)]
+    link.call(control.SetMetadata, **wire(ring(ME, epoch=3)))
+    assert link.node.read_locks == [KeyRange(1, 2)]
+    assert link.node.write_locks == [KeyRange(5, 6)]
+    link.call(control.UnlockRanges, ranges=[{"start": 1, "end": 2}], reads=True)
+    link.call(control.UnlockRanges, ranges=[{"start": 5, "end": 6}], reads=False)
+    assert link.node.read_locks == [] and link.node.write_locks == []
+
+
+def test_a_newer_ring_lifts_the_locks_of_a_dropped_link_too(link):
+    link.call(control.SetMetadata, **wire(ring(ME, epoch=3)))
+    link.call(control.LockRanges, ranges=[{"start": 1, "end": 2}], reads=True)
+    relink(link)
+    link.call(control.LockRanges, ranges=[{"start": 3, "end": 4}], reads=False)
+    link.call(control.SetMetadata, **wire(ring(ME, epoch=4)))
+    assert link.node.read_locks == [] and link.node.write_locks == []
+    assert link.node.orphaned_locks == [] and link.server._locks == []
 
 
 def test_clear_stores_empties_all_three_and_the_cache(link):

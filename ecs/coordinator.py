@@ -110,7 +110,7 @@ class ECS:
         self.busy = DeferredLock()
         self.reconfigurer = Reconfigurer(self.state, clock, self._call, self._save,
                                          self._metadata, lambda: self._failures,
-                                         config.placement)
+                                         config.placement, lambda name: self.links.get(name))
         # changes of whether to serve still being applied to the servers (Status waits for them)
         self._applying_states = 0
         # when every read lease a server marked dead may hold has run out (ECS clock)

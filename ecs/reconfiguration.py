@@ -67,19 +67,21 @@ class Reconfigurer:
     It runs one change at a time: its caller holds the ECS's busy lock. It reaches the servers
     through C{call} (the ECS's control call: C{call(name, command, timeout=..., **arguments)}),
     saves C{state} with C{save}, sends C{metadata()} as the new ring, and aborts a change if
-    C{failures()} (a count the ECS bumps on every server failure) moves while it runs.
+    C{failures()} (a count the ECS bumps on every server failure) moves while it runs, or if
+    C{link_of(name)} (a server's control link, None if none) changes for a server it locked.
     """
 
     def __init__(self, state: ClusterState, clock: IReactorTime,
                  call: Callable[..., Deferred[Any]], save: Callable[[], Deferred[None]],
                  metadata: Callable[[], dict[str, Any]], failures: Callable[[], int],
-                 placement: str) -> None:
+                 placement: str, link_of: Callable[[str], Any] = lambda name: None) -> None:
         self.state = state
         self.clock = clock
         self._call = call
         self._save = save
         self._metadata = metadata
         self._failures = failures
+        self._link_of = link_of
         self.placement = placement
         self.operation: Operation | None = None
         self.last: dict[str, Any] | None = None
@@ -149,6 +151,11 @@ class Reconfigurer:
             #    drain had been answered.
             op.step = "locking writes"
             locked_at = self.clock.seconds()
+            # A server whose link drops keeps the locks it was given until the ECS sends it
+            # the ring over a new link; sent before the commit, that ring would lift them
+            # while the change goes on. So a change whose locked server changed links aborts.
+            links = {server: self._link_of(server)
+                     for server in (*plan.write_locks, *plan.read_locks)}
             # Listed before they are sent: an abort unlocks a lock whose answer it never saw.
             locked.extend((server, ranges, False) for server, ranges in plan.write_locks.items())
             await self._together(
@@ -165,14 +172,15 @@ class Reconfigurer:
                     lambda s=server, t=tracker, i=item: self._catch_up(op, epoch, s, t, i))
             trackers.clear()
             await self._by_server(work)
-            self._check(failures)
+            self._check(failures, links)
             # 4. The old tails stop reading for the switch itself.
             op.step = "switching"
             locked.extend((server, ranges, True) for server, ranges in plan.read_locks.items())
             await self._together(
                 [self._call(server, control.LockRanges, ranges=_wire(ranges), reads=True)
                  for server, ranges in plan.read_locks.items()])
-            self._check(failures)
+            # Nothing may wait between this check and the commit below.
+            self._check(failures, links)
         except Exception as e:
             log.failure("{description} aborted at {step}", level=LogLevel.error,
                         description=description, step=op.step)
@@ -316,9 +324,13 @@ class Reconfigurer:
             target_host=target.host, target_port=target.amp_port,
             target_store=copy.target_store, epoch=epoch, **extra)
 
-    def _check(self, failures: int) -> None:
+    def _check(self, failures: int, links: dict[str, Any] | None = None) -> None:
         if self._failures() != failures:
             raise control.ControlFailed("a server failed while the change was running")
+        for server, link in (links or {}).items():
+            if self._link_of(server) is not link:
+                raise control.ControlFailed(
+                    f"the link to {server} dropped while it held this change's locks")
 
     async def _unlock(self, locked: list[tuple[str, list[KeyRange], bool]]) -> None:
         for server, ranges, reads in locked:

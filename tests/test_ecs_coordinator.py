@@ -615,6 +615,55 @@ def test_with_replication_3_every_store_holds_its_roles_after_joins_and_leaves(t
         c.close()
 
 
+def test_a_change_whose_locked_server_relinks_before_the_commit_aborts(ring3):
+    # An old member read-locked for the switch loses its ECS link and registers again while
+    # the other members' read locks are still on their way. Its locks stay (ServerControl-
+    # Protocol) until the ECS sends it the ring over the new link, which the ECS does on
+    # registration: still the old ring then, so its read lock is lifted. Had the change gone
+    # on to commit, it would answer reads, under the lease it holds, of a range whose new
+    # chain takes writes without it.
+    c = ring3
+    old_ring = c.ring()
+    real_call = c.ecs.calls.call
+    victim: list[str] = []
+    relinked = Deferred()
+
+    def call(name: str, command: Any, timeout: Any = None, **kwargs: Any) -> Deferred[Any]:
+        if command is not control.LockRanges or not kwargs["reads"]:
+            return real_call(name, command, timeout, **kwargs)
+        if victim:  # the others' read locks wait for the victim's new link
+            return relinked.addCallback(lambda _: None).addCallback(
+                lambda _: real_call(name, command, timeout, **kwargs))
+        victim.append(name)
+        server = c.servers[name]
+
+        def relink(answer: Any) -> Any:
+            assert server.node.read_locks
+            for _, pump in [e for e in c.pumps if e[1].client is server.control]:
+                pump.serverIO.loseConnection()
+            c.clock.callLater(0.01, c.connect_to_ecs, server)
+            c.clock.callLater(0.05, relinked.callback, None)
+            return answer
+
+        return real_call(name, command, timeout, **kwargs).addCallback(relink)
+
+    c.ecs.calls.call = call  # type: ignore[method-assign]
+    with pytest.raises(AdminError, match=r"adding s4 failed while switching: the link to "
+                                         r"s\d dropped while it held this change's locks"):
+        c.run(c.ecs.add_nodes(1, "LRU", 10))
+    c.ecs.calls.call = real_call  # type: ignore[method-assign]
+    c.settle()
+    assert relinked.called
+    assert c.ring().nodes == old_ring.nodes and c.ring().epoch == old_ring.epoch
+    assert all(s.node.ring.epoch == old_ring.epoch for s in c.servers.values()
+               if s.name != "s4")
+    assert all(not s.node.read_locks and not s.node.write_locks and not s.node.orphaned_locks
+               for s in c.servers.values())
+    # and the join goes through when tried again
+    assert c.run(c.ecs.add_nodes(1, "LRU", 10)) == ["s4"]
+    c.check_placement(KEYS, read=False)
+
+
 def test_bulk_copies_go_one_at_a_time_and_the_locked_steps_reach_every_server_at_once(ring3):
     # A join at replication 3 copies from three sources and moves data on two servers. The
     # bulk of it goes one move or copy at a time (side by side they take the CPUs from the

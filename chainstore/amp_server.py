@@ -172,7 +172,7 @@ class KVServerProtocol(BoundedAMP, RoleGuard):
 
     @control.ReadVersion.responder
     def read_version(self, epoch: int, owner: str, key: bytes, newest: int,
-                     held: int) -> dict[str, Any]:
+                     held: int) -> dict[str, Any] | Deferred[dict[str, Any]]:
         return self.node.read_version(epoch, owner, key, newest, held)
 
     @protocol.Stats.responder

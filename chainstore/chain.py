@@ -12,10 +12,11 @@ The serial is persisted with the data (atomically, in the same store) together w
 identity; a replica skips writes it already has (serial <= its last), so after a failure a
 predecessor can resend its whole window to a new successor without applying anything twice.
 
-Reads are served by the tail only while it holds a lease from its predecessor, requested every
-third of the lease and counted from when the request was sent, so a tail paused past the ECS's
-failure timeout does not answer reads when it wakes. A predecessor that becomes tail because its
-successor failed waits until the lease it granted has run out before it reads or acknowledges.
+Reads are served by the tail only while it holds a lease from its predecessor, renewed when a
+third of the seconds granted remain and counted from when the request was sent, so a tail paused
+past the ECS's failure timeout does not answer reads when it wakes. A predecessor that becomes
+tail because its successor failed waits until the lease it granted has run out before it reads
+or acknowledges.
 See docs/DESIGN.md, "Chain replication".
 
 A storage error stops all of it (L{ChainReplicator.fail}): a write is forwarded or acknowledged
@@ -33,7 +34,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, TimeoutError, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
@@ -93,7 +93,15 @@ EPOCH_RETRY_SECONDS = 0.02
 # connection): the connection is dropped and the window resent on a new one. Generous: the answer
 # waits for the rest of the chain, and a new tail waits out a lease before it answers.
 REPLICATE_TIMEOUT = 10.0
+# A lease request refused (or failed) is asked again this soon: until it is granted, reads of
+# the range are refused (or, for LEASE_WAIT, wait). Also the least wait between two renewals.
 LEASE_RETRY_SECONDS = 0.1
+# How long a read that finds no lease waits for one being asked for (L{ChainReplicator.leased})
+# before it is refused: a server that has just adopted a ring asks at once, but the granter
+# may not be there yet (another epoch, no Alive answered yet) and the next request goes out
+# LEASE_RETRY_SECONDS later; a client that read right after the ECS said "serving" was
+# refused. A few retries and round trips; a tail that gets no lease within it refuses as before.
+LEASE_WAIT = 0.5
 # Enough for every write of the clients' retry deadline at full speed (about 30 s at 5,000
 # writes/s); an entry costs about 150 bytes.
 RECENT_REQUESTS = 150_000
@@ -155,8 +163,10 @@ class Replica:
     tail_from: float = 0.0
     # as predecessor of the tail: the latest lease expiry granted to it
     granted_until: float = 0.0
-    # a quick renewal after a failed one, while this tail holds no lease (it refuses reads)
-    lease_retry: Any = None
+    # the next request for this replica's read lease (a DelayedCall; ChainReplicator._renew_now)
+    renewal: Any = None
+    # reads waiting for this replica's lease (ChainReplicator.leased)
+    lease_waiters: list[Deferred[None]] = field(default_factory=list)
     # names this object among every replica of the process (request ids refer to it)
     token: int = field(default_factory=lambda: next(_tokens))
     # writes in pending and window, and their bytes (_op_bytes): this replica's backlog
@@ -233,9 +243,6 @@ class ChainReplicator:
         self.recent: OrderedDict[bytes, tuple[int, int, bytes, int]] = OrderedDict()
         self._recent_seq = 0
         self._turn_call: Any = None
-        self._lease_loop = LoopingCall(self._renew_leases)
-        self._lease_loop.clock = clock
-        self._lease_loop_done: Deferred[Any] | None = None
         #: the storage error that stopped this server's chains, None while they work
         self.failed: StorageFailed | None = None
         #: the write backlog passed MAX_QUEUED_OPS or MAX_QUEUED_BYTES and is not yet down to
@@ -257,7 +264,6 @@ class ChainReplicator:
         if self.me.name not in names or self.me.name in ring.dead or stores is None:
             for replica in old.values():
                 self._fail_waiters(replica, NotResponsible("this server left the chain"))
-            self._update_lease_loop()
             self._update_backlog()
             return
         me_index = names.index(self.me.name)
@@ -288,7 +294,7 @@ class ChainReplicator:
                 stores[unused].set_chain_state("", 0)
         for replica in old.values():
             self._fail_waiters(replica, NotResponsible("this server left the range's chain"))
-        self._update_lease_loop()
+        self._ask_leases()
         self._update_backlog()
 
     def _open_replica(self, owner: str, cid: str, store_name: str, store: Store) -> Replica:
@@ -350,27 +356,17 @@ class ChainReplicator:
         replica.drop_queue()
         self._advance(replica, replica.last_serial)
 
-    def _update_lease_loop(self) -> None:
-        needs = any(r.live_length > 1 for r in self.replicas.values())
-        if needs and not self._lease_loop.running:
-            self._lease_loop_done = self._lease_loop.start(self.lease / 3, now=True)
-            self._lease_loop_done.addErrback(
-                lambda f: log.failure("the lease loop stopped; tails may refuse reads", f))
-        elif not needs and self._lease_loop.running:
-            self._lease_loop.stop()
-        elif needs:
-            # A tail that has just taken its role asks at once, not at the next round: it
-            # refuses every read until it holds a lease.
-            for replica in list(self.replicas.values()):
-                self._retry_lease(replica)
+    def _ask_leases(self) -> None:
+        """After a new ring: a replica that holds no lease (a new role, a new successor) asks
+        at once, not at its next renewal: it refuses reads until it holds one."""
+        for replica in list(self.replicas.values()):
+            if self._lacks_lease(replica) or (replica.live_length > 1
+                                              and replica.renewal is None):
+                self._renew_now(replica)
 
     def stop(self) -> None:
-        if self._lease_loop.running:
-            self._lease_loop.stop()
         self.peers.close()
         for replica in self.replicas.values():
-            if replica.lease_retry is not None and replica.lease_retry.active():
-                replica.lease_retry.cancel()
             self._fail_waiters(replica, ServerStopped("the server is stopping"))
 
     def fail(self, error: StorageFailed) -> None:
@@ -382,16 +378,13 @@ class ChainReplicator:
         if self._turn_call is not None and self._turn_call.active():
             self._turn_call.cancel()
         self._turn.clear()
-        if self._lease_loop.running:
-            self._lease_loop.stop()
         for replica in self.replicas.values():
             # Not forwarded: a write is forwarded only once committed here, and these may not
             # be. Their waiters fail below; answers still on their way are ignored (generation).
             replica.drop_queue()
             replica.lease_until = replica.up_lease_until = 0.0
-            for call in (replica.retry, replica.lease_retry):
-                if call is not None and call.active():
-                    call.cancel()
+            if replica.retry is not None and replica.retry.active():
+                replica.retry.cancel()
             self._fail_waiters(replica, error)
         self.peers.close()
         # Writes held back by the backlog go on, to be refused with the error.
@@ -710,10 +703,17 @@ class ChainReplicator:
         return d
 
     def _fail_waiters(self, replica: Replica, error: Exception) -> None:
+        """C{replica} is done with (the server left its chain, stops or failed): its waiting
+        writes fail, its lease is no longer renewed, and reads waiting for one look again (and
+        find the replica gone)."""
         replica.generation += 1
         waiters, replica.waiters = replica.waiters, deque()
         for _, d in waiters:
             d.errback(error)
+        if replica.renewal is not None and replica.renewal.active():
+            replica.renewal.cancel()
+        replica.renewal = None
+        self._wake_readers(replica)
 
     def remember(self, token: int, request_id: bytes, serial: int, key: bytes) -> None:
         if request_id:
@@ -753,16 +753,51 @@ class ChainReplicator:
         now = self.monotonic()
         return replica.tail_from <= now < replica.lease_until
 
-    def _renew_leases(self) -> None:
-        # Never raises: a LoopingCall whose function raises stops for good, and then every
-        # tail of this server would refuse reads from its next lease's end on.
-        for replica in list(self.replicas.values()):
-            try:
-                if replica.live_length > 1:
-                    self._renew(replica)
-            except Exception:
-                log.failure("renewing the lease of {owner}'s range failed", owner=replica.owner,
-                            level=LogLevel.error)
+    def leased(self, replica: Replica) -> Deferred[None] | None:
+        """For a read that found C{replica} without a lease: a Deferred that fires when it
+        gets one, or after L{LEASE_WAIT}, or when the replica is done with; the read then
+        looks again by the usual rules (at that moment, still inside its own interval). None
+        when no lease is on its way (nothing to wait for: refuse now)."""
+        if self.failed is not None or self.replicas.get(replica.owner) is not replica \
+                or replica.live_length < 2 or replica.renewal is None \
+                or (replica.is_tail and replica.tail_from > self.monotonic()):
+            # (A new tail waits out the lease it granted before it reads: up to a lease.)
+            return None
+        waiters = replica.lease_waiters
+
+        def cancel(d: Deferred[None]) -> None:
+            if d in waiters:
+                waiters.remove(d)
+        d: Deferred[None] = Deferred(cancel)
+        waiters.append(d)
+        return d.addTimeout(LEASE_WAIT, self.clock, onTimeoutCancel=lambda result, timeout: None)
+
+    def _wake_readers(self, replica: Replica) -> None:
+        waiters, replica.lease_waiters = replica.lease_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _renew_now(self, replica: Replica) -> None:
+        """Ask for C{replica}'s lease now, and again later: when a third of the lease granted
+        remains (L{_leased}), soon after a refusal (L{_renew_failed}), and after a third of a
+        full lease if no answer comes (a hung connection times out only after a lease)."""
+        if replica.renewal is not None and replica.renewal.active():
+            replica.renewal.cancel()
+        replica.renewal = None
+        if self.failed is not None or self.replicas.get(replica.owner) is not replica \
+                or replica.live_length < 2:
+            return
+        self._renew_in(replica, self.lease / 3)
+        try:
+            self._renew(replica)
+        except Exception:
+            log.failure("renewing the lease of {owner}'s range failed", owner=replica.owner,
+                        level=LogLevel.error)
+
+    def _renew_in(self, replica: Replica, delay: float) -> None:
+        if replica.renewal is not None and replica.renewal.active():
+            replica.renewal.cancel()
+        replica.renewal = self.clock.callLater(delay, self._renew_now, replica)
 
     def _renew(self, replica: Replica) -> None:
         """Ask for this replica's read lease: a tail from its predecessor, a head or middle
@@ -782,12 +817,28 @@ class ChainReplicator:
         d.addCallbacks(self._renewed_up, self._renew_failed, (replica, sent, successor), None,
                        (replica,))
 
+    def _renewed(self, result: dict[str, float], replica: Replica, sent: float) -> None:
+        seconds = min(result["seconds"], self.lease)
+        replica.lease_until = max(replica.lease_until, sent + seconds)
+        self._leased(replica, sent, seconds)
+
     def _renewed_up(self, result: dict[str, float], replica: Replica, sent: float,
                     successor: NodeInfo) -> None:
         # Only a lease from the member that follows us now vouches for our place in the chain.
         if replica.successor == successor and not replica.is_tail:
-            replica.up_lease_until = max(replica.up_lease_until,
-                                         sent + min(result["seconds"], self.lease))
+            seconds = min(result["seconds"], self.lease)
+            replica.up_lease_until = max(replica.up_lease_until, sent + seconds)
+            self._leased(replica, sent, seconds)
+
+    def _leased(self, replica: Replica, sent: float, seconds: float) -> None:
+        """C{replica} was granted C{seconds} from C{sent}: ask again when a third of them
+        remains. A fixed period would not do: a granter near its lease bound grants less than
+        a lease, and a lease shorter than the period ran out before the next renewal."""
+        if replica.renewal is not None and self.replicas.get(replica.owner) is replica:
+            due = sent + seconds * 2 / 3 - self.monotonic()
+            self._renew_in(replica, max(due, LEASE_RETRY_SECONDS))
+        if not self._lacks_lease(replica):  # (an answer that came too late grants nothing)
+            self._wake_readers(replica)
 
     def _lacks_lease(self, replica: Replica) -> bool:
         if replica.live_length < 2 or self.replicas.get(replica.owner) is not replica:
@@ -795,26 +846,14 @@ class ChainReplicator:
         held = replica.lease_until if replica.is_tail else replica.up_lease_until
         return held <= self.monotonic()
 
-    def _retry_lease(self, replica: Replica) -> None:
-        try:
-            if self._lacks_lease(replica):
-                self._renew(replica)
-        except Exception:
-            log.failure("renewing the lease of {owner}'s range failed", owner=replica.owner,
-                        level=LogLevel.error)
-
-    def _renewed(self, result: dict[str, float], replica: Replica, sent: float) -> None:
-        replica.lease_until = max(replica.lease_until, sent + min(result["seconds"], self.lease))
-
     def _renew_failed(self, failure: Failure, replica: Replica) -> None:
         log.debug("lease renewal for {owner}'s range failed: {error}", owner=replica.owner,
                   error=failure.getErrorMessage())
-        if self._lacks_lease(replica) and (replica.lease_retry is None
-                                           or not replica.lease_retry.active()):
-            # The predecessor may not have adopted the new ring yet: ask again soon, since
-            # until then every read of the range is refused.
-            replica.lease_retry = self.clock.callLater(LEASE_RETRY_SECONDS, self._retry_lease,
-                                                       replica)
+        if replica.renewal is not None and replica.renewal.active() \
+                and replica.renewal.getTime() - self.clock.seconds() > LEASE_RETRY_SECONDS:
+            # The granter may not have adopted the new ring yet, or heard from the ECS, or a
+            # third of our lease is all that remains: ask again soon.
+            self._renew_in(replica, LEASE_RETRY_SECONDS)
 
     def grant_lease(self, epoch: int, owner: str, upstream: bool = False) -> float:
         """Our successor, the tail of C{owner}'s range, renews its lease; or (C{upstream}) our

@@ -214,13 +214,18 @@ class KVNode:
         self.metrics.get_timers[role].passed(None, started)
         return value
 
-    def _get(self, key: bytes, replica: Replica,
-             chain: tuple[NodeInfo, ...]) -> bytes | Deferred[bytes]:
+    def _get(self, key: bytes, replica: Replica, chain: tuple[NodeInfo, ...],
+             wait: bool = True) -> bytes | Deferred[bytes]:
         if not replica.is_tail:
             self.counts["get"] += 1
             return self.member_reads.read(replica, key, chain[-1])
         if not self.chain.can_read(replica):
-            # A tail without a current lease may have been replaced while it was away.
+            # A tail without a current lease may have been replaced while it was away; one
+            # that is being granted its lease (just after it took its role) answers then.
+            leased = self.chain.leased(replica) if wait else None
+            if leased is not None:
+                return leased.addCallback(lambda _: self._get(key, *self._same(key, replica),
+                                                              wait=False))
             raise NotResponsible(f"{self.me.name} holds no read lease for this key's range")
         self.counts["get"] += 1
         store = replica.store
@@ -237,15 +242,21 @@ class KVNode:
         for key in keys:
             self.cache.discard(key)
 
-    def read_version(self, epoch: int, owner: str, key: bytes, newest: int,
-                     held: int) -> dict[str, Any]:
+    def read_version(self, epoch: int, owner: str, key: bytes, newest: int, held: int,
+                     wait: bool = True) -> dict[str, Any] | Deferred[dict[str, Any]]:
         """A head or middle of C{owner}'s range asks this tail, before answering a read of
         C{key}, which serial is committed (L{chainstore.craq})."""
         if epoch != self._ring.epoch:
             raise StaleEpoch(f"read of epoch {epoch}; this server is at {self._ring.epoch}")
         replica, _ = self._member_replica(key)
-        if replica.owner != owner or not replica.is_tail or not self.chain.can_read(replica):
+        if replica.owner != owner or not replica.is_tail:
             raise NotResponsible(f"{self.me.name} is not the reading tail of {owner}'s range")
+        if not self.chain.can_read(replica):
+            leased = self.chain.leased(replica) if wait else None
+            if leased is None:
+                raise NotResponsible(f"{self.me.name} holds no read lease for {owner}'s range")
+            return leased.addCallback(
+                lambda _: self.read_version(epoch, owner, key, newest, held, wait=False))
         self.chain.commit_now(replica.store)
 
         def value_of(key: bytes) -> bytes | None:
@@ -335,6 +346,13 @@ class KVNode:
         replica = self.chain.replicas.get(ring.nodes[index].name)
         if replica is None:
             raise NotResponsible(f"{self.me.name}'s chains are not ready")
+        return replica, chain
+
+    def _same(self, key: bytes, replica: Replica) -> tuple[Replica, tuple[NodeInfo, ...]]:
+        """C{key}'s replica and chain again, after a wait: still C{replica}, or refused."""
+        again, chain = self._member_replica(key)
+        if again is not replica:
+            raise NotResponsible(f"{self.me.name} changed its part in this key's chain")
         return replica, chain
 
     def stats(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ traceback ``twistd kvserver`` does not print (chainstore/tap.py).
 from __future__ import annotations
 
 import sqlite3
+import sys
 import time
 from typing import Any
 
@@ -44,6 +45,17 @@ log = get_logger("chainstore.service")
 
 class StartupError(Exception):
     """The server cannot start; the message, one line, says why (it is logged as it is)."""
+
+
+def quiet_startup_errors() -> None:
+    """Print nothing for a L{StartupError} that ends the process: it has logged its one line
+    already (twistd then exits with status 1). Any other exception keeps its traceback."""
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not issubclass(exc_type, StartupError):
+            previous(exc_type, value, tb)
+    sys.excepthook = hook
 
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 from twisted.application.service import IService
@@ -108,17 +107,8 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from chainstore.service import KVServerService, StartupError
+    from chainstore.service import KVServerService, quiet_startup_errors
 
     logs.set_level(options.config.log_level)
-    sys.excepthook = _quiet(StartupError, sys.excepthook)
+    quiet_startup_errors()
     return KVServerService(options.config, reactor, options.credentials)
-
-
-def _quiet(kind: type[BaseException], previous: Any) -> Any:
-    """An excepthook that prints nothing for C{kind}: a start-up error has logged its one line
-    already (twistd then exits with status 1); any other exception gets its traceback."""
-    def hook(exc_type: type[BaseException], value: BaseException, tb: Any) -> None:
-        if not issubclass(exc_type, kind):
-            previous(exc_type, value, tb)
-    return hook

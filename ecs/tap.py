@@ -6,10 +6,12 @@ import os
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, Service
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from chainstore import logs
+from chainstore.service import StartupError, quiet_startup_errors
 from chainstore.tls import server_endpoint
 from ecs.config import ECSConfig, ECSConfigError, build_config, ecs_credentials, load_yaml
 
@@ -113,8 +115,40 @@ class ECSService(Service):
         return self.ecs.stop()
 
 
+class ECSTop(MultiService):
+    """The ECS's services; a listener that cannot listen ends the start with one line."""
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            why = getattr(e.socketError, "strerror", None) or e.socketError
+            reason = f"cannot listen on {e.interface or '0.0.0.0'}:{e.port}: {why}"
+            log.critical("ecs cannot start: {reason}", reason=reason)
+            raise StartupError(reason) from None
+
+
+def _state_file_problem(path: str) -> str | None:
+    """Why the ECS could not keep its state in C{path} (None: it can): found at start, not at
+    the first save, when servers are already being launched."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        blocker = directory
+        while not os.path.exists(blocker) and os.path.dirname(blocker) != blocker:
+            blocker = os.path.dirname(blocker)
+        if os.path.exists(blocker) and not os.path.isdir(blocker):
+            return f"cannot make the directory of the state file {path}: {blocker} is a file"
+        return f"cannot make the directory of the state file {path}: {e.strerror or e}"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"cannot write the state file {path}: {directory} is not writable"
+    if os.path.isdir(path):
+        return f"the state file {path} is a directory"
+    return None
+
+
 def makeService(options: Options) -> IService:
-    from twisted.application.service import MultiService
     from twisted.internet import reactor
 
     from ecs.coordinator import ECS
@@ -127,15 +161,25 @@ def makeService(options: Options) -> IService:
 
     config: ECSConfig = options.config
     logs.set_level(config.log_level)
+    quiet_startup_errors()
     launcher = make_launcher(reactor, config)
-    top = MultiService()
+    top = ECSTop()
     leader: Any
     if config.state == "etcd":
         leader = ha_leadership(config, reactor, launcher, options.credentials)
         leader.setServiceParent(top)
     else:
-        leader = coordinator = ECS(config, reactor, launcher, StateFile(config.state_file),
-                                   exit=reactor.stop)
+        # Logging has not begun yet: the reason goes to stderr, as twistd's own usage errors.
+        problem = _state_file_problem(config.state_file)
+        if problem is not None:
+            raise SystemExit(f"ecs cannot start: {problem}")
+        try:
+            leader = coordinator = ECS(config, reactor, launcher, StateFile(config.state_file),
+                                       exit=reactor.stop)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SystemExit(f"ecs cannot start: the state file {config.state_file} cannot be "
+                             f"read ({type(e).__name__}: {e}); it holds the ring and the "
+                             f"epochs: restore it rather than delete it") from None
     credentials = options.credentials
     if credentials is None:
         log.warn("TLS is off: any host that reaches {listen} can run admin commands (shut the "

@@ -363,7 +363,10 @@ def heartbeat_report(node: Any) -> dict[str, Any]:
             "lag": 0 if r.is_tail else max(r.last_serial - r.acked, 0),
             "window": len(r.window), "queued": r.queued_ops, "queued_bytes": r.queued_bytes,
         })
-    return {"metrics": node.metrics.url(), "chains": chains}
+    # Locks of a dropped ECS link wait for the ring over this one (chainstore.ecs_link); if
+    # the ECS's ring at registration did not get here, this tells it to send it again.
+    return {"metrics": node.metrics.url(), "chains": chains,
+            "orphaned_locks": len(node.orphaned_locks)}
 
 
 def server_registry(node: Any, factories: Callable[[], list[Any]]) -> CollectorRegistry:

@@ -453,8 +453,14 @@ class ECS:
         self.reports.heard(name, reply.get("report"))
         if sent is not None:
             self.metrics.heartbeat_answered(name, sent, self.last_seen[name])
+        if self.busy.locked:
+            return
+        report = self.reports.reports.get(name) or {}
         if name in self.state.ring_members and reply["epoch"] < self.state.epoch \
-                and not self.busy.locked:
+                or report.get("orphaned_locks"):
+            # Behind on the ring, or still holding the locks of an old link (the ring sent
+            # when it registered may have failed): no change is running, so the ring sent
+            # now lifts them.
             self._spawn(self._sync(name))
 
     def _declare_failed(self, name: str) -> None:

@@ -28,7 +28,7 @@ from chainstore.chain import LEASE_SECONDS
 from chainstore.ecs_link import COPY_BATCH_TIMEOUT, ServerControlProtocol
 from chainstore.errors import KeyNotFound, WriteLocked
 from chainstore.node import RUNNING, STOPPED, KVNode
-from chainstore.ring import RING_BITS, NodeInfo, Ring, position
+from chainstore.ring import RING_BITS, KeyRange, NodeInfo, Ring, position
 from chainstore.storage import STORE_NAMES, StoreSet
 from ecs.config import ECSConfig, NodeSlot
 from ecs.coordinator import ECS
@@ -662,6 +662,19 @@ def test_a_change_whose_locked_server_relinks_before_the_commit_aborts(ring3):
     # and the join goes through when tried again
     assert c.run(c.ecs.add_nodes(1, "LRU", 10)) == ["s4"]
     c.check_placement(KEYS, read=False)
+
+
+def test_locks_a_dropped_link_left_are_lifted_by_the_next_heartbeat_when_the_ring_missed(ring3):
+    # The ring the ECS sends a server that registers again lifts the locks of its old link;
+    # if that one call failed, the server's heartbeat report still counts them, and the ECS,
+    # with no change running, sends the ring again.
+    c = ring3
+    node = c.servers["s2"].node
+    orphan = KeyRange(1, 2)
+    node.read_locks.append(orphan)
+    node.orphaned_locks.append((True, orphan))
+    c.pass_time(2 * INTERVAL)
+    assert node.read_locks == [] and node.orphaned_locks == []
 
 
 def test_bulk_copies_go_one_at_a_time_and_the_locked_steps_reach_every_server_at_once(ring3):

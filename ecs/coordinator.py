@@ -175,7 +175,9 @@ class ECS:
         await self._save()
         log.info("resumed epoch {epoch} with ring {ring}", epoch=self.state.epoch,
                  ring=self.state.ring_members)
-        if self.takeover and self.dial is not None:
+        if self.dial is not None:
+            # A member killed while the ECS was down is not waited for (register-timeout, or
+            # failure-timeout after a takeover) while its chains hold their writes.
             self._spawn(self._probe_absent())
         # Servers that outlived the ECS reconnect by themselves: relaunching them at once
         # would start a second process on the same stores and ports. Wait for them first.
@@ -204,9 +206,10 @@ class ECS:
             await self._sync(name)
 
     async def _probe_absent(self) -> None:
-        """A new leader's quick check of the ring members that have not registered yet: one
-        whose AMP port refuses a connection has no process behind it, so it is treated as
-        failed now instead of after failure-timeout and a heartbeat round. One that accepts,
+        """A resumed ECS's (a restart, a new leader) quick check of the ring members that have
+        not registered yet: one whose AMP port refuses a connection has no process behind it,
+        so it is treated as failed now instead of after its grace (register-timeout after a
+        restart, failure-timeout after a takeover) and a heartbeat round. One that accepts,
         or does not answer within L{PROBE_TIMEOUT}, may be alive and slow or cut off: it keeps
         its grace. Being wrong costs a repair, never data: a member marked dead is fenced by
         the new epoch, and one that comes back registers and is repaired back in."""
@@ -222,7 +225,7 @@ class ECS:
             # Nothing of the cluster is up (every process was down and is starting again):
             # the relaunch at failure-timeout brings them back; marking them all dead would
             # leave their ranges to nobody.
-            log.info("no ring member answers after the takeover; waiting for them "
+            log.info("no ring member answers after this ECS resumed; waiting for them "
                      "(relaunched after {t}s)", t=self.config.failure_timeout)
             return
         for name in refused:
@@ -231,7 +234,7 @@ class ECS:
             member = self.state.members[name]
             self._refused.add(name)
             self._failing.add(name)
-            log.warn("{name} refused a connection at {host}:{port} after the takeover "
+            log.warn("{name} refused a connection at {host}:{port} after this ECS resumed "
                      "(nothing listens there): treating it as failed", name=name,
                      host=member.host, port=member.amp_port)
             self._declare_failed(name)

@@ -175,7 +175,8 @@ def makeService(options: Options) -> IService:
             raise SystemExit(f"ecs cannot start: {problem}")
         try:
             leader = coordinator = ECS(config, reactor, launcher, StateFile(config.state_file),
-                                       exit=reactor.stop)
+                                       exit=reactor.stop,
+                                       dial=dialler(reactor, options.credentials))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise SystemExit(f"ecs cannot start: the state file {config.state_file} cannot be "
                              f"read ({type(e).__name__}: {e}); it holds the ring and the "
@@ -205,21 +206,28 @@ def makeService(options: Options) -> IService:
     return top
 
 
-def ha_leadership(config: ECSConfig, reactor: Any, launcher: Any,
-                  credentials: Any) -> Any:
-    """With state etcd: the service that campaigns and runs a coordinator while it leads."""
+def dialler(reactor: Any, credentials: Any) -> Any:
+    """How a resumed ECS probes a ring member's AMP port (ECS._probe_absent): over the same
+    mutual TLS as every connection to it."""
     from twisted.internet.endpoints import connectProtocol
     from twisted.internet.protocol import Protocol
 
     from chainstore.tls import client_endpoint
-    from ecs.coordinator import ECS
-    from ecs.etcd import EtcdClient, http_post, http_stream
-    from ecs.leadership import Leadership, address_of
 
     def dial(host: str, port: int, timeout: float) -> Any:
         return connectProtocol(client_endpoint(reactor, credentials, host, port, timeout),
                                Protocol())
+    return dial
 
+
+def ha_leadership(config: ECSConfig, reactor: Any, launcher: Any,
+                  credentials: Any) -> Any:
+    """With state etcd: the service that campaigns and runs a coordinator while it leads."""
+    from ecs.coordinator import ECS
+    from ecs.etcd import EtcdClient, http_post, http_stream
+    from ecs.leadership import Leadership, address_of
+
+    dial = dialler(reactor, credentials)
     # http_stream: standbys watch the leader key rather than poll it
     client = EtcdClient(config.etcd_endpoints, http_post(reactor), http_stream(reactor))
     name = config.name or address_of(config.advertise)

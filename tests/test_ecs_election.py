@@ -779,6 +779,33 @@ def test_a_new_leader_relaunches_when_every_probe_is_refused() -> None:
     assert sorted(launcher.launched) == ["server1", "server2", "server3"]
 
 
+def test_a_restarted_ecs_marks_a_member_whose_port_refuses_dead_at_once(tmp_path) -> None:
+    # One ECS (state in a file) restarts; meanwhile server1 was killed: nothing listens at
+    # its AMP port. Without the probe it had register-timeout (20 s here) to come back, and
+    # the writes of its chains waited as long.
+    from ecs.state import StateFile
+    state = ClusterState(epoch=5, last_epoch=5, replication=3, serving=True,
+                         ring_members=["server1", "server2", "server3"])
+    for i, name in enumerate(state.ring_members, 1):
+        state.members[name] = Member(name, "127.0.0.1", 50000 + i, 51000 + i, ACTIVE)
+    store = StateFile(str(tmp_path / "state.json"))
+    store.save(state)
+    clock = Clock()
+    dial = Dialler({51001: "refused", 51003: "up"})
+    config = ECSConfig(initial_nodes=0, launcher="none", tls="off",
+                       register_timeout=20.0).validated()
+    launcher = RecordingLauncher()
+    ecs = ECS(config, clock, launcher, store, dial=dial)
+    ecs.start()
+    result(ecs.register(SilentLink(), "server2", "127.0.0.1", 50002, 51002, 0))
+    for _ in range(int(0.7 / STEP)):  # the probes' timeout (0.5 s), and a step
+        clock.advance(STEP)
+    assert 51001 in dial.dialled
+    assert ecs.state.dead == {"server1"}
+    assert launcher.launched == []
+    ecs.heartbeats.stop()
+
+
 # -- the watch's stream, as the gateway sends it ------------------------------------------------
 
 def test_a_watch_stream_is_read_message_by_message_across_chunks() -> None:

@@ -215,7 +215,9 @@ class ECS:
         the new epoch, and one that comes back registers and is repaired back in."""
         absent = [n for n in self.state.ring_members
                   if n not in self.links and n not in self.state.dead]
-        if not absent:
+        if not absent or self.state.replication < 2:
+            # Without replicas a member marked dead hands its data to nobody: it keeps its
+            # grace, to come back (or be relaunched) with its files.
             return
         found = await gatherResults([self._probe(n) for n in absent])
         refused = [n for n, what in zip(absent, found) if what == "refused"]

@@ -806,6 +806,29 @@ def test_a_restarted_ecs_marks_a_member_whose_port_refuses_dead_at_once(tmp_path
     ecs.heartbeats.stop()
 
 
+def test_without_replicas_a_member_whose_port_refuses_keeps_its_grace(tmp_path) -> None:
+    # Marked dead, its range would go to nobody: it has register-timeout to come back with
+    # its files (or to be relaunched), as before the probes.
+    from ecs.state import StateFile
+    state = ClusterState(epoch=5, last_epoch=5, replication=1, serving=True,
+                         ring_members=["server1", "server2"])
+    for i, name in enumerate(state.ring_members, 1):
+        state.members[name] = Member(name, "127.0.0.1", 50000 + i, 51000 + i, ACTIVE)
+    store = StateFile(str(tmp_path / "state.json"))
+    store.save(state)
+    clock = Clock()
+    dial = Dialler({51001: "refused"})
+    config = ECSConfig(initial_nodes=0, launcher="none", tls="off",
+                       register_timeout=20.0).validated()
+    ecs = ECS(config, clock, RecordingLauncher(), store, dial=dial)
+    ecs.start()
+    result(ecs.register(SilentLink(), "server2", "127.0.0.1", 50002, 51002, 0))
+    while clock.seconds() < 19:
+        clock.advance(STEP)
+    assert not ecs.state.dead
+    ecs.heartbeats.stop()
+
+
 # -- the watch's stream, as the gateway sends it ------------------------------------------------
 
 def test_a_watch_stream_is_read_message_by_message_across_chunks() -> None:

@@ -588,3 +588,36 @@ async def test_servers_outlive_an_ecs_crash_and_the_restarted_ecs_adopts_them(cl
         await store.close()
         # The restarted ECS did not launch these servers, so its stop does not end them.
         stop_pids(list(kvserver_pids(ecs.workdir)))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_ecs_repairs_a_server_killed_meanwhile_without_waiting_for_it(
+        tmp_path, reactor):
+    """Replication 3. The ECS crashes, and one server is killed while it is down. Restarted,
+    the ECS probes the AMP port of each member that has not registered again: nothing
+    listens at the dead one's, so it is repaired away at once, not after register-timeout
+    (20 s here), and every acknowledged write stays readable."""
+    ecs = start_ecs(tmp_path, replication=3)
+    store = library(ecs, reactor)
+    try:
+        data = {key: value_for(key) for key in keys(300)}
+        await put_all(reactor, store, data)
+        before = await ecs_status(reactor, ecs)
+        servers = kvserver_pids(ecs.workdir)
+        ecs.kill()
+        victim_pid, victim = next(iter(sorted(servers.items())))
+        os.kill(victim_pid, signal.SIGKILL)
+        restarted = time.monotonic()
+        ecs.start()
+        after = await wait_status(
+            reactor, ecs, lambda s: victim not in s["ring"] and len(s["ring"]) == INITIAL - 1
+            and s["serving"], timeout=15, what=f"{victim} repaired away")
+        took = time.monotonic() - restarted
+        assert took < 10, f"{took:.1f}s: the restarted ECS waited for {victim}"
+        assert after["epoch"] > before["epoch"]
+        assert "refused a connection" in ecs.log_path.read_text(errors="replace")
+        await assert_all_readable(reactor, store, data)
+    finally:
+        await store.close()
+        ecs.stop()
+        stop_pids(list(kvserver_pids(tmp_path)))

@@ -28,6 +28,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
+from heapq import heapify, heappop, heappush
 from itertools import count
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +121,8 @@ def _op_bytes(op: Op) -> int:
 
 
 _tokens = count(1)
+# orders the waiters of one serial by arrival (Deferreds do not compare)
+_arrivals = count()
 
 
 @dataclass(eq=False)
@@ -140,7 +143,12 @@ class Replica:
     live_length: int = 1
     pending: list[Op] = field(default_factory=list)
     window: deque[_Batch] = field(default_factory=deque)
-    waiters: deque[tuple[int, Deferred[int]]] = field(default_factory=deque)
+    # (serial, arrival, Deferred) fired when the serial is acknowledged: a heap, lowest serial
+    # first. A read of a dirty key (chainstore/craq.py) waits for an older serial than the
+    # writes queued after it, and stops waiting (cancelled) after DIRTY_WAIT: its entry stays
+    # until its serial is acknowledged, and these are dropped once they are half the heap.
+    waiters: list[tuple[int, int, Deferred[int]]] = field(default_factory=list)
+    cancelled_waiters: int = 0
     generation: int = 0
     # set after a failed forward until the whole window has been resent, so that no newer
     # batch overtakes an older one on the way to the successor
@@ -166,7 +174,8 @@ class Replica:
     # the next request for this replica's read lease (a DelayedCall; ChainReplicator._renew_now)
     renewal: Any = None
     # reads waiting for this replica's lease (ChainReplicator.leased)
-    lease_waiters: list[Deferred[None]] = field(default_factory=list)
+    # (a dict, insertion-ordered, so that each one that times out leaves in O(1))
+    lease_waiters: dict[Deferred[None], None] = field(default_factory=dict)
     # names this object among every replica of the process (request ids refer to it)
     token: int = field(default_factory=lambda: next(_tokens))
     # writes in pending and window, and their bytes (_op_bytes): this replica's backlog
@@ -620,7 +629,11 @@ class ChainReplicator:
             replica.queued_ops -= len(batch.ops)
             replica.queued_bytes -= batch.size
         while waiters and waiters[0][0] <= replica.acked:
-            waiters.popleft()[1].callback(replica.acked)
+            d = heappop(waiters)[2]
+            if d.called:  # cancelled: nobody waits for it any more
+                replica.cancelled_waiters -= 1
+            else:
+                d.callback(replica.acked)
         self._flush_later(replica)
         self._update_backlog()
 
@@ -691,15 +704,21 @@ class ChainReplicator:
             return fail(self.failed)
         if replica.acked >= serial:
             return succeed(replica.acked)
-        d: Deferred[int] = Deferred()
-        waiters = replica.waiters
-        if waiters and waiters[-1][0] > serial:
-            # Rare (a retried request id): keep the queue ordered by serial.
-            items = sorted([*waiters, (serial, d)], key=lambda w: w[0])
-            waiters.clear()
-            waiters.extend(items)
-        else:
-            waiters.append((serial, d))
+
+        def cancel(d: Deferred[int]) -> None:
+            # Its entry stays in the heap (removing it there is O(n)) until its serial is
+            # acknowledged; so that reads that keep timing out while acknowledgements are
+            # stuck do not grow the heap without bound, the cancelled ones are dropped once
+            # they are half of it.
+            waiters = replica.waiters
+            replica.cancelled_waiters += 1
+            if replica.cancelled_waiters * 2 > len(waiters):
+                waiters[:] = [w for w in waiters if w[2] is not d and not w[2].called]
+                heapify(waiters)
+                replica.cancelled_waiters = 0
+
+        d: Deferred[int] = Deferred(cancel)
+        heappush(replica.waiters, (serial, next(_arrivals), d))
         return d
 
     def _fail_waiters(self, replica: Replica, error: Exception) -> None:
@@ -707,9 +726,11 @@ class ChainReplicator:
         writes fail, its lease is no longer renewed, and reads waiting for one look again (and
         find the replica gone)."""
         replica.generation += 1
-        waiters, replica.waiters = replica.waiters, deque()
-        for _, d in waiters:
-            d.errback(error)
+        waiters, replica.waiters = replica.waiters, []
+        replica.cancelled_waiters = 0
+        for _, _, d in sorted(waiters):  # (in serial order, as they came: no two arrivals tie)
+            if not d.called:
+                d.errback(error)
         if replica.renewal is not None and replica.renewal.active():
             replica.renewal.cancel()
         replica.renewal = None
@@ -766,15 +787,14 @@ class ChainReplicator:
         waiters = replica.lease_waiters
 
         def cancel(d: Deferred[None]) -> None:
-            if d in waiters:
-                waiters.remove(d)
+            waiters.pop(d, None)
         d: Deferred[None] = Deferred(cancel)
-        waiters.append(d)
+        waiters[d] = None
         return d.addTimeout(LEASE_WAIT, self.clock, onTimeoutCancel=lambda result, timeout: None)
 
     def _wake_readers(self, replica: Replica) -> None:
-        waiters, replica.lease_waiters = replica.lease_waiters, []
-        for d in waiters:
+        waiters, replica.lease_waiters = replica.lease_waiters, {}
+        for d in list(waiters):
             d.callback(None)
 
     def _renew_now(self, replica: Replica) -> None:

@@ -344,3 +344,25 @@ def test_a_read_waiting_for_an_acknowledgement_is_refused_when_its_member_leaves
     with pytest.raises(NotResponsible):
         net.settle(queried)
     assert net.nodes[middle].stats()["gets_resolved"] == 0  # refused, never answered
+
+
+def test_dirty_reads_that_stop_waiting_while_acks_are_stuck_do_not_pile_up(net):
+    """Each read of a dirty key waits for the key's write in the replica's waiters and stops
+    waiting after DIRTY_WAIT; while the acknowledgement is stuck (a successor hung until its
+    replacement) a client reading the key over and over must not grow them without bound."""
+    ring, key, (head, middle, tail) = start(net)
+    net.cut.add(frozenset((middle, tail)))  # the write cannot reach the tail
+    done = net.nodes[head].put(key, b"new")
+    net.clock.advance(0)
+    replica = net.nodes[head].chain.replicas[head]
+    for _ in range(20):  # (1 s: the tail's own lease, which the middle cannot renew, lasts)
+        reads = [net.nodes[head].get(key) for _ in range(50)]
+        net.clock.advance(craq.DIRTY_WAIT)  # no ack: each asks the tail, which has "old"
+        net.flush()
+        assert [r.result for r in reads] == [b"old"] * 50
+        # the put's own wait, and at most as many given-up reads again as are live
+        assert len(replica.waiters) <= 2 * (1 + 50)
+    net.cut.discard(frozenset((middle, tail)))
+    assert net.settle(done) is True
+    assert replica.waiters == [] and replica.cancelled_waiters == 0
+    assert read(net, head, key) == b"new"

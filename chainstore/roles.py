@@ -85,8 +85,13 @@ class RoleGuard(amp.AMP):
             log.error("{peer} is not a {roles}: closing the connection",
                       peer=self.describe_peer(), roles=" or ".join(sorted(self.peer_roles)))
             self.transport.abortConnection()
+        elif who is not None and tls.is_revoked(who.serial):
+            self.cut_off_revoked()  # (a list loaded while the handshake ran)
+        elif who is not None:
+            tls.watch_peer(self)
 
     def connectionLost(self, reason: Any) -> None:  # type: ignore[override]
+        tls.forget_peer(self)
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
@@ -151,12 +156,21 @@ class RoleGuard(amp.AMP):
 
     def _revoked(self, name: bytes) -> Callable[[amp.AmpBox], Any]:
         # The certificate was revoked after this connection was made: nothing more from it.
+        # (A connection watched since its handshake is closed as the list is loaded; this
+        # covers any other.)
         why = "this certificate is revoked"
+        self.cut_off_revoked()
+        return lambda box: fail(amp.RemoteAmpError(PermissionDenied.code, why))
+
+    def cut_off_revoked(self) -> None:
+        """The peer's certificate is revoked: close the connection (L{tls.watch_peer})."""
         if not self.__dict__.get("_revocation_logged"):
             self._revocation_logged = True
-            log.warn("refusing every command from {peer}: its certificate (serial {serial:X}) "
+            assert self._peer is not None
+            log.warn("closing the connection of {peer}: its certificate (serial {serial:X}) "
                      "was revoked", peer=self.describe_peer(), serial=self._peer.serial)
-        return lambda box: fail(amp.RemoteAmpError(PermissionDenied.code, why))
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def _undeclared(self, failure: Failure, name: bytes) -> Failure:
         # AMP answers an undeclared error (a bug, or arguments that do not parse) by closing

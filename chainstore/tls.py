@@ -52,11 +52,36 @@ REFRESH_SECONDS = 2.0
 # their revocation lists name together: is_revoked runs for every AMP box.
 _everyone: weakref.WeakSet[Credentials] = weakref.WeakSet()
 _revoked: frozenset[int] = frozenset()
+# Open connections whose peer's certificate is known (L{roles.RoleGuard} adds each one when its
+# handshake completes): a revocation list loaded later closes those of the peers it names.
+# Refusing their commands alone would leave a revoked peer its connections (slots of the
+# listener's cap) and the answers it sends to our calls (a revoked server still acknowledging
+# replicated writes, or answering the ECS's heartbeats).
+_open: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def is_revoked(serial: int | None) -> bool:
     """Whether a revocation list this process has loaded names the certificate C{serial}."""
     return serial in _revoked
+
+
+def watch_peer(connection: Any) -> None:
+    """Close C{connection} (its C{cut_off_revoked}) when a revocation list this process
+    loads names its peer's certificate (C{connection.peer.serial})."""
+    _open.add(connection)
+
+
+def forget_peer(connection: Any) -> None:
+    """C{connection} is closed (see L{watch_peer})."""
+    _open.discard(connection)
+
+
+def _cut_off_revoked() -> None:
+    for connection in list(_open):
+        peer = connection.peer
+        if peer is not None and peer.serial in _revoked:
+            _open.discard(connection)
+            connection.cut_off_revoked()
 
 
 class TLSConfigError(ValueError):
@@ -143,7 +168,9 @@ class Credentials:
             log.info("{count} revoked certificate(s) in {crl}", count=len(revoked), crl=crl)
         self._stamps, self._ca, self._mine, self.revoked = stamps, ca, mine, revoked
         global _revoked
-        _revoked = frozenset().union(*(c.revoked for c in _everyone))
+        before, _revoked = _revoked, frozenset().union(*(c.revoked for c in _everyone))
+        if _revoked - before:
+            _cut_off_revoked()
         self._server = None
         self._clients.clear()
 

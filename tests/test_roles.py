@@ -156,3 +156,33 @@ def test_every_command_a_server_or_the_ecs_answers_has_its_roles() -> None:
         assert names and names == set(kind.command_roles), kind
     assert KVServerProtocol.command_roles[protocol.Put.commandName] == {"client", "admin"}
     assert KVServerProtocol.command_roles[control.Replicate.commandName] == {"server"}
+
+
+def test_a_revocation_closes_the_open_connections_of_the_peer_it_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refusing a revoked peer's commands left it its connections: slots of the listener's
+    cap, and the answers it sends to our own calls (a revoked server acknowledging the
+    writes replicated to it, or answering the ECS's heartbeats)."""
+    monkeypatch.setattr(tls, "_revoked", frozenset())
+    directory = str(tmp_path)
+    pki.ensure(directory, [("client", "mallory", []), ("client", "alice", []),
+                           ("server", "server1", [])])
+    credentials = tls.Credentials(tls.TLSFiles.in_dir(directory, "server1"))
+    credentials.check()
+    transports = {name: TLSTransport(str(tmp_path / f"{name}.crt")) for name in
+                  ("mallory", "alice")}
+    # (the protocols are kept: a socket's transport holds its protocol, this one does not)
+    protocols = [connected(transport) for transport in transports.values()]
+    # an answer-only connection: we dialled mallory (it sends no command of its own)
+    dialled = TLSTransport(str(tmp_path / "mallory.crt"))
+    protocols.append(connected(dialled))
+    for proto in protocols:
+        proto.handshakeCompleted()
+    pki.revoke(directory, "mallory")
+    credentials.check()  # what the watcher does every tls.REFRESH_SECONDS
+    assert transports["mallory"].aborted and dialled.aborted
+    assert not transports["alice"].aborted
+    # A handshake that completes after the list was loaded is cut off as well.
+    late = TLSTransport(str(tmp_path / "mallory.crt"))
+    connected(late).handshakeCompleted()
+    assert late.aborted

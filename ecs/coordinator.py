@@ -100,7 +100,10 @@ class ECS:
         # refuses a connection, none: see _probe_absent); if none is back
         # after failure-timeout (every process was down), the absent pool servers are
         # relaunched then, with register-timeout to come up. After an ECS restart they may
-        # come back at their back-off's pace: register-timeout for all, a relaunch after it.
+        # come back at their back-off's pace (at most a second or two, like a new leader's),
+        # but without replicas one counted as failed would hand its range to nobody: with
+        # replication 1, register-timeout for all and a relaunch after it; with replicas, as
+        # after a takeover (L{_quick_resume}).
         self.takeover = takeover
         # dial(host, port, timeout) connects to a server's AMP port (a protocol, or a failure);
         # a new leader uses it to tell a ring member that is gone from one that is slow
@@ -152,11 +155,18 @@ class ECS:
         # failed; without replicas a failure would hand their data to nobody.
         # (a new leader's: one heartbeat round, so that the relaunch decision at
         # failure-timeout comes before any of them counts as failed)
-        grace = self.config.heartbeat_interval if self.takeover else self.config.register_timeout
+        grace = (self.config.heartbeat_interval if self._quick_resume
+                 else self.config.register_timeout)
         self._returning = {n: grace for n in self.state.ring_members} if self.resumed else {}
         self.heartbeats.start(self.config.heartbeat_interval, now=False).addErrback(
             lambda f: log.failure("heartbeats stopped: failures go unnoticed", f))
         return Deferred.fromCoroutine(self._bring_up())
+
+    @property
+    def _quick_resume(self) -> bool:
+        """Whether ring members not back within failure-timeout of resuming count as failed
+        (a takeover, or replicas to repair from) rather than get register-timeout."""
+        return self.takeover or self.state.replication > 1
 
     async def _bring_up(self) -> None:
         try:
@@ -184,9 +194,9 @@ class ECS:
         absent = [n for n in self.state.ring_members if n not in self.links
                   and self.state.members[n].origin == "pool" and self.config.slot(n)]
         if absent:
-            wait = self.config.failure_timeout if self.takeover else None
+            wait = self.config.failure_timeout if self._quick_resume else None
             await DeferredList([self._registered(n, wait) for n in absent], consumeErrors=True)
-            if self.takeover and any(n in self.links for n in self.state.ring_members):
+            if self._quick_resume and any(n in self.links for n in self.state.ring_members):
                 # The cluster is up and only some are missing: they died (with the old leader,
                 # say). They are marked dead now and repaired away, not relaunched: a relaunch
                 # would hold their chains up until they are back.
@@ -208,8 +218,8 @@ class ECS:
     async def _probe_absent(self) -> None:
         """A resumed ECS's (a restart, a new leader) quick check of the ring members that have
         not registered yet: one whose AMP port refuses a connection has no process behind it,
-        so it is treated as failed now instead of after its grace (register-timeout after a
-        restart, failure-timeout after a takeover) and a heartbeat round. One that accepts,
+        so it is treated as failed now instead of after failure-timeout and a heartbeat
+        round. One that accepts,
         or does not answer within L{PROBE_TIMEOUT}, may be alive and slow or cut off: it keeps
         its grace. Being wrong costs a repair, never data: a member marked dead is fenced by
         the new epoch, and one that comes back registers and is repaired back in."""

@@ -881,6 +881,38 @@ def test_a_restarted_ecs_relaunches_servers_that_do_not_come_back(running):
     running.check_placement(KEYS)
 
 
+def test_a_restarted_ecs_with_replicas_gives_its_servers_failure_timeout_not_more(ring3):
+    # The servers that outlived the ECS redial within a second or two; one that does not
+    # within failure-timeout died meanwhile and is repaired away from its replicas (its
+    # chains' writes waited for it for register-timeout before), not relaunched.
+    c = ring3
+    crash_ecs(c)
+    c.ecs = c.new_ecs()
+    launched = list(c.launcher.launched)
+    c.ecs.start()
+    c.pass_time(1)
+    for name in ("s1", "s3"):
+        c.connect_to_ecs(c.servers[name])
+    # failure-timeout and a heartbeat round from the restart; before, register-timeout more
+    c.pass_time(TIMEOUT + 2 * INTERVAL)
+    assert "s2" in c.ecs.state.dead
+    assert c.launcher.launched == launched
+
+
+def test_a_restarted_ecs_with_replicas_keeps_servers_that_come_back_within_failure_timeout(
+        ring3):
+    c = ring3
+    members = list(c.ecs.state.ring_members)
+    crash_ecs(c)
+    c.ecs = c.new_ecs()
+    c.ecs.start()
+    c.pass_time(TIMEOUT - 1)
+    for server in c.servers.values():
+        c.connect_to_ecs(server)
+    c.pass_time(2 * TIMEOUT)
+    assert c.ecs.state.ring_members == members and not c.ecs.state.dead
+
+
 def last_to_leave(c: Cluster, names: list[str]) -> str:
     """Of dead members C{names}, the one the ECS marked dead last."""
     return max(names, key=lambda n: c.ecs.state.members[n].left_at)

@@ -9,7 +9,10 @@ our memory without bound (docs/DESIGN.md, "Bounds per connection"):
   unsent bytes exceed its buffer (the protocol is the transport's streaming producer) or while
   C{max_unanswered} of the connection's requests wait for their answers, and resume below.
 - L{CappedFactory}, a base for the listeners' factories: at most C{max_connections} connections
-  at once; the next ones are closed on accept, and logged.
+  at once; the next ones are closed on accept, and logged. Of those, under TLS, at most
+  L{MAX_UNVERIFIED_PER_HOST} from one address may be without a finished handshake, and
+  clients and admins may hold all but L{PEER_RESERVE}: neither strangers from one address nor
+  the holders of client certificates can take the slots the cluster's own servers need.
 """
 
 from __future__ import annotations
@@ -30,6 +33,16 @@ log = get_logger("chainstore.bounds")
 
 #: Connections one listener serves at once (a constructor argument of each factory).
 MAX_CONNECTIONS = 1024
+#: Of those, the ones only servers and the ECS may use: a server has a few connections per
+#: peer (chain links, copies, lease renewals), so clients filling the listener would otherwise
+#: stop replication. (Roles are known once the TLS handshake is done: clients and admins past
+#: their share are closed then.)
+PEER_RESERVE = 64
+#: TLS connections from one address that may be waiting for their handshake at once. Before
+#: the handshake nobody is known, and each waits up to tls.HANDSHAKE_TIMEOUT: one host opening
+#: connections and never finishing them would otherwise fill the listener, servers' slots too.
+#: A legitimate peer's handshake takes milliseconds.
+MAX_UNVERIFIED_PER_HOST = 64
 #: Requests of one AMP connection that may wait for their answers before reading pauses. The
 #: client library multiplexes many requests on one connection (the benchmark keeps 32 in flight).
 MAX_UNANSWERED = 256
@@ -91,9 +104,11 @@ def peer_of(transport: Any) -> str:
 
 
 class Counted(Protocol):
-    """A protocol whose end is reported to the L{CappedFactory} that built it."""
+    """A protocol whose end is reported to the L{CappedFactory} that built it (its
+    C{listener}; None for a dialled connection)."""
 
     on_lost: Callable[[], None] | None = None
+    listener: CappedFactory | None = None
 
     def connectionLost(self, reason: Any = None) -> None:
         release, self.on_lost = self.on_lost, None
@@ -126,6 +141,10 @@ class CappedFactory(Factory):
         self.max_connections = max_connections
         self.connections = 0
         self.refused = 0
+        #: TLS connections without a finished handshake, per peer address
+        self.unverified: dict[str, int] = {}
+        #: finished handshakes of roles outside the peer reserve (clients, admins)
+        self.unreserved = 0
         #: connections refused since the start (metrics: refused, reason overloaded)
         self.refused_total = 0
 
@@ -145,7 +164,44 @@ class CappedFactory(Factory):
         proto = self.build_protocol(addr)
         self.connections += 1
         proto.on_lost = self._released
+        proto.listener = self
         return proto
+
+    def admit_unverified(self, host: str) -> bool:
+        """A TLS connection from C{host} begins its handshake: whether it may (then it counts
+        until L{verified})."""
+        waiting = self.unverified.get(host, 0)
+        if waiting >= MAX_UNVERIFIED_PER_HOST:
+            self.refused_total += 1
+            log.warn("{factory}: {count} connections from {host} have not finished their TLS "
+                     "handshake: closing another", factory=type(self).__name__, count=waiting,
+                     host=host)
+            return False
+        self.unverified[host] = waiting + 1
+        return True
+
+    def verified(self, host: str) -> None:
+        """The handshake of a connection from C{host} ended (done, or the connection closed)."""
+        waiting = self.unverified.get(host, 0) - 1
+        if waiting > 0:
+            self.unverified[host] = waiting
+        else:
+            self.unverified.pop(host, None)
+
+    def admit_unreserved(self) -> bool:
+        """A client or admin finished its handshake: whether it may stay (then it counts until
+        L{release_unreserved})."""
+        if self.unreserved >= self.max_connections - PEER_RESERVE:
+            self.refused_total += 1
+            log.warn("{factory}: clients and admins hold {count} connections, all but the "
+                     "{reserve} kept for servers: closing another", factory=type(self).__name__,
+                     count=self.unreserved, reserve=PEER_RESERVE)
+            return False
+        self.unreserved += 1
+        return True
+
+    def release_unreserved(self) -> None:
+        self.unreserved -= 1
 
     def _released(self) -> None:
         self.connections -= 1

@@ -63,9 +63,23 @@ class RoleGuard(amp.AMP):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        if self.clock is not None and tls.is_tls(self.transport):
+        if not tls.is_tls(self.transport):
+            return
+        listener = getattr(self, "listener", None)
+        if listener is not None:
+            host = _host(self.transport)
+            if not listener.admit_unverified(host):
+                self.transport.abortConnection()
+                return
+            self._unverified_at = (listener, host)
+        if self.clock is not None:
             self._handshake_timer = self.clock.callLater(
                 tls.HANDSHAKE_TIMEOUT, self._handshake_too_slow)
+
+    def _end_unverified(self) -> None:
+        counted = self.__dict__.pop("_unverified_at", None)
+        if counted is not None:
+            counted[0].verified(counted[1])
 
     def _handshake_too_slow(self) -> None:
         self._handshake_timer = None
@@ -77,7 +91,14 @@ class RoleGuard(amp.AMP):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
+        self._end_unverified()
         who = self.peer
+        listener = getattr(self, "listener", None)
+        if listener is not None and (who is None or who.role not in (SERVER, ECS)):
+            if not listener.admit_unreserved():
+                self.transport.abortConnection()
+                return
+            self._unreserved = listener
         if self.peer_roles is not None and (who is None or who.role not in self.peer_roles):
             # The host's name matched, but the certificate is not of the kind we dialled
             # for (a client's certificate where a server should answer): hang up before
@@ -92,6 +113,10 @@ class RoleGuard(amp.AMP):
 
     def connectionLost(self, reason: Any) -> None:  # type: ignore[override]
         tls.forget_peer(self)
+        self._end_unverified()
+        listener = self.__dict__.pop("_unreserved", None)
+        if listener is not None:
+            listener.release_unreserved()
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
@@ -191,6 +216,13 @@ class RoleGuard(amp.AMP):
             log.warn("refused {peer} acting as {name}", peer=self.describe_peer(), name=name)
             raise PermissionDenied(
                 f"this certificate is {who.name!r}'s; it cannot act as {name!r}")
+
+
+def _host(transport: Any) -> str:
+    try:
+        return str(getattr(transport.getPeer(), "host", "?"))
+    except Exception:
+        return "?"
 
 
 def _address(transport: Any) -> str:

@@ -8,11 +8,14 @@ from typing import Any
 import pytest
 from cryptography import x509
 from OpenSSL.crypto import X509
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from chainstore import control, pki, protocol, tls
+from chainstore.bounds import MAX_UNVERIFIED_PER_HOST, PEER_RESERVE, CappedFactory, Counted
 from chainstore.errors import PermissionDenied
 from chainstore.roles import CLIENT, SERVER, RoleGuard, allow
 
@@ -186,3 +189,65 @@ def test_a_revocation_closes_the_open_connections_of_the_peer_it_names(
     late = TLSTransport(str(tmp_path / "mallory.crt"))
     connected(late).handshakeCompleted()
     assert late.aborted
+
+
+# -- the listener's slots: per address before the handshake, a reserve for servers after -------
+
+
+class CountedGuarded(Counted, Guarded):
+    pass
+
+
+class Listener(CappedFactory):
+    def build_protocol(self, addr: Any) -> Counted:
+        return CountedGuarded()
+
+
+def accept(listener: Listener, transport: TLSTransport, host: str = "10.0.0.1") -> Any:
+    from twisted.internet.address import IPv4Address
+    transport.peerAddr = IPv4Address("TCP", host, 40000)
+    proto = listener.buildProtocol(transport.peerAddr)
+    proto.makeConnection(transport)
+    return proto
+
+
+def test_one_address_may_hold_only_so_many_connections_before_their_handshake(
+        certs: Path) -> None:
+    listener = Listener(max_connections=MAX_UNVERIFIED_PER_HOST * 4)
+    waiting = [TLSTransport(str(certs / "alice.crt")) for _ in range(MAX_UNVERIFIED_PER_HOST)]
+    protos = [accept(listener, t) for t in waiting]
+    assert not any(t.aborted for t in waiting)
+    one_more = TLSTransport(str(certs / "alice.crt"))
+    accept(listener, one_more)
+    assert one_more.aborted  # closed at once, not after the handshake timeout
+    elsewhere = TLSTransport(str(certs / "server1.crt"))
+    accept(listener, elsewhere, host="10.0.0.2")
+    assert not elsewhere.aborted
+    # A finished handshake frees its address's slot.
+    protos[0].handshakeCompleted()
+    again = TLSTransport(str(certs / "alice.crt"))
+    accept(listener, again)
+    assert not again.aborted
+    # So does a connection that closes before it.
+    protos[1].connectionLost(Failure(ConnectionDone()))
+    assert listener.unverified["10.0.0.1"] == MAX_UNVERIFIED_PER_HOST - 1
+
+
+def test_clients_cannot_take_the_slots_kept_for_servers(certs: Path) -> None:
+    listener = Listener(max_connections=PEER_RESERVE + 3)
+    clients = []
+    for i in range(3):
+        transport = TLSTransport(str(certs / "alice.crt"))
+        accept(listener, transport, host=f"10.0.1.{i}").handshakeCompleted()
+        clients.append(transport)
+    assert not any(t.aborted for t in clients)
+    fourth = TLSTransport(str(certs / "alice.crt"))
+    proto = accept(listener, fourth, host="10.0.1.9")
+    assert not fourth.aborted  # not known as a client before its handshake
+    proto.handshakeCompleted()
+    assert fourth.aborted
+    proto.connectionLost(Failure(ConnectionDone()))
+    server = TLSTransport(str(certs / "server1.crt"))
+    accept(listener, server, host="10.0.2.1").handshakeCompleted()
+    assert not server.aborted
+    assert listener.unreserved == 3

@@ -526,7 +526,9 @@ class ChainReplicator:
                 continue
             if not replica.is_tail:
                 self._flush(replica)
-            elif replica.live_length == 1 or self.monotonic() >= replica.tail_from:
+            elif self.monotonic() >= replica.tail_from:
+                # (A head left alone too: its old tail may answer reads until the lease we
+                # granted it runs out, so no write is acknowledged before then; _take_tail.)
                 self._advance(replica, replica.last_serial)
 
     def commit_now(self, store: Store) -> None:
@@ -769,9 +771,10 @@ class ChainReplicator:
     def can_read(self, replica: Replica) -> bool:
         if not replica.is_tail:
             return False
-        if replica.live_length == 1:
-            return True
         now = self.monotonic()
+        if replica.live_length == 1:
+            # No lease to hold, but one granted to an old tail to wait out.
+            return replica.tail_from <= now
         return replica.tail_from <= now < replica.lease_until
 
     def leased(self, replica: Replica) -> Deferred[None] | None:

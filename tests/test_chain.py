@@ -428,6 +428,37 @@ def test_tail_failure_the_middle_becomes_tail_after_the_lease_it_granted(net):
     assert net.nodes[middle.name].get(keys[15]) == b"late"
 
 
+def test_a_head_left_alone_waits_out_the_lease_it_granted_before_it_reads_or_acknowledges(net):
+    # python -m torture --long --seed 8128 (combined): a chain down to two, head and tail; the
+    # tail is cut off and declared failed, which leaves the head alone. It acknowledged a delete
+    # and a put at once, while the cut-off tail, under the lease the head had just granted it,
+    # still answered the value they had replaced. A chain of one needs no lease to read, but
+    # until the one it granted has run out its old tail may answer.
+    ring = net.cluster(5)
+    key = keys_headed_by(ring, "n1", 1)[0]
+    head, middle, tail = ring.chain(key)
+    net.kill(middle.name)
+    ring = _mark_dead(net, ring, middle.name)
+    net.run(1.0)
+    net.settle(put(net, ring, key, b"old"))
+    net.run(1.0)  # the tail holds a fresh lease from the head
+    assert net.nodes[tail.name].get(key) == b"old"
+    granted = net.nodes[head.name].chain.replicas[head.name].granted_until
+    assert granted > net.clock.seconds()
+    net.down.add(tail.name)  # cut off, alive: it still answers under its lease
+    ring = _mark_dead(net, ring, tail.name)
+    alone = net.nodes[head.name]
+    answer = alone.put(key, b"new")
+    net.flush()
+    assert not answer.called
+    with pytest.raises(NotResponsible):
+        alone.get(key)
+    net.clock.advance(granted - net.clock.seconds() + 0.01)
+    net.flush()
+    assert answer.called
+    assert alone.get(key) == b"new"
+
+
 def test_a_paused_tail_does_not_answer_reads_when_it_wakes(net):
     ring = net.cluster(5)
     key = keys_headed_by(ring, "n2", 1)[0]

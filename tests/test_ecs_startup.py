@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness.processes import TWISTD
+from tests.test_store_integrity import one_line_error
 
 pytestmark = pytest.mark.integration
 
@@ -30,11 +31,7 @@ def failed_start(workdir: Path, *args: str) -> str:
 
 
 def one_line(text: str, *needles: str) -> None:
-    assert "Traceback" not in text, text[-4000:]
-    hits = [line for line in text.splitlines() if "ecs cannot start" in line]
-    assert len(hits) == 1, text[-4000:]
-    for needle in needles:
-        assert needle in hits[0], hits[0]
+    assert "ecs cannot start" in one_line_error(text, *needles), text[-4000:]
 
 
 def test_a_port_in_use(tmp_path):

@@ -186,8 +186,8 @@ class ECS:
         log.info("resumed epoch {epoch} with ring {ring}", epoch=self.state.epoch,
                  ring=self.state.ring_members)
         if self.dial is not None:
-            # A member killed while the ECS was down is not waited for (register-timeout, or
-            # failure-timeout after a takeover) while its chains hold their writes.
+            # A member killed while the ECS was down is not waited for (its grace, and a
+            # heartbeat round) while its chains hold their writes.
             self._spawn(self._probe_absent())
         # Servers that outlived the ECS reconnect by themselves: relaunching them at once
         # would start a second process on the same stores and ports. Wait for them first.
@@ -219,10 +219,10 @@ class ECS:
         """A resumed ECS's (a restart, a new leader) quick check of the ring members that have
         not registered yet: one whose AMP port refuses a connection has no process behind it,
         so it is treated as failed now instead of after failure-timeout and a heartbeat
-        round. One that accepts,
-        or does not answer within L{PROBE_TIMEOUT}, may be alive and slow or cut off: it keeps
-        its grace. Being wrong costs a repair, never data: a member marked dead is fenced by
-        the new epoch, and one that comes back registers and is repaired back in."""
+        round. One that accepts, or does not answer within L{PROBE_TIMEOUT}, may be alive and
+        slow or cut off: it keeps its grace. Being wrong costs a repair, never data: a member
+        marked dead is fenced by the new epoch, and one that comes back registers and is
+        repaired back in."""
         absent = [n for n in self.state.ring_members
                   if n not in self.links and n not in self.state.dead]
         if not absent or self.state.replication < 2:

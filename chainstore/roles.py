@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chainstore import tls
+from chainstore.bounds import peer_of
 from chainstore.errors import PermissionDenied, ServerError
 from chainstore.logs import get_logger
 from chainstore.pki import Identity
@@ -84,7 +85,7 @@ class RoleGuard(amp.AMP):
     def _handshake_too_slow(self) -> None:
         self._handshake_timer = None
         log.warn("closing a connection from {peer}: no TLS handshake within {seconds} s",
-                 peer=_address(self.transport), seconds=tls.HANDSHAKE_TIMEOUT)
+                 peer=peer_of(self.transport), seconds=tls.HANDSHAKE_TIMEOUT)
         self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
@@ -131,7 +132,7 @@ class RoleGuard(amp.AMP):
 
     def describe_peer(self) -> str:
         who = self.peer
-        where = _address(self.transport)
+        where = peer_of(self.transport)
         return f"{where} (plaintext)" if who is None else \
             f"{where} ({who.name}, role {who.role or 'none'})"
 
@@ -221,14 +222,6 @@ class RoleGuard(amp.AMP):
 def _host(transport: Any) -> str:
     try:
         return str(getattr(transport.getPeer(), "host", "?"))
-    except Exception:
-        return "?"
-
-
-def _address(transport: Any) -> str:
-    try:
-        peer = transport.getPeer()
-        return f"{peer.host}:{peer.port}"
     except Exception:
         return "?"
 

@@ -88,11 +88,11 @@ class KVServerService(MultiService):
                            connect=tcp_connector(reactor, routes=routes,
                                                  credentials=credentials))
         self._factories = [KVServerFactory(self.node), ConsoleFactory(self.node)]
-        _listener(tls.server_endpoint(reactor, config.listen, credentials),
+        listening_service(tls.server_endpoint(reactor, config.listen, credentials),
                   self._factories[0]).setServiceParent(self)
         # The classic console has no TLS (its clients cannot do it) unless given an ssl:
         # endpoint; the start-up warnings below say what binding it elsewhere exposes.
-        _listener(serverFromString(reactor, config.console),
+        listening_service(serverFromString(reactor, config.console),
                   self._factories[1]).setServiceParent(self)
         if config.metrics_endpoint == OFF:
             self.node.metrics = NoMetrics(self.node.metrics.clock)
@@ -130,9 +130,7 @@ class KVServerService(MultiService):
         try:
             super().privilegedStartService()
         except CannotListenError as e:
-            why = getattr(e.socketError, "strerror", None) or e.socketError
-            raise self._cannot_start(
-                f"cannot listen on {e.interface or '0.0.0.0'}:{e.port}: {why}") from None
+            raise self._cannot_start(cannot_listen(e)) from None
 
     def startService(self) -> None:
         cfg, me = self.config, self.node.me
@@ -182,7 +180,13 @@ class KVServerService(MultiService):
         return result
 
 
-def _listener(endpoint: Any, factory: Any) -> StreamServerEndpointService:
+def cannot_listen(error: CannotListenError) -> str:
+    """The one line that says why a listener could not start."""
+    why = getattr(error.socketError, "strerror", None) or error.socketError
+    return f"cannot listen on {error.interface or '0.0.0.0'}:{error.port}: {why}"
+
+
+def listening_service(endpoint: Any, factory: Any) -> StreamServerEndpointService:
     service = StreamServerEndpointService(endpoint, factory)
     # Fail the start (and so twistd) on a port in use, instead of only logging it.
     service._raiseSynchronously = True

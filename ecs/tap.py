@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from chainstore import logs
-from chainstore.service import StartupError, quiet_startup_errors
+from chainstore.service import (StartupError, cannot_listen, listening_service,
+                                quiet_startup_errors)
 from chainstore.tls import server_endpoint
 from ecs.config import ECSConfig, ECSConfigError, build_config, ecs_credentials, load_yaml
 
@@ -122,8 +122,7 @@ class ECSTop(MultiService):
         try:
             super().privilegedStartService()
         except CannotListenError as e:
-            why = getattr(e.socketError, "strerror", None) or e.socketError
-            reason = f"cannot listen on {e.interface or '0.0.0.0'}:{e.port}: {why}"
+            reason = cannot_listen(e)
             log.critical("ecs cannot start: {reason}", reason=reason)
             raise StartupError(reason) from None
 
@@ -190,10 +189,8 @@ def makeService(options: Options) -> IService:
         log.info("mutual TLS with {cert} (CA {ca})", cert=credentials.files.cert,
                  ca=credentials.files.ca)
         credentials.watcher(reactor).setServiceParent(top)
-    listener = StreamServerEndpointService(
-        server_endpoint(reactor, config.listen, credentials), ECSFactory(leader))
-    listener._raiseSynchronously = True
-    listener.setServiceParent(top)
+    listening_service(server_endpoint(reactor, config.listen, credentials),
+                      ECSFactory(leader)).setServiceParent(top)
     if config.state == "file":
         ECSService(coordinator).setServiceParent(top)
     if config.web != OFF:

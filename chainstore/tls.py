@@ -210,8 +210,8 @@ class Credentials:
 
     def watcher(self, clock: Any, interval: float = REFRESH_SECONDS) -> TimerService:
         """A service that looks at the files every C{interval} seconds, so that a revocation
-        reaches the connections already open (L{roles.RoleGuard} refuses every command of a
-        revoked peer) without waiting for a new connection."""
+        reaches the connections already open (they are closed, L{watch_peer}) without waiting
+        for a new connection."""
         def look() -> None:
             try:
                 self._fresh()

@@ -35,7 +35,7 @@ from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupError
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -76,8 +76,12 @@ _CONSOLE_GREETING = b"chainstore"
 
 _T = TypeVar("_T")
 
-#: Where gets go: to any live member of the key's chain, spread at random, or to its tail.
+#: Where gets go: to a live member of the key's chain (client/readers.py), or to its tail.
 READ_POLICIES = ("any", "tail")
+#: How long a server we failed to reach is asked last. Without an end, a client that only
+#: reads would never dial a member again once it had paused (only a write to the member's own
+#: range reconnects), and its reads of that member's keys would stay on the other members.
+SUSPECT_SECONDS = 10.0
 
 #: What a client presents by default: the certificate C{make run} issues to clients.
 DEFAULT_TLS = TLSFiles.in_dir(os.path.join("data", "pki"), "client")
@@ -216,6 +220,27 @@ class _ClientProtocol(RoleGuard):
         return self._lost_shared.wait()
 
 
+class _Suspects:
+    """Addresses that failed lately, each for L{SUSPECT_SECONDS}; expired ones are dropped
+    at each addition, so it holds only what failed within that time."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._until: dict[Address, float] = {}
+
+    def add(self, address: Address) -> None:
+        now = self._clock.seconds()
+        self._until = {a: t for a, t in self._until.items() if t > now}
+        self._until[address] = now + SUSPECT_SECONDS
+
+    def discard(self, address: Address) -> None:
+        self._until.pop(address, None)
+
+    def __contains__(self, address: object) -> bool:
+        until = self._until.get(address)  # type: ignore[call-overload]
+        return until is not None and until > self._clock.seconds()
+
+
 class KVStore:
     """A client of a chainstore cluster; every method returns a Deferred.
 
@@ -283,8 +308,9 @@ class KVStore:
         self._connections: dict[Address, _ClientProtocol] = {}
         self._connecting: dict[Address, _Shared[_ClientProtocol]] = {}
         self._refreshing: _Shared[Ring] | None = None
-        # Servers we failed to reach lately: asked last until a connection to them succeeds.
-        self._suspects: set[Address] = set()
+        # Servers we failed to reach lately: asked last until a connection to them succeeds
+        # or SUSPECT_SECONDS pass.
+        self._suspects = _Suspects(reactor)
         self._sleeps: set[Deferred[None]] = set()
         self._closed = False
 
@@ -408,7 +434,9 @@ class KVStore:
                     node = route(ring)
                     address = (node.host, node.amp_port)
                 proto = await self._connection(address)
-                return await self._call(proto, command, arguments)
+                answer = await self._call(proto, command, arguments)
+                self._suspects.discard(address)
+                return answer
             except NotResponsible as e:
                 refreshes += 1
                 # The refusing server knows the newer ring: ask it first.

@@ -40,6 +40,7 @@ from chainstore.node import RUNNING, STOPPED, KVNode
 from chainstore.ring import NodeInfo, Ring, position
 from chainstore.storage import STORE_NAMES, StoreSet
 from client.errors import ClientClosed, RequestTimedOut, WrongProtocol
+from client import kvstore
 from client.kvstore import KVStore
 
 Address = tuple[str, int]
@@ -402,6 +403,33 @@ def test_reads_are_spread_over_every_member_of_the_chain_by_default(net: FakeNet
         assert drive(net, store.get(key)) == b"v"
     with pytest.raises(ValueError):
         make_store(net, [amp(ring.nodes[0])], read_policy="head")
+
+
+def test_a_member_that_hung_is_read_from_again_once_it_answers(net: FakeNetwork) -> None:
+    # A client that only reads never reconnects to a member it gave up on by itself: the
+    # suspicion must end, or that member's share of the reads stays on the others for good.
+    ring = three_node_ring(net)
+    store = make_store(net, [amp(ring.nodes[0])], timeout=1.0, deadline=30.0)
+    keys = [b"key%d" % i for i in range(30)]
+    for key in keys:
+        drive(net, store.put(key, b"v"))
+    victim = ring.nodes[1]
+    mine = [k for k in keys
+            if ring.chain(k)[position(k) % len(ring.chain(k))].name == victim.name]
+    assert mine
+    net.hung.add(amp(victim))
+    assert drive(net, store.get(mine[0])) == b"v"  # timed out there, answered elsewhere
+    net.hung.discard(amp(victim))
+    net.flush()  # (the Get that timed out reaches it now)
+    net.received.clear()
+    for key in mine:
+        assert drive(net, store.get(key)) == b"v"
+    assert amp(victim) not in {a for a, _, n in net.received if n == "Get"}
+    net.clock.advance(kvstore.SUSPECT_SECONDS)
+    net.received.clear()
+    for key in mine:
+        assert drive(net, store.get(key)) == b"v"
+    assert [a for a, _, n in net.received if n == "Get"] == [amp(victim)] * len(mine)
 
 
 def test_keys_read_now_and_then_each_go_to_the_one_member_their_position_names(

@@ -412,6 +412,11 @@ class ECS:
         name = getattr(link, "server_name", None)
         if name is None or self.links.get(name) is not link:
             raise control.ControlFailed("this link is not the server's current one")
+        if name in self._failing or name in self.state.dead:
+            # Declared failed already (its link goes once its death is saved, an etcd round
+            # trip): an answer now would let it grant leases past the moment its chains went
+            # on without it.
+            raise control.ControlFailed(f"{name} has been declared failed")
         self.last_seen[name] = max(self.last_seen.get(name, 0.0), self.clock.seconds())
         return self.config.failure_timeout
 

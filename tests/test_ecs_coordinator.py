@@ -761,6 +761,48 @@ def test_members_cut_off_from_the_ecs_together_hold_no_lease_once_it_declares_th
     assert c.servers[middle].node.chain.replicas[head].up_lease_until <= now
 
 
+class SlowSaves:
+    """A state store whose saves take C{delay} seconds of the Clock, as etcd's round trips do
+    (a StateFile's have completed when they return)."""
+
+    def __init__(self, inner: Any, clock: Clock, delay: float) -> None:
+        self.inner, self.clock, self.delay = inner, clock, delay
+
+    def load(self) -> Any:
+        return self.inner.load()
+
+    def save(self, state: Any) -> Deferred[None]:
+        saved = self.inner.save(state)
+        d: Deferred[None] = Deferred()
+        self.clock.callLater(self.delay, lambda: saved.chainDeferred(d))
+        return d
+
+
+def test_an_alive_that_arrives_while_the_ecs_declares_its_server_failed_grants_no_lease_time(
+        ring3):
+    # A server's lease bound promises that the ECS does not declare it failed before then:
+    # the leases it grants end by it. The ECS decided a silent middle had failed and was
+    # saving its death (an etcd round trip) when the partition healed for a moment and the
+    # middle's Alive came in: answered with the failure timeout, it let the middle grant
+    # leases a failure timeout past the ECS's decision, while the chain went on without it.
+    c = ring3
+    c.ecs.state_file = SlowSaves(c.ecs.state_file, c.clock, 0.3)
+    middle = c.ring().chain(KEYS[0])[1].name
+    c.cut_from_ecs.add(middle)
+    while middle not in c.ecs._failing:
+        c.pass_time(0.05, step=0.05)
+        assert c.clock.seconds() < 3 * TIMEOUT, "the ECS never declared it failed"
+    decided = c.clock.seconds()
+    # Its death is being saved; the Alives it sent while cut off reach the ECS now.
+    c.cut_from_ecs.discard(middle)
+    c.settle()
+    assert middle in c.ecs.links  # (dropped once its death is saved)
+    assert c.servers[middle].node.chain.lease_bound <= decided
+    c.pass_time(0.5, step=0.05)
+    assert middle in c.ecs.state.dead
+    assert c.servers[middle].node.chain.lease_bound <= decided
+
+
 def test_removing_below_the_replication_factor_needs_force(tmp_path):
     c = Cluster(tmp_path, replication=3, initial=3)
     try:

@@ -18,6 +18,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 from twisted.application.service import Service
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -31,6 +33,17 @@ log = get_logger("chainstore.web")
 disable_created_metrics()
 
 OFF = "off"
+
+#: Connections a web listener serves at once, and from one address: a scraper or an operator's
+#: browser needs a few. Without a cap every stranger's idle connection was kept, each a file
+#: descriptor and some memory of the process that also serves the data (10,000 idle
+#: connections to a server's metrics port were all held).
+MAX_WEB_CONNECTIONS = 64
+MAX_WEB_PER_HOST = 16
+#: A connection silent this long is closed (twisted.web's default is a minute): a slot held
+#: by an idle stranger comes back sooner. The timer runs from the accept, so it also ends a TLS
+#: connection whose handshake never comes.
+WEB_IDLE_SECONDS = 30.0
 
 
 class WebConfigError(ValueError):
@@ -149,6 +162,57 @@ class _QuietSite(Site):
         pass
 
 
+class _Refused(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
+
+
+class CappedWeb(WrappingFactory):
+    """Wraps a site: at most C{max_connections} connections at once, C{per_host} from one
+    address; more are closed on accept (under TLS too, unlike a None from buildProtocol). The
+    first refusal while full is logged, and how many followed once a connection closes."""
+
+    def __init__(self, site: Site, what: str = "HTTP",
+                 max_connections: int = MAX_WEB_CONNECTIONS,
+                 per_host: int = MAX_WEB_PER_HOST) -> None:
+        super().__init__(site)
+        self.what = what
+        self.max_connections = max_connections
+        self.per_host = per_host
+        self.hosts: dict[str, int] = {}
+        self.open = 0
+        self.refused = 0
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        host = str(getattr(addr, "host", addr))
+        if self.open >= self.max_connections or self.hosts.get(host, 0) >= self.per_host:
+            if not self.refused:
+                log.warn("{what}: {count} connections open ({here} from {host}): refusing "
+                         "more until one closes", what=self.what,
+                         count=self.open, here=self.hosts.get(host, 0), host=host)
+            self.refused += 1
+            return _Refused()
+        wrapper = super().buildProtocol(addr)
+        wrapper.web_host = host  # type: ignore[attr-defined]
+        self.open += 1
+        self.hosts[host] = self.hosts.get(host, 0) + 1
+        return wrapper
+
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
+        super().unregisterProtocol(p)
+        host = p.web_host  # type: ignore[attr-defined]
+        self.open -= 1
+        left = self.hosts[host] - 1
+        if left:
+            self.hosts[host] = left
+        else:
+            del self.hosts[host]
+        if self.refused:
+            log.warn("{what}: refused {count} connections while full", what=self.what,
+                     count=self.refused)
+            self.refused = 0
+
+
 class WebListener(Service):
     """Serves C{root} at C{description}: plain HTTP on loopback, HTTPS restricted to admin
     certificates elsewhere (L{check_endpoint} has refused that without TLS).
@@ -157,7 +221,8 @@ class WebListener(Service):
     status pages are for operators, and the data must stay served without them."""
 
     def __init__(self, reactor: Any, description: str, root: Resource,
-                 credentials: tls.Credentials | None, what: str = "HTTP") -> None:
+                 credentials: tls.Credentials | None, what: str = "HTTP",
+                 idle_timeout: float = WEB_IDLE_SECONDS) -> None:
         self.description = description
         self.what = what
         self.port: Any = None
@@ -165,11 +230,12 @@ class WebListener(Service):
             self.endpoint = serverFromString(reactor, description)
         else:
             self.endpoint = tls.server_endpoint(reactor, description, credentials)
-        self.site = _QuietSite(AdminOnly(root))
+        self.site = _QuietSite(AdminOnly(root), timeout=idle_timeout, reactor=reactor)
+        self.factory = CappedWeb(self.site, what)
 
     def startService(self) -> None:
         super().startService()
-        self.endpoint.listen(self.site).addCallbacks(self._listening, self._failed)
+        self.endpoint.listen(self.factory).addCallbacks(self._listening, self._failed)
 
     def _listening(self, port: Any) -> None:
         if not self.running:

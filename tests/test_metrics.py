@@ -302,3 +302,45 @@ def test_a_standby_ecs_answers_503_naming_the_leader():
         body = resource.render_GET(request)
         assert request.responseCode == 503
         assert body == b"not the leader; the leader is 127.0.0.1:49999\n"
+
+
+def _accept(factory, host, port):
+    """A connection accepted by C{factory} from C{host:port}: (protocol, transport)."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+    address = IPv4Address("TCP", host, port)
+    proto = factory.buildProtocol(address)
+    transport = StringTransport(peerAddress=address)
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def test_a_web_listener_holds_a_bounded_number_of_connections_and_drops_idle_ones():
+    # Every port is reachable by strangers: idle connections to a metrics or status port must
+    # not pile up in the process that serves the data (each is a file descriptor).
+    from twisted.internet.task import Clock
+    from twisted.python.failure import Failure
+    from twisted.internet.error import ConnectionDone
+    from chainstore import web
+    clock = Clock()
+    from prometheus_client.registry import CollectorRegistry
+    listener = WebListener(clock, "tcp:0:interface=127.0.0.1",
+                           metrics_root(CollectorRegistry()), None, "metrics")
+    factory = listener.factory
+    held = [_accept(factory, "10.0.0.1", 1000 + i) for i in range(web.MAX_WEB_PER_HOST)]
+    assert not any(t.disconnecting for _, t in held)
+    _, refused = _accept(factory, "10.0.0.1", 2000)
+    assert refused.disconnecting  # one address cannot take more than its share
+    others = [_accept(factory, f"10.0.1.{i}", 1000) for i in
+              range(web.MAX_WEB_CONNECTIONS - web.MAX_WEB_PER_HOST)]
+    assert not any(t.disconnecting for _, t in others)
+    _, full = _accept(factory, "10.0.2.1", 1000)
+    assert full.disconnecting  # nor everyone together more than the listener's
+    # A closed connection gives its slot back.
+    proto, transport = held[0]
+    proto.connectionLost(Failure(ConnectionDone()))
+    _, again = _accept(factory, "10.0.0.1", 3000)
+    assert not again.disconnecting
+    # Silent connections are closed after the idle timeout, giving every slot back.
+    clock.advance(web.WEB_IDLE_SECONDS)
+    assert all(t.disconnecting for _, t in held[1:] + others)

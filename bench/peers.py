@@ -22,6 +22,7 @@ import io
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -423,26 +424,59 @@ class EtcdSystem(ManyProcesses):
     name = "etcd"
     operations = ("put", "get")
 
-    def __init__(self, workdir: str | os.PathLike[str], members: int = 3) -> None:
+    def __init__(self, workdir: str | os.PathLike[str], members: int = 3,
+                 tls: bool = False) -> None:
         self.workdir = Path(workdir) / "etcd"
         ports = free_ports(2 * members, HOST)
         self.client_ports, self.peer_ports = ports[:members], ports[members:]
         self.names = [f"m{i + 1}" for i in range(members)]
-        cluster = ",".join(f"{n}=http://{HOST}:{p}" for n, p in zip(self.names, self.peer_ports))
+        #: with tls: an etcd CA of its own (self.pki_dir), each member's certificate for its
+        #: client and peer URLs, both with --client-cert-auth, and a client certificate
+        #: ("ecs") for the ECS: as an operator runs etcd for the ECS beyond loopback
+        self.pki_dir: Path | None = None
+        self.scheme = "https" if tls else "http"
+        if tls:
+            from chainstore import pki
+            self.pki_dir = self.workdir / "pki"
+            pki.ensure(str(self.pki_dir), [("server", n, [HOST]) for n in self.names]
+                       + [("ecs", "ecs", [])])
+        url = f"{self.scheme}://{HOST}"
+        cluster = ",".join(f"{n}={url}:{p}" for n, p in zip(self.names, self.peer_ports))
         # A token of this run: members of another run can never join this cluster.
         token = f"chainstore-bench-{os.getpid()}-{self.client_ports[0]}"
         self.processes = [
             ServerProcess([
                 "etcd", "--name", name, "--data-dir", str(self.workdir / name / "data"),
-                "--listen-client-urls", f"http://{HOST}:{client}",
-                "--advertise-client-urls", f"http://{HOST}:{client}",
-                "--listen-peer-urls", f"http://{HOST}:{peer}",
-                "--initial-advertise-peer-urls", f"http://{HOST}:{peer}",
+                "--listen-client-urls", f"{url}:{client}",
+                "--advertise-client-urls", f"{url}:{client}",
+                "--listen-peer-urls", f"{url}:{peer}",
+                "--initial-advertise-peer-urls", f"{url}:{peer}",
                 "--initial-cluster", cluster, "--initial-cluster-token", token,
                 "--initial-cluster-state", "new", "--quota-backend-bytes", str(8 << 30),
+                *self._tls_flags(name),
                 "--logger", "zap", "--log-level", "warn"],
                 self.workdir / name / "etcd.log")
             for name, client, peer in zip(self.names, self.client_ports, self.peer_ports)]
+
+    def _tls_flags(self, name: str) -> list[str]:
+        if self.pki_dir is None:
+            return []
+        files = self.tls_files(name)
+        return ["--cert-file", files.cert, "--key-file", files.key,
+                "--trusted-ca-file", files.ca, "--client-cert-auth",
+                "--peer-cert-file", files.cert, "--peer-key-file", files.key,
+                "--peer-trusted-ca-file", files.ca, "--peer-client-cert-auth"]
+
+    def tls_files(self, holder: str = "ecs") -> Any:
+        """The etcd CA's files of C{holder} (a member's name, or "ecs": the client's)."""
+        from chainstore.tls import TLSFiles
+        assert self.pki_dir is not None, "this etcd runs without TLS"
+        return TLSFiles.in_dir(str(self.pki_dir), holder)
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The members' client URLs."""
+        return [f"{self.scheme}://{HOST}:{port}" for port in self.client_ports]
 
     @property
     def address(self) -> tuple[str, int]:
@@ -459,9 +493,14 @@ class EtcdSystem(ManyProcesses):
 
     def _healthy(self) -> bool:
         # /health is true on a member once the cluster has a leader and it can serve.
-        for port in self.client_ports:
+        context = None
+        if self.pki_dir is not None:
+            files = self.tls_files()
+            context = ssl.create_default_context(cafile=files.ca)
+            context.load_cert_chain(files.cert, files.key)
+        for url in self.endpoints:
             try:
-                with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"{url}/health", timeout=2, context=context) as r:
                     if json.loads(r.read()).get("health") != "true":
                         return False
             except (urllib.error.URLError, ValueError, OSError):
@@ -471,6 +510,8 @@ class EtcdSystem(ManyProcesses):
     async def connect(self, reactor: Any, count: int, inflight: int = 1) -> list[ConnectionPool]:
         # One request in flight per connection, connections spread over the members, as a
         # client configured with every member's endpoint would.
+        if self.pki_dir is not None:
+            raise ValueError("the benchmark's load speaks plain HTTP: start etcd without tls")
         clients = []
         for i in range(max(count, inflight)):
             port = self.client_ports[i % len(self.client_ports)]

@@ -15,7 +15,7 @@ from chainstore.cache import STRATEGIES
 from chainstore.control import ALIVE_SECONDS
 from chainstore.config import read_options
 from chainstore.logs import LEVELS
-from chainstore.web import WebConfigError, check_endpoint
+from chainstore.web import WebConfigError, check_endpoint, is_loopback
 from chainstore.tls import (
     Credentials,
     TLSConfigError,
@@ -95,8 +95,13 @@ class ECSConfig:
     nodes: tuple[NodeSlot, ...] = field(default_factory=default_pool)
     #: file: the state in state-file, one ECS; etcd: in etcd, several ECS with one leader
     state: str = "file"
-    #: the etcd members' client URLs (http://HOST:PORT), with state etcd
+    #: the etcd members' client URLs (http://HOST:PORT or https://HOST:PORT), with state etcd
     etcd_endpoints: tuple[str, ...] = ()
+    #: for https endpoints: the CA etcd's certificates are issued by, and the client certificate
+    #: and key this ECS presents (etcd with --client-cert-auth trusts only its own CA's)
+    etcd_tls_ca: str | None = None
+    etcd_tls_cert: str | None = None
+    etcd_tls_key: str | None = None
     #: the key prefix of this cluster's state and leader key in etcd
     etcd_prefix: str = "/chainstore"
     #: seconds of the leader's etcd lease: a dead leader is replaced within about this
@@ -144,8 +149,9 @@ class ECSConfig:
             if not self.etcd_endpoints:
                 raise ECSConfigError("state etcd needs etcd-endpoints (http://HOST:PORT, ...)")
             for url in self.etcd_endpoints:
-                if not re.fullmatch(r"http://[^/\s]+:\d+/?", url):
-                    raise ECSConfigError(f"etcd-endpoints: {url!r} is not http://HOST:PORT")
+                if not re.fullmatch(r"https?://[^/\s]+:\d+/?", url):
+                    raise ECSConfigError(f"etcd-endpoints: {url!r} is not http://HOST:PORT "
+                                         "or https://HOST:PORT")
             if self.lease_ttl < 2:
                 raise ECSConfigError("lease-ttl must be at least 2 seconds (etcd's minimum)")
             if not self.etcd_prefix.startswith("/"):
@@ -180,6 +186,8 @@ class ECSConfig:
             raise ECSConfigError(
                 f"listen {self.listen!r}: with tls on give a tcp: endpoint; the ECS wraps it in "
                 "mutual TLS with its certificate (tls-cert)")
+        if self.state == "etcd":
+            _check_etcd_security(self, tls)
         try:
             check_endpoint("web", self.web, tls == "on")
             for slot in self.nodes:
@@ -196,6 +204,15 @@ class ECSConfig:
         if self.tls == "off":
             return None
         return holder_files(self.pki_dir, "ecs", self.tls_ca, self.tls_cert, self.tls_key)
+
+    @property
+    def etcd_tls_files(self) -> TLSFiles | None:
+        """What this ECS presents to, and trusts of, etcd over https (None: no https
+        endpoint)."""
+        if not any(url.startswith("https://") for url in self.etcd_endpoints):
+            return None
+        assert self.etcd_tls_ca and self.etcd_tls_cert and self.etcd_tls_key
+        return TLSFiles(self.etcd_tls_ca, self.etcd_tls_cert, self.etcd_tls_key)
 
     @property
     def tls_auto(self) -> bool:
@@ -216,6 +233,43 @@ class ECSConfig:
         return None
 
 
+def _check_etcd_security(config: ECSConfig, tls: str) -> None:
+    """The state in etcd is the ring: whoever can write it can hand a range's data to a host
+    of theirs, or take the cluster down. So etcd beyond loopback is reached over https only,
+    presenting a client certificate (etcd's --client-cert-auth), unless tls is off (a trusted
+    network)."""
+    https = [url for url in config.etcd_endpoints if url.startswith("https://")]
+    given = [config.etcd_tls_ca, config.etcd_tls_cert, config.etcd_tls_key]
+    if https and not all(given):
+        raise ECSConfigError(
+            f"etcd-endpoints: {https[0]} is https: give etcd-tls-ca (the CA of etcd's "
+            "certificates), etcd-tls-cert and etcd-tls-key (the client certificate etcd trusts)")
+    if any(given) and not https:
+        raise ECSConfigError("etcd-tls-ca, etcd-tls-cert and etcd-tls-key are for https:// "
+                             "etcd-endpoints; these are http://")
+    for url in config.etcd_endpoints:
+        host = url.split("://", 1)[1].rstrip("/").rsplit(":", 1)[0].strip("[]")
+        if url.startswith("http://") and tls == "on" and not is_loopback(host):
+            raise ECSConfigError(
+                f"etcd-endpoints: {url} is plain HTTP beyond loopback, where anyone who reaches "
+                "it can rewrite the ring: run etcd with TLS and --client-cert-auth and give "
+                "https:// with etcd-tls-ca, etcd-tls-cert and etcd-tls-key, or set tls: off "
+                "on a trusted network")
+
+
+def etcd_credentials(config: ECSConfig) -> Credentials | None:
+    """The files for etcd over https, loaded now (a start-up check; None: plain HTTP)."""
+    files = config.etcd_tls_files
+    if files is None:
+        return None
+    credentials = Credentials(files)
+    try:
+        credentials.check()
+    except TLSConfigError as e:
+        raise ECSConfigError(f"etcd-tls-*: {e}") from None
+    return credentials
+
+
 _SCALARS = {
     "listen": str, "advertise": str, "state-file": str, "log-dir": str,
     "heartbeat-interval": float, "failure-timeout": float, "replication": int,
@@ -223,7 +277,7 @@ _SCALARS = {
     "ssh-command": str, "register-timeout": float, "log-level": str, "placement": str,
     "tls": str, "pki-dir": str, "tls-ca": str, "tls-cert": str, "tls-key": str,
     "state": str, "etcd-prefix": str, "lease-ttl": int, "name": str,
-    "web": str, "log-json": str,
+    "web": str, "log-json": str, "etcd-tls-ca": str, "etcd-tls-cert": str, "etcd-tls-key": str,
 }
 OPTION_NAMES = set(_SCALARS) | {"nodes", "etcd-endpoints"}
 

@@ -23,8 +23,11 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, readBody
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
 
 from chainstore.logs import get_logger
+from chainstore.tls import Credentials
 
 log = get_logger("ecs.etcd")
 
@@ -98,9 +101,29 @@ def get(key: bytes) -> dict[str, Any]:
     return {"request_range": {"key": b64(key)}}
 
 
-def http_post(reactor: Any, timeout: float = REQUEST_TIMEOUT) -> Post:
-    """The real transport: a JSON POST with Twisted's HTTP client and persistent connections."""
-    agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=True))
+@implementer(IPolicyForHTTPS)
+class _TrustEtcd:
+    """https to etcd: its certificate must be of the CA in C{credentials} and name the host
+    dialled; ours (C{credentials}'s certificate) is presented for its --client-cert-auth."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self.credentials = credentials
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return self.credentials.client_options(hostname.decode("ascii"))
+
+
+def _agent(reactor: Any, tls: Credentials | None, **kwargs: Any) -> Agent:
+    if tls is None:
+        return Agent(reactor, **kwargs)
+    return Agent(reactor, contextFactory=_TrustEtcd(tls), **kwargs)
+
+
+def http_post(reactor: Any, timeout: float = REQUEST_TIMEOUT,
+              tls: Credentials | None = None) -> Post:
+    """The real transport: a JSON POST with Twisted's HTTP client and persistent connections
+    (https with C{tls}, see L{_TrustEtcd})."""
+    agent = _agent(reactor, tls, pool=HTTPConnectionPool(reactor, persistent=True))
     headers = Headers({b"Content-Type": [b"application/json"]})
 
     async def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -176,11 +199,12 @@ class _Messages(Protocol):
             self.done.errback(reason)
 
 
-def http_stream(reactor: Any, timeout: float = REQUEST_TIMEOUT) -> Stream:
+def http_stream(reactor: Any, timeout: float = REQUEST_TIMEOUT,
+                tls: Credentials | None = None) -> Stream:
     """The real watch transport: a POST whose answer is read as it streams in. C{timeout}
     bounds the wait for the answer's headers; the stream itself may stay quiet for ever."""
     # its own connections: a watch holds one for as long as it runs
-    agent = Agent(reactor)
+    agent = _agent(reactor, tls)
     headers = Headers({b"Content-Type": [b"application/json"]})
 
     def stream(url: str, body: dict[str, Any],

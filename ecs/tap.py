@@ -13,7 +13,8 @@ from chainstore import logs
 from chainstore.service import (StartupError, cannot_listen, listening_service,
                                 quiet_startup_errors)
 from chainstore.tls import server_endpoint
-from ecs.config import ECSConfig, ECSConfigError, build_config, ecs_credentials, load_yaml
+from ecs.config import (ECSConfig, ECSConfigError, build_config, ecs_credentials,
+                        etcd_credentials, load_yaml)
 
 DEFAULT_CONFIG = os.path.join("etc", "ecs.yaml")
 log = logs.get_logger("ecs.tap")
@@ -67,7 +68,13 @@ class Options(usage.Options):
          "file: the state in state-file (one ECS); etcd: in etcd, several ECS of which one "
          f"leads [default: {_D.state}]"],
         ["etcd-endpoints", None, None,
-         "with state etcd: the etcd members, http://HOST:PORT,... (repeatable)"],
+         "with state etcd: the etcd members, http://HOST:PORT,... or https://HOST:PORT,... "
+         "(repeatable); plain http only on loopback unless tls is off"],
+        ["etcd-tls-ca", None, None,
+         "for https etcd endpoints: the CA that issued etcd's certificates"],
+        ["etcd-tls-cert", None, None,
+         "for https etcd endpoints: the client certificate etcd trusts (--client-cert-auth)"],
+        ["etcd-tls-key", None, None, "for https etcd endpoints: that certificate's key"],
         ["etcd-prefix", None, None, f"this cluster's etcd key prefix [default: {_D.etcd_prefix}]"],
         ["lease-ttl", None, None,
          f"seconds of the leader's etcd lease [default: {_D.lease_ttl}]"],
@@ -96,6 +103,7 @@ class Options(usage.Options):
             flags["etcd-endpoints"] = self.etcd_endpoints or None
             self.config = build_config(yaml_options, flags)
             self.credentials = ecs_credentials(self.config)
+            self.etcd_credentials = etcd_credentials(self.config)
         except ECSConfigError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -165,7 +173,8 @@ def makeService(options: Options) -> IService:
     top = ECSTop()
     leader: Any
     if config.state == "etcd":
-        leader = ha_leadership(config, reactor, launcher, options.credentials)
+        leader = ha_leadership(config, reactor, launcher, options.credentials,
+                               options.etcd_credentials)
         leader.setServiceParent(top)
     else:
         # Logging has not begun yet: the reason goes to stderr, as twistd's own usage errors.
@@ -218,7 +227,7 @@ def dialler(reactor: Any, credentials: Any) -> Any:
 
 
 def ha_leadership(config: ECSConfig, reactor: Any, launcher: Any,
-                  credentials: Any) -> Any:
+                  credentials: Any, etcd_tls: Any = None) -> Any:
     """With state etcd: the service that campaigns and runs a coordinator while it leads."""
     from ecs.coordinator import ECS
     from ecs.etcd import EtcdClient, http_post, http_stream
@@ -226,10 +235,12 @@ def ha_leadership(config: ECSConfig, reactor: Any, launcher: Any,
 
     dial = dialler(reactor, credentials)
     # http_stream: standbys watch the leader key rather than poll it
-    client = EtcdClient(config.etcd_endpoints, http_post(reactor), http_stream(reactor))
+    client = EtcdClient(config.etcd_endpoints, http_post(reactor, tls=etcd_tls),
+                        http_stream(reactor, tls=etcd_tls))
     name = config.name or address_of(config.advertise)
-    log.info("state in etcd {endpoints} under {prefix}; campaigning as {name}",
-             endpoints=",".join(config.etcd_endpoints), prefix=config.etcd_prefix, name=name)
+    log.info("state in etcd {endpoints} under {prefix}{how}; campaigning as {name}",
+             endpoints=",".join(config.etcd_endpoints), prefix=config.etcd_prefix, name=name,
+             how="" if etcd_tls is None else f", presenting {etcd_tls.files.cert}")
     return Leadership(client, reactor, config.etcd_prefix, name, config.advertise,
                       config.lease_ttl,
                       # A new leader's servers are running and redial within a second or

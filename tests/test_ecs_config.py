@@ -259,3 +259,43 @@ def test_placement_is_balanced_by_default_settable_and_checked(tmp_path):
                         {"placement": "hash"}).placement == "hash"
     assert "placement 'random': choose balanced or hash" in \
         error_of(tmp_path, pool + "placement: random\n")
+
+
+# -- etcd: the state is the ring, so it is reached over https beyond loopback ------------------
+
+ETCD = "state: etcd\nlease-ttl: 2\n"
+
+
+def test_plain_http_to_etcd_beyond_loopback_is_refused_with_tls_on(tmp_path):
+    message = error_of(tmp_path, ETCD + "etcd-endpoints: [http://127.0.0.1:2379, "
+                       "http://10.1.2.3:2379]\n")
+    assert "http://10.1.2.3:2379" in message and "https://" in message
+    assert "etcd-tls-ca" in message and "tls: off" in message
+    # on loopback, or on a network the operator calls trusted (tls off), it stays allowed
+    assert config_from(tmp_path, ETCD + "etcd-endpoints: http://127.0.0.1:2379\n"
+                       ).etcd_tls_files is None
+    assert config_from(tmp_path, ETCD + "tls: off\netcd-endpoints: http://10.1.2.3:2379\n"
+                       ).etcd_endpoints == ("http://10.1.2.3:2379",)
+
+
+def test_https_to_etcd_needs_its_ca_and_a_client_certificate(tmp_path):
+    message = error_of(tmp_path, ETCD + "etcd-endpoints: https://10.1.2.3:2379\n")
+    assert "etcd-tls-ca" in message and "etcd-tls-cert" in message
+    assert "etcd-tls-key" in message
+    files = ("etcd-tls-ca: /p/ca.crt\netcd-tls-cert: /p/ecs.crt\netcd-tls-key: /p/ecs.key\n")
+    config = config_from(tmp_path, ETCD + "etcd-endpoints: https://10.1.2.3:2379\n" + files)
+    assert config.etcd_tls_files is not None
+    assert (config.etcd_tls_files.ca, config.etcd_tls_files.cert) == ("/p/ca.crt", "/p/ecs.crt")
+    assert "are for https://" in error_of(
+        tmp_path, ETCD + "etcd-endpoints: http://127.0.0.1:2379\n" + files)
+    assert "is not http://HOST:PORT or https://HOST:PORT" in error_of(
+        tmp_path, ETCD + "etcd-endpoints: ftp://10.1.2.3:2379\n")
+
+
+def test_unreadable_etcd_tls_files_are_one_usage_error(tmp_path):
+    with pytest.raises(usage.UsageError, match="etcd-tls-"):
+        Options().parseOptions(["--state", "etcd", "--etcd-endpoints", "https://127.0.0.1:2379",
+                                "--etcd-tls-ca", str(tmp_path / "none.crt"),
+                                "--etcd-tls-cert", str(tmp_path / "none.crt"),
+                                "--etcd-tls-key", str(tmp_path / "none.key"),
+                                "--pki-dir", str(tmp_path / "pki")])

@@ -26,15 +26,21 @@ HOST = "127.0.0.1"
 
 class HACluster:
     def __init__(self, workdir: str | Path, *, ecs_count: int = 3, etcd_members: int = 1,
-                 lease_ttl: int = 2, **options: Any) -> None:
+                 lease_ttl: int = 2, etcd_tls: bool = True, **options: Any) -> None:
         self.workdir = Path(workdir).resolve()
-        self.etcd = EtcdSystem(self.workdir, members=etcd_members)
+        # etcd over https with client certificates of its own CA, as beyond loopback
+        self.etcd = EtcdSystem(self.workdir, members=etcd_members, tls=etcd_tls)
         ports = free_ports(ecs_count, HOST)
         self.ecs_list = ",".join(f"tcp:{HOST}:{port}" for port in ports)
         shared = yaml.safe_load(write_ecs_config(self.workdir / "pool", **options).read_text())
         for slot in shared["nodes"]:
             slot["ecs"] = self.ecs_list
-        endpoints = [f"http://{HOST}:{port}" for port in self.etcd.client_ports]
+        endpoints = self.etcd.endpoints
+        etcd_files: dict[str, str] = {}
+        if etcd_tls:
+            files = self.etcd.tls_files("ecs")
+            etcd_files = {"etcd-tls-ca": files.ca, "etcd-tls-cert": files.cert,
+                          "etcd-tls-key": files.key}
         self.ecs: list[ECSProcess] = []
         for i, port in enumerate(ports, 1):
             workdir_i = self.workdir / f"ecs{i}"
@@ -46,7 +52,7 @@ class HACluster:
                 # one status page each would need a port each; none is needed here
                 "web": "off",
                 "etcd-endpoints": endpoints, "etcd-prefix": "/chainstore-test",
-                "lease-ttl": lease_ttl})
+                "lease-ttl": lease_ttl, **etcd_files})
             path = workdir_i / "ecs.yaml"
             path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
             self.ecs.append(ECSProcess(workdir_i, path))

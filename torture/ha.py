@@ -51,7 +51,8 @@ class HACluster(Cluster):
             raise ClusterError("--ha runs on loopback only (not with --netns)")
         self.ecs_names = [f"ecs{i}" for i in range(1, ecs_count + 1)]
         self.etcd_names = [f"etcd{i}" for i in range(1, etcd_members + 1)]
-        self.etcd = EtcdSystem(self.workdir, members=etcd_members)
+        # with TLS on, etcd too: https with client certificates of its own CA
+        self.etcd = EtcdSystem(self.workdir, members=etcd_members, tls=self.tls)
         self.ecs_procs: dict[str, ECSProcess] = {}
         self.ecs_ports: dict[str, int] = {}
         #: the ECS that last answered an admin command as the leader
@@ -99,8 +100,12 @@ class HACluster(Cluster):
             "advertise": f"tcp:{HOST}:{port}",
             "state-file": str(self.workdir / ecs / "state.json"),
             "state": "etcd", "etcd-prefix": "/torture", "lease-ttl": LEASE_TTL,
-            "etcd-endpoints": [f"http://{HOST}:{self.fabric.proxy(ecs, m).port}"
+            "etcd-endpoints": [f"{self.etcd.scheme}://{HOST}:{self.fabric.proxy(ecs, m).port}"
                                for m in self.etcd_names]})
+        if self.tls:
+            files = self.etcd.tls_files("ecs")
+            config.update({"etcd-tls-ca": files.ca, "etcd-tls-cert": files.cert,
+                           "etcd-tls-key": files.key})
         path = self._config_path(ecs)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")

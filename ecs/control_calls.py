@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.protocols import amp
 
@@ -20,7 +20,8 @@ class ControlCalls:
 
     A call fails at once with L{control.ControlFailed} if its server is not connected, after
     C{timeout} seconds if it is not answered, and when its server is declared failed
-    (L{cancel}), so a change waiting on a failed server aborts instead of hanging.
+    (L{cancel}), so a change waiting on a failed server aborts instead of hanging. Once the
+    ECS stops (L{close}), every call fails with C{CancelledError}.
     """
 
     def __init__(self, links: Mapping[str, amp.AMP], clock: IReactorTime) -> None:
@@ -28,9 +29,12 @@ class ControlCalls:
         self.clock = clock
         # calls in flight, per server, to cancel when it fails
         self._inflight: dict[str, set[Deferred[Any]]] = {}
+        self.closed = False
 
     def call(self, name: str, command: type[amp.Command], timeout: float | None = CONTROL_TIMEOUT,
              **kwargs: Any) -> Deferred[Any]:
+        if self.closed:
+            return _failed(CancelledError("the ECS has stopped"))
         link = self.links.get(name)
         if link is None:
             return _failed(control.ControlFailed(f"{name} is not connected to the ECS"))
@@ -50,6 +54,12 @@ class ControlCalls:
         """Fail every call to C{name} still in flight."""
         for d in list(self._inflight.get(name, ())):
             d.cancel()
+
+    def close(self) -> None:
+        """Cancel every call in flight, and fail every later one at once: the ECS stopped."""
+        self.closed = True
+        for name in list(self._inflight):
+            self.cancel(name)
 
 
 def _failed(error: Exception) -> Deferred[Any]:

@@ -14,12 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, DeferredLock, gatherResults, succeed
+from twisted.internet.defer import (CancelledError, Deferred, DeferredList, DeferredLock,
+                                    gatherResults, succeed)
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import LogLevel
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from chainstore import control
 from chainstore.chain import LEASE_SECONDS
@@ -124,6 +126,10 @@ class ECS:
         # repairs failed in a row, and the retry scheduled after the last of them
         self._repair_failures = 0
         self._repair_retry: Any = None
+        # Background work (_spawn) in progress; stop and abdicate cancel it, and a stopped ECS
+        # starts none (see _halt).
+        self._tasks: set[Deferred[None]] = set()
+        self._stopped = False
         # what the servers report with their heartbeats (lag, window), and the ECS's metrics
         self.reports = ChainReports()
         self.metrics = ECSMetrics()
@@ -160,7 +166,7 @@ class ECS:
         self._returning = {n: grace for n in self.state.ring_members} if self.resumed else {}
         self.heartbeats.start(self.config.heartbeat_interval, now=False).addErrback(
             lambda f: log.failure("heartbeats stopped: failures go unnoticed", f))
-        return Deferred.fromCoroutine(self._bring_up())
+        return self._spawn(self._bring_up())
 
     @property
     def _quick_resume(self) -> bool:
@@ -176,6 +182,8 @@ class ECS:
                 await self.add_nodes(self.config.initial_nodes, self.config.cache_strategy,
                                      self.config.cache_size, start=True)
         except Exception:
+            if self._stopped:
+                raise  # however the cancellation reached it (an aborted launch, say)
             log.failure("could not bring the ring up", level=LogLevel.error)
 
     async def _resume(self) -> None:
@@ -196,6 +204,9 @@ class ECS:
         if absent:
             wait = self.config.failure_timeout if self._quick_resume else None
             await DeferredList([self._registered(n, wait) for n in absent], consumeErrors=True)
+            if self._stopped:
+                # the waits were cancelled (a DeferredList fires all the same): relaunch nothing
+                raise CancelledError()
             if self._quick_resume and any(n in self.links for n in self.state.ring_members):
                 # The cluster is up and only some are missing: they died (with the old leader,
                 # say). They are marked dead now and repaired away, not relaunched: a relaunch
@@ -230,6 +241,8 @@ class ECS:
             # grace, to come back (or be relaunched) with its files.
             return
         found = await gatherResults([self._probe(n) for n in absent])
+        if self._stopped:
+            return  # the probes were cancelled, and answer "unknown"
         refused = [n for n, what in zip(absent, found) if what == "refused"]
         if not refused:
             return
@@ -275,23 +288,38 @@ class ECS:
         return d.addCallbacks(up, down)
 
     def stop(self) -> Deferred[Any]:
+        """Stop everything (L{_halt}) and the servers this ECS launched."""
+        self._halt()
+        return self.launcher.stop_all()
+
+    def _halt(self) -> None:
+        """Stop heartbeats and cancel this ECS's background work: its tasks (a repair waiting
+        on C{busy} or a lease, a change under way, resyncs, probes), the repair retry, the waits
+        for registrations and every control call in flight; later calls and tasks fail or end
+        at once. A stopped ECS leaves nothing running or scheduled: a task left suspended would
+        be ended by the garbage collector at any later time, its C{finally} releasing C{busy}
+        into a coroutine collected before it. A change cancelled before its commit leaves its
+        locks to the next ECS's ring (over a new link), as after a crash."""
+        self._stopped = True
         if self.heartbeats.running:
             self.heartbeats.stop()
         if self._repair_retry is not None and self._repair_retry.active():
             self._repair_retry.cancel()
-        return self.launcher.stop_all()
+        for task in list(self._tasks):
+            task.cancel()
+        for waits in list(self._waiting.values()):
+            for wait in list(waits):
+                wait.cancel()
+        self._waiting.clear()
+        self.calls.close()
 
     def abdicate(self) -> None:
         """Stop acting at once, without touching the servers' processes: another ECS leads now.
         Heartbeats and repairs stop, every server link is closed (the servers dial the next
-        ECS of their list and find the new leader), and a change in progress fails at its next
-        call or save (a deposed leader's saves are refused)."""
-        if self.heartbeats.running:
-            self.heartbeats.stop()
-        if self._repair_retry is not None and self._repair_retry.active():
-            self._repair_retry.cancel()
+        ECS of their list and find the new leader), and its background work, a change in
+        progress with it, is cancelled (L{_halt})."""
+        self._halt()
         for name, link in list(self.links.items()):
-            self.calls.cancel(name)
             if link.transport is not None:
                 link.transport.loseConnection()
         self.links.clear()
@@ -436,6 +464,8 @@ class ECS:
                 await self._call(name, control.SetMetadata, **self._metadata())
             serving = self.state.serving and name in self.state.ring_members
             await self._call(name, control.SetState, state="running" if serving else "stopped")
+        except CancelledError:
+            return  # the ECS stopped
         except Exception:
             log.failure("could not update {name}", name=name, level=LogLevel.warn)
 
@@ -521,6 +551,8 @@ class ECS:
             metadata = self._metadata()
 
             def not_told(failure: Any, server: str) -> None:
+                if failure.check(CancelledError):
+                    return  # the ECS stopped
                 log.failure("could not tell {server} that {name} is dead", failure,
                             LogLevel.warn, server=server, name=name)
 
@@ -587,6 +619,8 @@ class ECS:
                 await self._save()
                 self._repair_failures = 0
                 return
+            except CancelledError:
+                raise  # the ECS stopped: no retry
             except Exception:
                 self._repair_failures += 1
                 delay = min(REPAIR_RETRY_MAX,
@@ -599,6 +633,8 @@ class ECS:
             self.busy.release()
 
     def _repair_later(self, delay: float) -> None:
+        if self._stopped:
+            return
         if self._repair_retry is None or not self._repair_retry.active():
             self._repair_retry = self.clock.callLater(
                 delay, lambda: self._spawn(self._repair()))
@@ -807,6 +843,20 @@ class ECS:
 
         return self.state_file.save(self.state).addCallback(saved)
 
-    def _spawn(self, coroutine: Any) -> None:
-        Deferred.fromCoroutine(coroutine).addErrback(
-            lambda f: log.failure("background task failed", f))
+    def _spawn(self, coroutine: Any) -> Deferred[None]:
+        """Run C{coroutine} as this ECS's background work, which L{_halt} cancels; the
+        Deferred fires (with None) when it ends. A stopped ECS does not start it."""
+        if self._stopped:
+            coroutine.close()
+            return succeed(None)
+        task = Deferred.fromCoroutine(coroutine)
+        self._tasks.add(task)
+
+        def ended(result: Any) -> None:
+            self._tasks.discard(task)
+            # A stopped ECS's work ends in CancelledError, or in what the cancellation caused
+            # (a launch it waited for failed, say): expected, not worth a line.
+            if isinstance(result, Failure) and not self._stopped:
+                log.failure("background task failed", result)
+
+        return task.addBoth(ended)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import LogLevel
 
@@ -181,6 +181,11 @@ class Reconfigurer:
                  for server, ranges in plan.read_locks.items()])
             # Nothing may wait between this check and the commit below.
             self._check(failures, links)
+        except CancelledError:
+            # The ECS stopped: no abort (its calls would fail). The next ECS's ring, sent over
+            # a new link, lifts the locks, as after a crash.
+            self.operation = None
+            raise
         except Exception as e:
             log.failure("{description} aborted at {step}", level=LogLevel.error,
                         description=description, step=op.step)
@@ -300,6 +305,8 @@ class Reconfigurer:
         try:
             await self._call(drop.server, control.DropRange, timeout=None, store=drop.store,
                              start=drop.range.start, end=drop.range.end)
+        except CancelledError:
+            raise  # the ECS stopped
         except Exception as e:
             log.warn("could not drop {store} data on {server}: {error}", store=drop.store,
                      server=drop.server, error=e)
@@ -349,9 +356,13 @@ def _wire(ranges: list[KeyRange]) -> list[dict[str, int]]:
 
 
 def _warn(failure: Any, name: str) -> None:
+    if failure.check(CancelledError):
+        return  # the ECS stopped
     log.failure("could not send the new ring to {name}", failure, LogLevel.warn, name=name)
 
 
 def _not_started(failure: Any, name: str) -> None:
+    if failure.check(CancelledError):
+        return  # the ECS stopped
     log.failure("could not start {name}", failure, LogLevel.warn, name=name)
 

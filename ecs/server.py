@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 
 from chainstore import control
@@ -96,7 +96,7 @@ class ECSProtocol(BoundedAMP, RoleGuard):
     def add_nodes(self, count: int, cache_strategy: str,
                   cache_size: int) -> Deferred[dict[str, Any]]:
         async def add() -> dict[str, Any]:
-            names = await self.ecs.add_nodes(count, cache_strategy, cache_size)
+            names = await _stopping(self.ecs.add_nodes(count, cache_strategy, cache_size))
             return {"names": names, "message": f"added {', '.join(names)}"}
 
         return Deferred.fromCoroutine(add())
@@ -113,9 +113,18 @@ class ECSProtocol(BoundedAMP, RoleGuard):
 
 def _admin(coroutine: Any) -> Deferred[dict[str, Any]]:
     async def run() -> dict[str, Any]:
-        return {"message": await coroutine}
+        return {"message": await _stopping(coroutine)}
 
     return Deferred.fromCoroutine(run())
+
+
+async def _stopping(coroutine: Any) -> Any:
+    """An admin command's result; an L{protocol.AdminError} if the ECS stopped meanwhile
+    (its calls were cancelled), not an error AMP does not know."""
+    try:
+        return await coroutine
+    except CancelledError:
+        raise protocol.AdminError("the ECS stopped before the command finished") from None
 
 
 class ECSFactory(CappedFactory):

@@ -108,10 +108,19 @@ class Cluster:
         self.peer_gate: Deferred[None] | None = None
         self.cut_copies_to: set[str] = set()
         self.hang_copies_to: set[str] = set()
+        # every coordinator made (a restart makes another), stopped by close()
+        self.made: list[ECS] = []
         self.ecs = self.new_ecs()
 
     def new_ecs(self) -> ECS:
-        return ECS(self.config, self.clock, self.launcher, StateFile(self.config.state_file))
+        return self.own(ECS(self.config, self.clock, self.launcher,
+                            StateFile(self.config.state_file)))
+
+    def own(self, ecs: ECS) -> ECS:
+        """Stop C{ecs} at close(): work it left under way would otherwise be ended by the
+        garbage collector, during a later test."""
+        self.made.append(ecs)
+        return ecs
 
     # -- servers and connections -----------------------------------------------------------------
 
@@ -261,8 +270,8 @@ class Cluster:
                 assert server.keys(store) == expected[name][store], (name, store)
 
     def close(self) -> None:
-        if self.ecs.heartbeats.running:
-            self.ecs.heartbeats.stop()
+        for ecs in self.made:
+            ecs.stop()
         for server in self.servers.values():
             if server.node.stores is not None:
                 server.node.stores.close()

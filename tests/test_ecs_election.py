@@ -29,6 +29,23 @@ TTL = 2
 STEP = 0.05
 
 
+# Every coordinator a test here makes (itself or through a Leadership) is stopped when the test
+# ends: work it left under way would otherwise be ended by the garbage collector, in a later test.
+_made: list[ECS] = []
+
+
+def made(ecs: ECS) -> ECS:
+    _made.append(ecs)
+    return ecs
+
+
+@pytest.fixture(autouse=True)
+def stop_coordinators() -> Any:
+    yield
+    while _made:
+        _made.pop().stop()
+
+
 def result(d: Deferred[Any]) -> Any:
     """The result of a Deferred that has fired (its failure raised)."""
     out: list[Any] = []
@@ -383,8 +400,8 @@ def ha_ecs(etcd: FakeEtcd, port: int) -> Leadership:
                        register_timeout=5.0).validated()
     client = EtcdClient(list(config.etcd_endpoints), etcd.client().post)
     return Leadership(client, etcd.clock, PREFIX, f"ecs{port}", config.advertise, TTL,
-                      lambda store: ECS(config, etcd.clock, NoLaunch(), store,
-                                        takeover=True))  # as ecs.tap makes them
+                      lambda store: made(ECS(config, etcd.clock, NoLaunch(), store,
+                                             takeover=True)))  # as ecs.tap makes them
 
 
 def test_each_new_leader_resumes_the_ring_under_a_strictly_greater_epoch() -> None:
@@ -580,7 +597,7 @@ class EtcdCluster:
         renew.start(0.5)
         store = EtcdState(client, PREFIX, lease)
         result(Deferred.fromCoroutine(store.fetch()))
-        ecs = ECS(c.config, c.clock, c.launcher, store)
+        ecs = c.own(ECS(c.config, c.clock, c.launcher, store))
         store.on_deposed = ecs.abdicate
         self.renewals[id(ecs)] = renew
         return ecs
@@ -696,8 +713,8 @@ def pool_leader(dial: Any = None) -> tuple[Clock, RecordingLauncher, ECS]:
                        register_timeout=20.0).validated()
     client = EtcdClient(list(config.etcd_endpoints), etcd.client().post)
     leader = Leadership(client, etcd.clock, PREFIX, "ecs1", config.advertise, TTL,
-                        lambda store: ECS(config, etcd.clock, launcher, store, takeover=True,
-                                          dial=dial))
+                        lambda store: made(ECS(config, etcd.clock, launcher, store,
+                                               takeover=True, dial=dial)))
     leader.startService()
     clock.advance(0.01)
     assert leader.ecs is not None
@@ -795,7 +812,7 @@ def test_a_restarted_ecs_marks_a_member_whose_port_refuses_dead_at_once(tmp_path
     config = ECSConfig(initial_nodes=0, launcher="none", tls="off",
                        register_timeout=20.0).validated()
     launcher = RecordingLauncher()
-    ecs = ECS(config, clock, launcher, store, dial=dial)
+    ecs = made(ECS(config, clock, launcher, store, dial=dial))
     ecs.start()
     result(ecs.register(SilentLink(), "server2", "127.0.0.1", 50002, 51002, 0))
     for _ in range(int(0.7 / STEP)):  # the probes' timeout (0.5 s), and a step
@@ -803,7 +820,6 @@ def test_a_restarted_ecs_marks_a_member_whose_port_refuses_dead_at_once(tmp_path
     assert 51001 in dial.dialled
     assert ecs.state.dead == {"server1"}
     assert launcher.launched == []
-    ecs.heartbeats.stop()
 
 
 def test_without_replicas_a_member_whose_port_refuses_keeps_its_grace(tmp_path) -> None:
@@ -820,13 +836,12 @@ def test_without_replicas_a_member_whose_port_refuses_keeps_its_grace(tmp_path) 
     dial = Dialler({51001: "refused"})
     config = ECSConfig(initial_nodes=0, launcher="none", tls="off",
                        register_timeout=20.0).validated()
-    ecs = ECS(config, clock, RecordingLauncher(), store, dial=dial)
+    ecs = made(ECS(config, clock, RecordingLauncher(), store, dial=dial))
     ecs.start()
     result(ecs.register(SilentLink(), "server2", "127.0.0.1", 50002, 51002, 0))
     while clock.seconds() < 5:  # past the probes, short of register-timeout
         clock.advance(STEP)
     assert "server1" in ecs.state.ring_members and "server1" not in ecs.state.dead
-    ecs.heartbeats.stop()
 
 
 # -- the watch's stream, as the gateway sends it ------------------------------------------------

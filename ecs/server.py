@@ -124,7 +124,8 @@ async def _stopping(coroutine: Any) -> Any:
     try:
         return await coroutine
     except CancelledError:
-        raise protocol.AdminError("the ECS stopped before the command finished") from None
+        raise protocol.AdminError("the ECS stopped, or lost the lead, before the command "
+                                  "finished") from None
 
 
 class ECSFactory(CappedFactory):

@@ -19,6 +19,8 @@ from chainstore import control
 from chainstore.chain import LEASE_SECONDS
 from ecs.config import ECSConfig
 from ecs.coordinator import ECS
+from ecs.protocol import AdminError
+from ecs.server import ECSProtocol
 from ecs.state import ACTIVE, ClusterState, Member, StateFile
 
 NAMES = ["s1", "s2", "s3", "s4"]
@@ -51,9 +53,11 @@ class NoLaunch:
         return succeed(None)
 
 
-def started(tmp_path: Any, refuse: tuple[type[Any], ...] = ()) -> tuple[Clock, ECS]:
-    """A restarted ECS over a saved ring of four at replication 3, with s1-s3 back and s4
-    not: s4 is marked dead and a repair begins, waiting out its read leases."""
+def started(tmp_path: Any, refuse: tuple[type[Any], ...] = (),
+            back: list[str] = NAMES[:3]) -> tuple[Clock, ECS]:
+    """A restarted ECS over a saved ring of four at replication 3, with C{back} back: by
+    default s4 is not, so it is marked dead and a repair begins, waiting out its read
+    leases."""
     state = ClusterState(epoch=5, last_epoch=5, replication=3, serving=True,
                          ring_members=list(NAMES))
     for i, name in enumerate(NAMES):
@@ -65,12 +69,29 @@ def started(tmp_path: Any, refuse: tuple[type[Any], ...] = ()) -> tuple[Clock, E
                        heartbeat_interval=INTERVAL, failure_timeout=TIMEOUT).validated()
     ecs = ECS(config, clock, NoLaunch(), store)
     ecs.start()
-    for i, name in enumerate(NAMES[:3]):
+    for name in back:
+        i = NAMES.index(name)
         ecs.register(Link(refuse), name, "127.0.0.1", 6001 + i, 7001 + i, 0)
     for _ in range(int((TIMEOUT + 3 * INTERVAL) / INTERVAL)):
         clock.advance(INTERVAL)
-    assert ecs.state.dead == {"s4"}
+    assert ecs.state.dead == set(NAMES) - set(back)
     return clock, ecs
+
+
+def hang_data_moves(ecs: ECS, hung: list[Deferred[Any]]) -> None:
+    """From now on no server answers a command that moves or drops data (each such call is
+    added to C{hung}): a change stays in its copying step."""
+
+    def moves_hang(command: Any, **kwargs: Any) -> Deferred[Any]:
+        if command is control.TrackWrites:
+            return succeed({"tracker": 1})
+        if command in (control.DropRange, control.MoveLocal, control.CopyRange):
+            hung.append(Deferred())
+            return hung[-1]
+        return Link().callRemote(command, **kwargs)
+
+    for link in ecs.links.values():
+        link.callRemote = moves_hang  # type: ignore[method-assign]
 
 
 @pytest.fixture
@@ -124,19 +145,23 @@ def test_a_change_under_way_ends_at_stop_without_an_abort(tmp_path, failures):
     # change.
     clock, ecs = started(tmp_path)
     hung: list[Deferred[Any]] = []
-
-    def copy_hangs(command: Any, **kwargs: Any) -> Deferred[Any]:
-        if command is control.TrackWrites:
-            return succeed({"tracker": 1})
-        if command in (control.DropRange, control.MoveLocal, control.CopyRange):
-            hung.append(Deferred())
-            return hung[-1]
-        return Link().callRemote(command, **kwargs)
-
-    for link in ecs.links.values():
-        link.callRemote = copy_hangs  # type: ignore[method-assign]
+    hang_data_moves(ecs, hung)
     clock.advance(LEASE_SECONDS + 0.3)
     assert hung and ecs.operation is not None and ecs.operation.step == "copying"
     stopped_cleanly(clock, ecs, failures)
     # the call was cancelled, not left to its server
     assert all(d.called for d in hung)
+
+
+def test_an_admin_command_cut_short_by_stop_is_answered_with_an_admin_error(tmp_path,
+                                                                            failures):
+    clock, ecs = started(tmp_path, back=NAMES)
+    hung: list[Deferred[Any]] = []
+    hang_data_moves(ecs, hung)
+    answers: list[Any] = []
+    ECSProtocol(ecs).remove_node("s4", False).addBoth(answers.append)
+    assert hung and not answers
+    stopped_cleanly(clock, ecs, failures)
+    # an error the admin's AMP command declares (else AMP would log it and answer UNKNOWN)
+    [answer] = answers
+    assert answer.check(AdminError) and "the ECS stopped" in str(answer.value)

@@ -238,6 +238,9 @@ class ChainReplicator:
         self.clock = clock
         self.monotonic = monotonic
         self.lease = lease
+        # Leases granted by the process before this one on the same stores ended at most a
+        # lease after this one started (L{_open_replica}).
+        self.started = monotonic()
         #: Under an ECS, the moment (monotonic) until which this server may grant read leases:
         #: the ECS cannot declare it failed before then (see L{ecs_contact}). None: no ECS.
         self.lease_bound: float | None = None
@@ -286,7 +289,8 @@ class ChainReplicator:
             if previous is None or previous.chain_id != cid or previous.store is not store:
                 if previous is not None:
                     self._fail_waiters(previous, NotResponsible("the chain was rebuilt"))
-                replica = self._open_replica(owner, cid, STORE_NAMES[position], store)
+                replica = self._open_replica(owner, cid, STORE_NAMES[position], store,
+                                             ring.chain_length > 1)
             else:
                 replica = previous
             self._relink(replica, ring, owner_index)
@@ -306,7 +310,8 @@ class ChainReplicator:
         self._ask_leases()
         self._update_backlog()
 
-    def _open_replica(self, owner: str, cid: str, store_name: str, store: Store) -> Replica:
+    def _open_replica(self, owner: str, cid: str, store_name: str, store: Store,
+                      leases: bool) -> Replica:
         stored_chain, serial = store.chain_state()
         if stored_chain != cid:
             # A new chain for this store (a planned change, drained first): serials restart.
@@ -314,8 +319,18 @@ class ChainReplicator:
             store.set_chain_state(cid, 0)
         # Continuing a chain this store already belonged to (the process restarted): writes it
         # applied but never forwarded died with its window, so its successor may be behind.
-        return Replica(owner, cid, store_name, store, serial, acked=serial,
-                       resumed=serial > 0, opened=True, trusted=serial == 0)
+        replica = Replica(owner, cid, store_name, store, serial, acked=serial,
+                          resumed=serial > 0, opened=True, trusted=serial == 0)
+        if stored_chain == cid and leases:
+            # And the leases that process granted in this chain, to its successor or upstream,
+            # died with its memory while their holders may still read under them: taken as
+            # granted up to a lease from our start, they are waited out before this replica
+            # reads or acknowledges as tail, or takes writes (as a new tail or from a new
+            # predecessor would wait out its own).
+            forgotten = self.started + self.lease
+            replica.granted_until = replica.granted_up_until = forgotten
+            replica.accept_from = forgotten
+        return replica
 
     def _relink(self, replica: Replica, ring: Ring, owner_index: int) -> None:
         live = ring.chain_for_index(owner_index)
@@ -926,7 +941,7 @@ class ChainReplicator:
         if wait > 0:
             raise ServerStopped(f"{self.me.name} takes writes of {replica.owner}'s range in "
                                 f"{wait:.2f}s, when the read lease of the member that left "
-                                f"has run out")
+                                f"(or one its previous process granted) has run out")
 
     def query_tail(self, tail: NodeInfo, command: Any, **arguments: Any) -> Deferred[Any]:
         """C{command} to the tail C{tail}, over the peer pool, within READ_QUERY_TIMEOUT."""

@@ -459,6 +459,45 @@ def test_a_head_left_alone_waits_out_the_lease_it_granted_before_it_reads_or_ack
     assert alone.get(key) == b"new"
 
 
+def test_a_restarted_granter_waits_out_the_leases_its_previous_process_granted(net):
+    # The lease a replica granted lives in its process's memory (granted_until): a head killed
+    # and started again on its files, in the same ring, has forgotten the lease it granted its
+    # tail just before. The tail is then cut off and declared failed, leaving the head alone:
+    # it took the tail role at once, acknowledging a put while the cut-off tail still answered
+    # the value it replaced under the lease the old process had granted.
+    ring = net.cluster(5)
+    key = keys_headed_by(ring, "n1", 1)[0]
+    head, middle, tail = ring.chain(key)
+    net.kill(middle.name)
+    ring = _mark_dead(net, ring, middle.name)
+    net.run(1.0)
+    net.settle(put(net, ring, key, b"old"))
+    net.run(1.0)  # the tail holds a fresh lease from the head
+    held = net.nodes[tail.name].chain.replicas[head.name].lease_until
+    assert held > net.clock.seconds() + 1.0
+    net.kill(head.name)
+    restarted = net.restart(head, ring)
+    net.flush()
+    net.down.add(tail.name)  # cut off, alive: it still answers under its lease
+    assert net.nodes[tail.name].get(key) == b"old"
+    ring = _mark_dead(net, ring, tail.name)
+    answer = None
+    while answer is None or not answer.called:
+        if net.clock.seconds() < held:
+            with pytest.raises(NotResponsible):
+                restarted.get(key)
+        if answer is None:
+            try:
+                answer = restarted.put(key, b"new")
+            except ServerStopped:  # (refused until then: the client tries again)
+                pass
+        net.flush()
+        if answer is None or not answer.called:
+            net.clock.advance(0.05)
+    assert net.clock.seconds() >= held  # acknowledged only once the old lease ran out
+    assert restarted.get(key) == b"new"
+
+
 def test_a_paused_tail_does_not_answer_reads_when_it_wakes(net):
     ring = net.cluster(5)
     key = keys_headed_by(ring, "n2", 1)[0]
@@ -502,7 +541,8 @@ def test_a_restarted_replica_skips_what_it_already_has(net, tmp_path):
     net.flush()
     restarted = net.restart(middle, ring)
     assert restarted.chain.replicas[head.name].last_serial == 20
-    net.run(1.0)
+    # (a restarted replica takes writes once the leases its old process may have granted ran out)
+    net.run(chain.LEASE_SECONDS + 1.0)
     assert all(d.called for d in in_flight)
     assert net.nodes[tail.name].chain.replicas[head.name].last_serial == 30
 
@@ -537,6 +577,8 @@ def test_a_restarted_head_resumes_its_chain_past_writes_it_never_forwarded(net):
     assert not any(d.called for d in lost)
     restarted = net.restart(head, ring)
     assert restarted.chain.replicas[head.name].last_serial == 15
+    # (a restarted replica takes writes once the leases its old process may have granted ran out)
+    net.run(chain.LEASE_SECONDS + 0.1)
     # New writes flow again: the successor skips the gap of writes nobody acknowledged.
     for key in keys[15:]:
         assert net.settle(restarted.put(key, b"after")) is False
@@ -572,7 +614,8 @@ def test_a_restarted_middle_forwards_what_its_old_window_lost(net):
                 pump.pump()
     net.cut.clear()
     net.restart(middle, ring)
-    net.run(2.0)
+    # (a restarted replica takes writes once the leases its old process may have granted ran out)
+    net.run(chain.LEASE_SECONDS + 1.0)
     # Every write the head acknowledges is at the tail: none was answered from the middle's
     # memory of writes it had never passed on.
     assert all(d.called for d in waiting)

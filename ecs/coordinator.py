@@ -33,7 +33,7 @@ from ecs.chains import ChainReports
 from ecs.failures import may_revive, missing_members, orphaned_ranges
 from ecs.protocol import AdminError
 from ecs.metrics import ECSMetrics
-from ecs.reconfiguration import Operation, Reconfigurer
+from ecs.reconfiguration import Operation, Reconfigurer, save_until_saved
 from ecs.state import ACTIVE, FAILED, IDLE, LAUNCHING, REMOVED, ClusterState, Member, StateStore
 from ecs.status import status_report
 
@@ -87,6 +87,10 @@ class ECS:
         # allocated after it lost the lead, and servers refuse an ECS whose epoch is behind
         # theirs (chainstore.ecs_link).
         self.committed_epoch = self.state.last_epoch
+        # The epoch of the newest ring saved: a ring in memory only (its save failed, or is on
+        # its way) is sent to no server (L{_sync}). A restarted ECS would resume the one saved
+        # before, and the writes servers took under the unsaved one would be lost.
+        self.saved_epoch = self.state.epoch
         self.links: dict[str, amp.AMP] = {}
         self.last_seen: dict[str, float] = {}
         self._waiting: dict[str, list[Deferred[None]]] = {}
@@ -460,7 +464,7 @@ class ECS:
         if link is None:
             return
         try:
-            if self.state.ring_members:
+            if self.state.ring_members and self.state.epoch <= self.saved_epoch:
                 await self._call(name, control.SetMetadata, **self._metadata())
             serving = self.state.serving and name in self.state.ring_members
             await self._call(name, control.SetState, state="running" if serving else "stopped")
@@ -531,7 +535,7 @@ class ECS:
             self.state.members[name].status = FAILED
             # The order members leave a chain in says which of them holds its every write.
             self.state.members[name].left_at = self.state.epoch
-            await self._save()
+            await save_until_saved(self._save, self.clock, self.state.epoch)
             live = self.state.live_members
             log.warn("epoch {epoch}: {name} is dead; chains skip it ({live} live servers{deg})",
                      epoch=self.state.epoch, name=name, live=len(live),
@@ -836,10 +840,11 @@ class ECS:
         return self.calls.call(name, command, timeout, **kwargs)
 
     def _save(self) -> Deferred[None]:
-        epoch = self.state.last_epoch
+        epoch, ring_epoch = self.state.last_epoch, self.state.epoch
 
         def saved(_: None) -> None:
             self.committed_epoch = max(self.committed_epoch, epoch)
+            self.saved_epoch = max(self.saved_epoch, ring_epoch)
 
         return self.state_file.save(self.state).addCallback(saved)
 

@@ -31,12 +31,14 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, gatherResults
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import LogLevel
 
 from chainstore import control
 from chainstore.logs import get_logger
 from chainstore.ring import KeyRange, Ring
 from ecs import planner
+from ecs.etcd_state import Deposed
 from ecs.placement import place
 from ecs.protocol import AdminError
 from ecs.state import ClusterState
@@ -44,6 +46,11 @@ from ecs.state import ClusterState
 # The ECS's log lines keep the namespace they always had, whichever module now holds the code:
 # operators and bench.reconfig read the ECS log as one voice.
 log = get_logger("ecs.coordinator")
+
+# A new ring (a commit, a death) whose save failed is saved again after 1 s, then 2, 4, ...
+# up to 30 s (save_until_saved).
+SAVE_RETRY_FIRST = 1.0
+SAVE_RETRY_MAX = 30.0
 
 
 @dataclass
@@ -204,7 +211,8 @@ class Reconfigurer:
             member.chain_epoch = 0 if node is None else node.chain_epoch
         self.state.ring_members = list(new_members)
         self.state.dead &= set(new_members)
-        await self._save()
+        # Saved before anything is sent, even if it takes several tries: the locks hold meanwhile.
+        await save_until_saved(self._save, self.clock, epoch)
         metadata = self._metadata()
         await gatherResults(
             [self._call(n, control.SetMetadata, **metadata).addErrback(_warn, n)
@@ -345,6 +353,27 @@ class Reconfigurer:
                 await self._call(server, control.UnlockRanges, ranges=_wire(ranges), reads=reads)
             except Exception as e:
                 log.warn("could not unlock {server}: {error}", server=server, error=e)
+
+
+async def save_until_saved(save: Callable[[], Deferred[None]], clock: IReactorTime,
+                           epoch: int) -> None:
+    """C{save()} again after a failure (a full disk, an etcd request that timed out) until it
+    succeeds, waiting L{SAVE_RETRY_FIRST} doubling up to L{SAVE_RETRY_MAX}. Until then the
+    ring of C{epoch} reaches no server (L{ecs.coordinator.ECS.saved_epoch}): sent unsaved, it
+    took writes that an ECS restarted on its state would not know of (it resumes the ring
+    saved before). A deposed leader stops trying: the new one resumes the ring etcd holds."""
+    delay = SAVE_RETRY_FIRST
+    while True:
+        try:
+            await save()
+            return
+        except (Deposed, CancelledError):
+            raise
+        except Exception:
+            log.failure("epoch {epoch}: could not save the new ring; trying again in "
+                        "{delay:.0f}s", level=LogLevel.error, epoch=epoch, delay=delay)
+        await deferLater(clock, delay, lambda: None)
+        delay = min(SAVE_RETRY_MAX, 2 * delay)
 
 
 def old_members(ring: Ring) -> list[str]:

@@ -30,6 +30,7 @@ from chainstore.errors import KeyNotFound, WriteLocked
 from chainstore.node import RUNNING, STOPPED, KVNode
 from chainstore.ring import RING_BITS, KeyRange, NodeInfo, Ring, position
 from chainstore.storage import STORE_NAMES, StoreSet
+from ecs import reconfiguration
 from ecs.config import ECSConfig, NodeSlot
 from ecs.coordinator import ECS
 from ecs.protocol import AdminError
@@ -915,6 +916,88 @@ def test_a_restarted_ecs_waits_for_its_servers_to_come_back_before_relaunching_t
     assert sorted(running.ecs.state.ring_members) == ["s1", "s2", "s3"]
     assert running.ecs.state.epoch == epoch + 1
     running.check_placement(KEYS)
+
+
+class FlakyDisk:
+    """A state store whose saves fail (a full disk; with etcd, a request that timed out) while
+    it is C{full}, and the first time a state C{fails_on} picks is saved."""
+
+    def __init__(self, inner: Any, fails_on: Any = lambda state: False) -> None:
+        self.inner, self.fails_on = inner, fails_on
+        self.full = False
+        self.failed = 0
+
+    def load(self) -> Any:
+        return self.inner.load()
+
+    def save(self, state: Any) -> Deferred[None]:
+        if self.full or (not self.failed and self.fails_on(state)):
+            self.failed += 1
+            return fail(OSError(28, "No space left on device"))
+        return self.inner.save(state)
+
+
+def test_a_ring_whose_commit_was_not_saved_reaches_no_server(running):
+    # The save at a join's commit point failed. The ring stayed in the ECS's memory, and the
+    # next heartbeats sent it to the servers as "behind on the ring": the new server took
+    # writes for its range, which the ECS, restarted on its state file, gave back to the
+    # old head, without them. A ring reaches the servers only once it is saved.
+    c = running
+    slot = c.config.nodes[3]
+    key = keys_moving_to(c, slot)[0]
+    c.ecs.state_file = FlakyDisk(c.ecs.state_file, lambda state: slot.name in state.ring_members)
+    saved_epoch = c.ring().epoch
+    joined: list[Any] = []
+    Deferred.fromCoroutine(c.ecs.add_nodes(1, "LRU", 10)).addBoth(joined.append)
+    while not c.ecs.state_file.failed:
+        c.settle()
+        c.clock.advance(0.01)
+    assert c.ecs.state.epoch > saved_epoch
+    c.pass_time(4 * INTERVAL)
+    acknowledged = None
+    for server in c.servers.values():
+        try:
+            answer = server.node.put(key, b"acknowledged")
+        except Exception:
+            continue
+        c.settle()
+        if answer.called:
+            acknowledged = answer.result
+            assert acknowledged is True  # (it replaced the value the key held)
+            break
+    # The ECS restarts on its state file; every acknowledged write is still there.
+    crash_ecs(c)
+    c.ecs = c.new_ecs()
+    c.ecs.start()
+    for server in c.servers.values():
+        c.connect_to_ecs(server)
+    c.pass_time(2 * INTERVAL)
+    tail = c.servers[c.ring().chain(key)[-1].name].node
+    assert tail.get(key) == (b"v-" + key if acknowledged is None else b"acknowledged")
+
+
+def test_a_death_whose_save_failed_reaches_no_server_until_it_is_saved(ring3):
+    # The ECS declared a server failed and could not save it: the ring marking it dead stayed
+    # in memory, and the next heartbeats sent it to the others as "behind on the ring" (their
+    # chains went on without it, while a restarted ECS would resume the ring with it). The
+    # death is saved again until it is, and only then sent.
+    c = ring3
+    disk = c.ecs.state_file = FlakyDisk(c.ecs.state_file)
+    epoch = c.ring().epoch
+    disk.full = True
+    c.hung.add("s2")
+    c.pass_time(TIMEOUT + 3 * INTERVAL)
+    assert "s2" in c.ecs.state.dead and c.ecs.state.epoch > epoch and disk.failed
+    assert all(c.servers[n].node.ring.epoch == epoch for n in ("s1", "s3"))
+    disk.full = False
+    c.pass_time(reconfiguration.SAVE_RETRY_MAX)
+    # Saved and sent (and repaired away since, the ring without it).
+    saved = c.ecs.state_file.inner.load()
+    assert "s2" in saved.dead or "s2" not in saved.ring_members
+    for name in ("s1", "s3"):
+        ring = c.servers[name].node.ring
+        assert ring.epoch == saved.epoch
+        assert "s2" in ring.dead or "s2" not in {n.name for n in ring.nodes}
 
 
 def test_a_restarted_ecs_relaunches_servers_that_do_not_come_back(running):

@@ -16,7 +16,8 @@ from typing import Any
 
 from twisted.internet.defer import (CancelledError, Deferred, DeferredList, DeferredLock,
                                     gatherResults, succeed)
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.error import ConnectionClosed, ConnectionRefusedError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import LogLevel
@@ -470,6 +471,11 @@ class ECS:
             await self._call(name, control.SetState, state="running" if serving else "stopped")
         except CancelledError:
             return  # the ECS stopped
+        except (ConnectionClosed, DeferredTimeout, control.ControlFailed) as e:
+            # It went away, hangs or refused with its reason: the heartbeats deal with the
+            # first two, and a traceback would add nothing to any of them.
+            log.warn("could not update {name}: {error}", name=name,
+                     error=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
         except Exception:
             log.failure("could not update {name}", name=name, level=LogLevel.warn)
 

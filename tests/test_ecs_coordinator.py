@@ -1360,3 +1360,21 @@ def test_a_hung_server_does_not_delay_the_others_hearing_of_a_death(running):
     # The other server has the new epoch at once, not after the hung one's call times out.
     assert running.servers[other].node.ring.epoch == ecs.state.epoch
     assert dead in running.servers[other].node.ring.dead
+
+
+def test_a_server_gone_while_it_is_updated_is_one_log_line_without_a_traceback(running):
+    # A server that dies just as it registers (or is updated) is the heartbeats' business: an
+    # operator's log gets one line naming it and why, not a ConnectionLost traceback.
+    from twisted.internet.error import ConnectionLost
+    from twisted.logger import globalLogPublisher
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        ecs = running.ecs
+        ecs.calls.call = lambda *a, **k: fail(ConnectionLost("the connection was lost"))
+        running.run(ecs._sync("s1"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [e for e in events if "could not update" in e.get("log_format", "")]
+    assert len(lines) == 1 and "log_failure" not in lines[0]
+    assert "ConnectionLost" in lines[0]["error"] and lines[0]["name"] == "s1"

@@ -181,9 +181,15 @@ class ECS:
 
     async def _bring_up(self) -> None:
         try:
-            if self.resumed:
+            if self.resumed and (self.state.formed or not self.config.initial_nodes):
                 await self._resume()
             elif self.config.initial_nodes:
+                if self.resumed:
+                    # The first start was cut short (stopped while its servers started, or
+                    # they never registered): start again rather than resume an empty ring
+                    # and wait for an admin. The slots it used are free again (_bring_in).
+                    log.info("no ring was formed before: starting {count} servers as on a "
+                             "first start", count=self.config.initial_nodes)
                 await self.add_nodes(self.config.initial_nodes, self.config.cache_strategy,
                                      self.config.cache_size, start=True)
         except Exception:
@@ -693,10 +699,13 @@ class ECS:
         idle = [m.name for m in self.state.members.values()
                 if m.status == IDLE and m.name in self.links]
         chosen = idle[:count]
+        # Before any ring was formed, a slot launching or idle and not registered is one a
+        # first start cut short launched: free again.
+        free = (REMOVED, FAILED) if self.state.formed else (REMOVED, FAILED, LAUNCHING, IDLE)
         free_slots = [s for s in self.config.nodes
                       if s.name not in self.links and s.name not in self.state.ring_members
                       and self.state.members.get(s.name, Member(s.name, "", 0, 0, REMOVED)).status
-                      in (REMOVED, FAILED)]
+                      in free]
         needed = count - len(chosen)
         if needed > len(free_slots):
             raise AdminError(
@@ -717,6 +726,10 @@ class ECS:
         try:
             await gatherResults([self._registered(n) for n in launched], consumeErrors=True)
         except Exception:
+            if self._stopped:
+                # The waits were cancelled, not timed out: the state is the next ECS's to judge
+                # (it waits for the launched servers to register again, or relaunches them).
+                raise CancelledError() from None
             for name in launched:
                 if name not in self.links:
                     self.state.members[name].status = FAILED

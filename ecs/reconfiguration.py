@@ -210,6 +210,7 @@ class Reconfigurer:
             member.token = None if node is None else node.token
             member.chain_epoch = 0 if node is None else node.chain_epoch
         self.state.ring_members = list(new_members)
+        self.state.formed = self.state.formed or bool(new_members)
         self.state.dead &= set(new_members)
         # Saved before anything is sent, even if it takes several tries: the locks hold meanwhile.
         await save_until_saved(self._save, self.clock, epoch)

@@ -62,6 +62,12 @@ class ClusterState:
     #: whether the service as a whole is started (servers answer clients)
     serving: bool = False
     replication: int = 1
+    #: whether a ring was ever committed: an ECS restarted before then starts its initial
+    #: servers again, as on a first start, instead of resuming an empty ring
+    formed: bool = False
+
+    def __post_init__(self) -> None:
+        self.formed = self.formed or bool(self.ring_members)
 
     def allocate_epoch(self) -> int:
         self.last_epoch = max(self.last_epoch, self.epoch) + 1
@@ -88,6 +94,7 @@ class ClusterState:
             "serving": self.serving,
             "replication": self.replication,
             "ring_members": list(self.ring_members),
+            "formed": self.formed,
             "dead": sorted(self.dead),
             "members": [asdict(m) for m in self.members.values()],
         }
@@ -95,12 +102,15 @@ class ClusterState:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ClusterState:
         members = {m["name"]: Member(**m) for m in data.get("members", [])}
+        ring_members = list(data.get("ring_members", []))
+        # A state saved before this was kept: formed unless nothing ever got past launching.
+        formed = data.get("formed", bool(ring_members) or any(
+            m.status not in (LAUNCHING, FAILED) for m in members.values()))
         return cls(epoch=int(data["epoch"]), last_epoch=int(data.get("last_epoch", data["epoch"])),
-                   members=members,
-                   ring_members=list(data.get("ring_members", [])),
+                   members=members, ring_members=ring_members,
                    dead=set(data.get("dead", [])),
                    serving=bool(data.get("serving", False)),
-                   replication=int(data.get("replication", 1)))
+                   replication=int(data.get("replication", 1)), formed=bool(formed))
 
 
 class StateStore(Protocol):

@@ -1378,3 +1378,27 @@ def test_a_server_gone_while_it_is_updated_is_one_log_line_without_a_traceback(r
     lines = [e for e in events if "could not update" in e.get("log_format", "")]
     assert len(lines) == 1 and "log_failure" not in lines[0]
     assert "ConnectionLost" in lines[0]["error"] and lines[0]["name"] == "s1"
+
+
+def test_an_ecs_restarted_before_its_first_ring_formed_starts_its_servers_again(cluster):
+    # Stopped while its first servers start (one registered, two launching), an ECS used to
+    # resume the empty ring on its next start and wait for an admin for ever.
+    cluster.launcher.auto_start = False
+    cluster.ecs.start()
+    cluster.start_server(cluster.config.slot("s1"))
+    cluster.settle()
+    saved = StateFile(cluster.config.state_file).load()
+    assert saved is not None and not saved.formed and not saved.ring_members
+    assert {m.status for m in saved.members.values()} == {"idle", "launching"}
+    cluster.ecs.stop()
+    for server in cluster.servers.values():  # the launcher's stop_all ended them
+        server.node.stores.close()
+    cluster.servers.clear()
+    cluster.pumps.clear()
+    cluster.launcher.auto_start = True
+    cluster.ecs = cluster.new_ecs()
+    cluster.start()
+    assert cluster.ecs.state.formed and cluster.ecs.state.serving
+    assert sorted(cluster.ecs.state.ring_members) == ["s1", "s2", "s3"]
+    # Once formed, a restart resumes that ring, whatever it holds.
+    assert StateFile(cluster.config.state_file).load().formed

@@ -19,12 +19,21 @@ from ecs.state import ACTIVE, FAILED, IDLE, ClusterState, Member, StateFile
 
 
 def sample_state() -> ClusterState:
-    state = ClusterState(epoch=4, last_epoch=6, serving=True, replication=3)
+    state = ClusterState(epoch=4, last_epoch=6, serving=True, replication=3,
+                         ring_members=["b", "a"])
     state.members["a"] = Member("a", "127.0.0.1", 6001, 7001, ACTIVE, "pool", "LFU", 5)
     state.members["b"] = Member("b", "127.0.0.2", 6002, 7002, ACTIVE, "operator")
     state.members["c"] = Member("c", "127.0.0.3", 6003, 7003, FAILED, "pool", "LRU", 0)
-    state.ring_members = ["b", "a"]
+    assert state.formed
     return state
+
+
+def test_a_state_saved_before_formed_was_kept_is_formed_unless_nothing_got_past_launching():
+    old = sample_state().to_json()
+    del old["formed"]
+    assert ClusterState.from_json(old).formed
+    old.update(ring_members=[], members=[m for m in old["members"] if m["name"] == "c"])
+    assert not ClusterState.from_json(old).formed  # c failed to start: nothing formed
 
 
 def test_save_then_load_round_trips_everything(tmp_path):

@@ -21,7 +21,7 @@ from ecs.config import ECSConfig
 from ecs.coordinator import ECS
 from ecs.protocol import AdminError
 from ecs.server import ECSProtocol
-from ecs.state import ACTIVE, ClusterState, Member, StateFile
+from ecs.state import ACTIVE, LAUNCHING, ClusterState, Member, StateFile
 
 NAMES = ["s1", "s2", "s3", "s4"]
 INTERVAL = 0.25
@@ -165,3 +165,41 @@ def test_an_admin_command_cut_short_by_stop_is_answered_with_an_admin_error(tmp_
     # an error the admin's AMP command declares (else AMP would log it and answer UNKNOWN)
     [answer] = answers
     assert answer.check(AdminError) and "the ECS stopped" in str(answer.value)
+
+
+class Launches:
+    """Launches nothing for real: the servers never register."""
+
+    def __init__(self) -> None:
+        self.launched: list[str] = []
+        self.stopped: list[str] = []
+
+    def launch(self, slot: Any, *args: Any) -> None:
+        self.launched.append(slot.name)
+
+    def stop(self, name: str) -> Deferred[None]:
+        self.stopped.append(name)
+        return succeed(None)
+
+    def stop_all(self) -> Deferred[None]:
+        return succeed(None)
+
+
+def test_an_ecs_stopped_while_its_first_servers_start_leaves_their_state_alone(tmp_path):
+    # Stopping is not the servers' failure: the state saved stays what it was (launching),
+    # for the next start to judge, and nothing is saved after the stop.
+    store = StateFile(str(tmp_path / "state.json"))
+    config = ECSConfig(initial_nodes=3, tls="off", heartbeat_interval=INTERVAL,
+                       failure_timeout=TIMEOUT, register_timeout=5.0).validated()
+    clock, launcher = Clock(), Launches()
+    ecs = ECS(config, clock, launcher, store)
+    ecs.start()
+    clock.advance(1.0)
+    assert len(launcher.launched) == 3
+    saved = (tmp_path / "state.json").read_text()
+    ecs.stop()
+    clock.advance(10.0)
+    assert (tmp_path / "state.json").read_text() == saved
+    assert launcher.stopped == [] and clock.getDelayedCalls() == []
+    assert {m.status for m in StateFile(str(tmp_path / "state.json")).load().members.values()
+            } == {LAUNCHING}

@@ -92,6 +92,12 @@ class ECS:
         # its way) is sent to no server (L{_sync}). A restarted ECS would resume the one saved
         # before, and the writes servers took under the unsaved one would be lost.
         self.saved_epoch = self.state.epoch
+        # Servers' leases end by the failure timeout an ECS answered their Alive with: one
+        # before this one, with a longer setting, may have promised more (L{start}). Ours is
+        # saved before any Alive is answered (a server registers first, which saves).
+        self._promised = self.state.failure_timeout
+        self._promised_until = 0.0
+        self.state.failure_timeout = max(self._promised, config.failure_timeout)
         self.links: dict[str, amp.AMP] = {}
         self.last_seen: dict[str, float] = {}
         self._waiting: dict[str, list[Deferred[None]]] = {}
@@ -161,6 +167,9 @@ class ECS:
         self._started_at = self.clock.seconds()
         for name in self.state.ring_members:
             self.last_seen[name] = self._started_at
+        # Nobody is declared failed before the leases an earlier ECS let them grant have run
+        # out: it answered their Alive before we started, with its failure timeout.
+        self._promised_until = self._started_at + self._promised
         # After a restart the servers come back at their reconnect back-off's pace (or must be
         # relaunched): they get register-timeout, not failure-timeout, before counting as
         # failed; without replicas a failure would hand their data to nobody.
@@ -505,7 +514,7 @@ class ECS:
                 limit = self.config.failure_timeout
                 limit += self._returning.get(name, 0.0)
                 if silent > limit and name not in self._failing:
-                    if name in self.state.dead:
+                    if name in self.state.dead or now <= self._promised_until:
                         continue
                     self._failing.add(name)
                     log.warn("{name} missed heartbeats for {silent:.1f}s: treating it as failed",

@@ -65,6 +65,10 @@ class ClusterState:
     #: whether a ring was ever committed: an ECS restarted before then starts its initial
     #: servers again, as on a first start, instead of resuming an empty ring
     formed: bool = False
+    #: the longest failure timeout an ECS of this state answered a server's Alive with: a
+    #: server's leases end by it (chainstore/chain.py, the lease bound), so an ECS restarted
+    #: with a shorter one declares nobody failed before this has passed (0: not known)
+    failure_timeout: float = 0.0
 
     def __post_init__(self) -> None:
         self.formed = self.formed or bool(self.ring_members)
@@ -93,6 +97,7 @@ class ClusterState:
             "last_epoch": self.last_epoch,
             "serving": self.serving,
             "replication": self.replication,
+            "failure_timeout": self.failure_timeout,
             "ring_members": list(self.ring_members),
             "formed": self.formed,
             "dead": sorted(self.dead),
@@ -110,7 +115,8 @@ class ClusterState:
                    members=members, ring_members=ring_members,
                    dead=set(data.get("dead", [])),
                    serving=bool(data.get("serving", False)),
-                   replication=int(data.get("replication", 1)), formed=bool(formed))
+                   replication=int(data.get("replication", 1)), formed=bool(formed),
+                   failure_timeout=float(data.get("failure_timeout", 0.0)))
 
 
 class StateStore(Protocol):

@@ -12,6 +12,7 @@ deterministic. A "hung" server's connections are no longer pumped (a SIGSTOP or 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -1031,6 +1032,34 @@ def test_a_restarted_ecs_with_replicas_gives_its_servers_failure_timeout_not_mor
     c.pass_time(TIMEOUT + 2 * INTERVAL)
     assert "s2" in c.ecs.state.dead
     assert c.launcher.launched == launched
+
+
+def test_an_ecs_restarted_with_a_shorter_failure_timeout_keeps_the_old_one_for_the_leases(
+        ring3):
+    # A server's leases end before its ECS may declare it failed, by the failure timeout that
+    # ECS answered its Alive with. Restarted with a shorter one (the operator's new setting),
+    # the ECS declared the servers that had not come back failed by that one, after a
+    # heartbeat round (register-timeout before a899d1f): a middle and a tail cut off together
+    # still granted each other leases under the old bound while their chains went on without
+    # them. The longest failure timeout answered is saved with the state, and a restarted ECS
+    # declares nobody failed before it has passed since its start.
+    c = ring3
+    bounds = {name: c.servers[name].node.chain.lease_bound for name in ("s2", "s3")}
+    crash_ecs(c)
+    started = c.clock.seconds()
+    assert all(bound > started + 1.5 for bound in bounds.values())  # (failure-timeout 3 s)
+    c.config = replace(c.config, failure_timeout=1.0, heartbeat_interval=0.5).validated()
+    c.ecs = c.new_ecs()
+    c.ecs.start()
+    c.connect_to_ecs(c.servers["s1"])
+    declared: dict[str, float] = {}
+    while len(declared) < 2:
+        c.pass_time(0.05, step=0.05)
+        declared.update({n: c.clock.seconds() for n in ("s2", "s3")
+                         if n in c.ecs.state.dead and n not in declared})
+        assert c.clock.seconds() < started + 10 * TIMEOUT, "never declared failed"
+    for name, bound in bounds.items():
+        assert declared[name] >= bound, (name, declared[name] - started, bound - started)
 
 
 def test_a_restarted_ecs_with_replicas_keeps_servers_that_come_back_within_failure_timeout(

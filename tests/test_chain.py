@@ -428,12 +428,9 @@ def test_tail_failure_the_middle_becomes_tail_after_the_lease_it_granted(net):
     assert net.nodes[middle.name].get(keys[15]) == b"late"
 
 
-def test_a_head_left_alone_waits_out_the_lease_it_granted_before_it_reads_or_acknowledges(net):
-    # python -m torture --long --seed 8128 (combined): a chain down to two, head and tail; the
-    # tail is cut off and declared failed, which leaves the head alone. It acknowledged a delete
-    # and a put at once, while the cut-off tail, under the lease the head had just granted it,
-    # still answered the value they had replaced. A chain of one needs no lease to read, but
-    # until the one it granted has run out its old tail may answer.
+def _head_and_leased_tail(net: SimNet) -> tuple[Ring, bytes, NodeInfo, NodeInfo]:
+    """A chain of five servers down to its head and tail (the middle dead), a key written
+    and the tail holding a fresh lease from the head: (ring, key, head, tail)."""
     ring = net.cluster(5)
     key = keys_headed_by(ring, "n1", 1)[0]
     head, middle, tail = ring.chain(key)
@@ -443,6 +440,16 @@ def test_a_head_left_alone_waits_out_the_lease_it_granted_before_it_reads_or_ack
     net.settle(put(net, ring, key, b"old"))
     net.run(1.0)  # the tail holds a fresh lease from the head
     assert net.nodes[tail.name].get(key) == b"old"
+    return ring, key, head, tail
+
+
+def test_a_head_left_alone_waits_out_the_lease_it_granted_before_it_reads_or_acknowledges(net):
+    # python -m torture --long --seed 8128 (combined): a chain down to two, head and tail; the
+    # tail is cut off and declared failed, which leaves the head alone. It acknowledged a delete
+    # and a put at once, while the cut-off tail, under the lease the head had just granted it,
+    # still answered the value they had replaced. A chain of one needs no lease to read, but
+    # until the one it granted has run out its old tail may answer.
+    ring, key, head, tail = _head_and_leased_tail(net)
     granted = net.nodes[head.name].chain.replicas[head.name].granted_until
     assert granted > net.clock.seconds()
     net.down.add(tail.name)  # cut off, alive: it still answers under its lease
@@ -465,14 +472,7 @@ def test_a_restarted_granter_waits_out_the_leases_its_previous_process_granted(n
     # tail just before. The tail is then cut off and declared failed, leaving the head alone:
     # it took the tail role at once, acknowledging a put while the cut-off tail still answered
     # the value it replaced under the lease the old process had granted.
-    ring = net.cluster(5)
-    key = keys_headed_by(ring, "n1", 1)[0]
-    head, middle, tail = ring.chain(key)
-    net.kill(middle.name)
-    ring = _mark_dead(net, ring, middle.name)
-    net.run(1.0)
-    net.settle(put(net, ring, key, b"old"))
-    net.run(1.0)  # the tail holds a fresh lease from the head
+    ring, key, head, tail = _head_and_leased_tail(net)
     held = net.nodes[tail.name].chain.replicas[head.name].lease_until
     assert held > net.clock.seconds() + 1.0
     net.kill(head.name)

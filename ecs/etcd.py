@@ -21,7 +21,8 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, readBody
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -41,6 +42,9 @@ Stream = Callable[[str, dict[str, Any], Callable[[dict[str, Any]], None]], "Defe
 
 #: A watch's messages may be up to this long (the leader key's events are a few hundred bytes).
 MAX_MESSAGE = 1 << 20
+#: An answer may be up to this long: the state of MAX_MEMBERS members is about 100 kB (and a
+#: third more in base64); anything far larger is not etcd's to send.
+MAX_ANSWER = 8 << 20
 
 
 class EtcdError(Exception):
@@ -119,22 +123,67 @@ def _agent(reactor: Any, tls: Credentials | None, **kwargs: Any) -> Agent:
     return Agent(reactor, contextFactory=_TrustEtcd(tls), **kwargs)
 
 
+class _Answer(Protocol):
+    """An answer's body, whole, or an error past L{MAX_ANSWER} bytes."""
+
+    def __init__(self, done: Deferred[bytes]) -> None:
+        self.done = done
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self.size += len(data)
+        if self.size > MAX_ANSWER:
+            self.done.errback(EtcdError(f"etcd's answer is over {MAX_ANSWER} bytes"))
+            self.transport.stopProducing()
+            return
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Any) -> None:  # type: ignore[override]
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.parts))
+        else:
+            self.done.errback(reason)
+
+
+def _read_answer(response: Any) -> Deferred[bytes]:
+    """The body of C{response}; cancelling the Deferred hangs up."""
+    answer: _Answer
+
+    def cancel(_: Deferred[bytes]) -> None:
+        if answer.transport is not None:
+            answer.transport.stopProducing()
+
+    answer = _Answer(Deferred(cancel))
+    response.deliverBody(answer)
+    return answer.done
+
+
 def http_post(reactor: Any, timeout: float = REQUEST_TIMEOUT,
-              tls: Credentials | None = None) -> Post:
+              tls: Credentials | None = None, agent: Any = None) -> Post:
     """The real transport: a JSON POST with Twisted's HTTP client and persistent connections
-    (https with C{tls}, see L{_TrustEtcd})."""
-    agent = _agent(reactor, tls, pool=HTTPConnectionPool(reactor, persistent=True))
+    (https with C{tls}, see L{_TrustEtcd}). C{timeout} bounds the whole request, the answer's
+    body included: a member that sends its headers and then nothing more is given up on."""
+    if agent is None:
+        agent = _agent(reactor, tls, pool=HTTPConnectionPool(reactor, persistent=True))
     headers = Headers({b"Content-Type": [b"application/json"]})
 
     async def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
         from twisted.web.client import FileBodyProducer
         from io import BytesIO
 
+        began = reactor.seconds()
         d = agent.request(b"POST", url.encode("ascii"), headers,
                           FileBodyProducer(BytesIO(json.dumps(body).encode("utf-8"))))
         d.addTimeout(timeout, reactor)
         response = await d
-        text = await readBody(response)
+        body_read = _read_answer(response)
+        body_read.addTimeout(max(0.0, timeout - (reactor.seconds() - began)), reactor)
+        text = await body_read
         try:
             answer = json.loads(text)
         except ValueError:

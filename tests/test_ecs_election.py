@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol
@@ -17,7 +18,7 @@ from chainstore import control
 from ecs.config import ECSConfig
 from ecs.coordinator import ECS
 from ecs.election import DEPOSE_MARGIN, Election
-from ecs.etcd import EtcdClient, EtcdUnavailable, unb64
+from ecs.etcd import EtcdClient, EtcdError, EtcdUnavailable, unb64
 from ecs.etcd_state import Deposed, EtcdState, leader_key, leader_record, state_key
 from ecs.leadership import Leadership
 from ecs.server import ECSProtocol
@@ -879,3 +880,51 @@ def test_a_watch_stream_is_read_message_by_message_across_chunks() -> None:
     assert not done.called
     reader.connectionLost(Failure(ResponseDone()))
     assert result(done) is None
+
+
+class _StalledAnswer:
+    """An etcd answer whose headers came and whose body sends C{chunk}, then nothing."""
+
+    code = 200
+    phrase = b"OK"
+
+    def __init__(self, chunk: bytes) -> None:
+        self.chunk = chunk
+        self.hung_up = False
+
+    def deliverBody(self, protocol: Any) -> None:
+        from twisted.internet.testing import StringTransport
+        answer = self
+        transport = StringTransport()
+        transport.stopProducing = lambda: setattr(answer, "hung_up", True)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(self.chunk)
+
+
+class _Agent:
+    def __init__(self, answer: _StalledAnswer) -> None:
+        self.answer = answer
+
+    def request(self, *args: Any) -> Deferred[Any]:
+        return succeed(self.answer)
+
+
+def test_an_etcd_answer_whose_body_stalls_or_grows_without_end_is_given_up():
+    # The request's timeout bounded only the wait for the headers: a member that then sent
+    # part of its body and nothing more held the ECS's save for ever (and the next member was
+    # never tried). And the body was read whole, however large.
+    from ecs.etcd import MAX_ANSWER, http_post
+    clock = Clock()
+    stalled = _StalledAnswer(b'{"header": ')
+    d = http_post(clock, timeout=2.0, agent=_Agent(stalled))("http://etcd:2379/v3/kv/range", {})
+    clock.advance(1.9)
+    assert not d.called
+    clock.advance(0.1)
+    failures: list[Any] = []
+    d.addErrback(failures.append)
+    assert failures and failures[0].check(defer.TimeoutError) and stalled.hung_up
+    huge = _StalledAnswer(b" " * (MAX_ANSWER + 1))
+    d = http_post(clock, timeout=2.0, agent=_Agent(huge))("http://etcd:2379/v3/kv/range", {})
+    d.addErrback(failures.append)
+    assert failures[1].check(EtcdError) and "over" in failures[1].getErrorMessage()
+    assert huge.hung_up

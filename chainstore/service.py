@@ -9,7 +9,9 @@ traceback ``twistd kvserver`` does not print (chainstore/tap.py).
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import sys
 import time
 from typing import Any
@@ -145,6 +147,12 @@ class KVServerService(MultiService):
         log.info("opened stores in {data_dir} ({backend}, durability {durability}): {counts}",
                  data_dir=cfg.data_dir, backend=cfg.backend, durability=cfg.durability,
                  counts=counts)
+        mode = stat.S_IMODE(os.stat(cfg.data_dir).st_mode)
+        if mode & 0o077:
+            # (a directory made by the server is 0700; this one was made before, or by hand)
+            log.warn("the data directory {data_dir} is open to other local users (mode "
+                     "{mode:04o}): chmod 700 it to keep the data private",
+                     data_dir=cfg.data_dir, mode=mode)
         super().startService()
         # Under an ECS the ring position is the one it chose (the ring says); alone, or with
         # placement "hash", the MD5 of the console address below.

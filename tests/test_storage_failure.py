@@ -174,3 +174,35 @@ def test_a_server_whose_storage_fails_leaves_the_ecs_and_refuses_to_serve_again(
     finally:
         service.stopService()
 
+
+
+def _start_warnings(data_dir: str) -> list[str]:
+    """The warnings a standalone server logs as it starts on C{data_dir}."""
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+    config = ServerConfig(name="s1", data_dir=data_dir, tls="off",
+                          listen="tcp:51001:interface=127.0.0.1",
+                          console="tcp:50001:interface=127.0.0.1").validated()
+    service = KVServerService(config, MemoryReactorClock(), credentials=None)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        service.privilegedStartService()
+        service.startService()
+        service.stopService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+
+
+def test_the_data_directory_is_made_private_and_an_open_one_is_named(tmp_path):
+    # The values are the users' data: other local users must not read them (as etcd, a
+    # server warns of a data directory open to them, and makes its own 0700).
+    import stat
+    made = tmp_path / "made"
+    assert not any("data directory" in w for w in _start_warnings(str(made)))
+    assert stat.S_IMODE(os.stat(made).st_mode) == 0o700
+    opened = tmp_path / "opened"
+    opened.mkdir(mode=0o755)
+    os.chmod(opened, 0o755)
+    warned = [w for w in _start_warnings(str(opened)) if "data directory" in w]
+    assert len(warned) == 1 and "0755" in warned[0] and "chmod 700" in warned[0]

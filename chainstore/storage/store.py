@@ -291,7 +291,8 @@ class StoreSet:
         what it should be."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown storage backend {backend!r}; known: {sorted(BACKENDS)}")
-        os.makedirs(directory, exist_ok=True)
+        # Private, as the keys are: other local users have no business reading the data.
+        os.makedirs(directory, mode=0o700, exist_ok=True)
         manifest = Manifest(directory)
         if backend == "sqlite":
             check_stores(directory, manifest, STORE_NAMES)

@@ -28,6 +28,7 @@ from chainstore import control
 from chainstore.chain import LEASE_SECONDS
 from chainstore.logs import get_logger
 from chainstore.protocol import ring_to_wire
+from chainstore.ring import Ring
 from ecs.config import ECSConfig
 from ecs.control_calls import CONTROL_TIMEOUT, ControlCalls
 from ecs.chains import ChainReports
@@ -62,6 +63,18 @@ REPAIR_RETRY_FIRST = 1.0
 REPAIR_RETRY_MAX = 30.0
 
 __all__ = ["CONTROL_TIMEOUT", "ECS", "Operation"]
+
+
+def _neighbours(ring: Ring, name: str) -> set[str]:
+    """The members next to C{name} in any of C{ring}'s live chains: those holding a lease it
+    granted (its successor as tail, its predecessor upstream), or granting it one."""
+    found: set[str] = set()
+    for index in range(len(ring.nodes)):
+        chain = [n.name for n in ring.chain_for_index(index)]
+        if name in chain:
+            i = chain.index(name)
+            found.update(chain[max(i - 1, 0):i] + chain[i + 1:i + 2])
+    return found
 
 
 class ECS:
@@ -273,9 +286,20 @@ class ECS:
             log.info("no ring member answers after this ECS resumed; waiting for them "
                      "(relaunched after {t}s)", t=self.config.failure_timeout)
             return
+        ring = self.state.ring()
         for name in refused:
             if name in self.links or name in self._failing or name in self.state.dead:
                 continue  # registered meanwhile, or already being handled
+            together = _neighbours(ring, name) & set(refused)
+            if together:
+                # A firewall that rejects refuses too, with the processes alive: two members
+                # of a chain cut off that way grant each other leases, which run out within
+                # their grace (the lease bound), not before. Marked dead now, their chain
+                # went on without them while one answered reads under the other's lease.
+                log.warn("{name} refused a connection after this ECS resumed, and so did "
+                         "{others}, next to it in a chain: keeping their grace",
+                         name=name, others=", ".join(sorted(together)))
+                continue
             member = self.state.members[name]
             self._refused.add(name)
             self._failing.add(name)

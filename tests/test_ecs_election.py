@@ -823,6 +823,41 @@ def test_a_restarted_ecs_marks_a_member_whose_port_refuses_dead_at_once(tmp_path
     assert launcher.launched == []
 
 
+def test_two_neighbours_whose_ports_refuse_keep_their_grace(tmp_path) -> None:
+    # A refused connection is taken for "no process", but a firewall rejecting (iptables'
+    # REJECT, a partition) refuses too, with the processes alive. Two members of a chain cut
+    # off that way go on granting each other leases, by the bound the old ECS let them have:
+    # both marked dead at once, their chain went on without them at the restart while one
+    # still answered reads under the other's lease. One whose chain neighbours are back (or
+    # only slow) is marked dead at once, as before; neighbours that both refuse wait for the
+    # failure timeout, by which their leases have run out.
+    from ecs.state import StateFile
+    state = ClusterState(epoch=5, last_epoch=5, replication=3, serving=True,
+                         ring_members=["server1", "server2", "server3", "server4"])
+    for i, name in enumerate(state.ring_members, 1):
+        state.members[name] = Member(name, "127.0.0.1", 50000 + i, 51000 + i, ACTIVE)
+    store = StateFile(str(tmp_path / "state.json"))
+    store.save(state)
+    # Two next to each other in the ring (so in a chain), the third back, the fourth slow.
+    first, second, back, slow = state.ring().nodes
+    clock = Clock()
+    dial = Dialler({first.amp_port: "refused", second.amp_port: "refused",
+                    slow.amp_port: "up"})
+    config = ECSConfig(initial_nodes=0, launcher="none", tls="off",
+                       register_timeout=20.0).validated()
+    ecs = made(ECS(config, clock, RecordingLauncher(), store, dial=dial))
+    ecs.start()
+    result(ecs.register(SilentLink(), back.name, back.host, back.console_port, back.amp_port,
+                        0))
+    pair = {first.name, second.name}
+    while clock.seconds() < config.failure_timeout:
+        clock.advance(STEP)
+        assert not ecs.state.dead & pair, clock.seconds()
+    while clock.seconds() < config.failure_timeout + 2 * config.heartbeat_interval + STEP:
+        clock.advance(STEP)
+    assert pair <= ecs.state.dead
+
+
 def test_without_replicas_a_member_whose_port_refuses_keeps_its_grace(tmp_path) -> None:
     # Marked dead, its range would go to nobody: it has register-timeout to come back with
     # its files (or to be relaunched), as before the probes.

@@ -108,6 +108,9 @@ class ECSConfig:
     lease_ttl: int = 2
     #: this ECS's name among several (default: its advertise HOST:PORT)
     name: str = ""
+    #: on: after repairing a failure, add as many servers as failed (idle ones, or pool slots
+    #: launched again); off: the ring stays smaller until an admin adds servers
+    replace_failed: str = "off"
 
     def validated(self) -> ECSConfig:
         if self.heartbeat_interval <= 0:
@@ -173,6 +176,13 @@ class ECSConfig:
                         if other != n.name else
                         f"{n.name}: console-port and amp-port are both {port}")
         try:
+            replace_failed = switch(self.replace_failed, "replace-failed")
+        except TLSConfigError as e:
+            raise ECSConfigError(str(e)) from None
+        if replace_failed == "on" and self.launcher == "none":
+            raise ECSConfigError("replace-failed needs a launcher (local or ssh) to start "
+                                 "servers in place of failed ones")
+        try:
             tls = switch(self.tls)
             if tls == "on":
                 client_host_port(self.advertise)
@@ -196,7 +206,7 @@ class ECSConfig:
         except WebConfigError as e:
             raise ECSConfigError(str(e)) from None
         return replace(self, cache_strategy=self.cache_strategy.upper(),
-                       log_level=self.log_level.lower(), tls=tls)
+                       log_level=self.log_level.lower(), tls=tls, replace_failed=replace_failed)
 
     @property
     def tls_files(self) -> TLSFiles | None:
@@ -277,7 +287,8 @@ _SCALARS = {
     "ssh-command": str, "register-timeout": float, "log-level": str, "placement": str,
     "tls": str, "pki-dir": str, "tls-ca": str, "tls-cert": str, "tls-key": str,
     "state": str, "etcd-prefix": str, "lease-ttl": int, "name": str,
-    "web": str, "log-json": str, "etcd-tls-ca": str, "etcd-tls-cert": str, "etcd-tls-key": str,
+    "web": str, "log-json": str, "replace-failed": str,
+    "etcd-tls-ca": str, "etcd-tls-cert": str, "etcd-tls-key": str,
 }
 OPTION_NAMES = set(_SCALARS) | {"nodes", "etcd-endpoints"}
 

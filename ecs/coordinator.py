@@ -667,7 +667,6 @@ class ECS:
                     self.state.members[name].status = IDLE
                 await self._save()
                 self._repair_failures = 0
-                return
             except CancelledError:
                 raise  # the ECS stopped: no retry
             except Exception:
@@ -678,8 +677,28 @@ class ECS:
                             level=LogLevel.warn, attempt=self._repair_failures,
                             delay=delay)
                 self._repair_later(delay)
+                return
+            if self.config.replace_failed == "on":
+                await self._replace(sorted(dead))
         finally:
             self.busy.release()
+
+    async def _replace(self, failed: list[str]) -> None:
+        """With replace-failed on, after a repair: as many servers join as failed (C{busy}
+        held), idle registered ones first, else pool slots launched again, the failed ones'
+        among them (their stores are cleared and filled by the join's copies). A replacement
+        that fails is logged and left to an operator: the repair itself is done."""
+        try:
+            names = await self._add(len(failed), self.config.cache_strategy,
+                                    self.config.cache_size)
+        except CancelledError:
+            raise
+        except Exception as e:
+            log.warn("could not replace {failed}: {error}; add servers with ecsclient addNode",
+                     failed=", ".join(failed), error=e)
+            return
+        log.info("replaced {failed} with {names}", failed=", ".join(failed),
+                 names=", ".join(names))
 
     def _repair_later(self, delay: float) -> None:
         if self._stopped:
@@ -709,23 +728,27 @@ class ECS:
         self._claim()
         await self.busy.acquire()
         try:
-            names = await self._bring_in(count, cache_strategy.upper(), cache_size)
-            await self._reconfigure(self.state.live_members + names,
-                                    f"adding {', '.join(names)}")
-            for name in names:
-                self.state.members[name].status = ACTIVE
-            if start:
-                if len(self.state.live_members) >= self.state.replication:
-                    self.state.serving = True
-                else:
-                    log.warn("{count} servers, fewer than the replication factor {k}: the "
-                             "service waits for more (addNode) before it starts",
-                             count=len(self.state.live_members), k=self.state.replication)
-            await self._save()
-            await self._apply_states()
-            return names
+            return await self._add(count, cache_strategy.upper(), cache_size, start)
         finally:
             self.busy.release()
+
+    async def _add(self, count: int, cache_strategy: str, cache_size: int,
+                   start: bool = False) -> list[str]:
+        """Bring C{count} servers in and join them to the ring (C{busy} held)."""
+        names = await self._bring_in(count, cache_strategy, cache_size)
+        await self._reconfigure(self.state.live_members + names, f"adding {', '.join(names)}")
+        for name in names:
+            self.state.members[name].status = ACTIVE
+        if start:
+            if len(self.state.live_members) >= self.state.replication:
+                self.state.serving = True
+            else:
+                log.warn("{count} servers, fewer than the replication factor {k}: the "
+                         "service waits for more (addNode) before it starts",
+                         count=len(self.state.live_members), k=self.state.replication)
+        await self._save()
+        await self._apply_states()
+        return names
 
     async def _bring_in(self, count: int, cache_strategy: str, cache_size: int) -> list[str]:
         """Pick C{count} servers (idle registered ones, then pool slots), launched and empty."""

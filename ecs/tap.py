@@ -79,6 +79,9 @@ class Options(usage.Options):
         ["lease-ttl", None, None,
          f"seconds of the leader's etcd lease [default: {_D.lease_ttl}]"],
         ["name", None, None, "this ECS's name among several [default: its advertise HOST:PORT]"],
+        ["replace-failed", None, None,
+         "on: after repairing a failure, add as many servers as failed (idle ones, or pool "
+         f"slots launched again); off: wait for an admin's addNode [default: {_D.replace_failed}]"],
         ["web", None, None,
          "the status page, its JSON (/status.json) and the ECS's /metrics, or off; beyond "
          f"loopback it is HTTPS for admin certificates only [default: {_D.web}]"],

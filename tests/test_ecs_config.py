@@ -299,3 +299,13 @@ def test_unreadable_etcd_tls_files_are_one_usage_error(tmp_path):
                                 "--etcd-tls-cert", str(tmp_path / "none.crt"),
                                 "--etcd-tls-key", str(tmp_path / "none.key"),
                                 "--pki-dir", str(tmp_path / "pki")])
+
+
+def test_replace_failed_is_on_or_off_and_needs_a_launcher(tmp_path):
+    assert config_from(tmp_path, "replace-failed: on\n").replace_failed == "on"
+    assert config_from(tmp_path, "replace-failed: off\n").replace_failed == "off"
+    assert "replace-failed" in error_of(tmp_path, "replace-failed: maybe\n")
+    assert "needs a launcher" in error_of(tmp_path, "replace-failed: on\nlauncher: none\n")
+    options = Options()
+    options.parseOptions(["--replace-failed", "on"])
+    assert options.config.replace_failed == "on"

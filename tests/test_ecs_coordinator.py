@@ -1431,3 +1431,35 @@ def test_an_ecs_restarted_before_its_first_ring_formed_starts_its_servers_again(
     assert sorted(cluster.ecs.state.ring_members) == ["s1", "s2", "s3"]
     # Once formed, a restart resumes that ring, whatever it holds.
     assert StateFile(cluster.config.state_file).load().formed
+
+
+def test_with_replace_failed_a_failed_server_is_repaired_away_and_its_slot_joins_again(tmp_path):
+    # Off (the default) the ring stays smaller after a repair until an admin adds a server; on,
+    # the ECS adds one itself: here the failed server's own slot, launched again, empty, and
+    # filled by the join's copies.
+    import dataclasses
+    c = Cluster(tmp_path, replication=3, initial=3, slots=3)
+    try:
+        c.config = dataclasses.replace(c.config, replace_failed="on")
+        c.ecs = c.new_ecs()
+        c.start()
+        place_by_role(c, KEYS)
+        victim = "s2"
+        c.hung.add(victim)
+        launched = len(c.launcher.launched)
+        c.pass_time(TIMEOUT + 10 * INTERVAL)
+        assert c.launcher.launched[launched:] == [victim]
+        assert sorted(c.ecs.state.ring_members) == ["s1", "s2", "s3"]
+        assert not c.ecs.state.dead and c.ecs.state.members[victim].status == ACTIVE
+        assert c.servers[victim].node.ring.epoch == c.ring().epoch
+        c.check_placement(KEYS)
+    finally:
+        c.close()
+
+
+def test_without_replace_failed_the_ring_stays_smaller_after_a_repair(ring3):
+    launched = len(ring3.launcher.launched)
+    ring3.hung.add("s2")
+    ring3.pass_time(TIMEOUT + 10 * INTERVAL)
+    assert ring3.launcher.launched[launched:] == []
+    assert sorted(ring3.ecs.state.ring_members) == ["s1", "s3"]

@@ -83,6 +83,10 @@ READ_POLICIES = ("any", "tail")
 #: range reconnects), and its reads of that member's keys would stay on the other members.
 SUSPECT_SECONDS = 10.0
 
+#: The largest answer box a server sends: a Get of a 120,000-byte value in two AMP chunks, or a
+#: ring of 256 members (chainstore/bounds.py sizes the servers' own caps the same way).
+MAX_ANSWER_BOX = 1 << 20
+
 #: What a client presents by default: the certificate C{make run} issues to clients.
 DEFAULT_TLS = TLSFiles.in_dir(os.path.join("data", "pki"), "client")
 
@@ -171,6 +175,7 @@ class _ClientProtocol(RoleGuard):
         self._first = b""
         self._checked = False
         self._wrong: WrongProtocol | None = None
+        self._box_bytes = 0
         self._lost: Deferred[None] = Deferred()
         self._lost_shared = _Shared(self._lost)
 
@@ -191,6 +196,22 @@ class _ClientProtocol(RoleGuard):
                 self._refuse(data)
                 return
         super().dataReceived(data)
+
+    def stringReceived(self, string: bytes) -> None:
+        # AMP reads a box's keys and values until the empty key that ends it: a peer that
+        # never ends one would grow this client's memory without bound.
+        self._box_bytes += len(string) + 2
+        if self._box_bytes > MAX_ANSWER_BOX:
+            host, port = self.address
+            self._wrong = WrongProtocol(
+                f"{host}:{port} sent an answer of over {MAX_ANSWER_BOX} bytes: not a chainstore "
+                "server's")
+            self.paused = True  # nothing more of this connection is parsed
+            self.abort()
+            return
+        super().stringReceived(string)
+        if self.state == "init":  # (the box ended)
+            self._box_bytes = 0
 
     def _refuse(self, data: bytes) -> None:
         host, port = self.address

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.protocols.amp import AMP as PeerAMP
@@ -669,3 +669,24 @@ def test_a_read_from_a_hung_server_is_retried_on_the_new_ring(net: FakeNetwork) 
     net.nodes[amp(infos[1])].ring = new
     assert drive(net, store.get(key)) == b"v"
     assert store.ring == new
+
+
+def test_an_answer_box_that_never_ends_is_cut_off_at_the_cap() -> None:
+    # AMP reads keys and values until the empty key that ends a box: a peer that sends pairs
+    # for ever (not a chainstore server, or a hostile one) would grow the client's memory.
+    import struct
+    from twisted.internet.testing import StringTransport
+    from client.kvstore import MAX_ANSWER_BOX, _ClientProtocol
+    lost: list[Any] = []
+    proto = _ClientProtocol(("127.0.0.1", 1), lost.append)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    value = b"x" * 60_000
+    pair = struct.pack("!H", 2) + b"k1" + struct.pack("!H", len(value)) + value
+    sent = 0
+    while sent <= MAX_ANSWER_BOX + len(pair) and not transport.disconnecting:
+        proto.dataReceived(pair)
+        sent += len(pair)
+    assert transport.disconnecting and sent <= MAX_ANSWER_BOX + len(pair)
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert lost == [proto] and "over" in str(proto._wrong)

@@ -117,7 +117,7 @@ class Counted(Protocol):
         super().connectionLost(reason)
 
 
-class _Refused(Protocol):
+class Refused(Protocol):
     """Stands in for a protocol beyond the cap: closes its connection at once."""
 
     def connectionMade(self) -> None:
@@ -160,7 +160,7 @@ class CappedFactory(Factory):
                          peer=_address(addr))
             self.refused += 1
             self.refused_total += 1
-            return _Refused()
+            return Refused()
         proto = self.build_protocol(addr)
         self.connections += 1
         proto.on_lost = self._released

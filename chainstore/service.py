@@ -91,11 +91,11 @@ class KVServerService(MultiService):
                                                  credentials=credentials))
         self._factories = [KVServerFactory(self.node), ConsoleFactory(self.node)]
         listening_service(tls.server_endpoint(reactor, config.listen, credentials),
-                  self._factories[0]).setServiceParent(self)
+                          self._factories[0]).setServiceParent(self)
         # The classic console has no TLS (its clients cannot do it) unless given an ssl:
         # endpoint; the start-up warnings below say what binding it elsewhere exposes.
         listening_service(serverFromString(reactor, config.console),
-                  self._factories[1]).setServiceParent(self)
+                          self._factories[1]).setServiceParent(self)
         if config.metrics_endpoint == OFF:
             self.node.metrics = NoMetrics(self.node.metrics.clock)
         else:

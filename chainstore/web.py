@@ -24,6 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from chainstore import tls
+from chainstore.bounds import Refused
 from chainstore.logs import get_logger
 from chainstore.roles import ADMIN
 
@@ -162,11 +163,6 @@ class _QuietSite(Site):
         pass
 
 
-class _Refused(Protocol):
-    def connectionMade(self) -> None:
-        self.transport.abortConnection()
-
-
 class CappedWeb(WrappingFactory):
     """Wraps a site: at most C{max_connections} connections at once, C{per_host} from one
     address; more are closed on accept (under TLS too, unlike a None from buildProtocol). The
@@ -191,7 +187,7 @@ class CappedWeb(WrappingFactory):
                          "more until one closes", what=self.what,
                          count=self.open, here=self.hosts.get(host, 0), host=host)
             self.refused += 1
-            return _Refused()
+            return Refused()
         wrapper = super().buildProtocol(addr)
         wrapper.web_host = host  # type: ignore[attr-defined]
         self.open += 1
@@ -221,8 +217,7 @@ class WebListener(Service):
     status pages are for operators, and the data must stay served without them."""
 
     def __init__(self, reactor: Any, description: str, root: Resource,
-                 credentials: tls.Credentials | None, what: str = "HTTP",
-                 idle_timeout: float = WEB_IDLE_SECONDS) -> None:
+                 credentials: tls.Credentials | None, what: str = "HTTP") -> None:
         self.description = description
         self.what = what
         self.port: Any = None
@@ -230,8 +225,8 @@ class WebListener(Service):
             self.endpoint = serverFromString(reactor, description)
         else:
             self.endpoint = tls.server_endpoint(reactor, description, credentials)
-        self.site = _QuietSite(AdminOnly(root), timeout=idle_timeout, reactor=reactor)
-        self.factory = CappedWeb(self.site, what)
+        self.factory = CappedWeb(_QuietSite(AdminOnly(root), timeout=WEB_IDLE_SECONDS,
+                                            reactor=reactor), what)
 
     def startService(self) -> None:
         super().startService()

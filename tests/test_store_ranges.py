@@ -1,14 +1,17 @@
 """Ranges of the ring read from a store without reading the rest of it (issue 10, part 5).
 
-The SQLite store keeps each key's ring bucket (the top bits of its position) in an indexed
-column; a range copy, move or drop reads only that range's buckets, a page at a time with the
-reactor running between pages; the key count is one row kept in the same transactions; files made before
-the column existed are upgraded when they are opened.
+The SQLite store keeps each row under its key's home (the top 64 bits of its ring position) as
+its rowid, so the table is in ring order; a range copy, move or drop reads only that range's run
+of rows, a page at a time with the reactor running between pages; the key count is one row kept
+in the same transactions; files of the layouts before (keyed by the key) are moved into this one
+when they are opened.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pytest
@@ -64,21 +67,53 @@ def stores(tmp_path):
     s.close()
 
 
+@contextmanager
+def coarse_homes(bits: int = 3) -> Iterator[None]:
+    """Homes of C{bits} bits instead of 64: most keys share theirs with others, the case of
+    two keys whose positions share their top 64 bits (the spill's)."""
+    real = sqlitedbm._home_of
+    drop = 64 - bits
+    sqlitedbm._home_of = lambda top: ((top >> drop) << drop) - sqlitedbm._HOME_BIAS
+    try:
+        yield
+    finally:
+        sqlitedbm._home_of = real
+
+
+def homes(coarse: bool) -> Any:
+    return coarse_homes() if coarse else nullcontext()
+
+
 # -- pages of a range --------------------------------------------------------------------------
 
-# Any two positions, and two close together (both in one bucket, or one just past the other:
-# almost the whole ring, its bucket at both ends).
+# A few keys of any bytes, and up to 200 more, so that pages are many and a range that wraps past
+# zero has rows at both ends of the ring.
+key_sets = st.builds(lambda few, more: few | set(keys(more)),
+                     st.sets(st.binary(min_size=1, max_size=8), max_size=40), st.integers(0, 200))
+
+# Any two positions; a range that wraps past zero with keys at both ends; two close together
+# (both in one home or in neighbouring ones, or one just past the other: almost the whole ring,
+# one home at both ends).
 ranges = st.one_of(
     st.tuples(st.integers(0, TOP), st.integers(0, TOP)).map(lambda t: KeyRange(*t)),
-    st.tuples(st.integers(0, TOP), st.integers(-(1 << 121), 1 << 121)).map(
-        lambda t: KeyRange(t[0], (t[0] + t[1]) % (TOP + 1))))
+    st.tuples(st.integers(HALF, TOP), st.integers(1 << 120, HALF)).map(lambda t: KeyRange(*t)),
+    st.tuples(st.integers(0, TOP), st.sampled_from([1 << 121, 1 << 66, 1 << 62])).flatmap(
+        lambda t: st.integers(-t[1], t[1]).map(
+            lambda d: KeyRange(t[0], (t[0] + d) % (TOP + 1)))))
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.sets(st.binary(min_size=1, max_size=8), max_size=80), ranges,
-       st.integers(1, 30), st.sampled_from([None, 1, 40, 400]), st.booleans(), st.data())
+@given(key_sets, ranges,
+       st.integers(1, 30), st.sampled_from([None, 1, 40, 400]), st.booleans(), st.booleans())
 def test_range_pages_hold_the_range_once_each_on_both_backends(
-        tmp_path_factory, present, rng, limit, max_bytes, values, data):
+        tmp_path_factory, present, rng, limit, max_bytes, values, coarse):
+    with homes(coarse):
+        range_pages_hold_the_range_once_each(tmp_path_factory, present, rng, limit,
+                                             max_bytes, values)
+
+
+def range_pages_hold_the_range_once_each(tmp_path_factory, present, rng, limit, max_bytes,
+                                         values):
     where = tmp_path_factory.mktemp("pages")
     sqlite = sqlitedbm.open(where / "s.sqlite")
     dumb = DumbDBM(str(where / "d"))
@@ -113,10 +148,15 @@ def test_range_pages_hold_the_range_once_each_on_both_backends(
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.sets(st.binary(min_size=1, max_size=8), max_size=80), ranges,
-       st.integers(1, 30), st.sampled_from([None, 1, 40, 400]))
+@given(key_sets, ranges,
+       st.integers(1, 30), st.sampled_from([None, 1, 40, 400]), st.booleans())
 def test_a_page_moved_between_files_is_the_page_read_on_both_backends(
-        tmp_path_factory, present, rng, limit, max_bytes):
+        tmp_path_factory, present, rng, limit, max_bytes, coarse):
+    with homes(coarse):
+        a_page_moved_is_the_page_read(tmp_path_factory, present, rng, limit, max_bytes)
+
+
+def a_page_moved_is_the_page_read(tmp_path_factory, present, rng, limit, max_bytes):
     where = tmp_path_factory.mktemp("moves")
     items = {k: k * 3 for k in present}
     for make in (lambda name: sqlitedbm.open(where / f"{name}.sqlite"),
@@ -150,8 +190,15 @@ def test_a_page_moved_between_files_is_the_page_read_on_both_backends(
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.sets(st.binary(min_size=1, max_size=8), max_size=80), ranges, st.integers(1, 30))
-def test_a_dropped_page_is_the_page_read_on_both_backends(tmp_path_factory, present, rng, limit):
+@given(key_sets, ranges, st.integers(1, 30),
+       st.booleans())
+def test_a_dropped_page_is_the_page_read_on_both_backends(tmp_path_factory, present, rng, limit,
+                                                          coarse):
+    with homes(coarse):
+        a_dropped_page_is_the_page_read(tmp_path_factory, present, rng, limit)
+
+
+def a_dropped_page_is_the_page_read(tmp_path_factory, present, rng, limit):
     where = tmp_path_factory.mktemp("drops")
     items = {k: k * 3 for k in present}
     for db in (sqlitedbm.open(where / "s.sqlite"), DumbDBM(str(where / "d"))):
@@ -173,15 +220,15 @@ def test_a_dropped_page_is_the_page_read_on_both_backends(tmp_path_factory, pres
             db.close()
 
 
-def test_a_page_is_dropped_by_rowid_without_reading_its_keys(db):
+def test_a_page_is_dropped_as_one_run_of_rows(db):
     db.update_many([(k, b"v") for k in keys(600)])
     statements: list[str] = []
     db._conn.set_trace_callback(statements.append)
-    deleted, cursor = db.drop_page(5, 5, None, 256)  # the whole ring: no bucket in part
+    deleted, cursor = db.drop_page(5, 5, None, 256)  # the whole ring: no row left out
     assert deleted == 256 and cursor is not None and len(db) == 600 - 256
-    assert not [sql for sql in statements if "SELECT rowid, k" in sql or "k = " in sql]
-    assert any(sql.startswith("DELETE FROM kv WHERE b = ") for sql in statements)
-
+    deletes = [sql for sql in statements if sql.startswith("DELETE")]
+    assert len(deletes) == 1 and deletes[0].startswith("DELETE FROM kv WHERE p >= ")
+    assert not [sql for sql in statements if sql.startswith("SELECT p, k, v ")]
 
 def test_a_page_moves_inside_sqlite_and_leaves_nothing_attached(tmp_path):
     source = sqlitedbm.open(tmp_path / "source.sqlite")
@@ -191,19 +238,19 @@ def test_a_page_moves_inside_sqlite_and_leaves_nothing_attached(tmp_path):
         statements: list[str] = []
         target._conn.set_trace_callback(statements.append)
         copied, cursor = target.move_page(source, 0, 0, None, 256, None)
-        assert copied == 256 and cursor is not None
-        # one INSERT ... SELECT per bucket of the page, no pair bound one by one
+        assert copied == 256 and cursor is not None and len(target) == 256
+        # one INSERT ... SELECT of the page's run of rows, no pair bound one by one
         # (the trace repeats a statement for each row its trigger fires on)
         inserts = {sql for sql in statements if sql.startswith("INSERT")}
-        assert inserts and all("SELECT k, v, b FROM source.kv" in sql for sql in inserts)
-        assert len(inserts) <= 64
+        assert len(inserts) == 1 and "SELECT p, k, v FROM source.kv WHERE p >= " in inserts.pop()
+        assert not [sql for sql in statements if sql.startswith("SELECT p, k, v ")]
         assert [r[1] for r in target._conn.execute("PRAGMA database_list")] == ["main"]
+        assert dict(target.items()) == dict(source.range_page(0, 0, None, 256)[0])
         with pytest.raises(ValueError, match="into itself"):
             source.move_page(source, 0, 0, None, 256, None)
     finally:
         source.close()
         target.close()
-
 
 def test_the_whole_ring_and_the_two_halves_partition_the_keys(db):
     db.update_many([(k, b"v") for k in keys(2000)])
@@ -230,7 +277,7 @@ def steps_of(conn: sqlite3.Connection, work: Any) -> int:
     return count[0]
 
 
-def test_a_range_is_read_through_the_bucket_index_and_only_its_buckets(stores):
+def test_a_range_is_read_as_a_run_of_rowids_and_nothing_else(stores):
     store = stores["coordinator"]
     store.write_batch([(k, b"v" * 100) for k in keys(20_000)])
     conn = store.db._conn  # type: ignore[attr-defined]
@@ -242,14 +289,14 @@ def test_a_range_is_read_through_the_bucket_index_and_only_its_buckets(stores):
     try:
         for rng in (narrow, wrapping):
             for values in (True, False):
-                store.range_page(rng, None, 10, values)
-                store.range_page(rng, (0, 5), 10, values)
+                _, cursor = store.range_page(rng, None, 10, values)
+                store.range_page(rng, cursor, 10, values)
     finally:
         conn.set_trace_callback(None)
     plans = [" ".join(str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
              for sql in statements if sql.startswith("SELECT")]
-    assert plans and all("USING INDEX kv_b (b=?" in plan and "SCAN" not in plan
-                         for plan in plans), plans
+    assert plans and all("USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)" in plan
+                         and "SCAN" not in plan for plan in plans), plans
 
     def copy_of(rng: KeyRange) -> None:
         clock = Clock()
@@ -262,7 +309,7 @@ def test_a_range_is_read_through_the_bucket_index_and_only_its_buckets(stores):
 
     whole = steps_of(conn, lambda: copy_of(KeyRange(0, 0)))
     part = steps_of(conn, lambda: copy_of(narrow))
-    # Reading 1% of the ring costs what its bucket holds (1/64), not all of it (today's scan).
+    # Reading 1% of the ring costs what it holds, not all of it.
     assert part * 20 < whole, (part, whole)
 
 
@@ -277,7 +324,7 @@ def test_a_drop_costs_what_its_range_holds_not_the_store(stores):
         cost[name] = steps_of(store.db._conn, lambda: run(  # type: ignore[attr-defined]
             Deferred.fromCoroutine(migration.drop_range(store, rng, clock)), clock))
     assert len(stores["coordinator"]) == 5000 - expected and len(stores["replica1"]) == 0
-    # about 1.6% of the keys, the cost of one bucket's reading (today's drop reads every key)
+    # about 1.6% of the keys: the cost of reading them, not every key
     assert cost["coordinator"] * 20 < cost["replica1"], cost
 
 
@@ -399,17 +446,36 @@ def test_len_reads_one_row_whatever_the_size_and_stays_exact(db):
     assert len(db) == expected == sum(1 for _ in db)
 
 
+def old_file(path: Any, schema: str, pairs: list[tuple[bytes, bytes]], *more: str) -> None:
+    """A store file of an older layout (keyed by the key), with chain state ('c', 41)."""
+    conn = sqlite3.connect(path)
+    conn.execute(schema)
+    conn.execute("CREATE TABLE chain (id INTEGER PRIMARY KEY CHECK (id = 0), "
+                 "chain TEXT NOT NULL, serial INTEGER NOT NULL)")
+    conn.execute("INSERT INTO chain VALUES (0, 'c', 41)")
+    conn.executemany(f"INSERT INTO kv (k, v) VALUES (?, ?)", pairs)
+    for sql in more:
+        conn.execute(sql)
+    conn.commit()
+    conn.close()
+
+
 def test_deletes_are_counted_without_a_trigger_also_in_files_that_had_one(tmp_path):
     path = tmp_path / "old.sqlite"
-    with sqlitedbm.open(path) as db:
-        db.update_many([(k, b"v") for k in keys(100)])
-        # the version before counted deletes by a trigger as well
-        db._conn.execute("CREATE TRIGGER kv_count_delete AFTER DELETE ON kv "
-                         "BEGIN UPDATE kv_count SET n = n - 1 WHERE id = 0; END")
+    # the layout before, whose version before counted deletes by a trigger as well
+    old_file(path, "CREATE TABLE kv (k BLOB PRIMARY KEY, v BLOB NOT NULL, b INTEGER)",
+             [(k, b"v") for k in keys(100)], "CREATE INDEX kv_b ON kv (b)",
+             "CREATE TABLE kv_count (id INTEGER PRIMARY KEY CHECK (id = 0), n INTEGER NOT NULL)",
+             "INSERT INTO kv_count VALUES (0, 100)",
+             "CREATE TRIGGER kv_count_insert AFTER INSERT ON kv "
+             "BEGIN UPDATE kv_count SET n = n + 1 WHERE id = 0; END",
+             "CREATE TRIGGER kv_count_delete AFTER DELETE ON kv "
+             "BEGIN UPDATE kv_count SET n = n - 1 WHERE id = 0; END")
     with sqlitedbm.open(path, "w") as db:
         triggers = {r[0] for r in db._conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'trigger'")}
         assert triggers == {"kv_count_insert"}
+        assert len(db) == 100
         del db[b"k00001"]
         db.update_many([], [b"k00002", b"k00003", b"absent"])
         assert len(db) == 97 == sum(1 for _ in db)
@@ -417,22 +483,13 @@ def test_deletes_are_counted_without_a_trigger_also_in_files_that_had_one(tmp_pa
             del db[b"k00001"]
         assert len(db) == 97
 
-
-def test_files_without_buckets_are_upgraded_on_open_in_chunks(tmp_path, monkeypatch):
+def test_files_of_older_layouts_are_upgraded_on_open_in_chunks(tmp_path, monkeypatch):
     monkeypatch.setattr(sqlitedbm, "_UPGRADE_ROWS", 700)
-    for schema, transactions in (
-            ("CREATE TABLE kv (k BLOB PRIMARY KEY, v BLOB NOT NULL)", 4 + 1),
-            # moved to a rowid table first: 4 transactions of rows, one to swap the tables
-            ("CREATE TABLE kv (k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID", 5 + 4 + 1)):
+    for schema in ("CREATE TABLE kv (k BLOB PRIMARY KEY, v BLOB NOT NULL)",
+                   "CREATE TABLE kv (k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID",
+                   "CREATE TABLE kv (k BLOB PRIMARY KEY, v BLOB NOT NULL, b INTEGER)"):
         path = tmp_path / f"old{len(schema)}.sqlite"
-        conn = sqlite3.connect(path)
-        conn.execute(schema)
-        conn.execute("CREATE TABLE chain (id INTEGER PRIMARY KEY CHECK (id = 0), "
-                     "chain TEXT NOT NULL, serial INTEGER NOT NULL)")
-        conn.execute("INSERT INTO chain VALUES (0, 'c', 41)")
-        conn.executemany("INSERT INTO kv VALUES (?, ?)", [(k, k) for k in keys(2500)])
-        conn.commit()
-        conn.close()
+        old_file(path, schema, [(k, k) for k in keys(2500)])
         began: list[str] = []
         real_connect = sqlite3.connect
 
@@ -448,9 +505,14 @@ def test_files_without_buckets_are_upgraded_on_open_in_chunks(tmp_path, monkeypa
         finally:
             monkeypatch.setattr(sqlite3, "connect", real_connect)
         with db:
-            assert len(began) == transactions
+            # the old table put aside, the new tables made, 4 transactions of rows, the old
+            # table dropped
+            assert len(began) == 1 + 1 + 4 + 1
             assert len(db) == 2500 and db.chain_state() == ("c", 41)
             assert dict(db.items()) == {k: k for k in keys(2500)}
+            tables = {r[0] for r in db._conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            assert tables == {"kv", "kv_spill", "kv_count", "chain"}
             rng = KeyRange(HALF, 1 << 120)
             assert sorted(keys_of(walk(db, rng, 100))) == \
                 [k for k in keys(2500) if position(k) in rng]
@@ -460,20 +522,31 @@ def test_files_without_buckets_are_upgraded_on_open_in_chunks(tmp_path, monkeypa
         with sqlitedbm.open(path, "w") as again:
             assert len(again) == 2500
 
-
-def test_an_upgrade_interrupted_half_way_resumes(tmp_path):
+def test_an_upgrade_interrupted_half_way_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlitedbm, "_UPGRADE_ROWS", 300)
     path = tmp_path / "half.sqlite"
+    old_file(path, "CREATE TABLE kv (k BLOB PRIMARY KEY, v BLOB NOT NULL, b INTEGER)",
+             [(k, b"v" + k) for k in keys(1000)])
+    real = sqlitedbm.SQLiteDBM._put_many
+    calls = []
+
+    def dies_at_the_third(self: Any, conn: Any, pairs: Any) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise sqlite3.OperationalError("disk I/O error")
+        real(self, conn, pairs)
+
+    monkeypatch.setattr(sqlitedbm.SQLiteDBM, "_put_many", dies_at_the_third)
+    with pytest.raises(sqlite3.OperationalError):
+        sqlitedbm.open(path, "w")
+    monkeypatch.setattr(sqlitedbm.SQLiteDBM, "_put_many", real)
     conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE kv (k BLOB PRIMARY KEY, v BLOB NOT NULL, b INTEGER)")
-    conn.executemany("INSERT INTO kv VALUES (?, ?, ?)",
-                     [(k, b"v", sqlitedbm.bucket(k) if i % 2 else None)
-                      for i, k in enumerate(keys(1000))])
-    conn.commit()
+    assert conn.execute("SELECT COUNT(*) FROM kv_before").fetchone()[0] == 400
     conn.close()
     with sqlitedbm.open(path, "w") as db:
         assert len(db) == 1000
+        assert dict(db.items()) == {k: b"v" + k for k in keys(1000)}
         assert sorted(keys_of(walk(db, KeyRange(5, 5), 64))) == keys(1000)
-
 
 def test_a_file_of_the_exact_position_index_loses_that_index(tmp_path):
     # An earlier version indexed each key's exact position (column p, index kv_p).
@@ -487,6 +560,138 @@ def test_a_file_of_the_exact_position_index_loses_that_index(tmp_path):
     with sqlitedbm.open(path, "w") as db:
         indexes = {r[0] for r in db._conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert "kv_p" not in indexes and "kv_b" in indexes
+        assert "kv_p" not in indexes and "kv_b" not in indexes
         assert sorted(keys_of(walk(db, KeyRange(0, HALF), 64))) == \
             [k for k in keys(300) if position(k) in KeyRange(0, HALF)]
+
+
+# -- keys that share a home ----------------------------------------------------------------------
+
+small_keys = st.binary(min_size=0, max_size=3)
+operations = st.lists(st.one_of(
+    st.tuples(st.just("put"), small_keys, st.binary(max_size=4)),
+    st.tuples(st.just("delete"), small_keys),
+    st.tuples(st.just("batch"), st.lists(st.tuples(small_keys, st.binary(max_size=4)),
+                                         max_size=6), st.lists(small_keys, max_size=4)),
+    st.tuples(st.just("ops"), st.lists(st.tuples(st.booleans(), small_keys,
+                                                 st.binary(max_size=4)), max_size=6)),
+    st.tuples(st.just("group"), st.lists(st.tuples(st.booleans(), small_keys,
+                                                   st.binary(max_size=4)), max_size=4),
+              st.booleans()),
+    st.tuples(st.just("move"), ranges, st.integers(1, 7)),
+    st.tuples(st.just("drop"), ranges, st.integers(1, 7)),
+    st.tuples(st.just("reopen"),),
+), max_size=30)
+
+
+@settings(max_examples=150, deadline=None)
+@given(operations, st.integers(1, 3))
+def test_keys_sharing_a_home_behave_as_a_mapping(tmp_path_factory, ops, bits):
+    """Every way of writing, moving and dropping, with homes so coarse that most keys share
+    theirs: the two files always hold what two dicts do, in ring order by home."""
+    where = tmp_path_factory.mktemp("spill")
+    with coarse_homes(bits):
+        dbs = [sqlitedbm.open(where / "a.sqlite"), sqlitedbm.open(where / "b.sqlite")]
+        models: list[dict[bytes, bytes]] = [{}, {}]
+        serial = 0
+        try:
+            for i, op in enumerate(ops):
+                which = i % 2
+                db, model = dbs[which], models[which]
+                if op[0] == "put":
+                    db[op[1]] = op[2]
+                    model[op[1]] = op[2]
+                elif op[0] == "delete":
+                    if op[1] in model:
+                        del db[op[1]]
+                        del model[op[1]]
+                    else:
+                        with pytest.raises(KeyError):
+                            del db[op[1]]
+                elif op[0] == "batch":
+                    db.update_many(op[1], op[2])
+                    model.update(op[1])
+                    for key in op[2]:
+                        model.pop(key, None)
+                elif op[0] in ("ops", "group"):
+                    serial += 1
+                    expected = dict(model)
+                    if op[0] == "ops":
+                        db.apply_ops(op[1], serial)
+                    for delete, key, value in op[1]:
+                        if op[0] == "group":
+                            assert db.apply_one(delete, key, value, serial) == (key in expected)
+                        if delete:
+                            expected.pop(key, None)
+                        else:
+                            expected[key] = value
+                    if op[0] == "ops" or op[2]:
+                        db.commit()
+                        models[which] = model = expected
+                    else:
+                        db.abandon()
+                elif op[0] == "move":
+                    rng, limit = op[1], op[2]
+                    source = dbs[1 - which]
+                    cursor = None
+                    while True:
+                        _, cursor = db.move_page(source, rng.start, rng.end, cursor, limit)
+                        if cursor is None:
+                            break
+                    model.update({k: v for k, v in models[1 - which].items()
+                                  if position(k) in rng})
+                elif op[0] == "drop":
+                    rng, limit = op[1], op[2]
+                    cursor = None
+                    while True:
+                        _, cursor = db.drop_page(rng.start, rng.end, cursor, limit)
+                        if cursor is None:
+                            break
+                    for key in [k for k in model if position(k) in rng]:
+                        del model[key]
+                else:
+                    for j in (0, 1):
+                        dbs[j].close()
+                    dbs = [sqlitedbm.open(where / "a.sqlite"), sqlitedbm.open(where / "b.sqlite")]
+                for db, model in zip(dbs, models):
+                    assert dict(db.items()) == model
+                    assert len(db) == len(model)
+                    assert all(db.get(k) == v and k in db for k, v in model.items())
+                    order = [sqlitedbm.home(k) for k in db]
+                    assert order == sorted(order)
+                    whole = keys_of(walk(db, KeyRange(3, 3), 4))
+                    assert sorted(whole) == sorted(model)
+        finally:
+            for db in dbs:
+                db.close()
+
+
+def test_pages_of_a_range_that_wraps_past_zero_drop_and_move_all_of_it(tmp_path):
+    # The range's rows are two runs of the table (the top of the ring, then its bottom): a
+    # page ends where the first run does, so that each page is one run.
+    source = sqlitedbm.open(tmp_path / "source.sqlite")
+    target = sqlitedbm.open(tmp_path / "target.sqlite")
+    try:
+        all_keys = keys(600)
+        source.update_many([(k, b"v") for k in all_keys])
+        target.update_many([(k, b"old") for k in all_keys])
+        rng = KeyRange(TOP - (1 << 126), 1 << 126)
+        inside = {k for k in all_keys if position(k) in rng}
+        moved = dropped = 0
+        cursor = None
+        while True:
+            copied, cursor = target.move_page(source, rng.start, rng.end, cursor, 100)
+            moved += copied
+            if cursor is None:
+                break
+        assert moved == len(inside)
+        assert {k for k, v in target.items() if v == b"v"} == inside
+        while True:
+            deleted, cursor = source.drop_page(rng.start, rng.end, cursor, 100)
+            dropped += deleted
+            if cursor is None:
+                break
+        assert dropped == len(inside) and set(source) == set(all_keys) - inside
+    finally:
+        source.close()
+        target.close()

@@ -491,7 +491,9 @@ class Cluster:
                 db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
                 try:
                     dumps[(name, store)] = {bytes(k): bytes(v)
-                                            for k, v in db.execute("SELECT k, v FROM kv")}
+                                            for k, v in db.execute(
+                                                "SELECT k, v FROM kv UNION ALL "
+                                                "SELECT k, v FROM kv_spill")}
                 finally:
                     db.close()
         return dumps

@@ -2,8 +2,8 @@
 
 L{chainstore.storage.store.Store} talks to its backend only through L{Backend}; the SQLite
 file (L{chainstore.storage.sqlitedbm.SQLiteDBM}, the default) and L{DumbDBM} both implement
-it, so the store never asks which one it has. Keys and values are bytes; iteration is in byte
-order of the keys whatever the backend (a migration streams a range in that order).
+it, so the store never asks which one it has. Keys and values are bytes; iteration is in ring
+order whatever the backend (L{ring_order}: the order a range of the ring is read in).
 """
 
 from __future__ import annotations
@@ -13,6 +13,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 from chainstore.ring import KeyRange, position
+
+
+def ring_order(key: bytes) -> tuple[int, bytes]:
+    """Where C{key} comes when a backend is iterated: by the top 64 bits of its ring position
+    (what the SQLite layout keys its rows by), then by the key's bytes."""
+    return position(key) >> 64, key
 
 
 @runtime_checkable
@@ -27,10 +33,11 @@ class Backend(Protocol):
     def __len__(self) -> int: ...
 
     def __iter__(self) -> Iterator[bytes]:
-        """Every key in byte order, values unread; deleting keys already passed is safe."""
+        """Every key in L{ring_order}, values unread; deleting keys already passed is safe."""
 
     def items(self, after: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
-        """The pairs in key order, strictly after C{after}; writes meanwhile are allowed."""
+        """The pairs in L{ring_order}, strictly after the key C{after}; writes meanwhile are
+        allowed."""
 
     def range_page(self, start: int, end: int, cursor: Any, limit: int, values: bool = True,
                    max_bytes: int | None = None) -> tuple[list[tuple[bytes, bytes | None]], Any]:
@@ -116,13 +123,13 @@ class DumbDBM:
 
     def __iter__(self) -> Iterator[bytes]:
         # dbm.dumb lists its keys in insertion order; the list is a copy (they are in memory).
-        return iter(sorted(self._db.keys()))
+        return iter(sorted(self._db.keys(), key=ring_order))
 
     def items(self, after: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
         # dbm.dumb's own items() would read every value at once: read them lazily.
-        keys = sorted(self._db.keys())
+        keys = sorted(self._db.keys(), key=ring_order)
         if after is not None:
-            keys = [k for k in keys if k > after]
+            keys = [k for k in keys if ring_order(k) > ring_order(after)]
         return self._items(keys)
 
     def _items(self, keys: list[bytes]) -> Iterator[tuple[bytes, bytes]]:

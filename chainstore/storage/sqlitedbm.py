@@ -33,49 +33,59 @@ from typing import Any
 
 DURABILITY = {"crash": "NORMAL", "power": "FULL"}
 
-# Keys are compared as raw bytes (SQLite's memcmp order for BLOBs), so iteration is in byte order.
+# The layout: every row is kept under its key's *home*, the top 64 bits of its ring position (the
+# key's MD5, chainstore.ring.position) shifted into SQLite's signed range, as the table's rowid
+# (INTEGER PRIMARY KEY). So the table is in ring order, and everything a reconfiguration does is
+# a run of rows: a range copy or a local move reads consecutive rows and writes them into a run
+# of the target (a page of 256 keys lands in a few pages of the file), a drop deletes a run. With
+# the key as primary key instead (a unique index on the key, a bucket index for ranges and rows
+# in insertion order), a row copied cost an insert into two indexes at random places: 100-byte
+# pairs read, sent and written at 10 us of CPU per key, moved between two local files at 7-8,
+# dropped at 11, against 4, 1.3-1.8 and 0.6-0.75 this way (200,000 keys, /tmp benchmarks of both
+# layouts, docs/DESIGN.md "Where a copy's time goes"). A get or a put still finds its row through
+# one b-tree, the table's own.
+#
 # A rowid table, not WITHOUT ROWID: the latter keeps whole rows in its key b-tree, where a value
 # over ~1 KB spills into half-empty overflow pages (100,000 values of 1,000 bytes took 468 MB
-# instead of 107 MB, gets were 4x slower). Files made with the older WITHOUT ROWID schema are
-# converted when opened (L{SQLiteDBM._to_rowid_table}).
+# instead of 107 MB, gets were 4x slower).
 #
-# b is the key's ring bucket: the top BUCKET_BITS bits of its ring position (its MD5), so the
-# ring is cut into 64 arcs of equal size. It is indexed (kv_b, whose entries are (b, rowid)): a
-# range of the ring is the buckets it covers, read through that index a page at a time, those
-# it only partly covers (at most two) filtered by position, instead of every row of the file
-# (hashing every key to find one range was a reactor stall that grew with the store). A bucket
-# rather than the exact position, because a new row then goes to the end of its bucket's run
-# of the index: a transaction of a thousand new keys changes at most 64 index pages, where an
-# index of exact positions (random for every key) changed nearly a thousand, each written to
-# the log at commit: loading 200,000 keys cost 3.6 times the CPU of no index that way, 1.35-1.5
-# times this way. Files made before b existed get it on open (L{SQLiteDBM._upgrade}).
-BUCKET_BITS = 6
-_SHIFT = 8 - BUCKET_BITS
-_SCHEMA = "CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB NOT NULL, b INTEGER)"
-_BUCKET_INDEX = "CREATE INDEX IF NOT EXISTS kv_b ON kv (b)"
+# Two keys whose positions share their top 64 bits (about n**2 / 2**65 for n keys: one in 3,700
+# at 100 million, and a birthday search of 2**32 hashes for someone who wants one) cannot both
+# have their home: the later one is kept in kv_spill, by key. A key is in one of the two tables,
+# never both; the spill is looked at only while it may hold rows (SQLiteDBM._spill), so the
+# usual get, put and delete are one statement on kv.
+_HOME_BIAS = 1 << 63
+_LOWEST, _HIGHEST = -_HOME_BIAS, _HOME_BIAS - 1
+_SCHEMA = "CREATE TABLE IF NOT EXISTS kv (p INTEGER PRIMARY KEY, k BLOB NOT NULL, v BLOB NOT NULL)"
+_SPILL_SCHEMA = ("CREATE TABLE IF NOT EXISTS kv_spill "
+                 "(k BLOB PRIMARY KEY, p INTEGER NOT NULL, v BLOB NOT NULL)")
+_SPILL_INDEX = "CREATE INDEX IF NOT EXISTS kv_spill_p ON kv_spill (p, k)"
 # The number of keys, one row kept in the transaction of each insert and delete, so that
 # len() (stats, at every request for them) reads one row instead of counting the file.
-# Inserts are counted by a trigger (an upsert that updates does not fire it), deletes by the
-# code that deletes (_delete_many), from the rows each DELETE removed: an AFTER DELETE trigger
-# cost 6.5 of the 17.8 us of CPU a deleted key took (a drop of 50,000 keys from a store of
-# 200,000), where the insert trigger costs about 1.3 of 8 us per new key.
+# Inserts into kv are counted by a trigger (an upsert that updates does not fire it), deletes
+# and the spill's rows by the code that writes them: an AFTER DELETE trigger runs its program
+# once per deleted row, and cost 6.5 of the 17.8 us of CPU a deleted key took in the layout
+# before this one.
 _COUNT_SCHEMA = ("CREATE TABLE IF NOT EXISTS kv_count "
                  "(id INTEGER PRIMARY KEY CHECK (id = 0), n INTEGER NOT NULL)")
-_COUNT_TRIGGERS = (
-    "CREATE TRIGGER IF NOT EXISTS kv_count_insert AFTER INSERT ON kv "
-    "BEGIN UPDATE kv_count SET n = n + 1 WHERE id = 0; END",
-)
+_COUNT_TRIGGER = ("CREATE TRIGGER IF NOT EXISTS kv_count_insert AFTER INSERT ON kv "
+                  "BEGIN UPDATE kv_count SET n = n + 1 WHERE id = 0; END")
 _UNCOUNT = "UPDATE kv_count SET n = n - ? WHERE id = 0"
-# An upsert changes the value in place; INSERT OR REPLACE deletes the row and inserts a new one,
-# which costs 3-5x more for an update.
-_PUT = ("INSERT INTO kv (k, v, b) VALUES (?, ?, ?) "
-        "ON CONFLICT (k) DO UPDATE SET v = excluded.v")
-_UPDATE = "UPDATE kv SET v = ? WHERE k = ?"
-_INSERT = "INSERT INTO kv (k, v, b) VALUES (?, ?, ?)"
-_DELETE = "DELETE FROM kv WHERE k = ?"
+_GET = "SELECT v FROM kv WHERE p = ? AND k = ?"
+_UPDATE = "UPDATE kv SET v = ? WHERE p = ? AND k = ?"
+_INSERT = "INSERT INTO kv (p, k, v) VALUES (?, ?, ?) ON CONFLICT (p) DO NOTHING"
+# One statement for a batch: a new key is inserted, an existing one updated in place (INSERT OR
+# REPLACE would delete and insert, 3-5x the cost of an update), and a key whose home holds
+# another key is skipped, which the row count shows (L{SQLiteDBM._put_many}).
+_UPSERT = ("INSERT INTO kv (p, k, v) VALUES (?, ?, ?) "
+           "ON CONFLICT (p) DO UPDATE SET v = excluded.v WHERE k = excluded.k")
+_DELETE = "DELETE FROM kv WHERE p = ? AND k = ?"
+_SPILL_GET = "SELECT v FROM kv_spill WHERE k = ?"
+_SPILL_UPDATE = "UPDATE kv_spill SET v = ? WHERE k = ?"
+_SPILL_INSERT = "INSERT INTO kv_spill (k, p, v) VALUES (?, ?, ?)"
+_SPILL_DELETE = "DELETE FROM kv_spill WHERE k = ?"
 _PAGE = 512
-# Rows given buckets (or moved out of a WITHOUT ROWID table) per transaction when a file made by
-# an older version is opened.
+# Rows moved per transaction when a file made by an older version is opened.
 _UPGRADE_ROWS = 10_000
 # The chain this file's data belongs to and the serial of the last write applied, updated in the
 # same transaction as the write (see chainstore/chain.py).
@@ -86,10 +96,16 @@ _SET_SERIAL = ("INSERT INTO chain (id, chain, serial) VALUES (0, '', ?) "
                "ON CONFLICT (id) DO UPDATE SET serial = excluded.serial")
 
 
-def bucket(key: bytes) -> int:
-    """The ring bucket of C{key}: the top L{BUCKET_BITS} bits of its ring position
-    (chainstore.ring.position, the MD5 of the key)."""
-    return hashlib.md5(key).digest()[0] >> _SHIFT
+def home(key: bytes) -> int:
+    """The row id C{key} is kept under: the top 64 bits of its ring position, minus 2**63,
+    so that row order is ring order."""
+    return _home_of(int.from_bytes(hashlib.md5(key).digest()[:8], "big"))
+
+
+def _home_of(top: int) -> int:
+    """The home of the positions whose top 64 bits are C{top} (tests make it coarser, so
+    that keys share homes)."""
+    return top - _HOME_BIAS
 
 
 def _position(key: bytes) -> int:
@@ -106,8 +122,8 @@ def _bytes(data: bytes | str) -> bytes:
 class SQLiteDBM:
     """A mutable mapping of bytes to bytes, stored in one SQLite file; the dbm interface.
 
-    Iteration is in byte order of the keys. Every method except L{close} raises L{ValueError}
-    once the file is closed.
+    Iteration is in ring order: by the keys' positions (their MD5), the order a range of the
+    ring is read in. Every method except L{close} raises L{ValueError} once the file is closed.
     """
 
     def __init__(self, path: str | os.PathLike[str], durability: str = "crash") -> None:
@@ -116,6 +132,9 @@ class SQLiteDBM:
         self.path = os.fspath(path)
         self.durability = durability
         self._db: sqlite3.Connection | None = None
+        # Whether kv_spill may hold rows: never false while it does (a rolled-back insert
+        # leaves it true, which costs only a look into an empty table).
+        self._spill = False
         self._connect()
         # Serial of the last write in the open group transaction (apply_one), None if none.
         self._group_serial: int | None = None
@@ -127,7 +146,6 @@ class SQLiteDBM:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={DURABILITY[self.durability]}")
-            db.execute(_SCHEMA)
             db.execute(_CHAIN_SCHEMA)
         except BaseException:
             db.close()
@@ -135,83 +153,65 @@ class SQLiteDBM:
         self._db = db
         try:
             self._upgrade()
+            self._spill = db.execute("SELECT EXISTS (SELECT 1 FROM kv_spill)").fetchone()[0] == 1
         except BaseException:
             self._rollback()
             db.close()
             self._db = None
             raise
 
+    # -- the layout, and files of older versions ---------------------------------------------
+
     def _upgrade(self) -> None:
-        """Bring a file made by an older version to this schema (a new file gets it empty):
-        a rowid table, the bucket column and its index, the key count. Done in transactions
-        of L{_UPGRADE_ROWS} rows, so the write-ahead log stays small and an interrupted
-        upgrade resumes where it stopped."""
+        """Make the tables of this layout, and move the pairs of a file made by an older
+        version (a table kv keyed by the key) into them, L{_UPGRADE_ROWS} pairs per
+        transaction, each deleted from the old table in the transaction that adds it to the
+        new one: the log stays small, and an interrupted upgrade resumes where it stopped."""
         conn = self._conn
-        self._to_rowid_table()
-        if "b" not in {row[1] for row in conn.execute("PRAGMA table_info(kv)")}:
-            conn.execute("ALTER TABLE kv ADD COLUMN b INTEGER")
-        if not self._has("index", "kv_b"):
-            self._add_buckets()
-            conn.execute(_BUCKET_INDEX)
-        # A development version indexed exact positions (a column p): the index goes, the
-        # column stays empty for new rows.
-        conn.execute("DROP INDEX IF EXISTS kv_p")
-        if not self._has("table", "kv_count"):
-            # The count and the triggers that keep it start in one transaction.
+        # (a development version had a column p too, not the primary key)
+        keyed = {row[1] for row in conn.execute("PRAGMA table_info(kv)") if row[5]}
+        if keyed and keyed != {"p"} and not self._has("table", "kv_before"):
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute(_COUNT_SCHEMA)
-            conn.execute("INSERT INTO kv_count (id, n) SELECT 0, COUNT(*) FROM kv")
-            for trigger in _COUNT_TRIGGERS:
-                conn.execute(trigger)
+            for (trigger,) in conn.execute("SELECT name FROM sqlite_master "
+                                           "WHERE type = 'trigger'").fetchall():
+                conn.execute(f'DROP TRIGGER "{trigger}"')
+            conn.execute("DROP INDEX IF EXISTS kv_b")
+            conn.execute("DROP INDEX IF EXISTS kv_p")
+            conn.execute("DROP TABLE IF EXISTS kv_count")
+            conn.execute("ALTER TABLE kv RENAME TO kv_before")
             conn.execute("COMMIT")
-        # A file of the version that counted deletes by a trigger too: the code counts them now.
-        conn.execute("DROP TRIGGER IF EXISTS kv_count_delete")
+        if not self._has("table", "kv_count"):
+            # The tables, the count and its trigger start in one transaction.
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(_SCHEMA)
+            conn.execute(_SPILL_SCHEMA)
+            conn.execute(_SPILL_INDEX)
+            conn.execute(_COUNT_SCHEMA)
+            conn.execute("INSERT INTO kv_count (id, n) VALUES (0, 0)")
+            conn.execute(_COUNT_TRIGGER)
+            conn.execute("COMMIT")
+        if self._has("table", "kv_before"):
+            self._spill = True  # until the pairs are in, a spilled one may be among them
+            while True:
+                rows = conn.execute("SELECT k, v FROM kv_before ORDER BY k LIMIT ?",
+                                    (_UPGRADE_ROWS,)).fetchall()
+                conn.execute("BEGIN")
+                try:
+                    if rows:
+                        self._put_many(conn, [(bytes(k), bytes(v)) for k, v in rows])
+                        conn.execute("DELETE FROM kv_before WHERE k <= ?", (rows[-1][0],))
+                    else:
+                        conn.execute("DROP TABLE kv_before")
+                    conn.execute("COMMIT")
+                except BaseException:
+                    self._rollback()
+                    raise
+                if not rows:
+                    break
 
     def _has(self, kind: str, name: str) -> bool:
         return self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = ? AND name = ?",
                                   (kind, name)).fetchone() is not None
-
-    def _to_rowid_table(self) -> None:
-        # Pages of a range go by rowid within a bucket, and a WITHOUT ROWID table has none:
-        # its rows move to a rowid table in key order, then it is dropped (one transaction).
-        conn = self._conn
-        sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'kv'"
-                           ).fetchone()[0]
-        if "WITHOUT ROWID" not in sql.upper():
-            return
-        conn.execute(_SCHEMA.replace(" kv ", " kv_rowid "))
-        while True:
-            last = conn.execute("SELECT MAX(k) FROM kv_rowid").fetchone()[0]
-            conn.execute("BEGIN")
-            moved = conn.execute(
-                "INSERT INTO kv_rowid (k, v) SELECT k, v FROM kv WHERE k > ? ORDER BY k LIMIT ?",
-                (b"" if last is None else last, _UPGRADE_ROWS)).rowcount
-            if last is None:
-                # b"" sorts first, but is a key of its own
-                moved += conn.execute("INSERT OR IGNORE INTO kv_rowid (k, v) "
-                                      "SELECT k, v FROM kv WHERE k = ?", (b"",)).rowcount
-            conn.execute("COMMIT")
-            if moved < _UPGRADE_ROWS:
-                break
-        conn.execute("BEGIN")
-        conn.execute("DROP TABLE kv")  # and its triggers: the count is made again
-        conn.execute("DROP TABLE IF EXISTS kv_count")
-        conn.execute("ALTER TABLE kv_rowid RENAME TO kv")
-        conn.execute("COMMIT")
-
-    def _add_buckets(self) -> None:
-        conn = self._conn
-        after = 0
-        while True:
-            rows = conn.execute("SELECT rowid, k FROM kv WHERE rowid > ? AND b IS NULL "
-                                "ORDER BY rowid LIMIT ?", (after, _UPGRADE_ROWS)).fetchall()
-            if not rows:
-                return
-            conn.execute("BEGIN")
-            conn.executemany("UPDATE kv SET b = ? WHERE rowid = ?",
-                             [(bucket(bytes(k)), rowid) for rowid, k in rows])
-            conn.execute("COMMIT")
-            after = rows[-1][0]
 
     @property
     def _conn(self) -> sqlite3.Connection:
@@ -219,95 +219,149 @@ class SQLiteDBM:
             raise ValueError(f"{self.path} is closed")
         return self._db
 
+    # -- writes, in the caller's transaction ----------------------------------------------------
+
+    def _put(self, conn: sqlite3.Connection, key: bytes, value: Any, at: int | None = None,
+             ) -> bool:
+        """Write one pair; whether the key held a value. C{at}: the key's home if known."""
+        at = home(key) if at is None else at
+        if self._spill and conn.execute(_SPILL_UPDATE, (value, key)).rowcount:
+            return True
+        if conn.execute(_UPDATE, (value, at, key)).rowcount:
+            return True
+        if not conn.execute(_INSERT, (at, key, value)).rowcount:
+            # another key's home: see the layout above
+            conn.execute(_SPILL_INSERT, (key, at, value))
+            conn.execute(_UNCOUNT, (-1,))
+            self._spill = True
+        return False
+
+    def _put_many(self, conn: sqlite3.Connection, pairs: Iterable[tuple[bytes, Any]]) -> None:
+        """Write the pairs in order: one statement for all of them, unless the spill has rows
+        or one of them finds another key at its home, when they go one at a time (again:
+        writing a pair twice in order leaves what writing it once did)."""
+        rows = [(home(key), key, value) for key, value in pairs]
+        if not self._spill and conn.executemany(_UPSERT, rows).rowcount == len(rows):
+            return
+        for at, key, value in rows:
+            self._put(conn, key, value, at)
+
+    def _delete_many(self, conn: sqlite3.Connection, keys: Iterable[bytes]) -> int:
+        """Delete these keys (a missing one is no error) and count them off; how many were
+        deleted."""
+        keys = list(keys)
+        deleted = conn.executemany(_DELETE, [(home(key), key) for key in keys]).rowcount
+        if self._spill:
+            deleted += conn.executemany(_SPILL_DELETE, [(key,) for key in keys]).rowcount
+        if deleted > 0:
+            conn.execute(_UNCOUNT, (deleted,))
+        return deleted
+
+    # -- the mapping ------------------------------------------------------------------------
+
     def __getitem__(self, key: bytes | str) -> bytes:
-        key = _bytes(key)
-        row = self._conn.execute("SELECT v FROM kv WHERE k = ?", (key,)).fetchone()
-        if row is None:
-            raise KeyError(key)
-        return bytes(row[0])
+        value = self.get(key)
+        if value is None:
+            raise KeyError(_bytes(key))
+        return value
 
     def get(self, key: bytes | str, default: bytes | None = None) -> bytes | None:
-        row = self._conn.execute("SELECT v FROM kv WHERE k = ?", (_bytes(key),)).fetchone()
+        key = _bytes(key)
+        conn = self._conn
+        row = conn.execute(_GET, (home(key), key)).fetchone()
+        if row is None and self._spill:
+            row = conn.execute(_SPILL_GET, (key,)).fetchone()
         return default if row is None else bytes(row[0])
 
     def __setitem__(self, key: bytes | str, value: bytes | str) -> None:
-        key = _bytes(key)
-        self._conn.execute(_PUT, (key, _bytes(value), bucket(key)))
+        self._in_transaction(lambda conn: self._put(conn, _bytes(key), _bytes(value)))
 
     def __delitem__(self, key: bytes | str) -> None:
         key = _bytes(key)
+        if not self._in_transaction(lambda conn: self._delete_many(conn, [key])):
+            raise KeyError(key)
+
+    def _in_transaction(self, write: Any) -> Any:
+        # A write and its count in one transaction (the group's, if one is open).
         conn = self._conn
-        # The delete and its count in one transaction (the group's, if one is open).
         own = not conn.in_transaction
         if own:
             conn.execute("BEGIN")
         try:
-            deleted = self._delete_many(conn, [(key,)])
+            result = write(conn)
             if own:
                 conn.execute("COMMIT")
         except BaseException:
             if own:
                 self._rollback()
             raise
-        if not deleted:
-            raise KeyError(key)
-
-    @staticmethod
-    def _delete_many(conn: sqlite3.Connection, keys: Iterable[tuple[Any]]) -> int:
-        """Delete these keys (a missing one is no error) and count them off; how many were
-        deleted. In the caller's transaction."""
-        deleted = conn.executemany(_DELETE, keys).rowcount
-        if deleted > 0:
-            conn.execute(_UNCOUNT, (deleted,))
-        return deleted
+        return result
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, (bytes, str)):
             return False
-        row = self._conn.execute("SELECT 1 FROM kv WHERE k = ?", (_bytes(key),)).fetchone()
-        return row is not None
+        return self.get(key) is not None
 
     def __len__(self) -> int:
-        # One row, kept by triggers (see _COUNT_SCHEMA): not a count of the file.
+        # One row, kept with every insert and delete (see _COUNT_SCHEMA): not a count of the file.
         return self._conn.execute("SELECT n FROM kv_count WHERE id = 0").fetchone()[0]
 
     def __iter__(self) -> Iterator[bytes]:
         # Keys only: values may be 120 KB each, and iterating keys must not read them.
-        return self._paged("k", None, lambda row: bytes(row[0]))
+        return self._paged(False, None, lambda key, value: key)
 
     def keys(self) -> list[bytes]:
         return list(self)
 
     def items(self, after: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
-        """All pairs in key order, strictly after C{after}, fetched a page at a time.
+        """All pairs in ring order, strictly after the key C{after}, fetched a page at a time.
 
-        Paging by key (rather than holding one cursor open) keeps memory bounded and lets
-        writes happen between pages; a key written behind the cursor is not seen, as with any
-        dbm iterator under concurrent writes.
+        Paging (rather than holding one cursor open) keeps memory bounded and lets writes
+        happen between pages; a key written behind the cursor is not seen, as with any dbm
+        iterator under concurrent writes.
         """
-        return self._paged("k, v", after, lambda row: (bytes(row[0]), bytes(row[1])))
+        return self._paged(True, after, lambda key, value: (key, value))
 
-    def _paged(self, columns: str, after: bytes | None, convert: Any) -> Iterator[Any]:
+    def _paged(self, values: bool, after: bytes | None, convert: Any) -> Iterator[Any]:
         # Check now, not at the first next(): a closed file fails where items() is called.
         self._conn
-        return self._pages(columns, after, convert)
+        return self._pages(values, after, convert)
 
-    def _pages(self, columns: str, after: bytes | None, convert: Any) -> Iterator[Any]:
+    def _pages(self, values: bool, after: bytes | None, convert: Any) -> Iterator[Any]:
+        last = None if after is None else (home(_bytes(after)), _bytes(after))
         while True:
-            if after is None:
-                rows = self._conn.execute(
-                    f"SELECT {columns} FROM kv ORDER BY k LIMIT ?", (_PAGE,)
-                ).fetchall()
-            else:
-                rows = self._conn.execute(
-                    f"SELECT {columns} FROM kv WHERE k > ? ORDER BY k LIMIT ?",
-                    (_bytes(after), _PAGE),
-                ).fetchall()
-            for row in rows:
-                yield convert(row)
+            rows = self._rows(self._conn, "", _LOWEST, _HIGHEST, last, _PAGE, values)
+            for at, key, value in rows:
+                yield convert(key, value)
             if len(rows) < _PAGE:
                 return
-            after = bytes(rows[-1][0])
+            last = rows[-1][:2]
+
+    def _rows(self, conn: sqlite3.Connection, schema: str, low: int, high: int,
+              after: tuple[int, bytes] | None, limit: int, values: bool,
+              spill: bool | None = None) -> list[tuple[int, bytes, Any]]:
+        """The first C{limit} rows (home, key, value or its length) in ring order of both
+        tables of C{schema} (C{""} or C{"source."}) with homes from C{low} to C{high}, after
+        (home, key) C{after}. C{spill}: whether to look at the spill (this file's flag if
+        None)."""
+        column = "v" if values else "length(v)"
+        start = low if after is None else max(low, after[0])
+        rows = [(at, bytes(k), v) for at, k, v in conn.execute(
+            f"SELECT p, k, {column} FROM {schema}kv WHERE p >= ? AND p <= ? ORDER BY p LIMIT ?",
+            (start, high, limit + 1))]
+        if after is not None and rows and rows[0][0] == after[0] and rows[0][1] <= after[1]:
+            del rows[0]
+        del rows[limit:]
+        if self._spill if spill is None else spill:
+            where, args = ("p >= ?", (low,)) if after is None else ("(p, k) > (?, ?)", after)
+            spilled = conn.execute(
+                f"SELECT p, k, {column} FROM {schema}kv_spill WHERE {where} AND p <= ? "
+                "ORDER BY p, k LIMIT ?", (*args, high, limit)).fetchall()
+            if spilled:
+                rows = sorted(rows + [(at, bytes(k), v) for at, k, v in spilled])[:limit]
+        return rows
+
+    # -- batches and the chain's writes ------------------------------------------------------------
 
     def update_many(self, puts: Iterable[tuple[bytes, bytes]],
                     deletes: Iterable[bytes] = ()) -> None:
@@ -320,8 +374,8 @@ class SQLiteDBM:
         conn = self._conn
         conn.execute("BEGIN")
         try:
-            conn.executemany(_PUT, _with_buckets((_bytes(k), _bytes(v)) for k, v in puts))
-            self._delete_many(conn, ((_bytes(k),) for k in deletes))
+            self._put_many(conn, ((_bytes(k), _bytes(v)) for k, v in puts))
+            self._delete_many(conn, (_bytes(k) for k in deletes))
             conn.execute("COMMIT")
         except BaseException:
             self._rollback()
@@ -349,11 +403,9 @@ class SQLiteDBM:
             # One statement when the key exists (the usual update) or for a delete; the row
             # count says whether it existed.
             if delete:
-                existed = self._delete_many(conn, [(key,)]) > 0
+                existed = self._delete_many(conn, [key]) > 0
             else:
-                existed = conn.execute(_UPDATE, (value, key)).rowcount > 0
-                if not existed:
-                    conn.execute(_INSERT, (key, value, bucket(key)))
+                existed = self._put(conn, key, value)
         except BaseException:
             # Every write of the group goes: the caller must treat them all as failed (the
             # server stops serving, see chainstore/node.py), never forward or answer them.
@@ -403,7 +455,7 @@ class SQLiteDBM:
             except sqlite3.Error:
                 pass
 
-    def apply_ops(self, ops: Iterable[tuple[bool, bytes, bytes]], serial: int) -> None:
+    def apply_ops(self, ops: Iterable[tuple[bool, bytes, Any]], serial: int) -> None:
         """Writes (delete?, key, value) in order and the serial of the last, atomically."""
         self.commit()
         conn = self._conn
@@ -412,9 +464,9 @@ class SQLiteDBM:
             # Runs of puts go to SQLite in one call each (the common case: a whole batch).
             for delete, run in groupby(ops, key=itemgetter(0)):
                 if delete:
-                    self._delete_many(conn, ((key,) for _, key, _ in run))
+                    self._delete_many(conn, (key for _, key, _ in run))
                 else:
-                    conn.executemany(_PUT, _with_buckets((key, value) for _, key, value in run))
+                    self._put_many(conn, ((key, value) for _, key, value in run))
             conn.execute(_SET_SERIAL, (serial,))
             conn.execute("COMMIT")
         except BaseException:
@@ -449,62 +501,70 @@ class SQLiteDBM:
         os.replace(fresh, self.path)
         self._connect()
 
+    # -- ranges of the ring --------------------------------------------------------------------
+
     def range_page(self, start: int, end: int, cursor: Any, limit: int, values: bool = True,
                    max_bytes: int | None = None) -> tuple[list[tuple[bytes, bytes | None]], Any]:
         """The next page of the pairs (key, value) of the ring range (start, end] (the whole
         ring if start == end), and the cursor to pass for the page after it (None: there is
         none). C{cursor} is None for the first page. At most C{limit} rows are read, so a page
-        may hold fewer pairs (even none: rows of a partly covered bucket that are not in the
-        range) while there are more; with C{max_bytes}, the page ends once its keys and values
-        hold that many bytes. With C{values} false the values are None.
+        may hold fewer pairs (even none: rows at the range's two ends whose positions fall
+        outside it) while there are more; with C{max_bytes}, the page ends once its keys and
+        values hold that many bytes. With C{values} false the values are None.
 
-        Only the range's buckets are read (kv_b), in bucket order, each by rowid; the cursor
-        is (the bucket's place in that order, the last rowid read), so keys deleted behind it
-        (a drop deleting what it reads) do not disturb it, and a key written meanwhile behind
-        it is not seen.
+        Only the range's rows are read, in ring order (they are a run of the table); the
+        cursor is (the span's place, the last (home, key) read), so keys deleted behind it (a
+        drop deleting what it reads) do not disturb it, and a key written meanwhile behind it
+        is not seen.
         """
-        segments = _segments(start, end)
+        rows, cursor, _ = self._page(self._conn, "", self._spill, start, end, cursor, limit,
+                                     max_bytes, values)
+        return [(key, bytes(value) if values else None) for _, key, value in rows], cursor
+
+    def _page(self, conn: sqlite3.Connection, schema: str, spill: bool, start: int, end: int,
+              cursor: Any, limit: int, max_bytes: int | None, values: bool,
+              ) -> tuple[list[tuple[int, bytes, Any]], Any, bool]:
+        """The rows (home, key, value or its length) of the next page of the ring range (start,
+        end] of C{schema}'s tables, the cursor after it, and whether every row of kv with a
+        home from the first row's to the last's is in the page (none left out at an end of
+        the range): then kv's part of the page is those homes."""
+        spans = _spans(start, end)
         place, last = cursor if cursor is not None else (0, None)
-        columns = "rowid, k, v" if values else "rowid, k"
-        found: list[tuple[bytes, bytes | None]] = []
+        found: list[tuple[int, bytes, Any]] = []
+        whole = True
         left = limit
-        while place < len(segments):
-            bucket_id, low, high = segments[place]
-            where, args = "b = ?", [bucket_id]
-            if last is not None:
-                where += " AND rowid > ?"
-                args.append(last)
-            rows = self._conn.execute(
-                f"SELECT {columns} FROM kv WHERE {where} ORDER BY rowid LIMIT ?",
-                (*args, left)).fetchall()
+        while place < len(spans):
+            low, high, above, upto = spans[place]
+            rows = self._rows(conn, schema, low, high, last, left, values, spill)
             for row in rows:
-                last = row[0]
-                key = bytes(row[1])
-                if low is not None or high is not None:
+                last = row[:2]
+                at, key, value = row
+                if (above is not None and at == low) or (upto is not None and at == high):
                     pos = _position(key)
-                    if (low is not None and pos <= low) or (high is not None and pos > high):
+                    if (above is not None and pos <= above) or (upto is not None and pos > upto):
+                        whole = False
                         continue
-                value = bytes(row[2]) if values else None
-                found.append((key, value))
+                found.append(row)
                 if max_bytes is not None:
-                    max_bytes -= len(key) + (len(value) if value is not None else 0)
+                    max_bytes -= len(key) + (len(value) if values else value)
                     if max_bytes <= 0:
-                        return found, (place, last)
+                        return found, (place, last), whole
             left -= len(rows)
             if left <= 0:
-                return found, (place, last)
+                return found, (place, last), whole
             place, last = place + 1, None
-        return found, None
+            if found and place < len(spans):
+                # A page stays inside one span, so that its rows are one run of homes.
+                return found, (place, None), whole
+        return found, None, whole
 
     def move_page(self, source: SQLiteDBM, start: int, end: int, cursor: Any, limit: int,
                   max_bytes: int | None = None) -> tuple[int, Any]:
         """Copy the next page of C{source}'s ring range (start, end] into this file, in one
         transaction (a key here already is overwritten); (pairs copied, cursor), the page and
         the cursor as L{range_page}'s. Done inside SQLite (C{source} attached to this
-        connection, C{INSERT ... SELECT}): keys and values never become Python objects (a
-        quarter of a 200,000-key store moved at 7-8 us of CPU per key, against 10-11 with
-        each pair read into Python and bound again for the insert). C{source} must be
-        another file."""
+        connection, one C{INSERT ... SELECT} of the page's run of rows): keys and values
+        never become Python objects. C{source} must be another file."""
         if source.path == self.path:
             raise ValueError("a store cannot move a range into itself")
         self.commit()
@@ -513,15 +573,11 @@ class SQLiteDBM:
         # the group transaction (apply_one) may be open on this connection.
         conn.execute("ATTACH DATABASE ? AS source", (source.path,))
         try:
-            chosen, cursor = self._page_rows(conn, "source.kv", start, end, cursor, limit,
-                                             max_bytes)
+            rows, cursor, whole = self._page(conn, "source.", source._spill, start, end,
+                                             cursor, limit, max_bytes, False)
             conn.execute("BEGIN")
             try:
-                for bucket_id, rowids in chosen:
-                    conn.execute(
-                        f"INSERT INTO kv (k, v, b) SELECT k, v, b FROM source.kv WHERE b = ? "
-                        f"AND rowid IN ({','.join('?' * len(rowids))}) "
-                        "ON CONFLICT (k) DO UPDATE SET v = excluded.v", (bucket_id, *rowids))
+                self._copy_rows(conn, rows, whole and not source._spill)
                 conn.execute("COMMIT")
             except BaseException:
                 self._rollback()
@@ -529,75 +585,52 @@ class SQLiteDBM:
         finally:
             if not conn.in_transaction:
                 conn.execute("DETACH DATABASE source")
-        return sum(len(rowids) for _, rowids in chosen), cursor
+        return len(rows), cursor
+
+    def _copy_rows(self, conn: sqlite3.Connection, rows: list[tuple[int, bytes, Any]],
+                   run: bool) -> None:
+        """Write the pairs of C{rows}, read from the attached source; C{run}: they are all of
+        the source's kv rows from the first one's home to the last one's, and nothing else."""
+        if not rows:
+            return
+        if run and not self._spill:
+            copied = conn.execute(
+                "INSERT INTO kv (p, k, v) SELECT p, k, v FROM source.kv WHERE p >= ? AND p <= ? "
+                "ORDER BY p ON CONFLICT (p) DO UPDATE SET v = excluded.v WHERE k = excluded.k",
+                (rows[0][0], rows[-1][0])).rowcount
+            if copied == len(rows):
+                return
+        # A page with spilled rows or rows left out, or a key here at a copied key's home:
+        # the pairs one at a time, as read (a spilled source key is read from its spill).
+        for at, key, _ in rows:
+            row = conn.execute("SELECT v FROM source.kv WHERE p = ? AND k = ?",
+                               (at, key)).fetchone() or conn.execute(
+                "SELECT v FROM source.kv_spill WHERE k = ?", (key,)).fetchone()
+            if row is not None:
+                self._put(conn, key, row[0], at)
 
     def drop_page(self, start: int, end: int, cursor: Any, limit: int) -> tuple[int, Any]:
-        """Delete the next page (as L{range_page} reads it, keys and values unread) of the ring
-        range (start, end], in one transaction; (keys deleted, cursor of the next page or None).
-        Rows are deleted by rowid inside SQLite, none read into Python: 11 us of CPU per key
-        where reading the keys and deleting them by key took 17-18."""
+        """Delete the next page (as L{range_page} reads it, values unread) of the ring range
+        (start, end], in one transaction; (keys deleted, cursor of the next page or None).
+        The page's run of rows goes in one C{DELETE}."""
         self.commit()
         conn = self._conn
-        chosen, cursor = self._page_rows(conn, "kv", start, end, cursor, limit, None)
+        rows, cursor, whole = self._page(conn, "", self._spill, start, end, cursor, limit,
+                                         None, False)
         conn.execute("BEGIN")
         try:
-            deleted = 0
-            for bucket_id, rowids in chosen:
-                deleted += conn.execute(
-                    f"DELETE FROM kv WHERE b = ? AND rowid IN ({','.join('?' * len(rowids))})",
-                    (bucket_id, *rowids)).rowcount
-            if deleted:
-                conn.execute(_UNCOUNT, (deleted,))
+            if rows and whole and not self._spill:
+                deleted = conn.execute("DELETE FROM kv WHERE p >= ? AND p <= ?",
+                                       (rows[0][0], rows[-1][0])).rowcount
+                if deleted:
+                    conn.execute(_UNCOUNT, (deleted,))
+            else:
+                deleted = self._delete_many(conn, (key for _, key, _ in rows))
             conn.execute("COMMIT")
         except BaseException:
             self._rollback()
             raise
         return deleted, cursor
-
-    @staticmethod
-    def _page_rows(conn: sqlite3.Connection, table: str, start: int, end: int, cursor: Any,
-                   limit: int, max_bytes: int | None) -> tuple[list[tuple[int, list[int]]], Any]:
-        """The rowids of the next page of the ring range (start, end] of C{table}, per bucket:
-        ([(bucket, rowids)], cursor), with L{range_page}'s limits; keys are read only in the
-        buckets the range covers in part (to filter by position), values never (only their
-        length, which SQLite knows without reading them)."""
-        segments = _segments(start, end)
-        place, last = cursor if cursor is not None else (0, None)
-        chosen: list[tuple[int, list[int]]] = []
-        left = limit
-        while place < len(segments):
-            bucket_id, low, high = segments[place]
-            partial = low is not None or high is not None
-            where, args = "b = ?", [bucket_id]
-            if last is not None:
-                where += " AND rowid > ?"
-                args.append(last)
-            key = "k" if partial else "NULL"
-            size = "0" if max_bytes is None else "length(k) + length(v)"
-            rows = conn.execute(
-                f"SELECT rowid, {key}, {size} FROM {table} WHERE {where} "
-                "ORDER BY rowid LIMIT ?", (*args, left)).fetchall()
-            rowids: list[int] = []
-            full = False
-            for rowid, k, size in rows:
-                last = rowid
-                if partial:
-                    pos = _position(bytes(k))
-                    if (low is not None and pos <= low) or (high is not None and pos > high):
-                        continue
-                rowids.append(rowid)
-                if max_bytes is not None:
-                    max_bytes -= size
-                    if max_bytes <= 0:
-                        full = True
-                        break
-            if rowids:
-                chosen.append((bucket_id, rowids))
-            left -= len(rows)
-            if full or left <= 0:
-                return chosen, (place, last)
-            place, last = place + 1, None
-        return chosen, None
 
     def sync(self) -> None:
         """Checkpoint the write-ahead log into the main file (every write is already durable).
@@ -623,23 +656,16 @@ class SQLiteDBM:
         self.close()
 
 
-def _segments(start: int, end: int) -> list[tuple[int, int | None, int | None]]:
-    """The buckets of the ring range (start, end] in ring order, each with the bounds its keys'
-    positions must pass: (bucket, above this or None, at most this or None)."""
+def _spans(start: int, end: int) -> list[tuple[int, int, int | None, int | None]]:
+    """The runs of homes of the ring range (start, end] in ring order, each with the bounds
+    the positions of its keys at its two ends must pass: (lowest home, highest home, above
+    this or None, at most this or None)."""
     if start == end:
-        return [(b, None, None) for b in range(1 << BUCKET_BITS)]
-    shift = 128 - BUCKET_BITS
-    first, final = start >> shift, end >> shift
-    count = (final - first) % (1 << BUCKET_BITS) + 1
-    if start > end and first == final:
-        count += 1 << BUCKET_BITS  # almost the whole ring: its bucket at both ends
-    buckets = [(first + i) % (1 << BUCKET_BITS) for i in range(count)]
-    return [(b, start if i == 0 else None, end if i == count - 1 else None)
-            for i, b in enumerate(buckets)]
-
-
-def _with_buckets(pairs: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes, int]]:
-    return ((key, value, bucket(key)) for key, value in pairs)
+        return [(_LOWEST, _HIGHEST, None, None)]
+    low, high = _home_of(start >> 64), _home_of(end >> 64)
+    if start < end:
+        return [(low, high, start, end)]
+    return [(low, _HIGHEST, start, None), (_LOWEST, high, None, end)]
 
 
 def check_file(path: str | os.PathLike[str]) -> str | None:

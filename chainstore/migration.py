@@ -27,22 +27,24 @@ from chainstore.storage import STORE_NAMES, Store
 log = get_logger("chainstore.migration")
 
 #: Keys per batch a copy sends. The target writes a batch in one go, while the writes of its
-#: own chains wait: 1,000 keys of 100 bytes held its reactor about 10 ms per batch, and during
-#: a leave (the targets serve writes) the writer's p99 rose to 73-79 ms against 35-40 ms with
-#: 256, for a copy about 15% slower (python -m bench.reconfig --keys 100000, two runs each).
-BATCH_KEYS = 256
+#: own chains wait. With rows kept in ring order (chainstore/storage/sqlitedbm.py) a batch
+#: costs a quarter of what it did, and at 1,000,000 keys 512 kept the background writer's p99
+#: at 33-37 ms with a copy step of 6.6-6.7 MB/s; 1,024 made it 34-73 ms at 7.7-9.8 MB/s, 256
+#: 42-47 ms at 5.4 (python -m bench.reconfig --keys 1000000, one run each, docs/DESIGN.md).
+BATCH_KEYS = 512
 #: Request ids (and their keys: a few dozen bytes each) per batch sent along with a copy.
 REQUEST_BATCH = 1000
 BATCH_BYTES = 512 * 1024
 #: Rows read from a store per query; the reactor runs between two queries, so this bounds
-#: how long a copy, move or drop holds it at a time (a page of 256 rows of 100-byte values
-#: reads in a few milliseconds, one of BATCH_BYTES of big values in about as long).
-PAGE_ROWS = 256
+#: how long a copy, move or drop holds it at a time (a page of 1,024 rows of 100-byte values
+#: reads, moves or drops in 1-3 ms, one of BATCH_BYTES of big values in about as long).
+PAGE_ROWS = 1024
 #: Batches of a copy sent and not yet confirmed by the target: two, so that the source reads
-#: the next while the target writes one.
+#: the next while the target writes one (four, with batches of 256, were no faster).
 COPY_WINDOW = 2
-#: Keys deleted per transaction when a range is dropped or a store cleared.
-DROP_KEYS = 256
+#: Keys deleted per transaction when a range is dropped or a store cleared: a run of rows,
+#: under a millisecond for 1,024.
+DROP_KEYS = 1024
 
 
 def store_named(stores: Any, name: str) -> Store:
@@ -68,15 +70,26 @@ BULK_REST = 0.5
 
 class Pace:
     """Rests between the steps of bulk work, L{BULK_REST} times as long as the work since the
-    last rest took (wall time), so the writes going on meanwhile find a CPU."""
+    last rest took (wall time, less what L{idle} and L{busy} mark as waiting for others), so the
+    writes going on meanwhile find a CPU."""
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
         self.mark = clock.seconds()
+        self.worked = 0.0
+
+    def idle(self) -> None:
+        """Our work stops here until L{busy}: a copy's source waiting for its target to
+        confirm a batch does no work, and resting for that too made the copy wait twice."""
+        self.worked += self.clock.seconds() - self.mark
+
+    def busy(self) -> None:
+        self.mark = self.clock.seconds()
 
     async def __call__(self) -> None:
-        worked = self.clock.seconds() - self.mark
+        worked = self.worked + self.clock.seconds() - self.mark
         await turn(self.clock, max(0.0, worked * BULK_REST))
+        self.worked = 0.0
         self.mark = self.clock.seconds()
 
 
@@ -95,7 +108,9 @@ async def pages(store: Store, rng: KeyRange, clock: IReactorTime, values: bool =
     while True:
         page, cursor = store.range_page(rng, cursor, PAGE_ROWS, values, BATCH_BYTES)
         if page:
+            pace.idle()
             yield page
+            pace.busy()
         if cursor is None:
             return
         await pace()

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.protocols import amp
 from twisted.test import iosim
 
@@ -414,3 +414,34 @@ def test_a_copy_under_writes_ends_with_an_exact_copy(stores, target, monkeypatch
     run(d, pump.pump)
     expected = {k: v for k, v in contents(source).items() if position(k) in HIGH}
     assert contents(target.stores["replica1"]) == expected
+
+
+def test_a_copy_rests_for_its_own_reading_not_for_the_wait_on_its_target(stores, monkeypatch):
+    # Between two pages a copy's source waits for its target to confirm a batch; that wait is
+    # no work of its own, and resting half as long again made the copy wait twice.
+    monkeypatch.setattr(migration, "PAGE_ROWS", 30)
+    clock = Clock()
+    src = stores["coordinator"]
+    fill(src, {k: b"v" + k for k in keys(400)})
+    real = src.range_page
+    calls: list[float] = []
+
+    def reading(*args: Any, **kwargs: Any) -> Any:
+        calls.append(clock.seconds())
+        clock.advance(0.010)  # the page takes 10 ms to read
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(src, "range_page", reading)
+
+    async def copy_pages() -> int:
+        copied = 0
+        async for page in migration.pages(src, KeyRange(0, 0), clock):
+            copied += len(page)
+            await deferLater(clock, 0.020, lambda: None)  # the target confirms 20 ms later
+        return copied
+
+    d = Deferred.fromCoroutine(copy_pages())
+    assert run(d, lambda: clock.advance(0.001)) == 400
+    # each page began 10 ms of reading, 20 ms of waiting and 5 ms of rest after the one before
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    assert len(gaps) >= 10 and all(0.035 <= g < 0.0361 for g in gaps), gaps

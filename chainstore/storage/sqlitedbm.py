@@ -122,8 +122,9 @@ def _bytes(data: bytes | str) -> bytes:
 class SQLiteDBM:
     """A mutable mapping of bytes to bytes, stored in one SQLite file; the dbm interface.
 
-    Iteration is in ring order: by the keys' positions (their MD5), the order a range of the
-    ring is read in. Every method except L{close} raises L{ValueError} once the file is closed.
+    Iteration is in ring order, the order a range of the ring is read in: by the top 64 bits of
+    the keys' positions (their MD5), then by key (L{chainstore.storage.backend.ring_order}).
+    Every method except L{close} raises L{ValueError} once the file is closed.
     """
 
     def __init__(self, path: str | os.PathLike[str], durability: str = "crash") -> None:

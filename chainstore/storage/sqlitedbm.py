@@ -301,7 +301,13 @@ class SQLiteDBM:
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, (bytes, str)):
             return False
-        return self.get(key) is not None
+        key = _bytes(key)
+        conn = self._conn
+        # the value unread: it may be 120 KB
+        if conn.execute("SELECT 1 FROM kv WHERE p = ? AND k = ?", (home(key), key)).fetchone():
+            return True
+        return self._spill and conn.execute("SELECT 1 FROM kv_spill WHERE k = ?",
+                                            (key,)).fetchone() is not None
 
     def __len__(self) -> int:
         # One row, kept with every insert and delete (see _COUNT_SCHEMA): not a count of the file.

@@ -56,11 +56,13 @@ def pick_leaving(pool: list[NodeInfo], target_share: tuple[float, float]) -> Nod
 
 
 def pool_config(workdir: Path, replication: int, target_share: tuple[float, float],
-                failure_timeout: float, attempts: int = 2000) -> tuple[Path, str]:
+                failure_timeout: float, attempts: int = 2000,
+                **options: object) -> tuple[Path, str]:
     """An ECS config (three initial servers, four slots) whose fourth slot heads a share of
     the ring within C{target_share} once it joins, and the name of one of the first three with
     such a share then (the one to remove), so that runs at different sizes move comparable
-    fractions of the data (ring positions hash the ports, drawn afresh for each attempt)."""
+    fractions of the data (ring positions hash the ports, drawn afresh for each attempt).
+    Further ECS options as keyword arguments with underscores."""
     low, high = target_share
     for _ in range(attempts):
         # Positions from the ports (not the ECS's balanced placement), so that the shares that
@@ -68,7 +70,7 @@ def pool_config(workdir: Path, replication: int, target_share: tuple[float, floa
         path = write_ecs_config(workdir, slots=INITIAL_SERVERS + 1, initial_nodes=INITIAL_SERVERS,
                                 replication=replication, heartbeat_interval=1.0,
                                 failure_timeout=failure_timeout, cache_size=CACHE_SIZE,
-                                placement="hash")
+                                placement="hash", **options)
         pool = [slot_node(s) for s in yaml.safe_load(path.read_text())["nodes"]]
         leaving = pick_leaving(pool, target_share)
         if leaving is not None and low <= share(pool, pool[INITIAL_SERVERS]) <= high and \

@@ -371,6 +371,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path,
                         help="keep the ECS's and servers' files and logs here "
                              "[default: a temporary directory, removed afterwards]")
+    parser.add_argument("--copies-beside-moves", choices=("on", "off"), default="off",
+                        help="the ECS's copies-beside-moves: a join's or a leave's copies run "
+                             "beside its local moves [off]")
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the figures as JSON")
     args = parser.parse_args(argv)
     if args.value_bytes < 32 or args.inflight < 1 or args.writer_inflight < 1 or args.rate <= 0:
@@ -402,7 +405,8 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[bool, list[SizeResult]
         for keys in args.keys:
             where = workdir / f"keys-{keys}"
             config, leaving = pool_config(where, args.replication, tuple(args.share),
-                                          args.failure_timeout)
+                                          args.failure_timeout,
+                                          copies_beside_moves=args.copies_beside_moves)
             ecs = ECSProcess(where, config_path=config)
             clusters.append(ecs)
             ecs.start()
@@ -449,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         return INTERRUPTED
     load_after = _load_average()
     print(f"summary ({os.cpu_count()} CPUs shared by the driver and every server; load average "
-          f"{load_before} before, {load_after} after; server cache {CACHE_SIZE} entries):")
+          f"{load_before} before, {load_after} after; server cache {CACHE_SIZE} entries; "
+          f"copies beside moves {args.copies_beside_moves}):")
     print(format_table(results))
     verdict = compare(results)
     if verdict:

@@ -111,6 +111,9 @@ class ECSConfig:
     #: on: after repairing a failure, add as many servers as failed (idle ones, or pool slots
     #: launched again); off: the ring stays smaller until an admin adds servers
     replace_failed: str = "off"
+    #: on: a join's or a leave's copies run beside its local moves (the change ends sooner, and
+    #: the writes going on meanwhile wait longer for CPUs); off: one bulk step at a time
+    copies_beside_moves: str = "off"
 
     def validated(self) -> ECSConfig:
         if self.heartbeat_interval <= 0:
@@ -177,6 +180,7 @@ class ECSConfig:
                         f"{n.name}: console-port and amp-port are both {port}")
         try:
             replace_failed = switch(self.replace_failed, "replace-failed")
+            copies_beside_moves = switch(self.copies_beside_moves, "copies-beside-moves")
         except TLSConfigError as e:
             raise ECSConfigError(str(e)) from None
         if replace_failed == "on" and self.launcher == "none":
@@ -206,7 +210,8 @@ class ECSConfig:
         except WebConfigError as e:
             raise ECSConfigError(str(e)) from None
         return replace(self, cache_strategy=self.cache_strategy.upper(),
-                       log_level=self.log_level.lower(), tls=tls, replace_failed=replace_failed)
+                       log_level=self.log_level.lower(), tls=tls, replace_failed=replace_failed,
+                       copies_beside_moves=copies_beside_moves)
 
     @property
     def tls_files(self) -> TLSFiles | None:
@@ -287,7 +292,7 @@ _SCALARS = {
     "ssh-command": str, "register-timeout": float, "log-level": str, "placement": str,
     "tls": str, "pki-dir": str, "tls-ca": str, "tls-cert": str, "tls-key": str,
     "state": str, "etcd-prefix": str, "lease-ttl": int, "name": str,
-    "web": str, "log-json": str, "replace-failed": str,
+    "web": str, "log-json": str, "replace-failed": str, "copies-beside-moves": str,
     "etcd-tls-ca": str, "etcd-tls-cert": str, "etcd-tls-key": str,
 }
 OPTION_NAMES = set(_SCALARS) | {"nodes", "etcd-endpoints"}

@@ -139,7 +139,8 @@ class ECS:
         self.busy = DeferredLock()
         self.reconfigurer = Reconfigurer(self.state, clock, self._call, self._save,
                                          self._metadata, lambda: self._failures,
-                                         config.placement, lambda name: self.links.get(name))
+                                         config.placement, lambda name: self.links.get(name),
+                                         config.copies_beside_moves == "on")
         # changes of whether to serve still being applied to the servers (Status waits for them)
         self._applying_states = 0
         # when every read lease a server marked dead may hold has run out (ECS clock)

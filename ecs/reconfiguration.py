@@ -81,7 +81,8 @@ class Reconfigurer:
     def __init__(self, state: ClusterState, clock: IReactorTime,
                  call: Callable[..., Deferred[Any]], save: Callable[[], Deferred[None]],
                  metadata: Callable[[], dict[str, Any]], failures: Callable[[], int],
-                 placement: str, link_of: Callable[[str], Any] = lambda name: None) -> None:
+                 placement: str, link_of: Callable[[str], Any] = lambda name: None,
+                 copies_beside_moves: bool = False) -> None:
         self.state = state
         self.clock = clock
         self._call = call
@@ -90,6 +91,7 @@ class Reconfigurer:
         self._failures = failures
         self._link_of = link_of
         self.placement = placement
+        self.copies_beside_moves = copies_beside_moves
         self.operation: Operation | None = None
         self.last: dict[str, Any] | None = None
         self._operations = 0
@@ -131,14 +133,12 @@ class Reconfigurer:
         locked_at: float | None = None
         try:
             # 1. The bulk of the data moves while writes go on; each source records the keys
-            #    written meanwhile. One move or copy at a time: side by side they finish
-            #    sooner but take the CPUs from the writes going on, whose latency is what the
-            #    clients see (docs/DESIGN.md, "Where a writer's time goes").
+            #    written meanwhile. One move or copy at a time (or, with copies-beside-moves,
+            #    a move and a copy): side by side they finish sooner but take the CPUs from
+            #    the writes going on, whose latency is what the clients see (docs/DESIGN.md,
+            #    "Where a writer's time goes").
             op.step = "copying"
-            for move in plan.moves:
-                await self._move(epoch, move, trackers)
-            for copy in plan.copies:
-                await self._bulk_copy(op, epoch, copy, trackers)
+            await self._by_server(self._bulk_lanes(op, epoch, plan, trackers))
             # 1b. One more unlocked pass: the keys written during the bulk copy move again while
             #     fresh trackers record the writes of this (much shorter) pass, so what is left
             #     for the locked pass below depends on the write rate, not on the data size.
@@ -271,6 +271,23 @@ class Reconfigurer:
             if not ok:
                 result.raiseException()
 
+    def _bulk_lanes(self, op: Operation, epoch: int, plan: planner.Plan,
+                    trackers: list[tuple[str, int, planner.Copy | planner.LocalMove]],
+                    ) -> dict[str, list[Callable[[], Coroutine[Any, Any, None]]]]:
+        """The bulk steps in lanes, each one step at a time: the local moves, then the copies;
+        with C{copies_beside_moves}, the copies in a lane of their own beside the moves, but
+        for a copy that touches keys of a store a move writes or reads (its target's, or its
+        source's where the move writes): that one goes after the moves, in their lane, as when
+        everything ran in turn, so that its wipe never meets the move."""
+        moves = [lambda move=move: self._move(epoch, move, trackers) for move in plan.moves]
+        beside: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        after: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        for copy in plan.copies:
+            meets = not self.copies_beside_moves or any(_meet(copy, m) for m in plan.moves)
+            (after if meets else beside).append(
+                lambda copy=copy: self._bulk_copy(op, epoch, copy, trackers))
+        return {"moves": moves + after, "copies": beside}
+
     async def _move(self, epoch: int, move: planner.LocalMove,
                     trackers: list[tuple[str, int, planner.Copy | planner.LocalMove]]) -> None:
         result = await self._call(move.server, control.TrackWrites, store=move.source_store,
@@ -396,3 +413,17 @@ def _not_started(failure: Any, name: str) -> None:
         return  # the ECS stopped
     log.failure("could not start {name}", failure, LogLevel.warn, name=name)
 
+
+def _overlap(a: KeyRange, b: KeyRange) -> bool:
+    """Whether two ranges of the ring share a position: where two arcs meet, the first of
+    their two ends past a shared position lies in both."""
+    return a.end in b or b.end in a
+
+
+def _meet(copy: planner.Copy, move: planner.LocalMove) -> bool:
+    """Whether a copy and a local move touch the same keys of a store, one of them writing."""
+    if not _overlap(copy.range, move.range):
+        return False
+    return ((copy.target == move.server
+             and copy.target_store in (move.source_store, move.target_store))
+            or (copy.source == move.server and copy.source_store == move.target_store))

@@ -79,6 +79,10 @@ class Options(usage.Options):
         ["lease-ttl", None, None,
          f"seconds of the leader's etcd lease [default: {_D.lease_ttl}]"],
         ["name", None, None, "this ECS's name among several [default: its advertise HOST:PORT]"],
+        ["copies-beside-moves", None, None,
+         "on: a join's or a leave's copies run beside its local moves (it ends sooner; the "
+         "writes going on meanwhile wait longer for CPUs); off: one bulk step at a time "
+         f"[default: {_D.copies_beside_moves}]"],
         ["replace-failed", None, None,
          "on: after repairing a failure, add as many servers as failed (idle ones, or pool "
          f"slots launched again); off: wait for an admin's addNode [default: {_D.replace_failed}]"],

@@ -688,14 +688,21 @@ def test_locks_a_dropped_link_left_are_lifted_by_the_next_heartbeat_when_the_rin
     assert node.read_locks == [] and node.orphaned_locks == []
 
 
-def test_bulk_copies_go_one_at_a_time_and_the_locked_steps_reach_every_server_at_once(ring3):
+@pytest.mark.parametrize("beside", [False, True])
+def test_bulk_copies_go_one_at_a_time_and_the_locked_steps_reach_every_server_at_once(
+        ring3, beside):
     # A join at replication 3 copies from three sources and moves data on two servers. The
     # bulk of it goes one move or copy at a time (side by side they take the CPUs from the
-    # writes going on); but each write lock, drain and catch-up under the lock used to be a
-    # round trip of its own, one server after another, all inside the time writes are refused.
+    # writes going on), or with copies-beside-moves one move and one copy; but each write
+    # lock, drain and catch-up under the lock used to be a round trip of its own, one server
+    # after another, all inside the time writes are refused.
     c = ring3
+    c.ecs.reconfigurer.copies_beside_moves = beside
     open_calls: dict[str, int] = {}
     most_open: dict[tuple[str, str], int] = {}
+    # bulk copies and moves under way, and what was under way each time one began
+    bulk: dict[str, int] = {}
+    most_bulk: list[dict[str, int]] = []
     real_call = c.ecs.calls.call
 
     def call(name: str, command: Any, timeout: Any = None, **kwargs: Any) -> Deferred[Any]:
@@ -703,6 +710,16 @@ def test_bulk_copies_go_one_at_a_time_and_the_locked_steps_reach_every_server_at
         kind = command.__name__
         if command in (control.CopyRange, control.MoveLocal):
             kind = "catch-up" if "tracker" in kwargs else "bulk"
+            if kind == "bulk":
+                step = command.__name__
+                bulk[step] = bulk.get(step, 0) + 1
+                most_bulk.append(dict(bulk))
+
+                def ended(result: Any, step: str = step) -> Any:
+                    bulk[step] -= 1
+                    return result
+
+                d.addBoth(ended)
         open_calls[kind] = open_calls.get(kind, 0) + 1
         operation = c.ecs.reconfigurer.operation
         key = (kind, operation.step if operation is not None else "")
@@ -717,17 +734,22 @@ def test_bulk_copies_go_one_at_a_time_and_the_locked_steps_reach_every_server_at
     c.ecs.calls.call = call  # type: ignore[method-assign]
     assert c.run(c.ecs.add_nodes(1, "LRU", 10)) == ["s4"]
     c.check_placement(KEYS, read=False)
-    assert most_open[("bulk", "copying")] == 1
+    assert most_open[("bulk", "copying")] == (2 if beside else 1)
+    assert all(n <= 1 for seen in most_bulk for n in seen.values())
+    assert any(seen.get("CopyRange") and seen.get("MoveLocal") for seen in most_bulk) == beside
     heads = most_open[("LockRanges", "locking writes")]
     assert heads >= 2 and most_open[("DrainWrites", "locking writes")] == heads
     assert most_open[("catch-up", "final catch-up")] >= 2
     assert most_open[("LockRanges", "switching")] >= 2
 
 
-def test_a_failed_copy_at_replication_3_aborts_and_leaves_no_tracker(ring3):
+@pytest.mark.parametrize("beside", [False, True])
+def test_a_failed_copy_at_replication_3_aborts_and_leaves_no_tracker(ring3, beside):
     # The abort stops every write tracker the attempt started (a tracker left behind records
-    # keys for ever), releases the locks and keeps the old ring; the join can be redone.
+    # keys for ever), releases the locks and keeps the old ring; the join can be redone. With
+    # copies beside the moves, the moves under way end first and their trackers stop too.
     c = ring3
+    c.ecs.reconfigurer.copies_beside_moves = beside
     old_ring = c.ring()
     c.cut_copies_to.add("s4")
     with pytest.raises(AdminError, match="adding s4 failed while copying"):

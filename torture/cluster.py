@@ -77,11 +77,13 @@ class Cluster:
     @param workdir: the ECS's config, state and log, and each server's data directory and log.
     @param heartbeat: the ECS's heartbeat interval; @param failure_timeout: its failure timeout.
     @param tls: mutual TLS on every link (the default), or plaintext (C{tls: off}) everywhere.
+    @param copies_beside_moves: the ECS's C{copies-beside-moves}.
     """
 
     def __init__(self, reactor: Any, workdir: str | Path, *, servers: int = 5,
                  replication: int = 3, heartbeat: float = 0.3,
-                 failure_timeout: float = 1.5, network: Any = None, tls: bool = True) -> None:
+                 failure_timeout: float = 1.5, network: Any = None, tls: bool = True,
+                 copies_beside_moves: bool = False) -> None:
         self.reactor = reactor
         #: where each server lives: L{Loopback} (default) or L{Namespaces}
         self.network = network or Loopback()
@@ -91,6 +93,7 @@ class Cluster:
         self.heartbeat = heartbeat
         self.failure_timeout = failure_timeout
         self.tls = tls
+        self.copies_beside_moves = copies_beside_moves
         #: the cluster's PKI (the ECS's pki-dir, and where KVServerProcess points servers), or
         #: None with TLS off
         self.pki_dir: Path | None = self.workdir / "data" / "pki" if tls else None
@@ -216,6 +219,7 @@ class Cluster:
             "launcher": "none",
             "register-timeout": 10.0,
             "tls": "on" if self.tls else "off",
+            "copies-beside-moves": "on" if self.copies_beside_moves else "off",
             "pki-dir": str(self.workdir / "data" / "pki"),
             # No status page: parallel runs would contend for its fixed port.
             "web": "off",

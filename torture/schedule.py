@@ -263,6 +263,8 @@ async def run_scenario(reactor: Any, scenario: Scenario, seed: int, seconds: flo
     # of running a reconfiguration's bulk step meet the faults (a generator of its own: the
     # scenario's draws stay what they were).
     beside = scenario_rng(f"{scenario.name}/copies-beside-moves", seed).random() < 0.5
+    log.info("{scenario}: the ECS runs with copies-beside-moves {setting}",
+             scenario=scenario.name, setting="on" if beside else "off")
     if ha:
         from torture.ha import HACluster
 

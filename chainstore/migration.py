@@ -23,6 +23,7 @@ from chainstore.control import ReceiveRange, pack_items, unpack_items
 from chainstore.logs import get_logger
 from chainstore.ring import KeyRange, position
 from chainstore.storage import STORE_NAMES, Store
+from chainstore.storage.backend import ring_order
 
 log = get_logger("chainstore.migration")
 
@@ -96,8 +97,8 @@ class Pace:
 async def pages(store: Store, rng: KeyRange, clock: IReactorTime, values: bool = True,
                 ) -> AsyncIterator[list[tuple[bytes, bytes | None]]]:
     """The pairs (key, value) of C{store} in C{rng}, a page at a time, the reactor running
-    between pages. Only the range's part of the store is read (its buckets, chainstore/storage/
-    sqlitedbm.py), and a page reads at most L{PAGE_ROWS} rows and about L{BATCH_BYTES}.
+    between pages. Only the range's part of the store is read (its run of rows, chainstore/
+    storage/sqlitedbm.py), and a page reads at most L{PAGE_ROWS} rows and about L{BATCH_BYTES}.
 
     Each page is a new query after the last row of the one before, so writes between pages
     are allowed: a key written behind the cursor is not seen (a copy's write tracker has it),
@@ -246,11 +247,12 @@ def stop_tracking(stores: Any, tracker: int) -> set[bytes]:
 
 def dirty_batches(store: Store, keys: set[bytes]) -> Iterator[tuple[list[tuple[bytes, bytes]],
                                                                      list[bytes]]]:
-    """(puts, deletes) batches that bring a copy up to date for C{keys}, in key order."""
+    """(puts, deletes) batches that bring a copy up to date for C{keys}, in ring order (the
+    target's rows then go in ascending order of their homes)."""
     puts: list[tuple[bytes, bytes]] = []
     deletes: list[bytes] = []
     size = 0
-    for key in sorted(keys):
+    for key in sorted(keys, key=ring_order):
         value = store.get(key)
         if value is None:
             deletes.append(key)

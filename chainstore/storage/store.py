@@ -131,17 +131,16 @@ class Store:
         return True
 
     def items(self, after: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
-        """All pairs in byte order of the keys, strictly after C{after} if given.
-
-        Whatever the backend: a migration streams a range in this order. Writes while the
-        iteration runs are allowed; a key deleted meanwhile may still be yielded (with its old
-        value) or skipped, but it is never an error.
+        """All pairs in ring order (L{chainstore.storage.backend.ring_order}), strictly after
+        the key C{after} if given, whatever the backend. Writes while the iteration runs are
+        allowed; a key deleted meanwhile may still be yielded (with its old value) or skipped,
+        but it is never an error.
         """
         return self._guarded_iter(self.db.items, after)
 
     def keys(self) -> Iterator[bytes]:
-        """Every key in byte order; values are not read. Deleting keys already passed is
-        safe (SQLite pages by key; another backend's key list is copied first)."""
+        """Every key in ring order; values are not read. Deleting keys already passed is
+        safe (SQLite pages by home and key; another backend's key list is copied first)."""
         return self._guarded_iter(iter, self.db)
 
     def _guarded_iter(self, start: Callable[..., Iterator[Any]], *args: Any) -> Iterator[Any]:
@@ -165,7 +164,7 @@ class Store:
     def range_page(self, rng: KeyRange, cursor: Any, limit: int, values: bool = True,
                    max_bytes: int | None = None) -> tuple[list[tuple[bytes, bytes | None]], Any]:
         """The next page of C{rng}'s pairs and the cursor of the one after it (None: no more);
-        L{Backend.range_page}. The SQLite backend reads only the range's buckets."""
+        L{Backend.range_page}. The SQLite backend reads only the range's run of rows."""
         return self.db.range_page(rng.start, rng.end, cursor, limit, values, max_bytes)
 
     @_guarded

@@ -695,3 +695,16 @@ def test_pages_of_a_range_that_wraps_past_zero_drop_and_move_all_of_it(tmp_path)
     finally:
         source.close()
         target.close()
+
+
+def test_an_upgrade_keeps_every_pair_when_keys_share_homes(tmp_path):
+    path = tmp_path / "old.sqlite"
+    pairs = [(k, b"v" + k) for k in keys(300)]
+    old_file(path, "CREATE TABLE kv (k BLOB PRIMARY KEY, v BLOB NOT NULL, b INTEGER)", pairs)
+    with coarse_homes(2), sqlitedbm.open(path, "w") as db:
+        assert db._conn.execute("SELECT COUNT(*) FROM kv_spill").fetchone()[0] == 300 - 4
+        assert dict(db.items()) == dict(pairs) and len(db) == 300
+        assert all(db.get(k) == v and k in db for k, v in pairs)
+        del db[pairs[0][0]]
+        db[b"later"] = b"1"
+        assert len(db) == 300 and db.get(b"later") == b"1"

@@ -242,8 +242,9 @@ class Reconfigurer:
 
     async def _by_server(
             self, work: dict[str, list[Callable[[], Coroutine[Any, Any, None]]]]) -> None:
-        """Run each server's steps in order, every server's at once. Once a step fails, no
-        server begins another: the change aborts once those under way have ended."""
+        """Run each lane's steps in order, every lane at once (a lane per server, or per kind
+        of bulk step). Once a step fails, no lane begins another: the change aborts once those
+        under way have ended."""
         failed = False
 
         async def in_turn(steps: list[Callable[[], Coroutine[Any, Any, None]]]) -> None:

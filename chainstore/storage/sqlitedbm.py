@@ -71,7 +71,6 @@ _COUNT_SCHEMA = ("CREATE TABLE IF NOT EXISTS kv_count "
 _COUNT_TRIGGER = ("CREATE TRIGGER IF NOT EXISTS kv_count_insert AFTER INSERT ON kv "
                   "BEGIN UPDATE kv_count SET n = n + 1 WHERE id = 0; END")
 _UNCOUNT = "UPDATE kv_count SET n = n - ? WHERE id = 0"
-_GET = "SELECT v FROM kv WHERE p = ? AND k = ?"
 _UPDATE = "UPDATE kv SET v = ? WHERE p = ? AND k = ?"
 _INSERT = "INSERT INTO kv (p, k, v) VALUES (?, ?, ?) ON CONFLICT (p) DO NOTHING"
 # One statement for a batch: a new key is inserted, an existing one updated in place (INSERT OR
@@ -80,7 +79,8 @@ _INSERT = "INSERT INTO kv (p, k, v) VALUES (?, ?, ?) ON CONFLICT (p) DO NOTHING"
 _UPSERT = ("INSERT INTO kv (p, k, v) VALUES (?, ?, ?) "
            "ON CONFLICT (p) DO UPDATE SET v = excluded.v WHERE k = excluded.k")
 _DELETE = "DELETE FROM kv WHERE p = ? AND k = ?"
-_SPILL_GET = "SELECT v FROM kv_spill WHERE k = ?"
+_FIND = {column: (f"SELECT {column} FROM kv WHERE p = ? AND k = ?",
+                   f"SELECT {column} FROM kv_spill WHERE k = ?") for column in ("v", "1")}
 _SPILL_UPDATE = "UPDATE kv_spill SET v = ? WHERE k = ?"
 _SPILL_INSERT = "INSERT INTO kv_spill (k, p, v) VALUES (?, ?, ?)"
 _SPILL_DELETE = "DELETE FROM kv_spill WHERE k = ?"
@@ -199,7 +199,7 @@ class SQLiteDBM:
                 conn.execute("BEGIN")
                 try:
                     if rows:
-                        self._put_many(conn, [(bytes(k), bytes(v)) for k, v in rows])
+                        self._put_many(conn, [(_bytes(k), _bytes(v)) for k, v in rows])
                         conn.execute("DELETE FROM kv_before WHERE k <= ?", (rows[-1][0],))
                     else:
                         conn.execute("DROP TABLE kv_before")
@@ -267,12 +267,18 @@ class SQLiteDBM:
         return value
 
     def get(self, key: bytes | str, default: bytes | None = None) -> bytes | None:
-        key = _bytes(key)
-        conn = self._conn
-        row = conn.execute(_GET, (home(key), key)).fetchone()
-        if row is None and self._spill:
-            row = conn.execute(_SPILL_GET, (key,)).fetchone()
+        row = self._find(_bytes(key), "v")
         return default if row is None else bytes(row[0])
+
+    def _find(self, key: bytes, column: str) -> tuple[Any] | None:
+        """C{column} (C{"v"}, or C{"1"} not to read the value) of C{key}'s row, at its home or
+        in the spill; None if it has none."""
+        conn = self._conn
+        at_home, spilled = _FIND[column]
+        row = conn.execute(at_home, (home(key), key)).fetchone()
+        if row is None and self._spill:
+            row = conn.execute(spilled, (key,)).fetchone()
+        return row
 
     def __setitem__(self, key: bytes | str, value: bytes | str) -> None:
         self._in_transaction(lambda conn: self._put(conn, _bytes(key), _bytes(value)))
@@ -301,13 +307,8 @@ class SQLiteDBM:
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, (bytes, str)):
             return False
-        key = _bytes(key)
-        conn = self._conn
         # the value unread: it may be 120 KB
-        if conn.execute("SELECT 1 FROM kv WHERE p = ? AND k = ?", (home(key), key)).fetchone():
-            return True
-        return self._spill and conn.execute("SELECT 1 FROM kv_spill WHERE k = ?",
-                                            (key,)).fetchone() is not None
+        return self._find(_bytes(key), "1") is not None
 
     def __len__(self) -> int:
         # One row, kept with every insert and delete (see _COUNT_SCHEMA): not a count of the file.

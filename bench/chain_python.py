@@ -2,8 +2,8 @@
 machine's noise.
 
 Three KVNodes in one process on the tests' simulated network (``tests/simnet.py``: real
-KVServerProtocol on both ends, so every Replicate box and answer is serialized and parsed as
-on the wire, and every batch is applied to SQLite), but no TLS, no sockets, no reactor wake-ups
+KVServerProtocol on both ends, so every Relay box is serialized and parsed as on the wire,
+and every batch is applied to SQLite), but no TLS, no sockets, no reactor wake-ups
 and no client boxes: puts are handed to the heads' ``KVNode.put``, 32 in flight over the keys of
 every range, as ``python -m bench --inflight 32`` loads them. The process's CPU time per put is
 the Python (and SQLite) a put costs the three servers together; with ``--replication 1`` each
@@ -71,9 +71,12 @@ class PutLoop:
 
 def measure(puts: int, replication: int, value_bytes: int, inflight: int,
             workdir: Path) -> tuple[float, float]:
-    """(CPU µs per put, writes per Replicate) over C{puts} puts after a warm-up."""
+    """(CPU µs per put, writes per batch) over C{puts} puts after a warm-up."""
     net = SimNet(workdir)
     ring = net.cluster(3, replication=replication)
+    # (The nodes join one at a time: the first ones' dials to the later ones fail, and they
+    # dial again RETRY_SECONDS later, in simulated time.)
+    net.run(1.0)
     loop = PutLoop(net, ring, b"x" * value_bytes, inflight)
     loop.run(min(puts, 2_000))  # warm up: insert the keys, fill the caches
     net.run(1.0)  # leases
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="bench-chain-python-") as tmp:
                 us, batch = measure(args.puts, replication, args.value, args.inflight,
                                     Path(tmp))
-            extra = f", {batch:.1f} writes per Replicate" if replication > 1 else ""
+            extra = f", {batch:.1f} writes per batch" if replication > 1 else ""
             print(f"run {run + 1}, replication {replication}: {us:.1f} us CPU per put{extra}",
                   flush=True)
     return 0

@@ -87,14 +87,15 @@ def range_keys(ring: Any, index: int | None, count: int) -> list[bytes]:
     return keys[:count]
 
 
-async def writes_per_batch(router: Any) -> dict[str, tuple[int, int]]:
-    """Per server: (Replicate batches sent, writes they carried), from its C{Stats}."""
+async def writes_per_batch(router: Any) -> dict[str, tuple[int, int, int]]:
+    """Per server: (batches sent, writes they carried, Relay boxes sent), from its C{Stats}."""
     sent = {}
     for name, conn in router.conns.items():
         stats = json.loads((await conn.callRemote(protocol.Stats))["stats"])
         chains = [v for k, v in stats.items() if k.endswith("_chain")]
         sent[name] = (sum(c["batches_sent"] for c in chains),
-                      sum(c["writes_sent"] for c in chains))
+                      sum(c["writes_sent"] for c in chains),
+                      stats.get("relay", {}).get("boxes_sent", 0))
     return sent
 
 
@@ -185,7 +186,9 @@ async def measure(reactor: Any, args: argparse.Namespace, workdir: Path) -> list
                          f"{(total.cpu / done) / (s_spent.cpu / s_done):.1f}x")
             batches = sum(sent_after[n][0] - sent_before[n][0] for n in sent_after)
             writes = sum(sent_after[n][1] - sent_before[n][1] for n in sent_after)
-            lines.append(f"         {writes / max(batches, 1):.1f} writes per Replicate "
+            boxes = sum(sent_after[n][2] - sent_before[n][2] for n in sent_after)
+            lines.append(f"         {boxes / max(done, 1):.2f} server boxes per put")
+            lines.append(f"         {writes / max(batches, 1):.1f} writes per batch "
                          f"({batches} batches)")
             if args.py_spy:
                 for role in ROLES:

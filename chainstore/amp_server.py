@@ -20,8 +20,9 @@ log = get_logger("chainstore.amp_server")
 
 # The largest box this listener takes. Clients and peer servers share it, so it must admit the
 # largest legitimate server-to-server box; a client's is at most a 120,000-byte value, a key and a
-# 64-byte request id (about 121 KB). Replicate batches are cut at 512 KiB of writes (a batch of one
-# write may be a 120,099-byte op; chainstore/chain.py BATCH_BYTES); a ReceiveRange batch is cut
+# 64-byte request id (about 121 KB). A Relay box holds sections of at most 512 KiB together, or
+# one batch of writes cut past 512 KiB (a batch's last write may be a 120,099-byte op;
+# chainstore/chain.py BATCH_BYTES) with its section header; a ReceiveRange batch is cut
 # once it reaches 512 KiB of keys and values (chainstore/migration.py), so it holds at most
 # 524,287 bytes plus one last 120,020-byte pair plus 5 bytes of header for each of at most 1,000
 # pairs or deletes (669,307 bytes), or 1,000 (id, key) pairs of 89 bytes. With AMP's framing
@@ -29,7 +30,7 @@ log = get_logger("chainstore.amp_server")
 SERVER_BOX_BYTES = 1024 * 1024
 
 # The commands held back, and reading paused, while the write backlog is over its bounds. Only
-# clients' writes: peers' Replicate boxes must always be read, or two heads each waiting for the
+# clients' writes: peers' Relay boxes must always be read, or two heads each waiting for the
 # other to acknowledge would never drain (and reads add nothing to the backlog).
 BACKLOGGED_COMMANDS = frozenset((protocol.Put.commandName, protocol.Delete.commandName))
 
@@ -44,7 +45,7 @@ class KVServerProtocol(BoundedAMP, RoleGuard):
     command_roles = {
         **allow((CLIENT, ADMIN), (protocol.Put, protocol.Get, protocol.Delete, protocol.KeyRange,
                                   protocol.KeyRangeRead, protocol.GetMetadata, protocol.Stats)),
-        **allow((SERVER,), (control.ReceiveRange, control.Replicate, control.RenewLease,
+        **allow((SERVER,), (control.ReceiveRange, control.Relay, control.RenewLease,
                             control.ReadVersion)),
     }
 
@@ -146,25 +147,31 @@ class KVServerProtocol(BoundedAMP, RoleGuard):
         self.node.chain.adopt_requests(adopted)
         return {}
 
-    @control.Replicate.responder
-    def replicate(self, epoch: int, owner: str, ops: bytes, resumed: bool | None = None) -> Any:
+    @control.Relay.responder
+    def relay(self, epoch: int, data: bytes) -> None:
         if self.node.stores is None:
             raise control.ControlFailed("the stores are not open")
-        metrics, started = self.node.metrics, self.node.metrics.clock()
-        acked = self.node.chain.receive(epoch, owner, ops, bool(resumed))
-        replica = self.node.chain.replicas.get(owner)
-        role = "tail" if replica is not None and replica.is_tail else "middle"
-        if isinstance(acked, Deferred):
-            return acked.addBoth(metrics.replicated, role, started)
-        metrics.replicated(acked, role, started)
-        return acked
+        self.node.chain.relayed(epoch, data, self.node.metrics.batch_applied)
 
     def _wrapWithSerialization(self, responder: Any, command: type[amp.Command]) -> Any:
-        # Replicate's box is read and answered directly (control.replicate_responder), not
-        # by AMP's generic argument machinery: it carries every write of the chain.
-        if command is control.Replicate:
-            return control.replicate_responder(responder)
+        # Relay's box is read directly (control.read_relay), not by AMP's generic argument
+        # machinery: it carries every write of the chain.
+        if command is control.Relay:
+            return lambda box: self._relayed(responder, box)
         return super()._wrapWithSerialization(responder, command)
+
+    def _relayed(self, responder: Any, box: amp.AmpBox) -> amp.AmpBox:
+        try:
+            responder(*control.read_relay(box))
+        except control.ControlFailed as e:
+            if amp.ASK in box:  # (asked for an answer, as no server does: it gets one)
+                raise amp.RemoteAmpError(control.Relay.allErrors[control.ControlFailed],
+                                         str(e)) from None
+            # Nothing is answered, so the peer learns by its connection closing, and resends
+            # what it sent on it (chainstore/chain.py).
+            log.warn("closing the link of {peer}: {error}", peer=self.describe_peer(), error=e)
+            self.transport.loseConnection()
+        return amp.AmpBox()
 
     @control.RenewLease.responder
     def renew_lease(self, epoch: int, owner: str, upstream: bool | None = None) -> dict[str, Any]:

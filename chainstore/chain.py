@@ -2,11 +2,21 @@
 
 Each server keeps, per store, a L{Replica}: its part in the chain of the one range that store
 holds. The head assigns each write the range's next serial, applies it, and forwards batches of
-writes to its live successor with C{Replicate}; a middle applies them in serial order and
-forwards them on; the tail applies and answers. Every node answers its predecessor only when its
-own forward has been answered, so the answer that reaches the head means "applied at the tail".
-The outstanding forwards of a node are its pending-ack window: a bounded queue of batches, each
-with a Deferred; acks are cumulative by serial.
+writes to its live successor; a middle applies them in serial order and forwards them on; the
+tail applies them and acknowledges to the head, which passes the acknowledgement on to the
+middle. Nothing is answered: all of it travels one way, in L{control.Relay} boxes, one per peer
+and reactor turn carrying every section this server has for that peer (in a ring of three a
+server's successor is its range's middle, its predecessor's tail and its second predecessor's
+head, so that is one box for all three chains). An acknowledgement means "applied at the tail"
+and is cumulative by serial. The outstanding forwards of a node are its pending-ack window, a
+bounded queue of batches; the writes waiting for the acknowledgement are Deferreds.
+
+One-way messages are lost only with their connection, so a member resends its window when its
+link to the successor drops (and a tail its acknowledgement when its link to the head does),
+when a new ring is adopted (the receiver ignores what belongs to an older ring and holds what
+belongs to a newer one until it adopts it), and when nothing has been acknowledged for
+L{ACK_TIMEOUT} (a link that looks open but delivers nothing): a receiver that finds a write
+missing closes the link, which makes its predecessor resend.
 
 The serial is persisted with the data (atomically, in the same store) together with the chain's
 identity; a replica skips writes it already has (serial <= its last), so after a failure a
@@ -39,14 +49,21 @@ from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from chainstore.control import (
+    ACK,
+    BATCH,
     DELETE,
+    PROBE,
     PUT,
+    RESENT,
+    RESUMED,
     ControlFailed,
     RenewLease,
     StaleEpoch,
-    call_replicate,
     pack_ops,
+    pack_section,
+    send_relay,
     unpack_ops,
+    unpack_sections,
 )
 from chainstore.craq import READ_QUERY_TIMEOUT, DirtyKeys
 from chainstore.errors import NotResponsible, ServerStopped, StorageFailed
@@ -63,37 +80,38 @@ LEASE_SECONDS = 2.0
 #: How much sooner than the ECS could declare this server failed its read leases end
 #: (monotonic clocks of two machines drift apart a little).
 LEASE_BOUND_MARGIN = 0.25
-# Batches in flight per link. Few: while they travel, new writes gather into the next batch, so
-# under load each message carries many writes (measured: 1-2 gave ~10% more chain puts at 32 in
-# flight than 32 did, on this 2-core machine); the backlog is bounded in writes and bytes, below.
+# Batches a head has in flight (not yet acknowledged by the tail). Few: while they travel, new
+# writes gather into the next batch, so under load each message carries many writes (measured:
+# 1-2 gave ~10% more chain puts at 32 in flight than 32 did, on this 2-core machine); the
+# backlog is bounded in writes and bytes, below. A middle forwards at once what it receives:
+# the head's window bounds it.
 WINDOW_BATCHES = 2
 BATCH_OPS = 256
-# A batch is also cut at this many bytes of writes (past its first write), so that a Replicate box
+# A batch is also cut at this many bytes of writes (past its first write), so that a Relay box
 # stays far below the cap of a server's AMP listener (chainstore/amp_server.py): 256 writes of
 # 120 KB values would otherwise make a 30 MB box.
 BATCH_BYTES = 512 * 1024
-# Bytes of an op on the wire besides its key, value and request id (control.pack_ops' header).
+# Bytes of an op in a batch besides its key, value and request id (control.pack_ops' header).
 OP_HEADER_BYTES = 15
 # The write backlog of this server: writes applied here and not yet acknowledged by their
 # successor (every replica's queued and in-flight writes, as a head and as a middle). Past either
 # bound, its client connections stop reading requests (L{ChainReplicator.backlogged}; they wait
 # in L{ChainReplicator.wait_for_room}) until the backlog is down to half of both; nothing is
-# refused. Counted as a Replicate packs them (key, value, request id, OP_HEADER_BYTES): 20,000
+# refused. Counted as a batch packs them (key, value, request id, OP_HEADER_BYTES): 20,000
 # writes of 120 KB would be 2.4 GB, hence the bound in bytes. A middle's queue is bounded by its
 # predecessor's window (WINDOW_BATCHES batches), so only what heads take from clients can grow.
 MAX_QUEUED_OPS = 20_000
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
+# After a link drops, the window is resent on a new connection this much later.
 RETRY_SECONDS = 0.2
-# A forward refused for its epoch is retried sooner, doubling up to RETRY_SECONDS: when a new
-# ring reaches two members a moment apart, the successor takes the batch as soon as it has
-# the same ring, and every write of the chain waits for the resend (at 0.2 s, the writes in
-# flight at a switch were the slowest of bench.reconfig's writer). The sender, if it is the
-# one behind, resends as soon as it adopts the new ring (ChainReplicator.adopt).
-EPOCH_RETRY_SECONDS = 0.02
-# A Replicate not answered within this is taken for a lost successor (a hung process, a half-open
-# connection): the connection is dropped and the window resent on a new one. Generous: the answer
-# waits for the rest of the chain, and a new tail waits out a lease before it answers.
-REPLICATE_TIMEOUT = 10.0
+# A window with nothing acknowledged for this long is taken for a lost link (a hung process, a
+# half-open connection): the connection is dropped and the window resent on a new one.
+# Generous: a new tail waits out a lease before it acknowledges.
+ACK_TIMEOUT = 10.0
+# Relay boxes of a newer ring than this server's are held until it adopts that ring (the rings
+# of a reconfiguration reach the members a moment apart); past this many bytes of them the link
+# is closed instead, and its sender resends later.
+EARLY_BYTES = 16 * 1024 * 1024
 # A lease request refused (or failed) is asked again this soon: until it is granted, reads of
 # the range are refused (or, for LEASE_WAIT, wait). Also the least wait between two renewals.
 LEASE_RETRY_SECONDS = 0.1
@@ -114,6 +132,13 @@ class _Batch:
     last: int
     ops: list[Op]
     size: int = 0  # bytes of its ops (_op_bytes)
+    sent: float = 0.0  # when it was last sent (the clock's seconds)
+
+
+def _vouched(replica: Replica) -> int:
+    """What C{replica} knows its tail to have applied: nothing yet after a restart, when its
+    acked is its own last serial (writes it applied and may never have forwarded)."""
+    return 0 if replica.resumed else replica.acked
 
 
 def _op_bytes(op: Op) -> int:
@@ -150,15 +175,26 @@ class Replica:
     waiters: list[tuple[int, int, Deferred[int]]] = field(default_factory=list)
     cancelled_waiters: int = 0
     generation: int = 0
-    # set after a failed forward until the whole window has been resent, so that no newer
-    # batch overtakes an older one on the way to the successor
+    # set after a lost link until the whole window has been resent, so that no newer batch
+    # overtakes an older one on the way to the successor
     retry: Any = None
     paused: bool = False
-    # the wait before the next resend of a forward refused for its epoch (EPOCH_RETRY_SECONDS)
-    epoch_retry: float = EPOCH_RETRY_SECONDS
-    # True from a restart until a forward is answered: the successor may skip a gap of writes
-    # that were applied here and never forwarded (never acknowledged to anyone).
+    # True from a restart until a write forwarded since is acknowledged (acked > resumed_from):
+    # the successor may skip a gap of writes that were applied here and never forwarded (never
+    # acknowledged to anyone).
     resumed: bool = False
+    resumed_from: int = 0
+    # the head of the live chain (a tail acknowledges to it)
+    head: NodeInfo | None = None
+    # as a head whose successor is a middle: the last acknowledgement passed on to it
+    acked_down: int = 0
+    # fires every ACK_TIMEOUT while the window is not empty (L{ChainReplicator._ack_overdue})
+    ack_timer: Any = None
+    # as a tail: the next acknowledgement resent after the link to the head dropped
+    reack: Any = None
+    # batch sections that came before the replica may take writes (accept_from), in order:
+    # (epoch, flags, acked, writes)
+    held: list[tuple[int, int, int, list[Op]]] = field(default_factory=list)
     # the highest serial this process has queued for its successor (0 after a restart: it
     # does not know what its successor got, so it forwards whatever it receives)
     forwarded: int = 0
@@ -207,7 +243,7 @@ class Replica:
 
 def _next_batch(pending: list[Op]) -> tuple[list[Op], int]:
     """Cut the next batch off the front of C{pending}: at most BATCH_OPS writes and, past the
-    first, at most BATCH_BYTES of them as packed for a C{Replicate}; and its size in bytes."""
+    first, at most BATCH_BYTES of them as packed for a batch section; and its size in bytes."""
     count = size = taken = 0
     for op in pending:
         size += _op_bytes(op)
@@ -262,6 +298,18 @@ class ChainReplicator:
         self.backlogged = False
         self._room_waiters: deque[Deferred[None]] = deque()
         self._releasing = False
+        # The sections of this turn, per peer ("host:port"): (peer, batch parts, acks by owner)
+        self._outbox: dict[str, tuple[NodeInfo, list[bytes], dict[str, int]]] = {}
+        self._ending = False
+        # Relay boxes of a newer ring than ours, held until we adopt it: (epoch, data)
+        self._early: list[tuple[int, bytes]] = []
+        self._early_bytes = 0
+        #: Relay boxes sent, and their sections (batches and acknowledgements)
+        self.relays_sent = 0
+        self.sections_sent = 0
+        self.stopped = False
+        if peers is not None:
+            peers.on_lost = self._link_lost
 
     # -- configuration ---------------------------------------------------------------------------
 
@@ -295,10 +343,6 @@ class ChainReplicator:
                 replica = previous
             self._relink(replica, ring, owner_index)
             self.replicas[owner] = replica
-            if replica.paused:
-                # A forward refused for its epoch waits for a resend: the successor may have
-                # refused it for the very ring adopted now, so resend now.
-                self._resend_now(replica)
         for unused in STORE_NAMES[ring.chain_length:]:
             # A store with no role in this ring starts afresh if it gets one again: a chain of
             # the same names may come back later, and the serial kept from before would make
@@ -307,8 +351,20 @@ class ChainReplicator:
                 stores[unused].set_chain_state("", 0)
         for replica in old.values():
             self._fail_waiters(replica, NotResponsible("this server left the range's chain"))
+        for replica in self.replicas.values():
+            # What we sent under the ring before may have been ignored by a successor that
+            # already had this one: resend it (a successor skips what it has). A tail tells
+            # its head, which may be new, how far it is.
+            if replica.successor is not None:
+                if replica.window or replica.acked:
+                    self._resend_now(replica)
+            elif replica.head is not None and replica.head != self.me \
+                    and self.monotonic() >= replica.tail_from:
+                self._ack_head(replica)
         self._ask_leases()
         self._update_backlog()
+        self._replay_early()
+        self._send_later()
 
     def _open_replica(self, owner: str, cid: str, store_name: str, store: Store,
                       leases: bool) -> Replica:
@@ -320,7 +376,8 @@ class ChainReplicator:
         # Continuing a chain this store already belonged to (the process restarted): writes it
         # applied but never forwarded died with its window, so its successor may be behind.
         replica = Replica(owner, cid, store_name, store, serial, acked=serial,
-                          resumed=serial > 0, opened=True, trusted=serial == 0)
+                          resumed=serial > 0, resumed_from=serial, opened=True,
+                          trusted=serial == 0)
         if stored_chain == cid and leases:
             # And the leases that process granted in this chain, to its successor or upstream,
             # died with its memory while their holders may still read under them: taken as
@@ -334,6 +391,7 @@ class ChainReplicator:
 
     def _relink(self, replica: Replica, ring: Ring, owner_index: int) -> None:
         live = ring.chain_for_index(owner_index)
+        replica.head = live[0]
         i = live.index(self.me)
         successor = live[i + 1] if i + 1 < len(live) else None
         was_tail = replica.is_tail
@@ -350,20 +408,20 @@ class ChainReplicator:
         if replica.opened:
             replica.opened = False
             if not replica.is_head and not replica.is_tail:
-                # A middle cannot know what its successor has: an answer it gave from a stale
-                # "acked" would let its predecessor acknowledge writes the tail never got.
+                # A middle learns what the tail has from its head: a stale "acked" from the
+                # store would let it trim writes from its window that the tail never got.
                 replica.acked = 0
         if successor != replica.successor:
             # A lease vouches for our place in the chain only while its granter follows us.
             replica.up_lease_until = 0.0
-            replica.successor = successor
-            replica.generation += 1
-            replica.paused = False
             if successor is not None and replica.window:
                 log.info("resending {count} batches of {owner}'s range to {to}",
                          count=len(replica.window), owner=replica.owner, to=successor.name)
-                for batch in list(replica.window):
-                    self._send(replica, batch)
+            replica.successor = successor
+            replica.generation += 1
+            replica.paused = False
+            replica.acked_down = 0
+            # (the window goes to the new successor when the ring is adopted: adopt)
         if successor is None:
             replica.paused = False
         if replica.is_tail and not was_tail:
@@ -379,6 +437,8 @@ class ChainReplicator:
             return
         replica.drop_queue()
         self._advance(replica, replica.last_serial)
+        self._ack_head(replica)
+        self._send_later()
 
     def _ask_leases(self) -> None:
         """After a new ring: a replica that holds no lease (a new role, a new successor) asks
@@ -389,6 +449,7 @@ class ChainReplicator:
                 self._renew_now(replica)
 
     def stop(self) -> None:
+        self.stopped = True
         self.peers.close()
         for replica in self.replicas.values():
             self._fail_waiters(replica, ServerStopped("the server is stopping"))
@@ -407,9 +468,14 @@ class ChainReplicator:
             # be. Their waiters fail below; answers still on their way are ignored (generation).
             replica.drop_queue()
             replica.lease_until = replica.up_lease_until = 0.0
-            if replica.retry is not None and replica.retry.active():
-                replica.retry.cancel()
+            for call in (replica.retry, replica.ack_timer, replica.reack):
+                if call is not None and call.active():
+                    call.cancel()
+            replica.held.clear()
             self._fail_waiters(replica, error)
+        self._outbox.clear()
+        self._early.clear()
+        self._early_bytes = 0
         self.peers.close()
         # Writes held back by the backlog go on, to be refused with the error.
         self._update_backlog()
@@ -456,40 +522,78 @@ class ChainReplicator:
 
     # -- middle and tail -------------------------------------------------------------------------
 
-    def receive(self, epoch: int, owner: str, payload: bytes,
-                resumed: bool = False) -> Deferred[int] | int:
-        """A C{Replicate} from our predecessor: apply in order, forward, answer when acked."""
+    def relayed(self, epoch: int, data: bytes,
+                observe: Callable[[str, float], None] | None = None) -> None:
+        """A L{control.Relay} box from a peer. Raises L{ControlFailed} when the peer must
+        resend (a write is missing, the box does not parse, too much waits for a newer ring):
+        its connection is then closed (L{chainstore.amp_server}), and the peer resends on a
+        new one. C{observe(role, started)} times each batch applied as middle or tail."""
+        try:
+            # Every section is read before any is applied: a box that does not parse changes
+            # nothing.
+            sections = [(kind, flags, owner, acked, unpack_ops(payload) if kind == BATCH else [])
+                        for kind, flags, owner, acked, payload in unpack_sections(data)]
+        except ValueError as e:
+            raise ControlFailed(f"a Relay that does not parse: {e}") from None
         if self.failed is not None:
-            raise ControlFailed(str(self.failed))
+            return  # this server serves nothing more (the ECS repairs it away)
         if epoch != self.epoch:
-            raise StaleEpoch(f"writes of epoch {epoch}; this server is at {self.epoch}")
-        replica = self.replicas.get(owner)
-        if replica is None or replica.is_head:
-            raise NotResponsible(f"{self.me.name} does not follow anyone in {owner}'s chain")
-        ops = unpack_ops(payload)
-        if not ops:
-            return replica.acked
-        self._check_accepting(replica)
-        # Serials rise within a batch: usually all of it is new (a resent window is not).
-        fresh = (ops if ops[0][0] > replica.last_serial
+            if epoch > self.epoch:
+                self._hold_early(epoch, data)
+            # else: sent under a ring before ours; the sender resends when it adopts ours
+            return
+        try:
+            for kind, flags, owner, acked, ops in sections:
+                if kind == ACK:
+                    self._take_ack(owner, acked)
+                    continue
+                replica = self.replicas.get(owner)
+                if replica is None or replica.is_head:
+                    log.warn("ignored writes of {owner}'s range: {me} follows nobody in its "
+                             "chain at epoch {epoch}", owner=owner, me=self.me.name,
+                             epoch=epoch)
+                    continue
+                if replica.held or self.monotonic() < replica.accept_from:
+                    self._hold(replica, flags, acked, ops)
+                    continue
+                started = self.monotonic() if observe is not None else 0.0
+                self._take_batch(replica, flags, acked, ops)
+                if observe is not None:
+                    observe("tail" if replica.is_tail else "middle", started)
+        finally:
+            self._send_later()
+
+    def _take_batch(self, replica: Replica, flags: int, acked: int, ops: list[Op]) -> None:
+        """Apply a batch section from our predecessor in order, forward it or acknowledge
+        it. L{ControlFailed} if a write is missing before it (the predecessor must resend)."""
+        if self.failed is not None:
+            return
+        if acked > replica.acked and not replica.is_tail:
+            self._advance(replica, acked)  # what the head passes on of the tail's progress
+        owner = replica.owner
+        fresh = (ops if not ops or ops[0][0] > replica.last_serial
                  else [op for op in ops if op[0] > replica.last_serial])
         if fresh:
             if fresh[0][0] != replica.last_serial + 1:
-                if not resumed:
-                    raise ControlFailed(
-                        f"serial {fresh[0][0]} after {replica.last_serial}: a write is missing")
+                if not flags & RESUMED:
+                    raise ControlFailed(f"{owner}'s writes from serial {fresh[0][0]} came "
+                                        f"after {replica.last_serial}: a write is missing")
                 # The predecessor restarted: the writes in between were applied only there and
                 # acknowledged to nobody; we go on from its numbering.
                 log.warn("{owner}'s chain resumes at serial {serial} after {last}: skipping "
                          "writes its predecessor never forwarded", owner=owner,
                          serial=fresh[0][0], last=replica.last_serial)
+                if not replica.is_tail:
+                    # and so may our successor, until it has acknowledged a write past the gap
+                    replica.resumed = True
+                    replica.resumed_from = max(replica.resumed_from, fresh[0][0] - 1)
             try:
                 replica.store.apply_ops(fresh, fresh[-1][0])
             except StorageFailed as e:
                 # Nothing of the batch is applied (one transaction): the predecessor keeps it
                 # in its window and resends it to whoever the ECS makes its successor.
                 self.fail(e)
-                raise ControlFailed(str(e)) from None
+                return
             replica.last_serial = fresh[-1][0]
             for op in fresh:
                 self.remember(replica.token, op[4], op[0], op[2])
@@ -497,24 +601,82 @@ class ChainReplicator:
                 for op in fresh:
                     replica.dirty.applied(op[0], op[2])
             self.on_apply([op[2] for op in fresh])
-        last = ops[-1][0]
         if replica.is_tail:
+            # (Every batch, new or not, is acknowledged: a resent one asks for it.)
+            if flags & PROBE and replica.head is not None and replica.head != self.me:
+                log.warn("{owner}'s head has heard no acknowledgement for a while: dialling "
+                         "it again", owner=owner)
+                self.peers.drop(replica.head, abort=True)
             if self.monotonic() >= replica.tail_from:
-                replica.acked = max(replica.acked, replica.last_serial)
-                return replica.acked
-            return self._wait(replica, last)
+                self._advance(replica, replica.last_serial)
+                self._ack_head(replica)
+            return
         # Forward what this process has not forwarded yet, including writes it already held
         # from before a restart (its old window died with it; the successor skips duplicates).
-        onward = (ops if ops[0][0] > replica.forwarded
+        onward = (ops if not ops or ops[0][0] > replica.forwarded
                   else [op for op in ops if op[0] > replica.forwarded])
         if onward:
             replica.forwarded = onward[-1][0]
             replica.queue(onward)
             self._update_backlog()
             self._end_turn_later(replica)
-        if replica.acked >= last:
-            return replica.acked
-        return self._wait(replica, last)
+        if replica.successor is not None and not replica.paused \
+                and (flags & PROBE or (flags & RESENT and not onward)):
+            # Resent to us: our window goes on again, so that the tail acknowledges again
+            # whatever acknowledgement was lost (and, on a probe, redials the head first).
+            self._send_window(replica, flags & (RESENT | PROBE))
+
+    def _take_ack(self, owner: str, acked: int) -> None:
+        """The tail of C{owner}'s range has applied every write up to C{acked} (sent by the
+        tail to the head, passed on by the head to the middle)."""
+        replica = self.replicas.get(owner)
+        if replica is not None and not replica.is_tail and acked > replica.acked:
+            self._advance(replica, acked)
+
+    def _hold(self, replica: Replica, flags: int, acked: int, ops: list[Op]) -> None:
+        """Keep a batch until the replica may take writes (accept_from), after those held."""
+        replica.held.append((self.epoch, flags, acked, ops))
+        if len(replica.held) == 1:
+            delay = max(0.0, replica.accept_from - self.monotonic())
+            self.clock.callLater(delay, self._take_held, replica)
+
+    def _take_held(self, replica: Replica) -> None:
+        if self.failed is not None or self.replicas.get(replica.owner) is not replica \
+                or replica.is_head:
+            replica.held.clear()
+            return
+        wait = replica.accept_from - self.monotonic()
+        if wait > 0:
+            self.clock.callLater(wait, self._take_held, replica)
+            return
+        held, replica.held = replica.held, []
+        try:
+            for epoch, flags, acked, ops in held:
+                # (sent under a ring before ours: ignored, as it would be now; resent on adopt)
+                if epoch == self.epoch:
+                    self._take_batch(replica, flags, acked, ops)
+        except ControlFailed as e:
+            # (no link to close here: the predecessor resends after ACK_TIMEOUT)
+            log.warn("dropped held writes of {owner}'s range: {error}", owner=replica.owner,
+                     error=e)
+        self._send_later()
+
+    def _hold_early(self, epoch: int, data: bytes) -> None:
+        if self._early_bytes + len(data) > EARLY_BYTES:
+            raise ControlFailed(f"{self._early_bytes} bytes of writes already wait for epoch "
+                                f"{epoch}")
+        self._early.append((epoch, data))
+        self._early_bytes += len(data)
+
+    def _replay_early(self) -> None:
+        early, self._early, self._early_bytes = self._early, [], 0
+        for epoch, data in early:
+            if epoch >= self.epoch:
+                try:
+                    self.relayed(epoch, data)
+                except ControlFailed as e:
+                    log.warn("dropped writes held for epoch {epoch}: {error}", epoch=epoch,
+                             error=e)
 
     # -- forwarding ------------------------------------------------------------------------------
 
@@ -522,10 +684,24 @@ class ChainReplicator:
         # Everything that arrived in this reactor turn (one read from the network) is committed
         # in one transaction and forwarded in one batch.
         self._turn.add(replica)
-        if self._turn_call is None or not self._turn_call.active():
+        self._send_later()
+
+    def _send_later(self) -> None:
+        """End this reactor turn soon (L{_end_turn}): commit, forward, send the outbox."""
+        if not self._ending and (self._turn_call is None or not self._turn_call.active()):
             self._turn_call = self.clock.callLater(0, self._end_turn)
 
     def _end_turn(self) -> None:
+        self._ending = True
+        try:
+            self._end_turn_now()
+        finally:
+            self._ending = False
+        if self._turn or self._outbox:
+            # (writes taken while it ran, from the callbacks of the writes it acknowledged)
+            self._send_later()
+
+    def _end_turn_now(self) -> None:
         turn, self._turn = self._turn, set()
         for replica in turn:
             try:
@@ -545,6 +721,14 @@ class ChainReplicator:
                 # (A head left alone too: its old tail may answer reads until the lease we
                 # granted it runs out, so no write is acknowledged before then; _take_tail.)
                 self._advance(replica, replica.last_serial)
+        for replica in self.replicas.values():
+            # A head passes the tail's progress on to its middle (with its next batch, or
+            # alone): the middle trims its window and answers its dirty reads by it.
+            if replica.acked > replica.acked_down and replica.successor is not None \
+                    and not replica.successor_is_tail and not replica.paused:
+                self._ack_down(replica)
+        if self._outbox:
+            self._send_outbox()
 
     def commit_now(self, store: Store) -> None:
         """Commit C{store}'s waiting writes before a read of it: nobody reads uncommitted data."""
@@ -559,7 +743,7 @@ class ChainReplicator:
         if replica.paused:
             return
         while replica.pending and replica.successor is not None \
-                and len(replica.window) < WINDOW_BATCHES:
+                and (len(replica.window) < WINDOW_BATCHES or not replica.is_head):
             ops, size = _next_batch(replica.pending)
             batch = _Batch(ops[0][0], ops[-1][0], ops, size)
             replica.window.append(batch)
@@ -567,29 +751,95 @@ class ChainReplicator:
             replica.ops_sent += len(ops)
             self._send(replica, batch)
 
-    def _send(self, replica: Replica, batch: _Batch) -> None:
-        generation, successor, epoch = replica.generation, replica.successor, self.epoch
+    def _send(self, replica: Replica, batch: _Batch | None, flags: int = 0) -> None:
+        """A batch section for the successor (C{batch} None: an empty one, which a tail
+        acknowledges), in this turn's box to it."""
+        successor = replica.successor
         assert successor is not None
-        payload = pack_ops(batch.ops)
-        d = self._call_peer(successor, REPLICATE_TIMEOUT, call_replicate, epoch=epoch,
-                            owner=replica.owner, ops=payload, resumed=replica.resumed)
-        d.addCallbacks(self._answered, self._send_failed, (replica, generation), None,
-                       (replica, generation, successor))
+        if replica.resumed:
+            flags |= RESUMED
+        if batch is not None:
+            payload = pack_ops(batch.ops)
+            batch.sent = self.clock.seconds()
+            if replica.ack_timer is None or not replica.ack_timer.active():
+                replica.ack_timer = self.clock.callLater(ACK_TIMEOUT, self._ack_overdue,
+                                                         replica)
+        else:
+            payload = b""
+        replica.acked_down = replica.acked
+        self._out(successor).extend(pack_section(BATCH, replica.owner, _vouched(replica),
+                                                 payload, flags))
+
+    def _ack_down(self, replica: Replica) -> None:
+        assert replica.successor is not None
+        replica.acked_down = replica.acked
+        if not replica.resumed:
+            self._out(replica.successor, replica.owner, replica.acked)
+
+    def _ack_head(self, replica: Replica) -> None:
+        """As tail: tell the head how far we are (at the end of the turn)."""
+        if replica.head is not None and replica.head != self.me:
+            self._out(replica.head, replica.owner, replica.acked)
+
+    def _out(self, node: NodeInfo, ack_owner: str | None = None, acked: int = 0) -> list[bytes]:
+        """The parts of this turn's batch sections for C{node} (given C{ack_owner}, records
+        an acknowledgement for it instead: only the highest of a turn goes)."""
+        key = f"{node.host}:{node.amp_port}"
+        entry = self._outbox.get(key)
+        if entry is None:
+            entry = self._outbox[key] = (node, [], {})
+            self._send_later()
+        if ack_owner is not None:
+            acks = entry[2]
+            if acked > acks.get(ack_owner, -1):
+                acks[ack_owner] = acked
+        return entry[1]
+
+    def _send_outbox(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        epoch = self.epoch
+        for node, parts, acks in outbox.values():
+            for owner, acked in acks.items():
+                parts.extend(pack_section(ACK, owner, acked))
+            # A box takes another section only while both fit in BATCH_BYTES, so that no box
+            # is larger than one batch section (a batch of BATCH_BYTES and one more write).
+            boxes, box, size = [], [], 0
+            for i in range(0, len(parts), 3):  # (sections are three parts each)
+                section = parts[i:i + 3]
+                length = len(section[0]) + len(section[1]) + len(section[2])
+                if box and size + length > BATCH_BYTES:
+                    boxes.append(b"".join(box))
+                    box, size = [], 0
+                box.extend(section)
+                size += length
+            boxes.append(b"".join(box))
+            self.relays_sent += len(boxes)
+            self.sections_sent += len(parts) // 3
+            proto = self.peers.open(node)
+            if proto is not None:
+                for data in boxes:
+                    send_relay(proto, epoch, data)
+            else:
+                # (A failed dial is a lost link: the windows are resent, _link_lost.)
+                self.peers.get(node).addCallbacks(self._send_boxes, lambda failure: None,
+                                                  (epoch, boxes))
+
+    def _send_boxes(self, proto: Any, epoch: int, boxes: list[bytes]) -> None:
+        if epoch == self.epoch and self.failed is None:
+            for data in boxes:
+                send_relay(proto, epoch, data)
 
     def _call_peer(self, node: NodeInfo, timeout: float, command: Any,
                    **arguments: Any) -> Deferred[Any]:
         """C{command} to peer C{node} over the pool, failing with L{TimeoutError} if it is not
-        answered within C{timeout} (dial included). C{command} is an AMP command, or a
-        function C{command(proto, **arguments)} that sends one (L{call_replicate}). A call
-        that times out is taken for a lost peer (hung, or a half-open connection): its
-        connection is aborted, so the next call to C{node} dials again."""
+        answered within C{timeout} (dial included). A call that times out is taken for a lost
+        peer (hung, or a half-open connection): its connection is aborted, so the next call to
+        C{node} dials again."""
         used: list[Any] = []
 
         def call(proto: Any) -> Deferred[Any]:
             used.append(proto)
-            if isinstance(command, type):
-                return proto.callRemote(command, **arguments)  # type: ignore[no-any-return]
-            return command(proto, **arguments)  # type: ignore[no-any-return]
+            return proto.callRemote(command, **arguments)  # type: ignore[no-any-return]
 
         def timed_out(failure: Failure) -> Failure:
             if failure.check(TimeoutError) and used:
@@ -599,46 +849,84 @@ class ChainReplicator:
         d = self.peers.get(node).addCallback(call)
         return d.addTimeout(timeout, self.clock).addErrback(timed_out)
 
-    def _answered(self, acked: int, replica: Replica, generation: int) -> None:
-        if generation == replica.generation:
-            replica.resumed = False
-            replica.epoch_retry = EPOCH_RETRY_SECONDS
-            self._advance(replica, acked)
-
-    def _send_failed(self, failure: Failure, replica: Replica, generation: int,
-                     successor: NodeInfo) -> None:
-        if generation != replica.generation:
+    def _link_lost(self, node: NodeInfo) -> None:
+        """The connection to peer C{node} dropped (or could not be made): what we sent on it
+        may be lost. Our windows to it are resent, and a tail's acknowledgement, on a new
+        connection a moment later."""
+        if self.failed is not None or self.stopped:
             return
-        log.warn("forwarding {owner}'s writes to {to} failed ({error}); retrying",
-                 owner=replica.owner, to=successor.name, error=failure.getErrorMessage())
+        for replica in self.replicas.values():
+            if replica.successor == node:
+                if replica.window:
+                    self._pause(replica)
+                elif replica.retry is None or not replica.retry.active():
+                    # Nothing in flight, so nothing to hold back: only an acknowledgement
+                    # passed on may be lost, and the resend (an empty batch) carries it again.
+                    replica.retry = self.clock.callLater(RETRY_SECONDS, self._resend, replica)
+            if replica.is_tail and replica.head == node and replica.head != self.me \
+                    and (replica.reack is None or not replica.reack.active()):
+                replica.reack = self.clock.callLater(RETRY_SECONDS, self._reack, replica)
+
+    def _reack(self, replica: Replica) -> None:
+        if self.replicas.get(replica.owner) is replica and replica.is_tail \
+                and self.failed is None and self.monotonic() >= replica.tail_from:
+            self._ack_head(replica)
+
+    def _pause(self, replica: Replica, flags: int = RESENT) -> None:
+        """Send nothing more to the successor until the window is resent (RETRY_SECONDS)."""
         replica.generation += 1
         replica.paused = True
-        delay = RETRY_SECONDS
-        if failure.check(StaleEpoch):
-            # The link is fine: only the rings differ, for a moment at a switch.
-            delay, replica.epoch_retry = replica.epoch_retry, min(RETRY_SECONDS,
-                                                                  2 * replica.epoch_retry)
-        else:
-            self.peers.drop(successor)
-        if replica.retry is None or not replica.retry.active():
-            replica.retry = self.clock.callLater(delay, self._resend, replica)
+        if replica.retry is not None and replica.retry.active():
+            if flags == RESENT:
+                return
+            replica.retry.cancel()
+        replica.retry = self.clock.callLater(RETRY_SECONDS, self._resend, replica, flags)
+
+    def _ack_overdue(self, replica: Replica) -> None:
+        replica.ack_timer = None
+        if self.replicas.get(replica.owner) is not replica or not replica.window \
+                or replica.successor is None or self.failed is not None or self.stopped:
+            return
+        due = replica.window[0].sent + ACK_TIMEOUT - self.clock.seconds()
+        if due > 0 or replica.paused:
+            # The oldest batch still waiting was sent (or resent) lately: watch it.
+            replica.ack_timer = self.clock.callLater(max(due, RETRY_SECONDS),
+                                                     self._ack_overdue, replica)
+            return
+        log.warn("no acknowledgement of {owner}'s writes for {seconds:.0f}s: dropping the "
+                 "link to {to} and resending", owner=replica.owner, seconds=ACK_TIMEOUT,
+                 to=replica.successor.name)
+        self.peers.drop(replica.successor, abort=True)
+        self._pause(replica, RESENT | PROBE)
 
     def _resend_now(self, replica: Replica) -> None:
         if replica.retry is not None and replica.retry.active():
             replica.retry.cancel()
         self._resend(replica)
 
-    def _resend(self, replica: Replica) -> None:
+    def _resend(self, replica: Replica, flags: int = RESENT) -> None:
         replica.paused = False
-        if replica.successor is None or self.replicas.get(replica.owner) is not replica:
+        if replica.successor is None or self.replicas.get(replica.owner) is not replica \
+                or self.failed is not None or self.stopped:
             return
-        for batch in list(replica.window):
-            self._send(replica, batch)
+        self._send_window(replica, flags)
         self._flush_later(replica)
+        self._send_later()
+
+    def _send_window(self, replica: Replica, flags: int = RESENT) -> None:
+        """Send the whole window again, marked as resent (an empty batch if it is empty, so
+        that the tail acknowledges again); each batch carries the tail's progress."""
+        if replica.window:
+            for batch in list(replica.window):
+                self._send(replica, batch, flags)
+        else:
+            self._send(replica, None, flags)
 
     def _advance(self, replica: Replica, acked: int) -> None:
         if acked > replica.acked:
             replica.acked = acked
+            if replica.resumed and acked > replica.resumed_from:
+                replica.resumed = False
         replica.dirty.acked(replica.acked)
         window, waiters = replica.window, replica.waiters
         while window and window[0].last <= replica.acked:
@@ -950,7 +1238,10 @@ class ChainReplicator:
     # -- queries ---------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        return {
+        stats: dict[str, Any] = {
+            "relay": {"boxes_sent": self.relays_sent, "sections_sent": self.sections_sent},
+        }
+        stats.update({
             f"{r.store_name}_chain": {
                 "owner": r.owner, "serial": r.last_serial, "acked": r.acked,
                 "window": len(r.window), "pending": len(r.pending),
@@ -958,7 +1249,8 @@ class ChainReplicator:
                 "batches_sent": r.batches_sent, "writes_sent": r.ops_sent,
             }
             for r in self.replicas.values()
-        }
+        })
+        return stats
 
 
 __all__ = ["ChainReplicator", "Replica", "PUT", "DELETE"]

@@ -21,12 +21,10 @@ Ranges are (start, end] of the ring as 128-bit integers (see L{chainstore.ring.K
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.protocols import amp
-from twisted.python.failure import Failure
 
 from chainstore.errors import ALL_ERRORS
 from chainstore.protocol import RING_FIELDS, BigBytes
@@ -268,16 +266,66 @@ def unpack_items(data: bytes) -> Iterator[tuple[bytes, bytes]]:
 
 # -- chain replication (server -> server) ----------------------------------------------------
 
-class Replicate(_ControlCommand):
-    """Writes of the range owned by C{owner}, in serial order, from a chain member to the next.
+class Relay(_ControlCommand):
+    """Everything one chain member has for another in one reactor turn, one way (no answer):
+    batches of writes and acknowledgements, as sections (L{pack_section}).
 
-    The answer comes once the chain's tail has applied every write of the batch; C{acked} is
-    the highest serial the tail has applied (acks are cumulative).
+    A batch section carries writes of the range owned by C{owner}, in serial order, from a
+    member to the next (a head to its middle, a middle to its tail), and the highest serial the
+    sender knows the range's tail to have applied. An acknowledgement section says that the
+    tail of C{owner}'s range has applied every write up to C{acked}: the tail sends it to the
+    range's head, which passes it on to its middle. Acknowledgements are cumulative and a write
+    is applied once (serials), so any section may be sent again: a member resends what is not
+    acknowledged when its link drops, when a new ring comes, and when no acknowledgement has
+    come for L{chainstore.chain.ACK_TIMEOUT}.
     """
 
-    arguments = [(b"epoch", amp.Integer()), (b"owner", amp.Unicode()), (b"ops", BigBytes()),
-                 (b"resumed", amp.Boolean(optional=True))]
-    response = [(b"acked", amp.Integer())]
+    arguments = [(b"epoch", amp.Integer()), (b"data", BigBytes())]
+    requiresAnswer = False
+
+
+#: Section kinds of a L{Relay}.
+BATCH = 0
+ACK = 1
+#: Flags of a batch section. RESUMED: the sender restarted, and its successor may skip a gap
+#: of writes that it applied and never forwarded (L{chainstore.chain}). RESENT: the section
+#: is sent again; a middle that receives it sends its own window on again, so that the tail
+#: acknowledges again whatever acknowledgement was lost. PROBE (with RESENT): sent because
+#: nothing was acknowledged for a long while; the tail dials its head again before it
+#: acknowledges, since its own link to the head may be the one that delivers nothing.
+RESUMED = 1
+RESENT = 2
+PROBE = 4
+# kind, flags, owner's length, acked, payload's length
+_SECTION = struct.Struct(">BBHqI")
+
+
+def pack_section(kind: int, owner: str, acked: int, payload: bytes = b"",
+                 flags: int = 0) -> list[bytes]:
+    """A section of a L{Relay}'s C{data}, as parts to join (the payload is not copied)."""
+    name = owner.encode("utf-8")
+    return [_SECTION.pack(kind, flags, len(name), acked, len(payload)), name, payload]
+
+
+def unpack_sections(data: bytes) -> list[tuple[int, int, str, int, memoryview]]:
+    """(kind, flags, owner, acked, payload) of every section of a L{Relay}'s C{data}, the
+    payloads as views of C{data}; ValueError (UnicodeDecodeError too) if it is malformed."""
+    view = memoryview(data).toreadonly()
+    sections = []
+    offset, size, end = 0, _SECTION.size, len(view)
+    while offset < end:
+        if offset + size > end:
+            raise ValueError("truncated relay section")
+        kind, flags, name_len, acked, payload_len = _SECTION.unpack_from(view, offset)
+        offset += size
+        stop = offset + name_len + payload_len
+        if stop > end or kind not in (BATCH, ACK):
+            raise ValueError("malformed relay section")
+        owner = bytes(view[offset:offset + name_len]).decode("utf-8")
+        offset += name_len
+        sections.append((kind, flags, owner, acked, view[offset:stop]))
+        offset = stop
+    return sections
 
 
 class RenewLease(_ControlCommand):
@@ -308,8 +356,9 @@ _OP_HEADER = struct.Struct(">QBBIB")
 
 
 def pack_ops(ops: Iterable[tuple[int, int, bytes, bytes, bytes]]) -> bytes:
-    """Pack (serial, kind, key, value, request id) tuples for a C{Replicate}: per write a
-    15-byte header (serial, kind, key, value and request id lengths), then the three fields.
+    """Pack (serial, kind, key, value, request id) tuples for a batch section of a C{Relay}:
+    per write a 15-byte header (serial, kind, key, value and request id lengths), then the
+    three fields.
     Key, value and request id may be any bytes-like objects (a middle forwards the
     memoryviews L{unpack_ops} gave it): each is copied once, into the result."""
     header = _OP_HEADER.pack
@@ -350,97 +399,49 @@ def unpack_ops(data: bytes | memoryview) -> list[tuple[int, int, bytes, Any, byt
     return ops
 
 
-# -- the Replicate box, read and written directly -------------------------------------------------
+# -- the Relay box, read and written directly -----------------------------------------------------
 #
-# Replicate carries every write between chain members, so its box is built and read here
-# without AMP's generic argument machinery (Command.makeArguments / parseArguments /
-# makeResponse, which py-spy and cProfile showed at a third of the Python time of a
-# replicated put). The bytes on the wire are exactly those of the declared command: a peer
-# using callRemote(Replicate, ...) and one using these interoperate.
+# Relay carries every write between chain members, so its box is built and read here without
+# AMP's generic argument machinery (Command.makeArguments / parseArguments, which py-spy and
+# cProfile showed at a third of the Python time of a replicated put). The bytes on the wire are
+# exactly those of the declared command: a peer using callRemote(Relay, ...) and one using
+# these interoperate.
 
-_REPLICATE = Replicate.commandName
-_ERRORS = Replicate.allErrors
+_RELAY = Relay.commandName
 
 
-def replicate_box(epoch: int, owner: str, ops: bytes, resumed: bool) -> amp.AmpBox:
-    """The arguments of a C{Replicate} as AMP puts them in a box (C{ops} as L{BigBytes}:
-    split in 65,535-byte chunks under C{ops}, C{ops.1}, ...; the chunks are views, copied
-    once when the box is serialized)."""
+def relay_box(epoch: int, data: bytes) -> amp.AmpBox:
+    """The arguments of a C{Relay} as AMP puts them in a box (C{data} as L{BigBytes}: split in
+    65,535-byte chunks under C{data}, C{data.1}, ...; the chunks are views, copied once when
+    the box is serialized)."""
     box = amp.AmpBox()
     box[b"epoch"] = b"%d" % epoch
-    box[b"owner"] = owner.encode("utf-8")
     step = amp.MAX_VALUE_LENGTH
-    if len(ops) <= step:
-        box[b"ops"] = ops
+    if len(data) <= step:
+        box[b"data"] = data
     else:
-        view = memoryview(ops)
-        box[b"ops"] = view[:step]
-        for i, start in enumerate(range(step, len(ops), step), 1):
-            box[b"ops.%d" % i] = view[start:start + step]
-    box[b"resumed"] = b"True" if resumed else b"False"
+        view = memoryview(data)
+        box[b"data"] = view[:step]
+        for i, start in enumerate(range(step, len(data), step), 1):
+            box[b"data.%d" % i] = view[start:start + step]
     return box
 
 
-def read_replicate(box: amp.AmpBox) -> tuple[int, str, bytes, bool]:
-    """(epoch, owner, ops, resumed) of a received C{Replicate} box; raises as AMP's own
-    parsing does (KeyError for a missing argument, ValueError or TypeError for a bad one)."""
+def read_relay(box: amp.AmpBox) -> tuple[int, bytes]:
+    """(epoch, data) of a received C{Relay} box; raises as AMP's own parsing does (KeyError
+    for a missing argument, ValueError for a bad one)."""
     epoch = int(box[b"epoch"])
-    owner = box[b"owner"].decode("utf-8")
-    first = box[b"ops"]
-    if b"ops.1" in box:
+    first = box[b"data"]
+    if b"data.1" in box:
         parts = [first]
         i = 1
-        while (part := box.get(b"ops.%d" % i)) is not None:
+        while (part := box.get(b"data.%d" % i)) is not None:
             parts.append(part)
             i += 1
         first = b"".join(parts)
-    flag = box.get(b"resumed")
-    if flag is None or flag == b"False":
-        resumed = False
-    elif flag == b"True":
-        resumed = True
-    else:
-        raise TypeError(f"Bad boolean value: {flag!r}")
-    return epoch, owner, first, resumed
+    return epoch, first
 
 
-def call_replicate(proto: amp.AMP, epoch: int, owner: str, ops: bytes,
-                   resumed: bool) -> Deferred[int]:
-    """Send a C{Replicate} on C{proto}; fires with C{acked}, or fails with the declared
-    error the peer answered (as C{callRemote(Replicate, ...)} would)."""
-    d: Deferred[amp.AmpBox] = proto._sendBoxCommand(
-        _REPLICATE, replicate_box(epoch, owner, ops, resumed))
-    return d.addCallbacks(_acked, _remote_error)
-
-
-def _acked(answer: amp.AmpBox) -> int:
-    return int(answer[b"acked"])
-
-
-def _remote_error(failure: Failure) -> Failure:
-    failure.trap(amp.RemoteAmpError)
-    error = failure.value
-    return Failure(Replicate.reverseErrors.get(error.errorCode, amp.UnknownRemoteError)(
-        error.description))
-
-
-def replicate_responder(respond: Callable[[int, str, bytes, bool], Any]
-                        ) -> Callable[[amp.AmpBox], Deferred[amp.AmpBox]]:
-    """An AMP responder (box in, answer box out) for C{Replicate} that calls
-    C{respond(epoch, owner, ops, resumed)}, which returns C{acked} or a Deferred of it. Its
-    declared errors become AMP error answers as AMP's own responders make them; anything else
-    fails the Deferred (the caller decides what an undeclared error is)."""
-    def responder(box: amp.AmpBox) -> Deferred[amp.AmpBox]:
-        return maybeDeferred(respond, *read_replicate(box)).addCallbacks(
-            _answer, _known_error)
-    return responder
-
-
-def _answer(acked: int) -> amp.AmpBox:
-    return amp.AmpBox({b"acked": b"%d" % acked})
-
-
-def _known_error(failure: Failure) -> Failure:
-    key = failure.trap(*_ERRORS)
-    return Failure(amp.RemoteAmpError(_ERRORS[key], str(failure.value),
-                                      key in Replicate.fatalErrors, local=failure))
+def send_relay(proto: amp.AMP, epoch: int, data: bytes) -> None:
+    """Send a C{Relay} on C{proto} (as C{callRemote(Relay, ...)} would: no answer asked)."""
+    proto._sendBoxCommand(_RELAY, relay_box(epoch, data), requiresAnswer=False)

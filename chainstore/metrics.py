@@ -130,14 +130,14 @@ class RequestMetrics:
         #: (command, role) -> latency histogram; a client request's success is counted only
         #: there (requests with result ok: see L{ok_counts}), to cost one call
         self.latency = {(c, r): LatencyHistogram(monotonic) for c in COMMANDS for r in ROLES}
-        #: the histograms a node's requests go to (Replicate batches: put at middle and tail)
+        #: the histograms a node's requests go to (batches applied: put at middle and tail)
         self.put_timer = self.latency["put", "head"]
         self.delete_timer = self.latency["delete", "head"]
         self.get_timers = {r: self.latency["get", r] for r in ROLES}
 
     def ok_counts(self) -> dict[str, int]:
         """Client requests answered successfully, by command: puts and deletes at the head,
-        gets at any member (the middle's and tail's put histograms time Replicate batches)."""
+        gets at any member (the middle's and tail's put histograms time batches applied)."""
         return {"put": self.put_timer.count, "delete": self.delete_timer.count,
                 "get": sum(t.count for t in self.get_timers.values())}
 
@@ -152,11 +152,9 @@ class RequestMetrics:
         if result in REFUSALS:
             self.refusals[result] += 1
 
-    def replicated(self, result: Any, role: str, started: float) -> Any:
-        """A callback and errback for a C{Replicate} batch received as middle or tail."""
-        if not isinstance(result, Failure):
-            self.latency["put", role].observe(self.clock() - started)
-        return result
+    def batch_applied(self, role: str, started: float) -> None:
+        """A batch of writes received as middle or tail was applied (since C{started})."""
+        self.latency["put", role].observe(self.clock() - started)
 
     def all_results(self) -> dict[tuple[str, str], int]:
         """(command, result) -> requests, ok included."""
@@ -208,8 +206,8 @@ class NoMetrics(RequestMetrics):
     def failed(self, command: str, error: BaseException) -> None:
         pass
 
-    def replicated(self, result: Any, role: str, started: float) -> Any:
-        return result
+    def batch_applied(self, role: str, started: float) -> None:
+        pass
 
     def stats(self) -> dict[str, Any]:
         return {}
@@ -241,7 +239,7 @@ class _NodeCollector(Collector):
         serial = GaugeMetricFamily("chainstore_chain_serial",
                                    "The serial of the last write applied here", labels=labels)
         batches = CounterMetricFamily("chainstore_chain_batches_sent",
-                                      "Replicate batches sent to the successor", labels=labels)
+                                      "Batches of writes sent to the successor", labels=labels)
         writes = CounterMetricFamily("chainstore_chain_writes_sent",
                                      "Writes sent to the successor (per batch: divide by "
                                      "batches)", labels=labels)
@@ -285,8 +283,8 @@ class _NodeCollector(Collector):
         latency = HistogramMetricFamily(
             "chainstore_request_seconds",
             "Request latency: put and delete at the head until the tail has the write, get at "
-            "the chain member that answered it, and at a middle or tail the Replicate batches "
-            "it received until its part of the chain acknowledged them (command put)",
+            "the chain member that answered it, and at a middle or tail the time it took to "
+            "apply a batch of writes it received (command put)",
             labels=["command", "role"])
         for (command, role), histogram in m.latency.items():
             if histogram.count:

@@ -2,7 +2,9 @@
 
 Chain replication forwards every write to the next server and a tail renews its lease with the
 one before it; both go through this pool, which dials on first use, shares a pending dial among
-callers and forgets a connection when it is lost (the next use dials again).
+callers and forgets a connection when it is lost (the next use dials again). Replication is
+one-way, so it must hear of a lost connection: L{PeerPool.on_lost} is told of every one, and of
+every dial that fails.
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ class PeerPool:
         self._connect = connect
         self._open: dict[str, amp.AMP] = {}
         self._dialing: dict[str, list[Deferred[amp.AMP]]] = {}
+        #: called with the peer whenever a connection to it is lost or a dial to it fails
+        self.on_lost: Callable[[NodeInfo], None] = lambda node: None
+
+    def open(self, node: NodeInfo) -> amp.AMP | None:
+        """The open connection to C{node}, if there is one."""
+        return self._open.get(f"{node.host}:{node.amp_port}")
 
     def get(self, node: NodeInfo) -> Deferred[amp.AMP]:
         key = f"{node.host}:{node.amp_port}"
@@ -80,23 +88,26 @@ class PeerPool:
             self._dialing[key].append(waiter)
             return waiter
         self._dialing[key] = [waiter]
-        self._connect(node).addCallbacks(self._opened, self._failed, (key,), None, (key,))
+        self._connect(node).addCallbacks(self._opened, self._failed, (key, node), None,
+                                         (key, node))
         return waiter
 
-    def _opened(self, proto: amp.AMP, key: str) -> None:
+    def _opened(self, proto: amp.AMP, key: str, node: NodeInfo) -> None:
         self._open[key] = proto
 
         def lost() -> None:
             if self._open.get(key) is proto:
                 del self._open[key]
+            self.on_lost(node)
 
         proto.lost = lost  # type: ignore[attr-defined]
         for waiter in self._dialing.pop(key, []):
             waiter.callback(proto)
 
-    def _failed(self, failure: Any, key: str) -> None:
+    def _failed(self, failure: Any, key: str, node: NodeInfo) -> None:
         for waiter in self._dialing.pop(key, []):
             waiter.errback(failure)
+        self.on_lost(node)
 
     def drop(self, node: NodeInfo, abort: bool = False, proto: amp.AMP | None = None) -> None:
         """Forget the connection to C{node}: the next use dials again. With C{abort} (a peer

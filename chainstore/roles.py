@@ -4,7 +4,7 @@
 - admin: the same, and the ECS's admin commands (start, stop, shutDown, addNodes, removeNode,
   status);
 - server: C{Register} and C{CopyProgress} at the ECS (as the server its certificate names), and
-  the server-to-server commands (C{Replicate}, C{RenewLease}, C{ReceiveRange});
+  the server-to-server commands (C{Relay}, C{RenewLease}, C{ReceiveRange});
 - ecs: the control commands a server obeys on its link to the ECS.
 
 A command a peer's role does not allow is answered with L{PermissionDenied} naming the role it

@@ -24,6 +24,18 @@ from chainstore.ring import NodeInfo, Ring
 from chainstore.storage import StoreSet
 
 
+class PeerAMP(AMP):
+    """The dialling side of a peer connection, telling the pool when it is lost (as
+    L{chainstore.peers}' own protocol does)."""
+
+    lost: Any = None
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        if self.lost is not None:
+            self.lost()
+
+
 def node_info(i: int) -> NodeInfo:
     return NodeInfo(f"n{i}", "127.0.0.1", 50000 + i, 51000 + i)
 
@@ -56,7 +68,7 @@ class SimNet:
         node = self.nodes.get(target.name)
         if node is None or target.name in self.down or frozenset((source, target.name)) in self.cut:
             return fail(ConnectionRefusedError(target.name))
-        client = AMP()
+        client = PeerAMP()
         server = KVServerProtocol(node)
         pump = iosim.connect(server, iosim.makeFakeServer(server), client,
                              iosim.makeFakeClient(client), greet=False, clock=self.clock)

@@ -3,7 +3,7 @@
 Three receivers, each a real protocol object on a real node over a StringTransport, with a Clock:
 
 - L{KVServerProtocol} (a server's AMP port): the client commands of L{chainstore.protocol} and
-  the server-to-server commands C{ReceiveRange}, C{Replicate}, C{RenewLease};
+  the server-to-server commands C{ReceiveRange}, C{Relay}, C{RenewLease};
 - L{ServerControlProtocol} (a server's link to the ECS): every ECS -> server command;
 - L{ECSProtocol} (the ECS's port): C{Register}, C{CopyProgress} and the admin commands.
 
@@ -64,7 +64,7 @@ FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
 
 KV_COMMANDS: list[type[amp.Command]] = [
     protocol.Put, protocol.Get, protocol.Delete, protocol.KeyRange, protocol.KeyRangeRead,
-    protocol.GetMetadata, protocol.Stats, control.ReceiveRange, control.Replicate,
+    protocol.GetMetadata, protocol.Stats, control.ReceiveRange, control.Relay,
     control.RenewLease,
 ]
 CONTROL_COMMANDS: list[type[amp.Command]] = [
@@ -166,6 +166,17 @@ def packed_ops() -> st.SearchStrategy[bytes]:
     return st.one_of(whole, cut, st.binary(max_size=40))
 
 
+def packed_sections() -> st.SearchStrategy[bytes]:
+    """A Relay's data: sections of batches (of packed_ops, whole or not) and acks."""
+    section = st.tuples(st.sampled_from([control.BATCH, control.ACK, 2, 255]),
+                        st.sampled_from(NAMES[:3]), st.sampled_from([0, 1, 5, 1 << 40]),
+                        packed_ops(), st.integers(0, 7)).map(
+        lambda s: b"".join(control.pack_section(*s)))
+    whole = st.lists(section, max_size=3).map(b"".join)
+    cut = st.tuples(whole, st.integers(0, 120)).map(lambda p: p[0][:p[1]])
+    return st.one_of(whole, cut, st.binary(max_size=40))
+
+
 def values_for(name: bytes, arg: amp.Argument, command: type[amp.Command]) -> Any:
     """A strategy for the wire value of one argument: mostly plausible, often hostile."""
     if isinstance(arg, amp.Integer):
@@ -190,8 +201,8 @@ def values_for(name: bytes, arg: amp.Argument, command: type[amp.Command]) -> An
             lambda names: arg.toString(names))
         return st.one_of(good, st.binary(max_size=20), st.sampled_from(BAD_UTF8))
     if isinstance(arg, protocol.BigBytes):
-        if command is control.Replicate:
-            return packed_ops()
+        if command is control.Relay:
+            return packed_sections()
         if command is control.ReceiveRange:
             return packed_items()
         return st.one_of(st.sampled_from(KEYS), st.binary(max_size=40))
@@ -260,8 +271,10 @@ def malformed(command: type[amp.Command] | None, box: dict[bytes, bytes],
     except Exception:
         return True
     try:
-        if command is control.Replicate:
-            control.unpack_ops(kw["ops"])
+        if command is control.Relay:
+            for kind, _, _, _, payload in control.unpack_sections(kw["data"]):
+                if kind == control.BATCH:
+                    control.unpack_ops(payload)
         if command is control.ReceiveRange:
             for field in ("items", "deletes", "requests"):
                 list(control.unpack_items(kw.get(field) or b""))
@@ -339,7 +352,7 @@ def kv(tmp_path_factory) -> Iterator[Receiver]:
 
 @pytest.fixture(scope="module")
 def kv_tail(tmp_path_factory) -> Iterator[Receiver]:
-    """A server that is the tail of s2's chain at epoch 1: Replicate and RenewLease get past
+    """A server that is the tail of s2's chain at epoch 1: Relay and RenewLease get past
     their epoch and owner checks and reach the batch itself."""
     ring = Ring((OTHER, ME), epoch=1, replication=2)
     node = open_node(tmp_path_factory.mktemp("kv_tail"), ring)
@@ -440,7 +453,7 @@ def test_kvserver_answers_every_box_with_a_declared_error(kv, logged, case, cuts
 
 
 @settings(FUZZ, max_examples=100)
-@given(case=hostile_boxes([control.Replicate, control.RenewLease, control.ReceiveRange,
+@given(case=hostile_boxes([control.Relay, control.RenewLease, control.ReceiveRange,
                            protocol.Get]), cuts=cuts)
 def test_a_chain_member_answers_every_replication_box(kv_tail, logged, case, cuts):
     check_box(kv_tail, logged, *case, cuts)
@@ -572,7 +585,8 @@ def refused_requests(kind: type[amp.AMP]) -> list[dict[bytes, bytes]]:
             {amp.COMMAND: b"ReceiveRange", b"epoch": b"0", b"store": b"coordinator",
              b"items": b""},
             {amp.COMMAND: b"ReceiveRange", b"epoch": b"7", b"store": b"nowhere", b"items": b""},
-            {amp.COMMAND: b"Replicate", b"epoch": b"5", b"owner": b"s9", b"ops": b""},
+            {amp.COMMAND: b"Relay", b"epoch": b"-1", b"data": b"".join(control.pack_section(
+                control.BATCH, "s9", 0, control.pack_ops([(1, 0, b"k", b"v", b"")])))},
             {amp.COMMAND: b"RenewLease", b"epoch": b"0", b"owner": b"s9"},
         ]
     if kind is ServerControlProtocol:
@@ -601,7 +615,7 @@ def unreadable_requests(kind: type[amp.AMP]) -> list[dict[bytes, bytes]]:
     """Requests that do not parse (on a KVServer: answered ServerError, logged)."""
     if kind is KVServerProtocol:
         return [{amp.COMMAND: b"Put", b"key": b"k"},
-                {amp.COMMAND: b"Replicate", b"epoch": b"x", b"owner": b"\xff", b"ops": b""},
+                {amp.COMMAND: b"Relay", b"epoch": b"x", b"data": b""},
                 {amp.COMMAND: b"ReceiveRange", b"epoch": b"9", b"store": b"coordinator",
                  b"items": b"\x01\x00\x00"}]
     return []

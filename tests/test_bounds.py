@@ -202,13 +202,15 @@ def test_the_largest_legitimate_server_boxes_fit_the_servers_cap():
         batch, batch_bytes = _next_batch(list(ops))
         packed = control.pack_ops(batch)
         assert len(packed) == batch_bytes
-        biggest = max(biggest, size(control.Replicate, epoch=2 ** 40, owner="n" * 64,
-                                    ops=packed, resumed=True))
-        # The box the chain sends (control.replicate_box) is the same.
-        box = control.replicate_box(2 ** 40, "n" * 64, packed, True)
-        box[b"_command"], box[b"_ask"] = control.Replicate.commandName, b"99999"
-        assert len(box.serialize()) == size(control.Replicate, epoch=2 ** 40, owner="n" * 64,
-                                            ops=packed, resumed=True)
+        # A Relay box holds one such batch section, or sections of at most BATCH_BYTES.
+        data = b"".join(control.pack_section(control.BATCH, "n" * 64, 2 ** 40, packed,
+                                             control.RESUMED | control.RESENT)
+                        + control.pack_section(control.ACK, "n" * 64, 2 ** 40))
+        biggest = max(biggest, size(control.Relay, epoch=2 ** 40, data=data))
+        # The box the chain sends (control.relay_box) is the same.
+        box = control.relay_box(2 ** 40, data)
+        box[b"_command"], box[b"_ask"] = control.Relay.commandName, b"99999"
+        assert len(box.serialize()) == size(control.Relay, epoch=2 ** 40, data=data)
     # A ReceiveRange batch ends once it reaches migration.BATCH_BYTES, on a full-size value.
     pairs = [(b"k%019d" % i, b"v" * MAX_VALUE_BYTES) for i in range(5)]
     assert sum(len(k) + len(v) for k, v in pairs[:4]) < migration.BATCH_BYTES

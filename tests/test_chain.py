@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from chainstore import chain, protocol
 from chainstore.amp_server import KVServerProtocol
 from chainstore.console import ConsoleFactory
-from chainstore.control import StaleEpoch, pack_ops
+from chainstore.control import BATCH, StaleEpoch, pack_ops, pack_section
 from chainstore.errors import KeyNotFound, NotResponsible, ServerStopped
 from chainstore.ring import NodeInfo, Ring
 from chainstore.storage import STORE_NAMES
@@ -142,7 +142,10 @@ def test_an_ack_does_not_forward_a_write_its_head_has_not_committed(net):
     # A write taken in this turn, not committed yet, waits behind the full window...
     third = put(net, ring, keys[2], b"three")
     assert head_store.uncommitted
-    # ...when the acks come back within the same turn: it is not forwarded uncommitted.
+    # ...when the acks come back within the same turn: it is not forwarded uncommitted. (The
+    # tail, another process, ends its own turn: its acknowledgement goes out.)
+    deliver(net)
+    net.nodes[tail.name].chain._end_turn()
     deliver(net)
     assert all(d.called for d in first) and not third.called
     assert middle_store.get(keys[2]) is None and head_store.uncommitted
@@ -179,7 +182,7 @@ def test_a_backed_up_head_stops_reading_its_clients_refuses_nothing_and_resumes(
     console.transport.clear()
     # 40 writes of 100 KB, all read at once; the successor has acknowledged none of them.
     client.dataReceived(put_boxes(keys, VALUE))
-    net.clock.advance(0)  # committed and forwarded; the Replicate is not delivered
+    net.clock.advance(0)  # committed and forwarded; the batch is not delivered
     successor = ring.chain(keys[0])[1].name
     black_hole(net, "n0", successor)  # ... and never will be on this connection
     head = node.chain.replicas["n0"]
@@ -191,11 +194,14 @@ def test_a_backed_up_head_stops_reading_its_clients_refuses_nothing_and_resumes(
     # The console's writes wait too, in order, behind the reads before them.
     console.dataReceived(b"put %s x\nput %s y\n" % (c1, c2))
     assert console.transport.producerState == "paused" and console.transport.value() == b""
-    # Replication from peers goes on: n0 is the tail of another range, and answers its middle.
+    # Replication from peers goes on: n0 is the tail of another range and applies its writes.
+    # (Its acknowledgement goes to that range's head, n0's successor, on the dead connection.)
     other_head = next(n.name for n in ring.nodes
                       if ring.chain(keys_headed_by(ring, n.name, 1)[0])[-1].name == "n0")
     other = keys_headed_by(ring, other_head, 1)[0]
-    assert net.settle(net.nodes[other_head].put(other, b"w"), seconds=5.0) is False
+    other_put = net.nodes[other_head].put(other, b"w")
+    net.run(1.0)
+    assert node.stores["replica2"].get(other) == b"w"
     assert node.chain.backlogged and transport.producerState == "paused"
     assert head.last_serial == BOUND // ONE_WRITE + 1
     # The forward times out, is resent on a new connection and acknowledged: the backlog
@@ -213,6 +219,7 @@ def test_a_backed_up_head_stops_reading_its_clients_refuses_nothing_and_resumes(
     assert console.transport.value() == b"put_success %s\r\nput_success %s\r\n" % (c1, c2)
     for key in keys:
         assert set(replicas_of(net, ring, key).values()) == {VALUE}
+    assert net.settle(other_put) is False
 
 
 def test_a_held_write_of_a_closed_connection_is_dropped(net, monkeypatch):
@@ -280,14 +287,21 @@ def test_a_retried_put_on_a_standalone_server_leaves_its_cache_alone(net):
     assert node.get(b"k") == b"second"
 
 
-def test_a_message_from_another_epoch_is_refused(net):
+def test_writes_of_an_older_ring_are_ignored_and_of_a_newer_one_held_until_it_is_adopted(net):
     ring = net.cluster(3)
     node = net.nodes["n1"]
     owner = ring.chain(keys_headed_by(ring, "n0", 1)[0])[0].name
-    with pytest.raises(StaleEpoch):
-        node.chain.receive(ring.epoch - 1, owner, pack_ops([(1, 0, b"k", b"v", b"")]))
+    replica = node.chain.replicas[owner]
+    assert not replica.is_head
     with pytest.raises(StaleEpoch):
         node.chain.grant_lease(ring.epoch + 1, owner)
+    batch = b"".join(pack_section(BATCH, owner, 0, pack_ops([(1, 0, b"k", b"v", b"")])))
+    node.chain.relayed(ring.epoch - 1, batch)  # (its sender resends when it adopts ours)
+    node.chain.relayed(ring.epoch + 1, batch)
+    assert replica.last_serial == 0 and replica.store.get(b"k") is None
+    node.set_ring(Ring(ring.nodes, epoch=ring.epoch + 1, replication=ring.replication))
+    assert node.chain.replicas[owner] is replica
+    assert replica.last_serial == 1 and replica.store.get(b"k") == b"v"
 
 
 def _mark_dead(net: SimNet, ring: Ring, name: str, order: list[str] | None = None) -> Ring:
@@ -327,8 +341,8 @@ def test_middle_failure_the_head_resends_its_window_to_the_tail(net):
 
 
 def test_a_window_resent_after_a_middle_failure_is_applied_once(net, monkeypatch):
-    """The framing of Replicate (a box read and written directly, batches of several AMP
-    chunks, values passed on as memoryviews of the batch): a window that reached the tail
+    """The framing of Relay (a box read and written directly, sections of batches of several
+    AMP chunks, values passed on as memoryviews of the batch): a window that reached the tail
     through a middle, resent to the tail by the head when the middle fails, is applied there
     once, whole and in serial order."""
     ring = net.cluster(5)
@@ -347,11 +361,10 @@ def test_a_window_resent_after_a_middle_failure_is_applied_once(net, monkeypatch
         real_apply_ops(ops, serial)
 
     monkeypatch.setattr(tail_replica.store, "apply_ops", recording_apply_ops)
-    # The tail applies what reaches it but never answers: nothing is acknowledged, so the
-    # head's window still holds every batch the tail already has.
-    real_receive = tail_node.chain.receive
-    monkeypatch.setattr(tail_node.chain, "receive",
-                        lambda *args: (real_receive(*args), Deferred())[1])
+    # The tail applies what reaches it but never acknowledges: the head's window still holds
+    # every batch the tail already has.
+    real_ack_head = tail_node.chain._ack_head
+    monkeypatch.setattr(tail_node.chain, "_ack_head", lambda replica: None)
     first = [net.nodes[head.name].put(k, values[k], b"id-%d" % i)
              for i, k in enumerate(keys[:30])]
     net.run(0.5)
@@ -362,7 +375,7 @@ def test_a_window_resent_after_a_middle_failure_is_applied_once(net, monkeypatch
     assert all(len(pack_ops(b.ops)) > 65_535 for b in head_replica.window)  # several chunks
     # The middle fails; more writes wait at the head meanwhile (and one of them is a delete).
     net.kill(middle.name)
-    monkeypatch.setattr(tail_node.chain, "receive", real_receive)
+    monkeypatch.setattr(tail_node.chain, "_ack_head", real_ack_head)
     later = [net.nodes[head.name].put(k, values[k], b"id-%d" % (30 + i))
              for i, k in enumerate(keys[30:39])]
     later.append(net.nodes[head.name].delete(keys[0], b"id-delete"))
@@ -572,9 +585,21 @@ def test_a_restarted_head_resumes_its_chain_past_writes_it_never_forwarded(net):
     # Writes committed at the head whose forward never leaves it: the head dies with its
     # window, and comes back on the same files.
     lost = [put(net, ring, k, b"never-forwarded") for k in keys[10:15]]
-    net.clock.advance(0)  # committed locally; not yet delivered
+    black_hole(net, head.name, middle.name)
+    net.clock.advance(0)  # committed locally; never delivered
     net.kill(head.name)
     assert not any(d.called for d in lost)
+    # The middle learns the tail's progress from the head, which must not pass on its own last
+    # serial as acknowledged: the tail has only 10 (the middle would trim writes from its
+    # window that the tail may still need).
+    middle_chain, tail_replica = net.nodes[middle.name].chain, \
+        net.nodes[tail.name].chain.replicas[head.name]
+    real_advance, told = middle_chain._advance, []
+
+    def advance(replica, acked):
+        told.append((acked, tail_replica.last_serial))
+        real_advance(replica, acked)
+    middle_chain._advance = advance
     restarted = net.restart(head, ring)
     assert restarted.chain.replicas[head.name].last_serial == 15
     # (a restarted replica takes writes once the leases its old process may have granted ran out)
@@ -582,6 +607,7 @@ def test_a_restarted_head_resumes_its_chain_past_writes_it_never_forwarded(net):
     # New writes flow again: the successor skips the gap of writes nobody acknowledged.
     for key in keys[15:]:
         assert net.settle(restarted.put(key, b"after")) is False
+    assert told and all(acked <= at_tail for acked, at_tail in told)
     net.run(1.0)
     for key in keys[:10]:
         assert net.nodes[tail.name].get(key) == b"acked"
@@ -742,16 +768,22 @@ def black_hole(net: SimNet, source: str, target: str) -> None:
     net.links = [(s, t, p) for s, t, p in net.links if (s, t) != (source, target)]
 
 
-def test_a_replicate_to_a_hung_connection_times_out_and_is_resent_on_a_new_one(net):
-    ring = net.cluster(3)
+@pytest.mark.parametrize("dead", ["head-middle", "middle-tail", "tail-head"])
+def test_a_link_that_delivers_nothing_is_dropped_and_the_window_resent(net, dead):
+    """Half-open connections (or a peer hung on one) deliver nothing and never close: a batch
+    or an acknowledgement sent on one is lost. After ACK_TIMEOUT without an acknowledgement
+    the head drops its link and resends, the middle passes the probe on, and the tail dials
+    its head again before it acknowledges."""
+    ring = net.cluster(5)  # (so that the tail's link to the head carries nothing else)
     keys = keys_headed_by(ring, "n0", 2)
     head, middle, tail = ring.chain(keys[0])
     net.settle(put(net, ring, keys[0], b"first"))
-    black_hole(net, head.name, middle.name)
+    source, target = {"head-middle": (head, middle), "middle-tail": (middle, tail),
+                      "tail-head": (tail, head)}[dead]
+    black_hole(net, source.name, target.name)
     done = put(net, ring, keys[1], b"second")
-    net.run(chain.REPLICATE_TIMEOUT - 1.0)
+    net.run(chain.ACK_TIMEOUT - 1.0)
     assert not done.called
-    # The forward times out: the head drops the connection, dials again and resends.
     net.run(2.0)
     assert done.called and done.result is False
     assert net.nodes[tail.name].get(keys[1]) == b"second"
@@ -773,9 +805,11 @@ def test_a_lease_renewal_on_a_hung_connection_times_out_and_the_next_one_redials
 
 
 @pytest.mark.parametrize("first", ["middle", "head"])
-def test_a_forward_refused_at_a_ring_switch_is_resent_as_soon_as_both_share_the_ring(net, first):
+def test_a_forward_at_a_ring_switch_is_taken_as_soon_as_both_share_the_ring(net, first):
     # The ECS sends a new ring to every server at once, but one member adopts it a moment
-    # before the next: a batch crossing that moment is refused for its epoch.
+    # before the next: a batch crossing that moment is held by a successor that is behind
+    # until it adopts the ring, or ignored by one that is ahead and resent when the sender
+    # adopts it.
     ring = net.cluster(3)
     key = keys_headed_by(ring, "n0", 1)[0]
     head, middle, tail = ring.chain(key)
@@ -785,8 +819,7 @@ def test_a_forward_refused_at_a_ring_switch_is_resent_as_soon_as_both_share_the_
     done = put(net, ring, key, b"v")
     net.clock.advance(0)  # the head sends the batch, in its epoch
     net.flush()
-    warned = net.nodes[head.name].chain.replicas[head.name]
-    assert warned.paused  # refused: the two epochs differ
+    assert net.nodes[middle.name].chain.replicas[head.name].last_serial == 0
     net.clock.advance(0.005)
     net.set_ring(newer, [behind.name, tail.name])
     for _ in range(12):  # 60 ms: far less than the 0.2 s of a resend after a lost link

@@ -88,7 +88,7 @@ def test_a_put_moves_the_put_counter_and_histogram(net):
                   le="0.25") == 0
     assert sample(after, "chainstore_request_seconds_bucket", command="put", role="head",
                   le="+Inf") == 1
-    # The middle and the tail each timed the Replicate batch that carried it.
+    # The middle and the tail each timed the batch that carried it.
     middle, tail = (net.nodes[n.name] for n in ring.chain(key)[1:])
     assert sample(scrape(middle), "chainstore_request_seconds_count", command="put",
                   role="middle") == 1

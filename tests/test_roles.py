@@ -158,7 +158,7 @@ def test_every_command_a_server_or_the_ecs_answers_has_its_roles() -> None:
         names = set(kind._commandDispatch) - {b"StartTLS"}
         assert names and names == set(kind.command_roles), kind
     assert KVServerProtocol.command_roles[protocol.Put.commandName] == {"client", "admin"}
-    assert KVServerProtocol.command_roles[control.Replicate.commandName] == {"server"}
+    assert KVServerProtocol.command_roles[control.Relay.commandName] == {"server"}
 
 
 def test_a_revocation_closes_the_open_connections_of_the_peer_it_names(

@@ -150,9 +150,10 @@ def test_a_clients_certificate_may_not_replicate_or_copy_into_a_server(
         server: KVServerProcess) -> None:
     host, port = server.amp_address
     client = server.tls("client")
-    ops = control.pack_items([(b"k", b"injected")])
     for command, arguments in (
-            (control.Replicate, {"epoch": 1, "owner": "kvserver", "ops": ops}),
+            (control.Relay, {"epoch": 1, "data": b"".join(control.pack_section(
+                control.BATCH, "kvserver", 0, control.pack_ops([(1, control.PUT, b"k",
+                                                                 b"injected", b"")])))}),
             (control.ReceiveRange, {"epoch": 2 ** 40, "store": "coordinator",
                                     "items": control.pack_items([(b"k", b"injected")])}),
             (control.RenewLease, {"epoch": 1, "owner": "kvserver"})):

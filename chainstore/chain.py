@@ -316,6 +316,10 @@ class ChainReplicator:
     def adopt(self, ring: Ring, stores: Any) -> None:
         """Re-derive every replica's links from C{ring}; called for every new epoch."""
         self.epoch = ring.epoch
+        # Sections not sent yet belong to the ring before: a box carries its epoch, and an
+        # acknowledgement of an old chain must never reach a new one (serials restart). What
+        # they carried is resent below.
+        self._outbox.clear()
         if self.failed is not None:
             return
         old = self.replicas
@@ -569,7 +573,8 @@ class ChainReplicator:
         if self.failed is not None:
             return
         if acked > replica.acked and not replica.is_tail:
-            self._advance(replica, acked)  # what the head passes on of the tail's progress
+            # what the head passes on of the tail's progress (never past what we forwarded)
+            self._advance(replica, min(acked, replica.last_serial))
         owner = replica.owner
         fresh = (ops if not ops or ops[0][0] > replica.last_serial
                  else [op for op in ops if op[0] > replica.last_serial])
@@ -631,6 +636,11 @@ class ChainReplicator:
         tail to the head, passed on by the head to the middle)."""
         replica = self.replicas.get(owner)
         if replica is not None and not replica.is_tail and acked > replica.acked:
+            if acked > replica.last_serial:
+                log.warn("ignored an acknowledgement of {owner}'s writes up to {acked}: this "
+                         "server has applied only {last}", owner=owner, acked=acked,
+                         last=replica.last_serial)
+                return
             self._advance(replica, acked)
 
     def _hold(self, replica: Replica, flags: int, acked: int, ops: list[Op]) -> None:

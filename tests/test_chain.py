@@ -850,3 +850,26 @@ def test_waits_for_older_serials_than_the_writes_queued_cost_no_more_than_in_ord
     assert fired == [("r", n) for n in range(10_000)]  # in the order they came
     replicator._advance(replica, 10_001)
     assert len(fired) == 20_000 and not replica.waiters
+
+
+def test_an_acknowledgement_of_a_chain_never_reaches_the_chain_that_replaces_it(net):
+    """A reconfiguration rebuilds the chains (serials start again at 1): an acknowledgement
+    the tail had not sent yet when the new ring came must not count for the new chain."""
+    ring = net.cluster(3)
+    key = keys_headed_by(ring, "n0", 1)[0]
+    head, middle, tail = ring.chain(key)
+    put(net, ring, key, b"old").addErrback(lambda f: None)
+    for _ in range(2):
+        net.clock.advance(0)  # the head forwards; then the middle
+        deliver(net)
+    assert net.nodes[tail.name].chain.replicas[head.name].last_serial == 1
+    # The tail's acknowledgement waits for the end of its turn; the new ring comes first.
+    rebuilt = Ring(tuple(replace(n, chain_epoch=ring.epoch + 1) for n in ring.nodes),
+                   epoch=ring.epoch + 1, replication=ring.replication)
+    net.set_ring(rebuilt)
+    fresh = net.nodes[head.name].chain.replicas[head.name]
+    assert fresh.last_serial == 0 and fresh.acked == 0
+    net.run(1.0)
+    assert fresh.acked == 0
+    assert net.settle(net.nodes[head.name].put(key, b"new")) is True
+    assert fresh.acked == 1 and net.nodes[tail.name].get(key) == b"new"

@@ -324,15 +324,19 @@ def _read_crl(path: str, ca_cert: x509.Certificate) -> x509.CertificateRevocatio
     return crl
 
 
-def revoked_serials(ca_cert_file: str) -> frozenset[int]:
+def revoked_serials(ca_cert_file: str, ca_pem: bytes | None = None) -> frozenset[int]:
     """The serial numbers the revocation list beside C{ca_cert_file} names (none if there is
-    no list); L{PKIError} if the list is there but unreadable or not signed by that CA."""
+    no list); L{PKIError} if the list is there but unreadable or not signed by that CA.
+    C{ca_pem}: the CA certificate as the caller already read it (so that the list is checked
+    against the very CA it loaded, even if the file is being replaced meanwhile)."""
     path = crl_path(ca_cert_file)
     if not os.path.exists(path):
         return frozenset()
     try:
-        with open(ca_cert_file, "rb") as f:
-            ca_cert = x509.load_pem_x509_certificate(f.read())
+        if ca_pem is None:
+            with open(ca_cert_file, "rb") as f:
+                ca_pem = f.read()
+        ca_cert = x509.load_pem_x509_certificate(ca_pem)
     except (OSError, ValueError) as e:
         raise PKIError(f"cannot read the CA certificate {ca_cert_file}: {e}") from None
     return frozenset(entry.serial_number for entry in _read_crl(path, ca_cert))

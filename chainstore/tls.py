@@ -151,13 +151,14 @@ class Credentials:
             return
         try:
             with open(self.files.ca, "rb") as f:
-                ca = Certificate.loadPEM(f.read())
+                ca_pem = f.read()
+            ca = Certificate.loadPEM(ca_pem)
             with open(self.files.cert, "rb") as f:
                 cert_pem = f.read()
             with open(self.files.key, "rb") as f:
                 key_pem = f.read()
             mine = PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
-            revoked = pki.revoked_serials(self.files.ca)
+            revoked = pki.revoked_serials(self.files.ca, ca_pem)
         except pki.PKIError as e:
             raise TLSConfigError(str(e)) from None
         except (OSError, SSL.Error, ValueError) as e:

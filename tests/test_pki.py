@@ -121,6 +121,9 @@ def test_a_revocation_list_of_another_ca_or_unreadable_is_an_error(tmp_path: Pat
     (ours / "ca.crl").write_bytes((theirs / "ca.crl").read_bytes())
     with pytest.raises(pki.PKIError, match="ours/ca.crl is not signed by the CA beside it"):
         pki.revoked_serials(str(ours / "ca.crt"))
+    # Checked against the CA the caller loaded (a TLS reload), not the file read again.
+    assert pki.revoked_serials(str(ours / "ca.crt"), (theirs / "ca.crt").read_bytes()) == {
+        load(theirs / "alice.crt").serial_number}
     (ours / "ca.crl").write_bytes(b"garbage")
     with pytest.raises(pki.PKIError, match="ca.crl cannot be read"):
         pki.revoked_serials(str(ours / "ca.crt"))

@@ -18,12 +18,15 @@ from typing import Any
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Request
-from twisted.web.static import File
 
 from chainstore.control import NotLeader
 from chainstore.web import MetricsResource, plain_error
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+# The page's files (twisted.web.static is not used: importing it warns, deprecated, in Twisted
+# itself, and the page needs three files, no directory listing and no range requests).
+TYPES = {".html": b"text/html; charset=utf-8", ".css": b"text/css; charset=utf-8",
+         ".js": b"text/javascript; charset=utf-8"}
 # Only the ECS's own files and requests: a page that runs no third-party script.
 CSP = b"default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'"
 
@@ -75,31 +78,53 @@ def _not_leader(request: Request, error: Exception) -> bytes:
     return plain_error(request, 503, str(error))
 
 
-class _Page(File):
-    """A static file with the page's content security policy."""
+class _Page(Resource):
+    """One of the page's files, read when asked for, with the page's content security
+    policy."""
 
-    def render_GET(self, request: Request) -> Any:
+    isLeaf = True
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.type = TYPES[os.path.splitext(path)[1]]
+
+    def render_GET(self, request: Request) -> bytes:
+        if request.postpath:  # (a path below a file)
+            return notFound("No such page", "There is nothing here.").render(request)
+        try:
+            with open(self.path, "rb") as f:
+                body = f.read()
+        except OSError:
+            return notFound("No such file", "The page's files are missing.").render(request)
+        request.setHeader("content-type", self.type)
         request.setHeader("content-security-policy", CSP)
         request.setHeader("cache-control", "no-cache")
-        return super().render_GET(request)
+        return body
 
-    def directoryListing(self) -> Resource:
-        return notFound("No listing", "The static files are not listed.")
 
-    def createSimilarFile(self, path: str) -> File:
-        f = _Page(path, self.defaultType, self.ignoredExts, self.registry)
-        f.processors = self.processors
-        f.indexNames = self.indexNames[:]
-        f.childNotFound = self.childNotFound
-        return f
+class _Folder(Resource):
+    """Its children only: anything else is 404 (Resource's own answer is deprecated)."""
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return notFound("No such page", "There is nothing here.")
+
+
+def _static() -> Resource:
+    """``/static/``: the page's script and style, nothing else (and no listing)."""
+    static = _Folder()
+    for name in sorted(os.listdir(STATIC)):
+        if os.path.splitext(name)[1] in TYPES and name != "index.html":
+            static.putChild(name.encode("ascii"), _Page(os.path.join(STATIC, name)))
+    return static
 
 
 def status_root(leader: Any) -> Resource:
     """``/`` the page, ``/static/...`` its script and style, ``/status.json``, ``/metrics``, of
     C{leader} (L{ecs.leadership.Fixed} or L{ecs.leadership.Leadership})."""
-    root = Resource()
+    root = _Folder()
     root.putChild(b"", _Page(os.path.join(STATIC, "index.html")))
-    root.putChild(b"static", _Page(STATIC))
+    root.putChild(b"static", _static())
     root.putChild(b"status.json", StatusJSON(leader))
     root.putChild(b"metrics", LeaderMetrics(leader))
     return root

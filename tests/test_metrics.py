@@ -5,6 +5,7 @@ status JSON and metrics from the in-memory cluster of test_ecs_coordinator."""
 from __future__ import annotations
 
 import json
+import warnings
 import ssl
 import threading
 import urllib.error
@@ -344,3 +345,28 @@ def test_a_web_listener_holds_a_bounded_number_of_connections_and_drops_idle_one
     # Silent connections are closed after the idle timeout, giving every slot back.
     clock.advance(web.WEB_IDLE_SECONDS)
     assert all(t.disconnecting for _, t in held[1:] + others)
+
+
+def test_the_page_serves_its_three_files_with_its_policy_and_nothing_else():
+    from twisted.web.resource import getChildForRequest
+
+    from ecs.web import CSP, status_root
+
+    def get(*path: bytes) -> tuple[int, bytes, DummyRequest]:
+        request = DummyRequest(list(path))
+        resource = getChildForRequest(status_root(None), request)
+        body = resource.render(request)
+        return request.responseCode or 200, body, request
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (twisted.web.static's import warned, deprecated)
+        for path, kind in (((b"",), b"text/html"), ((b"static", b"status.js"), b"text/javascript"),
+                           ((b"static", b"status.css"), b"text/css")):
+            code, body, request = get(*path)
+            assert code == 200 and body
+            headers = request.responseHeaders
+            assert headers.getRawHeaders(b"content-type")[0].startswith(kind)
+            assert headers.getRawHeaders(b"content-security-policy") == [CSP]
+        for path in ((b"static", b""), (b"static", b"index.html"), (b"static", b".."),
+                     (b"nothing",), (b"static", b"status.js", b"more")):
+            assert get(*path)[0] == 404, path

@@ -135,6 +135,14 @@ class _Batch:
     sent: float = 0.0  # when it was last sent (the clock's seconds)
 
 
+def _after(ops: list[Op], serial: int) -> list[Op]:
+    """The writes of C{ops} after C{serial}. Serials rise within a batch: usually all of it
+    is new (a resent window is not)."""
+    if not ops or ops[0][0] > serial:
+        return ops
+    return [op for op in ops if op[0] > serial]
+
+
 def _vouched(replica: Replica) -> int:
     """What C{replica} knows its tail to have applied: nothing yet after a restart, when its
     acked is its own last serial (writes it applied and may never have forwarded)."""
@@ -298,8 +306,8 @@ class ChainReplicator:
         self.backlogged = False
         self._room_waiters: deque[Deferred[None]] = deque()
         self._releasing = False
-        # The sections of this turn, per peer ("host:port"): (peer, batch parts, acks by owner)
-        self._outbox: dict[str, tuple[NodeInfo, list[bytes], dict[str, int]]] = {}
+        # The sections of this turn, per peer: (batch parts, acks by owner)
+        self._outbox: dict[NodeInfo, tuple[list[bytes], dict[str, int]]] = {}
         self._ending = False
         # Relay boxes of a newer ring than ours, held until we adopt it: (epoch, data)
         self._early: list[tuple[int, bytes]] = []
@@ -576,8 +584,7 @@ class ChainReplicator:
             # what the head passes on of the tail's progress (never past what we forwarded)
             self._advance(replica, min(acked, replica.last_serial))
         owner = replica.owner
-        fresh = (ops if not ops or ops[0][0] > replica.last_serial
-                 else [op for op in ops if op[0] > replica.last_serial])
+        fresh = _after(ops, replica.last_serial)
         if fresh:
             if fresh[0][0] != replica.last_serial + 1:
                 if not flags & RESUMED:
@@ -613,13 +620,15 @@ class ChainReplicator:
                          "it again", owner=owner)
                 self.peers.drop(replica.head, abort=True)
             if self.monotonic() >= replica.tail_from:
-                self._advance(replica, replica.last_serial)
+                # (a tail has no window or queue: only reads may wait for its serials)
+                replica.acked = replica.last_serial
+                if replica.waiters:
+                    self._advance(replica, replica.acked)
                 self._ack_head(replica)
             return
         # Forward what this process has not forwarded yet, including writes it already held
         # from before a restart (its old window died with it; the successor skips duplicates).
-        onward = (ops if not ops or ops[0][0] > replica.forwarded
-                  else [op for op in ops if op[0] > replica.forwarded])
+        onward = _after(ops, replica.forwarded)
         if onward:
             replica.forwarded = onward[-1][0]
             replica.queue(onward)
@@ -794,21 +803,20 @@ class ChainReplicator:
     def _out(self, node: NodeInfo, ack_owner: str | None = None, acked: int = 0) -> list[bytes]:
         """The parts of this turn's batch sections for C{node} (given C{ack_owner}, records
         an acknowledgement for it instead: only the highest of a turn goes)."""
-        key = f"{node.host}:{node.amp_port}"
-        entry = self._outbox.get(key)
+        entry = self._outbox.get(node)
         if entry is None:
-            entry = self._outbox[key] = (node, [], {})
+            entry = self._outbox[node] = ([], {})
             self._send_later()
         if ack_owner is not None:
-            acks = entry[2]
+            acks = entry[1]
             if acked > acks.get(ack_owner, -1):
                 acks[ack_owner] = acked
-        return entry[1]
+        return entry[0]
 
     def _send_outbox(self) -> None:
         outbox, self._outbox = self._outbox, {}
         epoch = self.epoch
-        for node, parts, acks in outbox.values():
+        for node, (parts, acks) in outbox.items():
             for owner, acked in acks.items():
                 parts.extend(pack_section(ACK, owner, acked))
             # A box takes another section only while both fit in BATCH_BYTES, so that no box

@@ -66,6 +66,11 @@ class _PeerProtocol(RoleGuard):
             self.lost()
 
 
+def _key(node: NodeInfo) -> str:
+    # (by address: the name a ring gives a server does not change where it is reached)
+    return f"{node.host}:{node.amp_port}"
+
+
 class PeerPool:
     def __init__(self, connect: Connector) -> None:
         self._connect = connect
@@ -76,10 +81,10 @@ class PeerPool:
 
     def open(self, node: NodeInfo) -> amp.AMP | None:
         """The open connection to C{node}, if there is one."""
-        return self._open.get(f"{node.host}:{node.amp_port}")
+        return self._open.get(_key(node))
 
     def get(self, node: NodeInfo) -> Deferred[amp.AMP]:
-        key = f"{node.host}:{node.amp_port}"
+        key = _key(node)
         proto = self._open.get(key)
         if proto is not None:
             return succeed(proto)
@@ -113,7 +118,7 @@ class PeerPool:
         """Forget the connection to C{node}: the next use dials again. With C{abort} (a peer
         that stopped answering) it is closed at once, without flushing what is unsent. Given
         C{proto}, only that connection is closed (a newer one to C{node} stays)."""
-        key = f"{node.host}:{node.amp_port}"
+        key = _key(node)
         if proto is None or self._open.get(key) is proto:
             proto = self._open.pop(key, None)
         if proto is not None and proto.transport is not None:

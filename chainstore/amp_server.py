@@ -122,7 +122,29 @@ class KVServerProtocol(BoundedAMP, RoleGuard):
     @control.ReceiveRange.responder
     def receive_range(self, epoch: int, store: str, items: bytes,
                       deletes: bytes | None = None,
-                      requests: bytes | None = None) -> dict[str, Any]:
+                      requests: bytes | None = None) -> Deferred[dict[str, Any]]:
+        self._admit_copy(epoch)
+        try:
+            migration.store_named(self.node.stores, store)
+        except ValueError as e:
+            raise control.ControlFailed(str(e)) from None  # declared: the sender's mistake
+        # Unpack the request ids before writing the batch: ids that do not unpack must not
+        # leave a batch written and the request refused.
+        adopted = list(control.unpack_items(requests)) if requests else []
+
+        def write() -> dict[str, Any]:
+            # Again: while the batch waited for its turn, the ECS may have aborted its attempt
+            # and prepared the next (wiping the range), or moved the ring on.
+            self._admit_copy(epoch)
+            migration.receive_range(migration.store_named(self.node.stores, store), items,
+                                    deletes)
+            self.node.chain.adopt_requests(adopted)
+            return {}
+
+        return self.node.copy_batches.submit(write, len(items) + len(deletes or b""))
+
+    def _admit_copy(self, epoch: int) -> None:
+        """Refuse a copy's batch of C{epoch} that must not be written (now)."""
         # Copies are made for a configuration the ECS is preparing, always newer than ours; an
         # older one is a leftover of an aborted attempt and must not overwrite anything.
         if epoch <= self.node.ring.epoch:
@@ -136,16 +158,6 @@ class KVServerProtocol(BoundedAMP, RoleGuard):
                 f"copy of attempt {epoch}, but this server was prepared for attempt {prepared}")
         if self.node.stores is None or self.node.failure is not None:
             raise control.ControlFailed(self.node.failure or "the stores are not open")
-        try:
-            target = migration.store_named(self.node.stores, store)
-        except ValueError as e:
-            raise control.ControlFailed(str(e)) from None  # declared: the sender's mistake
-        # Unpack the request ids before writing the batch: ids that do not unpack must not
-        # leave a batch written and the request refused.
-        adopted = list(control.unpack_items(requests)) if requests else []
-        migration.receive_range(target, items, deletes)
-        self.node.chain.adopt_requests(adopted)
-        return {}
 
     @control.Relay.responder
     def relay(self, epoch: int, data: bytes) -> None:

@@ -9,9 +9,9 @@ Who sends what:
   part of one of its stores to another server, C{MoveLocal} and C{DropRange} to reshape its own
   stores, C{ClearStores} before a fresh join, C{Shutdown} to end its process.
 - While a server executes C{CopyRange} it sends C{ReceiveRange} batches to the target server's AMP
-  port (the server-to-server link), at most two batches in flight (C{migration.COPY_WINDOW}), so
+  port (the server-to-server link), at most C{migration.COPY_WINDOW} batches in flight, so
   memory stays bounded by the batch size whatever the range size, and reports C{CopyProgress}
-  to the ECS. Copies are fenced: the epoch a copy carries identifies its reconfiguration
+  to the ECS; the target writes them in order, one per reactor turn. Copies are fenced: the epoch a copy carries identifies its reconfiguration
   attempt, a target takes batches only of the attempt its last C{DropRange} with C{attempt}
   prepared it for, and a source whose ECS link drops stops streaming.
 

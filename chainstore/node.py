@@ -29,6 +29,7 @@ from chainstore.errors import (
 from chainstore.limits import check_key, check_request_id, check_value
 from chainstore.logs import get_logger
 from chainstore.metrics import RequestMetrics
+from chainstore.migration import BatchQueue
 from chainstore.peers import Connector, PeerPool, tcp_connector
 from chainstore.ring import KeyRange, NodeInfo, Ring, position
 from chainstore.storage import Store, StoreSet
@@ -81,6 +82,8 @@ class KVNode:
         # attempt are refused, so a late batch of an aborted attempt cannot land after the
         # retry wiped the range. None until the first preparation.
         self.copy_attempt: int | None = None
+        #: copy batches received, waiting for their turn to be written
+        self.copy_batches = BatchQueue(clock)
         self.counts: Counter[str] = Counter()
         #: requests by command and result, latencies (chainstore/metrics.py)
         self.metrics = RequestMetrics(monotonic or clock.seconds)

@@ -41,13 +41,19 @@ class Wire:
 
         class Target(KVServerProtocol):
             @control.ReceiveRange.responder
-            def receive_range(self, **kwargs: Any) -> dict[str, Any]:
+            def receive_range(self, **kwargs: Any) -> Deferred[dict[str, Any]]:
                 wire.batches += 1
                 try:
-                    return super().receive_range(**kwargs)
+                    written = super().receive_range(**kwargs)
                 except control.StaleEpoch as e:
                     wire.refused.append(str(e))
                     raise
+
+                def refused(failure: Any) -> Any:
+                    failure.trap(control.StaleEpoch)
+                    wire.refused.append(str(failure.value))
+                    return failure
+                return written.addErrback(refused)
 
         client, _server, pump = iosim.connectedServerAndClient(
             lambda: Target(self.target), amp.AMP, greet=False, clock=self.target.clock)
@@ -112,6 +118,7 @@ def stream_one_batch(source: Link, wire: Wire, epoch: int) -> iosim.IOPump:
     copy = wire.pumps[-1]
     while wire.batches < 1:
         copy.pump(advanceClock=False)
+    source.clock.advance(0)  # the batch's turn at the target: written, confirmed
     copy.pump(advanceClock=False)  # the confirmation reaches the source: batch 2 is sent
     assert wire.batches == 1 and copy.clientIO.stream
     return copy
@@ -200,6 +207,35 @@ def test_a_prepared_target_takes_only_the_batches_of_its_attempt(setup):
     fence.call(control.DropRange, store="coordinator", start=1, end=2)
     assert target.copy_attempt == 7
     assert set(contents(target.stores["replica1"])) == {b}  # the preparation wiped a
+
+
+def test_a_batch_waiting_for_its_turn_is_refused_if_the_fence_moved_meanwhile(setup):
+    # A target writes its copy batches one per reactor turn (migration.BatchQueue). One that
+    # was taken while its attempt was current, but is still waiting when the ECS aborts that
+    # attempt and prepares the next, must not be written after the new attempt's wipe.
+    _, target, wire = setup
+    fence = TargetLink(target)
+    fence.prepare(7)
+    client = wire.connect(PEER.host, PEER.amp_port).result  # type: ignore[attr-defined]
+    key = in_range(1)[0]
+    out: list[Any] = []
+    client.callRemote(control.ReceiveRange, epoch=7, store="replica1",
+                      items=control.pack_items([(key, b"stale")])).addBoth(out.append)
+    wire.pumps[-1].flush(advanceClock=False)
+    assert wire.batches == 1 and out == []  # taken, waiting for its turn
+    # Attempt 8's preparation arrives before that turn.
+    prepared: list[Any] = []
+    fence.ecs.callRemote(control.DropRange, store="replica1", start=RANGE.start,
+                         end=RANGE.end, attempt=8).addBoth(prepared.append)
+    fence.pumps[0].flush(advanceClock=False)
+    assert target.copy_attempt == 8
+    while not prepared:
+        target.clock.advance(0)
+        fence.pump()
+    wire.pumps[-1].flush()
+    out[0].trap(control.StaleEpoch)
+    assert wire.refused == ["copy of attempt 7, but this server was prepared for attempt 8"]
+    assert key not in contents(target.stores["replica1"])
 
 
 def test_a_reconfiguration_prepares_each_copy_target_for_its_own_attempt(tmp_path):

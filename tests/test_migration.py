@@ -390,8 +390,8 @@ def test_drop_range_reads_keys_only_and_survives_many_batches(tmp_path, monkeypa
 def test_a_copy_under_writes_ends_with_an_exact_copy(stores, target, monkeypatch):
     # Small pages and batches: the copy runs over many reactor turns, and writes land between
     # them, ahead of its cursor and behind it: updates, deletes and new keys.
-    monkeypatch.setattr(migration, "PAGE_ROWS", 40)
-    monkeypatch.setattr(migration, "BATCH_KEYS", 60)
+    monkeypatch.setattr(migration, "PAGE_ROWS", 20)
+    monkeypatch.setattr(migration, "BATCH_KEYS", 30)
     source = stores["coordinator"]
     fill(source, {k: b"0" for k in keys(1500)})
     tracker = migration.start_tracking(source, HIGH)
@@ -449,3 +449,48 @@ def test_a_copy_rests_for_its_own_reading_not_for_the_wait_on_its_target(stores,
     # each page began 10 ms of reading, 20 ms of waiting and 5 ms of rest after the one before
     gaps = [b - a for a, b in zip(calls, calls[1:])]
     assert len(gaps) >= 10 and all(0.035 <= g < 0.0361 for g in gaps), gaps
+
+
+def test_a_target_writes_batches_in_order_one_per_reactor_turn():
+    clock = Clock()
+    queue = migration.BatchQueue(clock)
+    events: list[Any] = []
+    results: list[Any] = []
+    for n in range(3):
+        queue.submit(lambda n=n: events.append(n) or n, 10).addBoth(results.append)
+    assert events == [] and queue.queued_bytes == 30
+    # Something else the reactor has to do, due after the three batches were taken (in one
+    # read, say): it runs after the first batch, not after all three.
+    clock.callLater(0, events.append, "other")
+    clock.advance(0)
+    assert events == [0, "other", 1, 2] and results == [0, 1, 2]
+    assert queue.queued_bytes == 0 and not clock.getDelayedCalls()
+
+
+def test_a_failed_batch_fails_alone():
+    clock = Clock()
+    queue = migration.BatchQueue(clock)
+    results: list[Any] = []
+
+    def broken() -> None:
+        raise StaleEpoch("too late")
+    queue.submit(broken, 1).addBoth(results.append)
+    queue.submit(lambda: "next", 1).addBoth(results.append)
+    clock.advance(0)
+    clock.advance(0)
+    results[0].trap(StaleEpoch)
+    assert results[1] == "next"
+
+
+def test_a_target_refuses_batches_past_its_queue_bound():
+    clock = Clock()
+    queue = migration.BatchQueue(clock, max_bytes=100)
+    queue.submit(lambda: None, 60)
+    # One batch larger than the bound is taken when nothing waits (a copy must progress)...
+    with pytest.raises(ControlFailed, match="60 bytes of copy batches are waiting"):
+        queue.submit(lambda: None, 60)
+    clock.advance(0)
+    queue.submit(lambda: None, 150)
+    # ...but nothing is held beyond it.
+    with pytest.raises(ControlFailed):
+        queue.submit(lambda: None, 1)

@@ -252,6 +252,35 @@ def test_a_page_moves_inside_sqlite_and_leaves_nothing_attached(tmp_path):
         source.close()
         target.close()
 
+def test_a_page_moved_leaves_out_the_keys_past_the_range_that_share_its_end_homes(tmp_path):
+    # A range's end positions fall inside homes (the top 64 bits of a position): a key whose
+    # home is a range's first or last home may be outside it, and only its exact position
+    # says so. A page moved as a run of homes must still leave it out.
+    source = sqlitedbm.open(tmp_path / "source.sqlite")
+    target = sqlitedbm.open(tmp_path / "target.sqlite")
+    try:
+        inside = keys(300)
+        below, above = keys(2, "edge")
+        lo, hi = sorted((position(below), position(above)))
+        below, above = sorted((below, above), key=position)
+        # (lo, hi - 1]: the key at lo is just below it, the key at hi just above it.
+        rng = KeyRange(lo, hi - 1)
+        source.update_many([(k, b"v") for k in inside + [below, above]])
+        assert sqlitedbm.home(below) == sqlitedbm._home_of(rng.start >> 64)
+        assert sqlitedbm.home(above) == sqlitedbm._home_of(rng.end >> 64)
+        for limit in (1, 7, 1000):
+            target.update_many([], list(dict(target.items())))
+            cursor = None
+            while True:
+                _, cursor = target.move_page(source, rng.start, rng.end, cursor, limit, None)
+                if cursor is None:
+                    break
+            assert sorted(target.keys()) == sorted(k for k in inside if position(k) in rng)
+    finally:
+        source.close()
+        target.close()
+
+
 def test_the_whole_ring_and_the_two_halves_partition_the_keys(db):
     db.update_many([(k, b"v") for k in keys(2000)])
     whole = keys_of(walk(db, KeyRange(7, 7), 300))

@@ -571,8 +571,9 @@ class SQLiteDBM:
         """Copy the next page of C{source}'s ring range (start, end] into this file, in one
         transaction (a key here already is overwritten); (pairs copied, cursor), the page and
         the cursor as L{range_page}'s. Done inside SQLite (C{source} attached to this
-        connection, one C{INSERT ... SELECT} of the page's run of rows): keys and values
-        never become Python objects. C{source} must be another file."""
+        connection, one C{INSERT ... SELECT} of the page's run of rows): values never
+        become Python objects, and in the usual page (L{_move_run}) no row does. C{source}
+        must be another file."""
         if source.path == self.path:
             raise ValueError("a store cannot move a range into itself")
         self.commit()
@@ -581,6 +582,10 @@ class SQLiteDBM:
         # the group transaction (apply_one) may be open on this connection.
         conn.execute("ATTACH DATABASE ? AS source", (source.path,))
         try:
+            if not (source._spill or self._spill):
+                moved = self._move_run(conn, start, end, cursor, limit, max_bytes)
+                if moved is not None:
+                    return moved
             rows, cursor, whole = self._page(conn, "source.", source._spill, start, end,
                                              cursor, limit, max_bytes, False)
             conn.execute("BEGIN")
@@ -594,6 +599,59 @@ class SQLiteDBM:
             if not conn.in_transaction:
                 conn.execute("DETACH DATABASE source")
         return len(rows), cursor
+
+    def _move_run(self, conn: sqlite3.Connection, start: int, end: int, cursor: Any,
+                  limit: int, max_bytes: int | None) -> tuple[int, Any] | None:
+        """L{move_page}'s page without reading its rows into Python, when it can be (None
+        when it cannot: the caller reads them). That is when neither file has spilled rows,
+        so homes are unique and a page is the run of homes from after the cursor's to its
+        C{limit}-th; when the run holds no home at an end of the range (there the keys'
+        exact positions decide, see L{_page}); when its keys and values fit C{max_bytes}; and
+        when each row lands at its home here (a key here at a copied key's home goes pair by
+        pair)."""
+        spans = _spans(start, end)
+        place, last = cursor if cursor is not None else (0, None)
+        while True:
+            # As _page: a span with nothing left after the cursor is passed in the same call.
+            if place >= len(spans):
+                return 0, None
+            low, high, above, upto = spans[place]
+            first = low if last is None else last[0] + 1
+            if above is not None and first <= low:
+                return None
+            row = conn.execute("SELECT p FROM source.kv WHERE p >= ? AND p <= ? ORDER BY p "
+                               "LIMIT 1 OFFSET ?", (first, high, limit - 1)).fetchone()
+            until = high if row is None else row[0]
+            if upto is not None and until >= high:
+                return None
+            count, size = conn.execute(
+                "SELECT count(*), total(length(k) + length(v)) FROM source.kv "
+                "WHERE p >= ? AND p <= ?", (first, until)).fetchone()
+            if count:
+                break
+            place, last = place + 1, None
+        if max_bytes is not None and size >= max_bytes:
+            return None  # the page ends at its byte bound (_page): rows decide where
+        if row is None:
+            after = (place + 1, None) if place + 1 < len(spans) else None
+        else:
+            key = conn.execute("SELECT k FROM source.kv WHERE p = ?", (until,)).fetchone()[0]
+            after = (place, (until, bytes(key)))
+        conn.execute("BEGIN")
+        try:
+            copied = conn.execute(
+                "INSERT INTO kv (p, k, v) SELECT p, k, v FROM source.kv "
+                "WHERE p >= ? AND p <= ? ORDER BY p "
+                "ON CONFLICT (p) DO UPDATE SET v = excluded.v WHERE k = excluded.k",
+                (first, until)).rowcount
+            if copied != count:
+                self._rollback()
+                return None
+            conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return count, after
 
     def _copy_rows(self, conn: sqlite3.Connection, rows: list[tuple[int, bytes, Any]],
                    run: bool) -> None:

@@ -1,13 +1,14 @@
 """``python -m bench.range_ops``: the CPU each range operation takes per reactor turn.
 
 A server runs one range operation step at a time between other work (chainstore/migration.py):
-a page read of a copy, a batch written at its target, a chunk of a drop, a chunk of the request
-ids a copy carries; and ``stats`` counts keys, ``ClearStores`` empties stores. Whatever one step
-costs is how long the server answers nobody. This loads ``--keys`` keys (``--value-bytes``) into
-a store in a temporary directory, then runs a copy of a quarter of the ring into a second store,
-a drop of that quarter, a count and a clear, calling each step as the server does, and prints
-the process CPU time (not wall time: the figure a loaded machine does not change much) of each
-kind of step: p50, p99 and max.
+a page read of a copy, a batch written at its target, a page of a local move, a chunk of a drop,
+a chunk of the request ids a copy carries; and ``stats`` counts keys, ``ClearStores`` empties
+stores. Whatever one step costs is how long the server answers nobody. This loads ``--keys``
+keys (``--value-bytes``) into a store in a temporary directory, then runs a copy of a quarter of
+the ring into a second store, a local move of it from there into a third, a drop of that
+quarter, a count and a clear, calling each step as the server does, and prints the process CPU
+time (not wall time: the figure a loaded machine does not change much) of each kind of step:
+p50, p99 and max.
 """
 
 from __future__ import annotations
@@ -67,6 +68,20 @@ def measure(keys: int, value_bytes: int, directory: str) -> list[str]:
                  f"({copied:,} keys) in {time.perf_counter() - began:.1f} s wall"]
         lines.append(summary(f"copy: read a page ({migration.PAGE_ROWS} rows)", reads))
         lines.append(summary(f"copy: write a batch ({migration.BATCH_KEYS} keys)", writes))
+        # A local move: the copied quarter from one of the target's stores into another.
+        moves: list[float] = []
+        moved = 0
+        cursor = None
+        began = time.perf_counter()
+        while True:
+            count, cursor = timed(moves, lambda: target_set["replica2"].move_page(
+                target, QUARTER, cursor, migration.PAGE_ROWS, migration.BATCH_BYTES))
+            moved += count
+            if cursor is None:
+                break
+        assert moved == copied
+        lines.append(summary(f"move: a page ({migration.PAGE_ROWS} rows)", moves)
+                     + f", {sum(moves) / moved * 1e6:.2f} us per key")
         drops: list[float] = []
         cursor = None
         while True:

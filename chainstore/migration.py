@@ -42,11 +42,14 @@ BATCH_BYTES = 512 * 1024
 #: how long a copy, move or drop holds it at a time (a page of 1,024 rows of 100-byte values
 #: reads, moves or drops in 1-3 ms, one of BATCH_BYTES of big values in about as long).
 PAGE_ROWS = 1024
-#: Batches of a copy sent and not yet confirmed by the target: two pages' worth. With two (one
-#: page), the target was idle half the time: it confirms a page's two batches together, once
-#: both are written, and only then did the source rest and read the next page (each copy ran at
-#: about 68,000 keys a second against 115,000-160,000 with four; python -m bench.reconfig).
-COPY_WINDOW = 4
+#: Batches of a copy sent and not yet confirmed by the target: two, so that the source reads
+#: the next page while the target writes a batch. The target answers each batch in the turn
+#: it writes it (L{BatchQueue}); when it wrote every batch one read had brought in one turn, it
+#: answered a page's two together and sat idle while the source read the next (each copy ran
+#: at about 68,000 keys a second, against about 90,000 now). Four ran at 120,000-140,000, but
+#: a target serving writes (a leave's) then made the background writer's p99 57 ms against 28
+#: (python -m bench.reconfig --keys 1000000, one run each, docs/DESIGN.md).
+COPY_WINDOW = 2
 #: Keys deleted per transaction when a range is dropped or a store cleared: a run of rows,
 #: under a millisecond for 1,024.
 DROP_KEYS = 1024

@@ -11,9 +11,10 @@ Who sends what:
 - While a server executes C{CopyRange} it sends C{ReceiveRange} batches to the target server's AMP
   port (the server-to-server link), at most C{migration.COPY_WINDOW} batches in flight, so
   memory stays bounded by the batch size whatever the range size, and reports C{CopyProgress}
-  to the ECS; the target writes them in order, one per reactor turn. Copies are fenced: the epoch a copy carries identifies its reconfiguration
-  attempt, a target takes batches only of the attempt its last C{DropRange} with C{attempt}
-  prepared it for, and a source whose ECS link drops stops streaming.
+  to the ECS; the target writes them in order, one per reactor turn. Copies are fenced: the
+  epoch a copy carries identifies its reconfiguration attempt, a target takes batches only of
+  the attempt its last C{DropRange} with C{attempt} prepared it for, and a source whose ECS
+  link drops stops streaming.
 
 Ranges are (start, end] of the ring as 128-bit integers (see L{chainstore.ring.KeyRange}).
 """

@@ -197,6 +197,7 @@ class ProcessLauncher:
             return succeed(None)
         child, transport = entry
         child.stopping = True
+        log.info("stopping {name} ({how})", name=name, how=signal.Signals(signum).name)
         self.end(child, transport, signum)
         return child.ended
 

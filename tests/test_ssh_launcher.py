@@ -109,7 +109,11 @@ def test_servers_launched_over_ssh_into_namespaces_serve_and_stop(tmp_path: Path
         assert not any(pid_alive(pid) for pid in server_pids)
         for name in NAMES:
             log = (workdir / "logs" / f"{name}.log").read_text()
-            assert "Main loop terminated" in log, log[-2000:]
+            # (with the ECS's side of the stop: when each order went, and how each ssh ended)
+            assert "Main loop terminated" in log, (
+                log[-2000:] + "\n--- ECS log ---\n" + "".join(
+                    line for line in (workdir / "ecs.log").read_text().splitlines(True)
+                    if "stopping" in line or "ended" in line or "SIGTERM" in line))
         for name, launch in launches.items():
             assert not pid_alive(launch["pid"])
             left = set(namespace_pids(namespaces[name])) - {hosts.daemons[namespaces[name]].pid}

@@ -79,6 +79,10 @@ _INSERT = "INSERT INTO kv (p, k, v) VALUES (?, ?, ?) ON CONFLICT (p) DO NOTHING"
 _UPSERT = ("INSERT INTO kv (p, k, v) VALUES (?, ?, ?) "
            "ON CONFLICT (p) DO UPDATE SET v = excluded.v WHERE k = excluded.k")
 _DELETE = "DELETE FROM kv WHERE p = ? AND k = ?"
+# A local move's run of rows, from the attached source file, by home (as _UPSERT: a key whose
+# home holds another key here is skipped, which the row count shows).
+_COPY_RUN = ("INSERT INTO kv (p, k, v) SELECT p, k, v FROM source.kv WHERE p >= ? AND p <= ? "
+             "ORDER BY p ON CONFLICT (p) DO UPDATE SET v = excluded.v WHERE k = excluded.k")
 _FIND = {column: (f"SELECT {column} FROM kv WHERE p = ? AND k = ?",
                    f"SELECT {column} FROM kv_spill WHERE k = ?") for column in ("v", "1")}
 _SPILL_UPDATE = "UPDATE kv_spill SET v = ? WHERE k = ?"
@@ -639,11 +643,7 @@ class SQLiteDBM:
             after = (place, (until, bytes(key)))
         conn.execute("BEGIN")
         try:
-            copied = conn.execute(
-                "INSERT INTO kv (p, k, v) SELECT p, k, v FROM source.kv "
-                "WHERE p >= ? AND p <= ? ORDER BY p "
-                "ON CONFLICT (p) DO UPDATE SET v = excluded.v WHERE k = excluded.k",
-                (first, until)).rowcount
+            copied = conn.execute(_COPY_RUN, (first, until)).rowcount
             if copied != count:
                 self._rollback()
                 return None
@@ -660,10 +660,7 @@ class SQLiteDBM:
         if not rows:
             return
         if run and not self._spill:
-            copied = conn.execute(
-                "INSERT INTO kv (p, k, v) SELECT p, k, v FROM source.kv WHERE p >= ? AND p <= ? "
-                "ORDER BY p ON CONFLICT (p) DO UPDATE SET v = excluded.v WHERE k = excluded.k",
-                (rows[0][0], rows[-1][0])).rowcount
+            copied = conn.execute(_COPY_RUN, (rows[0][0], rows[-1][0])).rowcount
             if copied == len(rows):
                 return
         # A page with spilled rows or rows left out, or a key here at a copied key's home:

@@ -121,8 +121,8 @@ class KVServerProtocol(BoundedAMP, RoleGuard):
 
     @control.ReceiveRange.responder
     def receive_range(self, epoch: int, store: str, items: bytes,
-                      deletes: bytes | None = None,
-                      requests: bytes | None = None) -> Deferred[dict[str, Any]]:
+                      deletes: bytes | None = None, requests: bytes | None = None,
+                      image: bytes | None = None) -> Deferred[dict[str, Any]]:
         self._admit_copy(epoch)
         try:
             migration.store_named(self.node.stores, store)
@@ -137,11 +137,12 @@ class KVServerProtocol(BoundedAMP, RoleGuard):
             # and prepared the next (wiping the range), or moved the ring on.
             self._admit_copy(epoch)
             migration.receive_range(migration.store_named(self.node.stores, store), items,
-                                    deletes)
+                                    deletes, image)
             self.node.chain.adopt_requests(adopted)
             return {}
 
-        return self.node.copy_batches.submit(write, len(items) + len(deletes or b""))
+        return self.node.copy_batches.submit(
+            write, len(items) + len(deletes or b"") + len(image or b""))
 
     def _admit_copy(self, epoch: int) -> None:
         """Refuse a copy's batch of C{epoch} that must not be written (now)."""

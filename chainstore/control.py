@@ -223,18 +223,21 @@ class Shutdown(_ControlCommand):
 
 class ReceiveRange(_ControlCommand):
     """One batch of a C{CopyRange}: write these pairs (and delete these keys) in C{store},
-    atomically. C{requests}: (request id, key) pairs of client writes to keys of the range,
-    so that a retry reaching the range's new head is recognised there."""
+    atomically. C{image}: instead of C{items} and C{deletes}, the pairs as a database image
+    (the usual batch, made and written inside SQLite: chainstore/storage/sqlitedbm.py,
+    C{export_page}). C{requests}: (request id, key) pairs of client writes to keys of the
+    range, so that a retry reaching the range's new head is recognised there."""
 
     arguments = [(b"epoch", amp.Integer()), (b"store", amp.Unicode()),
                  (b"items", BigBytes()), (b"deletes", BigBytes(optional=True)),
-                 (b"requests", BigBytes(optional=True))]
+                 (b"requests", BigBytes(optional=True)), (b"image", BigBytes(optional=True))]
     response: list[tuple[bytes, amp.Argument]] = []
 
 
 # A batch is a run of (key length, value length, key, value); AmpList cannot carry it because
 # it packs all items into one 64 KiB value.
 _PAIR_HEADER = struct.Struct(">BI")
+PAIR_HEADER_BYTES = _PAIR_HEADER.size
 
 
 def pack_items(items: Iterable[tuple[bytes, bytes]]) -> bytes:

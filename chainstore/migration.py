@@ -12,14 +12,20 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.protocols import amp
 
-from chainstore.control import ControlFailed, ReceiveRange, pack_items, unpack_items
+from chainstore.control import (
+    PAIR_HEADER_BYTES,
+    ControlFailed,
+    ReceiveRange,
+    pack_items,
+    unpack_items,
+)
 from chainstore.logs import get_logger
 from chainstore.ring import KeyRange, position
 from chainstore.storage import STORE_NAMES, Store
@@ -101,45 +107,66 @@ class Pace:
         self.mark = self.clock.seconds()
 
 
-async def pages(store: Store, rng: KeyRange, clock: IReactorTime, values: bool = True,
-                ) -> AsyncIterator[list[tuple[bytes, bytes | None]]]:
-    """The pairs (key, value) of C{store} in C{rng}, a page at a time, the reactor running
-    between pages. Only the range's part of the store is read (its run of rows, chainstore/
-    storage/sqlitedbm.py), and a page reads at most L{PAGE_ROWS} rows and about L{BATCH_BYTES}.
+class Batch(NamedTuple):
+    """One C{ReceiveRange} of a copy: its pairs as a database image made inside the store
+    (L{Store.export_page}), or packed (C{items}, L{control.pack_items}) when the page had to be
+    read row by row."""
+
+    keys: int
+    #: its keys and values as a batch of pairs counts them (a pair's header too), whichever
+    #: way it travels: the bytes a copy reports moved
+    size: int
+    items: bytes = b""
+    image: bytes | None = None
+
+
+async def batches(store: Store, rng: KeyRange, clock: IReactorTime) -> AsyncIterator[Batch]:
+    """C{store}'s pairs whose keys fall in C{rng}, in batches of at most L{BATCH_KEYS} keys and
+    about L{BATCH_BYTES}, the reactor running between two pages (L{Pace}). Only the range's
+    part of the store is read (its run of rows, chainstore/storage/sqlitedbm.py). A batch is a
+    page: exported as an image when the store can (L{Store.export_page}, nothing read into
+    Python), else read with L{Store.range_page} (at most L{PAGE_ROWS} rows, cut into batches).
 
     Each page is a new query after the last row of the one before, so writes between pages
-    are allowed: a key written behind the cursor is not seen (a copy's write tracker has it),
-    and deleting the keys of a page does not disturb the next.
+    are allowed: a key written behind the cursor is not seen (a copy's write tracker has it).
     """
     cursor: Any = None
     pace = Pace(clock)
     while True:
-        page, cursor = store.range_page(rng, cursor, PAGE_ROWS, values, BATCH_BYTES)
-        if page:
+        exported = store.export_page(rng, cursor, BATCH_KEYS, BATCH_BYTES)
+        if exported is not None:
+            image, count, size, cursor = exported
+            found = [Batch(count, size + count * PAIR_HEADER_BYTES, image=image)] if count \
+                else []
+        else:
+            page, cursor = store.range_page(rng, cursor, PAGE_ROWS, True, BATCH_BYTES)
+            found = list(_packed(page))
+        if found:
             pace.idle()
-            yield page
+            for batch in found:
+                yield batch
             pace.busy()
         if cursor is None:
             return
         await pace()
 
 
-async def batches(store: Store, rng: KeyRange, clock: IReactorTime,
-                  ) -> AsyncIterator[list[tuple[bytes, bytes]]]:
-    """The pairs of C{store} whose keys fall in C{rng}, in batches of at most L{BATCH_KEYS}
-    keys and about L{BATCH_BYTES}."""
+def _packed(page: list[tuple[bytes, bytes | None]]) -> Iterator[Batch]:
+    """A page read row by row, as batches of at most L{BATCH_KEYS} pairs and about
+    L{BATCH_BYTES} (the last pair may cross it)."""
     batch: list[tuple[bytes, bytes]] = []
     size = 0
-    async for page in pages(store, rng, clock):
-        for key, value in page:
-            assert value is not None
-            batch.append((key, value))
-            size += len(key) + len(value)
-            if len(batch) >= BATCH_KEYS or size >= BATCH_BYTES:
-                yield batch
-                batch, size = [], 0
+    for key, value in page:
+        assert value is not None
+        batch.append((key, value))
+        size += len(key) + len(value)
+        if len(batch) >= BATCH_KEYS or size >= BATCH_BYTES:
+            items = pack_items(batch)
+            yield Batch(len(batch), len(items), items)
+            batch, size = [], 0
     if batch:
-        yield batch
+        items = pack_items(batch)
+        yield Batch(len(batch), len(items), items)
 
 
 def write_batch(store: Store, puts: list[tuple[bytes, bytes]],
@@ -175,12 +202,11 @@ async def copy_range(
     try:
         async with source.lock.reading():
             async for batch in batches(source, rng, clock):
-                payload = pack_items(batch)
                 sent = target.callRemote(ReceiveRange, epoch=epoch, store=target_store,
-                                         items=payload)
+                                         items=batch.items, image=batch.image)
                 if batch_timeout is not None:
                     sent.addTimeout(batch_timeout, clock)
-                window.append((sent, len(batch), len(payload)))
+                window.append((sent, batch.keys, batch.size))
                 if len(window) >= COPY_WINDOW:
                     await confirm_oldest()
             while window:
@@ -271,7 +297,14 @@ class BatchQueue:
             done.callback(result)
 
 
-def receive_range(target: Store, payload: bytes, deletes: bytes | None = None) -> int:
+def receive_range(target: Store, payload: bytes, deletes: bytes | None = None,
+                  image: bytes | None = None) -> int:
+    """Write a copy's batch (L{ReceiveRange}); the keys written or deleted. L{ValueError}
+    if it does not parse, with nothing written."""
+    if image is not None:
+        if payload or deletes:
+            raise ValueError("a copy batch carries an image or pairs, not both")
+        return target.import_image(image)
     items = list(unpack_items(payload))
     doomed = [key for key, _ in unpack_items(deletes)] if deletes else []
     write_batch(target, items, doomed)

@@ -52,11 +52,12 @@ from chainstore.ecs_link import ServerControlProtocol
 from chainstore.errors import ServerError
 from chainstore.node import RUNNING, KVNode
 from chainstore.ring import Ring
-from chainstore.storage import StoreSet
+from chainstore.storage import StoreSet, sqlitedbm
 from ecs import protocol as admin
 from ecs.server import ECSProtocol
 from test_amp import ME, OTHER
 from test_ecs_coordinator import Cluster
+from test_store_ranges import image_of
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -177,6 +178,20 @@ def packed_sections() -> st.SearchStrategy[bytes]:
     return st.one_of(whole, cut, st.binary(max_size=40))
 
 
+def images() -> st.SearchStrategy[bytes]:
+    """A copy batch's database image: whole (of any pairs, some keys away from their homes),
+    cut, with a byte changed anywhere, or none at all."""
+    pairs = st.dictionaries(st.sampled_from(KEYS[:9]),
+                            st.tuples(st.binary(max_size=20), st.sampled_from([0, 0, 0, 1])),
+                            max_size=4)
+    whole = pairs.map(lambda ps: image_of([(sqlitedbm.home(k) + off, k, v)
+                                           for k, (v, off) in ps.items()]))
+    cut = st.tuples(whole, st.integers(0, 9000)).map(lambda p: p[0][:p[1]])
+    changed = st.tuples(whole, st.integers(0, 8191), st.integers(0, 255)).map(
+        lambda p: p[0][:p[1] % len(p[0])] + bytes([p[2]]) + p[0][p[1] % len(p[0]) + 1:])
+    return st.one_of(whole, cut, changed, st.binary(max_size=600))
+
+
 def values_for(name: bytes, arg: amp.Argument, command: type[amp.Command]) -> Any:
     """A strategy for the wire value of one argument: mostly plausible, often hostile."""
     if isinstance(arg, amp.Integer):
@@ -204,7 +219,7 @@ def values_for(name: bytes, arg: amp.Argument, command: type[amp.Command]) -> An
         if command is control.Relay:
             return packed_sections()
         if command is control.ReceiveRange:
-            return packed_items()
+            return images() if name == b"image" else packed_items()
         return st.one_of(st.sampled_from(KEYS), st.binary(max_size=40))
     # amp.String: keys, request ids
     return st.one_of(st.sampled_from(KEYS), st.binary(max_size=30))
@@ -278,6 +293,10 @@ def malformed(command: type[amp.Command] | None, box: dict[bytes, bytes],
         if command is control.ReceiveRange:
             for field in ("items", "deletes", "requests"):
                 list(control.unpack_items(kw.get(field) or b""))
+            if kw.get("image") is not None:
+                if kw["items"] or kw.get("deletes"):
+                    return True  # an image and pairs: one or the other
+                sqlitedbm.image_pairs(kw["image"])
     except Exception:
         return True
     return False

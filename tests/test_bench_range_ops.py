@@ -11,6 +11,7 @@ def test_range_ops_reports_every_step(tmp_path):
     quarter = sum(1 for i in range(4000) if position(b"key%09d" % i) in QUARTER)
     assert lines[0].startswith(f"4,000 keys of 100 bytes; a copy of a quarter of the ring "
                                f"({quarter:,} keys)")
-    for step in ("read a page", "write a batch", "move: a page", "drop: a chunk", "count the keys",
+    for step in ("copy: export a page", "copy: write an image", "copy as pairs: read a page",
+                 "copy as pairs: pack, write", "move: a page", "drop: a chunk", "count the keys",
                  "request ids", f"clear a store ({4000 - quarter:,} keys)"):
         assert sum(step in line and "CPU ms p50" in line for line in lines) == 1, step

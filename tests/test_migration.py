@@ -22,6 +22,7 @@ from chainstore.node import KVNode
 from chainstore.ring import KeyRange, NodeInfo, Ring, position
 from chainstore.storage import StoreSet
 from chainstore.storage.backend import ring_order
+from chainstore.storage.sqlitedbm import image_pairs
 
 HALF = 1 << 127
 # Two halves of the ring: (0, 2^127] and (2^127, 0], wrapping.
@@ -107,13 +108,26 @@ def test_truncated_key_before_an_empty_value_is_refused():
 
 # -- batches --------------------------------------------------------------------------------------
 
+def pairs_of(batch: migration.Batch) -> list[tuple[bytes, bytes]]:
+    """A batch's pairs, whichever way it travels; and its size is what it reports."""
+    if batch.image is None:
+        pairs = list(unpack_items(batch.items))
+        assert batch.size == len(batch.items)
+    else:
+        assert batch.items == b""
+        pairs = image_pairs(batch.image)
+        assert batch.size == len(pack_items(pairs))
+    assert batch.keys == len(pairs)
+    return pairs
+
+
 def all_batches(store: Any, rng: KeyRange) -> list[list[tuple[bytes, bytes]]]:
     clock = Clock()
     found: list[list[tuple[bytes, bytes]]] = []
 
     async def collect() -> None:
         async for batch in migration.batches(store, rng, clock):
-            found.append(batch)
+            found.append(pairs_of(batch))
 
     run(Deferred.fromCoroutine(collect()), lambda: clock.advance(0))
     return found
@@ -310,16 +324,17 @@ def test_drop_range_deletes_only_the_range_under_the_write_lock(stores, monkeypa
     assert not store.lock.locked
 
 
-@pytest.mark.parametrize("operation", ["drop", "move", "copy pages"])
+@pytest.mark.parametrize("operation", ["drop", "move", "copy"])
 def test_bulk_work_rests_half_as_long_as_it_worked(stores, monkeypatch, operation):
     # Flat out, a server moving data takes a CPU from the writes going on; between its pages
     # it rests BULK_REST (half) of the time the page took.
     monkeypatch.setattr(migration, "DROP_KEYS", 30)
     monkeypatch.setattr(migration, "PAGE_ROWS", 30)
+    monkeypatch.setattr(migration, "BATCH_KEYS", 30)
     clock = Clock()
     src, dst = stores["coordinator"], stores["replica1"]
     fill(src, {k: b"v" + k for k in keys(400)})
-    name = {"drop": "drop_page", "move": "move_page", "copy pages": "range_page"}[operation]
+    name = {"drop": "drop_page", "move": "move_page", "copy": "export_page"}[operation]
     owner = dst if operation == "move" else src
     real = getattr(owner, name)
     calls: list[float] = []
@@ -331,12 +346,12 @@ def test_bulk_work_rests_half_as_long_as_it_worked(stores, monkeypatch, operatio
 
     monkeypatch.setattr(owner, name, working)
 
-    async def copy_pages() -> int:
-        return sum([len(page) async for page in migration.pages(src, KeyRange(0, 0), clock)])
+    async def copy() -> int:
+        return sum([batch.keys async for batch in migration.batches(src, KeyRange(0, 0), clock)])
 
     coroutine = {"drop": lambda: migration.drop_range(src, KeyRange(0, 0), clock),
                  "move": lambda: migration.move_local(src, dst, KeyRange(0, 0), clock),
-                 "copy pages": copy_pages}[operation]()
+                 "copy": copy}[operation]()
     d = Deferred.fromCoroutine(coroutine)
     assert len(calls) == 1
     clock.advance(0.0049)
@@ -423,11 +438,11 @@ def test_a_copy_under_writes_ends_with_an_exact_copy(stores, target, monkeypatch
 def test_a_copy_rests_for_its_own_reading_not_for_the_wait_on_its_target(stores, monkeypatch):
     # Between two pages a copy's source waits for its target to confirm a batch; that wait is
     # no work of its own, and resting half as long again made the copy wait twice.
-    monkeypatch.setattr(migration, "PAGE_ROWS", 30)
+    monkeypatch.setattr(migration, "BATCH_KEYS", 30)
     clock = Clock()
     src = stores["coordinator"]
     fill(src, {k: b"v" + k for k in keys(400)})
-    real = src.range_page
+    real = src.export_page
     calls: list[float] = []
 
     def reading(*args: Any, **kwargs: Any) -> Any:
@@ -435,12 +450,12 @@ def test_a_copy_rests_for_its_own_reading_not_for_the_wait_on_its_target(stores,
         clock.advance(0.010)  # the page takes 10 ms to read
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(src, "range_page", reading)
+    monkeypatch.setattr(src, "export_page", reading)
 
     async def copy_pages() -> int:
         copied = 0
-        async for page in migration.pages(src, KeyRange(0, 0), clock):
-            copied += len(page)
+        async for batch in migration.batches(src, KeyRange(0, 0), clock):
+            copied += batch.keys
             await deferLater(clock, 0.020, lambda: None)  # the target confirms 20 ms later
         return copied
 

@@ -21,9 +21,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from chainstore import migration
+from chainstore.control import unpack_items
 from chainstore.ring import KeyRange, position
 from chainstore.storage import StoreSet, sqlitedbm
 from chainstore.storage.backend import DumbDBM
+from chainstore.storage.sqlitedbm import image_pairs
 from test_migration import run as run_until
 
 HALF = 1 << 127
@@ -388,16 +390,22 @@ def test_a_drop_deletes_a_bounded_chunk_per_reactor_turn(stores, monkeypatch, rn
     assert all(0 <= step <= 100 for step in steps) and len(left) >= in_range // 100
 
 
-def test_a_copy_reads_a_bounded_page_per_reactor_turn(stores, monkeypatch):
+@pytest.mark.parametrize("exported", [True, False], ids=["as images", "row by row"])
+def test_a_copy_reads_a_bounded_page_per_reactor_turn(stores, monkeypatch, exported):
     monkeypatch.setattr(migration, "PAGE_ROWS", 50)
+    monkeypatch.setattr(migration, "BATCH_KEYS", 50)
     store = stores["coordinator"]
     store.write_batch([(k, b"v") for k in keys(600)])
+    if not exported:
+        monkeypatch.setattr(store, "export_page", lambda *args: None)
     clock = Clock()
     got: list[bytes] = []
 
     async def collect() -> None:
-        async for page in migration.pages(store, KeyRange(3, 3), clock):
-            got.extend(k for k, _ in page)
+        async for batch in migration.batches(store, KeyRange(3, 3), clock):
+            assert (batch.image is not None) == exported
+            pairs = image_pairs(batch.image) if exported else unpack_items(batch.items)
+            got.extend(k for k, _ in pairs)
 
     at_turns = turns_seen(monkeypatch, lambda: len(got))
     run(Deferred.fromCoroutine(collect()), clock)
@@ -737,3 +745,195 @@ def test_an_upgrade_keeps_every_pair_when_keys_share_homes(tmp_path):
         del db[pairs[0][0]]
         db[b"later"] = b"1"
         assert len(db) == 300 and db.get(b"later") == b"1"
+
+
+# -- a copy's batches as database images -------------------------------------------------------
+
+
+def image_of(rows: list[tuple[int, Any, Any]], schema: str = sqlitedbm.IMAGE_TABLE,
+             *more: str) -> bytes:
+    """A database image of C{schema}'s table kv holding C{rows} (home, key, value), made the
+    way a hostile or broken peer might: any rows, any extra schema."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        conn.execute(schema)
+        for sql in more:
+            conn.execute(sql)
+        if rows:
+            conn.executemany("INSERT INTO kv (p, k, v) VALUES (?, ?, ?)", rows)
+        return conn.serialize()
+    finally:
+        conn.close()
+
+
+def good_rows(pairs: list[tuple[bytes, bytes]]) -> list[tuple[int, bytes, bytes]]:
+    return [(sqlitedbm.home(k), k, v) for k, v in dict(pairs).items()]
+
+
+@settings(max_examples=40, deadline=None)
+@given(key_sets, ranges, st.integers(1, 30), st.sampled_from([None, 1, 40, 400]), st.booleans())
+def test_a_page_exported_and_imported_is_the_page_read_on_both_backends(
+        tmp_path_factory, present, rng, limit, max_bytes, coarse):
+    with homes(coarse):
+        a_page_exported_is_the_page_read(tmp_path_factory, present, rng, limit, max_bytes)
+
+
+def a_page_exported_is_the_page_read(tmp_path_factory, present, rng, limit, max_bytes):
+    where = tmp_path_factory.mktemp("images")
+    items = {k: k * 3 for k in present}
+    for make in (lambda name: sqlitedbm.open(where / f"{name}.sqlite"),
+                 lambda name: DumbDBM(str(where / name))):
+        source, target = make("source"), make("target")
+        try:
+            source.update_many(list(items.items()))
+            # a key the target holds already is overwritten; one outside the range stays
+            target.update_many([(k, b"old") for k in list(items)[:3]] + [(b"\xff" * 9, b"x")])
+            before = {k: target.get(k) for k in [*items, b"\xff" * 9]}
+            copied, cursor, exported = [], None, 0
+            while True:
+                page, after = source.range_page(rng.start, rng.end, cursor, limit, True,
+                                                max_bytes)
+                found = source.export_page(rng.start, rng.end, cursor, limit, max_bytes)
+                if found is None:
+                    # (read as pairs, as migration.batches does)
+                    target.update_many(page)
+                    copied.extend(k for k, _ in page)
+                else:
+                    image, count, size, cursor = found
+                    # page for page what range_page reads (and the same cursor)
+                    assert cursor == after and count == len(page)
+                    assert size == sum(len(k) + len(v) for k, v in page)
+                    assert (image is None) == (count == 0)
+                    if image is not None:
+                        assert sorted(sqlitedbm.image_pairs(image)) == sorted(page)
+                        assert target.import_image(image) == count
+                        exported += 1
+                    copied.extend(k for k, _ in page)
+                cursor = after
+                if cursor is None:
+                    break
+            in_range = {k for k in items if position(k) in rng}
+            assert sorted(copied) == sorted(in_range)
+            for key, old in before.items():
+                assert target.get(key) == (items[key] if key in in_range else old)
+            assert len(target) == len({k for k, v in before.items() if v is not None}
+                                      | in_range)
+            if isinstance(source, DumbDBM):
+                assert exported == 0
+        finally:
+            source.close()
+            target.close()
+
+
+def test_a_page_is_exported_and_imported_inside_sqlite_and_leaves_nothing_attached(tmp_path):
+    source = sqlitedbm.open(tmp_path / "source.sqlite")
+    target = sqlitedbm.open(tmp_path / "target.sqlite")
+    try:
+        source.update_many([(k, b"v" * 50) for k in keys(600)])
+        # An uncommitted write of the group transaction is committed before the page is
+        # read: nothing uncommitted leaves the server.
+        source.apply_one(False, b"late", b"w", 1)
+        statements: list[str] = []
+        source._conn.set_trace_callback(statements.append)
+        image, count, size, cursor = source.export_page(0, 0, None, 256)
+        assert count == 256 and cursor is not None and not source.uncommitted
+        assert source.chain_state()[1] == 1
+        inserts = [sql for sql in statements if sql.startswith("INSERT INTO outbox")]
+        assert len(inserts) == 1 and inserts[0].startswith("INSERT INTO outbox.kv SELECT p, k, v")
+        assert not [sql for sql in statements if sql.startswith("SELECT p, k, v ")]
+        statements.clear()
+        target._conn.set_trace_callback(statements.append)
+        assert target.import_image(image) == 256
+        inserts = {sql for sql in statements if sql.startswith("INSERT")}
+        assert len(inserts) == 1 and "FROM incoming.kv" in inserts.pop()
+        assert not [sql for sql in statements if "SELECT p, k, v" in sql and "INSERT" not in sql]
+        for db in (source, target):
+            assert [r[1] for r in db._conn.execute("PRAGMA database_list")] == ["main"]
+        assert dict(target.items()) == dict(source.range_page(0, 0, None, 256)[0])
+        assert len(target) == 256
+    finally:
+        source.close()
+        target.close()
+
+
+def test_a_page_with_spilled_rows_or_an_end_home_is_not_exported(tmp_path):
+    with coarse_homes(bits=6):
+        db = sqlitedbm.open(tmp_path / "s.sqlite")
+        try:
+            db.update_many([(k, b"v") for k in keys(40)])
+            assert db._spill  # 40 keys in 64 homes: some share theirs
+            assert db.export_page(0, 0, None, 10) is None
+        finally:
+            db.close()
+    db = sqlitedbm.open(tmp_path / "t.sqlite")
+    try:
+        db.update_many([(k, b"v") for k in keys(40)])
+        rng = KeyRange(1 << 126, 1 << 127)
+        # the range's first page holds its first home, where exact positions decide
+        assert db.export_page(rng.start, rng.end, None, 10) is None
+        assert db.export_page(0, 0, None, 10, max_bytes=5) is None
+    finally:
+        db.close()
+
+
+def test_an_image_meeting_keys_at_their_homes_goes_pair_by_pair(tmp_path):
+    # A key here already sits at the home of a key in the image (positions sharing their top
+    # bits): the image cannot go in one statement, and every pair still lands.
+    with coarse_homes(bits=4):
+        db = sqlitedbm.open(tmp_path / "s.sqlite")
+        try:
+            ks = keys(60)
+            by_home: dict[int, list[bytes]] = {}
+            for k in ks:
+                by_home.setdefault(sqlitedbm.home(k), []).append(k)
+            mine, theirs = zip(*[pair[:2] for pair in by_home.values() if len(pair) >= 2])
+            db.update_many([(k, b"here") for k in mine])
+            assert not db._spill
+            assert db.import_image(image_of(good_rows([(k, b"copied") for k in theirs]))) \
+                == len(theirs)
+            assert db._spill
+            assert all(db.get(k) == b"here" for k in mine)
+            assert all(db.get(k) == b"copied" for k in theirs)
+            assert len(db) == len(mine) + len(theirs)
+        finally:
+            db.close()
+
+
+HOSTILE_IMAGES = {
+    "empty": lambda: b"",
+    "short": lambda: b"SQLite format 3\x00" + b"\x00" * 100,
+    "not a database": lambda: b"x" * 4096,
+    "cut short": lambda: image_of(good_rows([(k, b"v" * 900) for k in keys(40)]))[:5000],
+    "no table kv": lambda: image_of([], "CREATE TABLE other (p INTEGER PRIMARY KEY, k, v)"),
+    "another schema of kv": lambda: image_of([], "CREATE TABLE kv (p INTEGER PRIMARY KEY, k, v)"),
+    "a trigger beside": lambda: image_of(
+        good_rows([(b"a", b"1")]), sqlitedbm.IMAGE_TABLE,
+        "CREATE TRIGGER t AFTER INSERT ON kv BEGIN DELETE FROM kv; END"),
+    "a view beside": lambda: image_of([], sqlitedbm.IMAGE_TABLE, "CREATE VIEW w AS SELECT 1"),
+    "a key away from its home": lambda: image_of(
+        [(sqlitedbm.home(b"a") + 1, b"a", b"1")]),
+    "a key that is text": lambda: image_of([(sqlitedbm.home(b"a"), "a", b"1")]),
+    "a value that is a number": lambda: image_of([(sqlitedbm.home(b"a"), b"a", 7)]),
+    "a damaged page": lambda: damaged(image_of(good_rows([(k, b"v") for k in keys(300)]))),
+}
+
+
+def damaged(image: bytes) -> bytes:
+    """The image with its second page's b-tree header overwritten."""
+    page = int.from_bytes(image[16:18], "big")
+    return image[:page] + b"\x0d\xff\xff\xff\xff\xff\xff\xff" + image[page + 8:]
+
+
+@pytest.mark.parametrize("what", sorted(HOSTILE_IMAGES))
+def test_an_image_that_is_not_a_copy_batch_is_refused_and_the_store_serves_on(stores, what):
+    store = stores["replica1"]
+    store.write_batch([(b"there", b"before")])
+    with pytest.raises(ValueError, match="image|database"):
+        store.import_image(HOSTILE_IMAGES[what]())
+    # nothing written, and a peer's bad batch is no failure of this store
+    assert store.failure is None
+    assert dict(store.items()) == {b"there": b"before"}
+    assert [r[1] for r in store.db._conn.execute("PRAGMA database_list")] == ["main"]
+    store.write_batch([(b"after", b"1")])
+    assert store.import_image(image_of(good_rows([(b"copied", b"2")]))) == 1
+    assert dict(store.items()) == {b"there": b"before", b"after": b"1", b"copied": b"2"}

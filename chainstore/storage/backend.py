@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 from chainstore.ring import KeyRange, position
+from chainstore.storage.sqlitedbm import image_pairs
 
 
 def ring_order(key: bytes) -> tuple[int, bytes]:
@@ -56,6 +57,17 @@ class Backend(Protocol):
         """Copy the next page (as L{range_page} reads it) of the ring range (start, end] of
         C{source}, another file of the same backend, into this one, atomically if it can;
         (pairs copied, cursor of the next page or None)."""
+
+    def export_page(self, start: int, end: int, cursor: Any, limit: int,
+                    max_bytes: int | None = None) -> tuple[bytes | None, int, int, Any] | None:
+        """The next page (as L{range_page} reads it) of the ring range (start, end] as a copy
+        batch's database image (chainstore/storage/sqlitedbm.py): (image or None when
+        nothing is left, pairs, bytes of their keys and values, cursor of the next page or
+        None); None when the page must be read with L{range_page} instead."""
+
+    def import_image(self, image: bytes) -> int:
+        """Write the pairs of another server's copy batch image (L{export_page}), atomically
+        if it can; how many. L{ValueError}, nothing written, if it is not such an image."""
 
     def drop_page(self, start: int, end: int, cursor: Any, limit: int) -> tuple[int, Any]:
         """Delete the next page (as L{range_page} reads it) of the ring range (start, end],
@@ -176,6 +188,15 @@ class DumbDBM:
         page, cursor = source.range_page(start, end, cursor, limit, True, max_bytes)
         self.update_many(page)
         return len(page), cursor
+
+    def export_page(self, start: int, end: int, cursor: Any, limit: int,
+                    max_bytes: int | None = None) -> None:
+        return None  # (its copies go as pairs: range_page)
+
+    def import_image(self, image: bytes) -> int:
+        pairs = image_pairs(image)
+        self.update_many(pairs)
+        return len(pairs)
 
     def drop_page(self, start: int, end: int, cursor: Any, limit: int) -> tuple[int, Any]:
         page, cursor = self.range_page(start, end, cursor, limit, False)

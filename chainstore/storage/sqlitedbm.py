@@ -56,7 +56,8 @@ DURABILITY = {"crash": "NORMAL", "power": "FULL"}
 # usual get, put and delete are one statement on kv.
 _HOME_BIAS = 1 << 63
 _LOWEST, _HIGHEST = -_HOME_BIAS, _HOME_BIAS - 1
-_SCHEMA = "CREATE TABLE IF NOT EXISTS kv (p INTEGER PRIMARY KEY, k BLOB NOT NULL, v BLOB NOT NULL)"
+_COLUMNS = "(p INTEGER PRIMARY KEY, k BLOB NOT NULL, v BLOB NOT NULL)"
+_SCHEMA = f"CREATE TABLE IF NOT EXISTS kv {_COLUMNS}"
 _SPILL_SCHEMA = ("CREATE TABLE IF NOT EXISTS kv_spill "
                  "(k BLOB PRIMARY KEY, p INTEGER NOT NULL, v BLOB NOT NULL)")
 _SPILL_INDEX = "CREATE INDEX IF NOT EXISTS kv_spill_p ON kv_spill (p, k)"
@@ -83,6 +84,14 @@ _DELETE = "DELETE FROM kv WHERE p = ? AND k = ?"
 # home holds another key here is skipped, which the row count shows).
 _COPY_RUN = ("INSERT INTO kv (p, k, v) SELECT p, k, v FROM source.kv WHERE p >= ? AND p <= ? "
              "ORDER BY p ON CONFLICT (p) DO UPDATE SET v = excluded.v WHERE k = excluded.k")
+# A range copy's batch between servers: a database image (Connection.serialize) of this one
+# table, rows with their homes, made and written inside SQLite (SQLiteDBM.export_page and
+# import_image). Read into Python, encoded, sent, decoded and written with executemany, a
+# pair cost about 8 us of CPU over both ends; as an image about 2 (docs/DESIGN.md, "Where a
+# copy's time goes").
+IMAGE_TABLE = f"CREATE TABLE kv {_COLUMNS}"
+_COPY_IMAGE = ("INSERT INTO kv (p, k, v) SELECT p, k, v FROM incoming.kv ORDER BY p "
+               "ON CONFLICT (p) DO UPDATE SET v = excluded.v WHERE k = excluded.k")
 _FIND = {column: (f"SELECT {column} FROM kv WHERE p = ? AND k = ?",
                    f"SELECT {column} FROM kv_spill WHERE k = ?") for column in ("v", "1")}
 _SPILL_UPDATE = "UPDATE kv_spill SET v = ? WHERE k = ?"
@@ -607,40 +616,12 @@ class SQLiteDBM:
     def _move_run(self, conn: sqlite3.Connection, start: int, end: int, cursor: Any,
                   limit: int, max_bytes: int | None) -> tuple[int, Any] | None:
         """L{move_page}'s page without reading its rows into Python, when it can be (None
-        when it cannot: the caller reads them). That is when neither file has spilled rows,
-        so homes are unique and a page is the run of homes from after the cursor's to its
-        C{limit}-th; when the run holds no home at an end of the range (there the keys'
-        exact positions decide, see L{_page}); when its keys and values fit C{max_bytes}; and
-        when each row lands at its home here (a key here at a copied key's home goes pair by
-        pair)."""
-        spans = _spans(start, end)
-        place, last = cursor if cursor is not None else (0, None)
-        while True:
-            # As _page: a span with nothing left after the cursor is passed in the same call.
-            if place >= len(spans):
-                return 0, None
-            low, high, above, upto = spans[place]
-            first = low if last is None else last[0] + 1
-            if above is not None and first <= low:
-                return None
-            row = conn.execute("SELECT p FROM source.kv WHERE p >= ? AND p <= ? ORDER BY p "
-                               "LIMIT 1 OFFSET ?", (first, high, limit - 1)).fetchone()
-            until = high if row is None else row[0]
-            if upto is not None and until >= high:
-                return None
-            count, size = conn.execute(
-                "SELECT count(*), total(length(k) + length(v)) FROM source.kv "
-                "WHERE p >= ? AND p <= ?", (first, until)).fetchone()
-            if count:
-                break
-            place, last = place + 1, None
-        if max_bytes is not None and size >= max_bytes:
-            return None  # the page ends at its byte bound (_page): rows decide where
-        if row is None:
-            after = (place + 1, None) if place + 1 < len(spans) else None
-        else:
-            key = conn.execute("SELECT k FROM source.kv WHERE p = ?", (until,)).fetchone()[0]
-            after = (place, (until, bytes(key)))
+        when it cannot: the caller reads them): when L{_run} finds the page, and when each
+        row lands at its home here (a key here at a copied key's home goes pair by pair)."""
+        found = _run(conn, "source.", start, end, cursor, limit, max_bytes)
+        if found is None or not found[2]:
+            return None if found is None else (0, found[4])
+        first, until, count, _, after = found
         conn.execute("BEGIN")
         try:
             copied = conn.execute(_COPY_RUN, (first, until)).rowcount
@@ -671,6 +652,64 @@ class SQLiteDBM:
                 "SELECT v FROM source.kv_spill WHERE k = ?", (key,)).fetchone()
             if row is not None:
                 self._put(conn, key, row[0], at)
+
+    # -- a range copy's batches, as database images ---------------------------------------------
+
+    def export_page(self, start: int, end: int, cursor: Any, limit: int,
+                    max_bytes: int | None = None) -> tuple[bytes | None, int, int, Any] | None:
+        """The next page of the ring range (start, end] (at most C{limit} rows, as
+        L{range_page} reads it) as a database image (L{IMAGE_TABLE}, rows with their homes):
+        (image, rows, bytes of their keys and values, cursor after it), the image None and
+        the rows 0 when nothing is left. Made inside SQLite, no row read into Python. None
+        when the page must be read with L{range_page} instead (spilled rows, a home at an end
+        of the range, C{max_bytes} reached: L{_run}). Commits the open group transaction
+        first: nothing uncommitted leaves the server."""
+        if self._spill:
+            return None
+        self.commit()
+        conn = self._conn
+        found = _run(conn, "", start, end, cursor, limit, max_bytes)
+        if found is None or not found[2]:
+            return None if found is None else (None, 0, 0, found[4])
+        first, until, count, size, after = found
+        conn.execute("ATTACH DATABASE ':memory:' AS outbox")
+        try:
+            conn.execute(f"CREATE TABLE outbox.kv {_COLUMNS}")
+            conn.execute("INSERT INTO outbox.kv SELECT p, k, v FROM kv WHERE p >= ? AND p <= ?",
+                         (first, until))
+            image = conn.serialize(name="outbox")
+        finally:
+            conn.execute("DETACH DATABASE outbox")
+        return image, count, size, after
+
+    def import_image(self, image: bytes) -> int:
+        """Write the pairs of a database image made by L{export_page} (another server's, so
+        checked first: L{ValueError} if it is not such an image, with nothing written), in
+        one transaction, a key here already overwritten; how many. Inside SQLite, values
+        never read into Python, unless this file has spilled rows or a key here is at a
+        copied key's home: then pair by pair."""
+        self.commit()
+        conn = self._conn
+        conn.execute("ATTACH DATABASE ':memory:' AS incoming")
+        try:
+            count = _check_image(conn, "incoming", image)
+            conn.execute("BEGIN")
+            try:
+                if self._spill or conn.execute(_COPY_IMAGE).rowcount != count:
+                    # Spilled rows here, or a key here at a copied key's home: pair by pair.
+                    conn.execute("ROLLBACK")
+                    conn.execute("BEGIN")
+                    for at, key, value in conn.execute(
+                            "SELECT p, k, v FROM incoming.kv").fetchall():
+                        self._put(conn, key, value, at)
+                conn.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        finally:
+            if not conn.in_transaction:
+                conn.execute("DETACH DATABASE incoming")
+        return count
 
     def drop_page(self, start: int, end: int, cursor: Any, limit: int) -> tuple[int, Any]:
         """Delete the next page (as L{range_page} reads it, values unread) of the ring range
@@ -729,6 +768,91 @@ def _spans(start: int, end: int) -> list[tuple[int, int, int | None, int | None]
     if start < end:
         return [(low, high, start, end)]
     return [(low, _HIGHEST, start, None), (_LOWEST, high, None, end)]
+
+
+def _run(conn: sqlite3.Connection, schema: str, start: int, end: int, cursor: Any, limit: int,
+         max_bytes: int | None) -> tuple[int, int, int, int, Any] | None:
+    """The next page of the ring range (start, end] of C{schema}'s kv, as L{SQLiteDBM._page}
+    would read it, found without reading its rows: (first home, last home, rows, bytes of
+    their keys and values, cursor after it), rows 0 when nothing is left. None when it cannot
+    be found so, and the caller must read the page row by row: when the page holds a home at
+    an end of the range (there the keys' exact positions decide, see L{SQLiteDBM._page}), or
+    when it reaches C{max_bytes} (the rows decide where it ends). The caller makes sure no
+    spilled row may be in the range: then homes are unique, and a page is the run of homes
+    from after the cursor's to its C{limit}-th."""
+    spans = _spans(start, end)
+    place, last = cursor if cursor is not None else (0, None)
+    while True:
+        # As _page: a span with nothing left after the cursor is passed in the same call.
+        if place >= len(spans):
+            return 0, 0, 0, 0, None
+        low, high, above, upto = spans[place]
+        first = low if last is None else last[0] + 1
+        if above is not None and first <= low:
+            return None
+        row = conn.execute(f"SELECT p FROM {schema}kv WHERE p >= ? AND p <= ? ORDER BY p "
+                           "LIMIT 1 OFFSET ?", (first, high, limit - 1)).fetchone()
+        until = high if row is None else row[0]
+        if upto is not None and until >= high:
+            return None
+        count, size = conn.execute(
+            f"SELECT count(*), total(length(k) + length(v)) FROM {schema}kv "
+            "WHERE p >= ? AND p <= ?", (first, until)).fetchone()
+        if count:
+            break
+        place, last = place + 1, None
+    if max_bytes is not None and size >= max_bytes:
+        return None
+    if row is None:
+        after = (place + 1, None) if place + 1 < len(spans) else None
+    else:
+        key = conn.execute(f"SELECT k FROM {schema}kv WHERE p = ?", (until,)).fetchone()[0]
+        after = (place, (until, bytes(key)))
+    return first, until, count, int(size), after
+
+
+def _check_image(conn: sqlite3.Connection, schema: str, image: bytes) -> int:
+    """Load C{image} into C{schema} (an attached in-memory database of C{conn}) and check that
+    it is what L{SQLiteDBM.export_page} makes: one table, L{IMAGE_TABLE}, sound pages, keys and
+    values that are blobs, each key at its home; its rows. It comes from another server, and
+    a mistake here would leave keys that no get finds: L{ValueError} if anything is wrong
+    (SQLite's own errors included, so that a bad image is never taken for a failure of this
+    server's storage)."""
+    # (SQLite cannot load fewer bytes than its smallest page; an empty image is a MemoryError)
+    if len(image) < 512:
+        raise ValueError(f"a copy batch of {len(image)} bytes is not a database image")
+    try:
+        conn.deserialize(image, name=schema)
+        tables = conn.execute(f"SELECT type, name, tbl_name, sql FROM {schema}.sqlite_schema"
+                              ).fetchall()
+        if tables != [("table", "kv", "kv", IMAGE_TABLE)]:
+            names = ", ".join(f"{kind} {name}" for kind, name, _, _ in tables[:4])
+            raise ValueError(f"a copy batch's image holds {names or 'nothing'}, not just a "
+                             "table kv of a copy's columns")
+        problems = [row[0] for row in conn.execute(f"PRAGMA {schema}.quick_check")]
+        if problems != ["ok"]:
+            raise ValueError(f"a copy batch's image is damaged: {'; '.join(problems[:3])}")
+        count = 0
+        for at, key, blob in conn.execute(f"SELECT p, k, typeof(v) = 'blob' FROM {schema}.kv"):
+            if type(key) is not bytes or not blob or home(key) != at:
+                raise ValueError(f"a copy batch's image has a row at {at} that is not a "
+                                 "key and a value at the key's home")
+            count += 1
+    except sqlite3.Error as e:
+        raise ValueError(f"a copy batch's image does not read: {e}") from None
+    return count
+
+
+def image_pairs(image: bytes) -> list[tuple[bytes, bytes]]:
+    """The pairs of a copy batch's image (L{SQLiteDBM.export_page}), checked as
+    L{SQLiteDBM.import_image} checks it: for a backend that cannot take the image itself."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        conn.execute("ATTACH DATABASE ':memory:' AS incoming")
+        _check_image(conn, "incoming", image)
+        return conn.execute("SELECT k, v FROM incoming.kv").fetchall()
+    finally:
+        conn.close()
 
 
 def check_file(path: str | os.PathLike[str]) -> str | None:

@@ -191,6 +191,23 @@ class Store:
         return copied, cursor
 
     @_guarded
+    def export_page(self, rng: KeyRange, cursor: Any, limit: int, max_bytes: int | None = None,
+                    ) -> tuple[bytes | None, int, int, Any] | None:
+        """The next page of C{rng}'s pairs as a copy batch's database image, made inside the
+        backend; None when it must be read with L{range_page} (L{Backend.export_page})."""
+        return self.db.export_page(rng.start, rng.end, cursor, limit, max_bytes)
+
+    @_guarded
+    def import_image(self, image: bytes) -> int:
+        """Write a copy batch's image (L{export_page} at another server), atomically where
+        the backend can; the pairs written. L{ValueError} if it is not one: the sender's
+        mistake, not a failure of this store."""
+        count = self.db.import_image(image)
+        if count:
+            self._wrote()
+        return count
+
+    @_guarded
     def drop_page(self, rng: KeyRange, cursor: Any, limit: int) -> tuple[int, Any]:
         """Delete the next page of C{rng}'s keys, atomically where the backend can; (keys
         deleted, cursor of the next page or None)."""

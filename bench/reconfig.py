@@ -371,9 +371,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path,
                         help="keep the ECS's and servers' files and logs here "
                              "[default: a temporary directory, removed afterwards]")
-    parser.add_argument("--copies-beside-moves", choices=("on", "off"), default="off",
+    parser.add_argument("--copies-beside-moves", choices=("on", "off"), default="on",
                         help="the ECS's copies-beside-moves: a join's or a leave's copies run "
-                             "beside its local moves [off]")
+                             "beside its local moves [on, as the ECS's default]")
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the figures as JSON")
     args = parser.parse_args(argv)
     if args.value_bytes < 32 or args.inflight < 1 or args.writer_inflight < 1 or args.rate <= 0:

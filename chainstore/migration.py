@@ -35,12 +35,13 @@ log = get_logger("chainstore.migration")
 
 _T = TypeVar("_T")
 
-#: Keys per batch a copy sends. The target writes a batch in one go, while the writes of its
-#: own chains wait. With rows kept in ring order (chainstore/storage/sqlitedbm.py) a batch
-#: costs a quarter of what it did, and at 1,000,000 keys 512 kept the background writer's p99
-#: at 33-37 ms with a copy step of 6.6-6.7 MB/s; 1,024 made it 34-73 ms at 7.7-9.8 MB/s, 256
-#: 42-47 ms at 5.4 (python -m bench.reconfig --keys 1000000, one run each, docs/DESIGN.md).
-BATCH_KEYS = 512
+#: Keys per batch a copy sends: one page, exported as a database image (fewer keys when theirs
+#: and their values' bytes reach BATCH_BYTES). The target writes a batch in one go, while the
+#: writes of its own chains wait: as an image, 1,024 keys of 100 bytes cost it about 1.8 ms of
+#: CPU (python -m bench.range_ops). With images, 1,024 copied each range at 224,000-254,000
+#: keys/s against 190,000-227,000 with 512, the writer's p99 at 21-22 ms against 19-20
+#: (python -m bench.reconfig --keys 1000000, one run each, docs/DESIGN.md).
+BATCH_KEYS = 1024
 #: Request ids (and their keys: a few dozen bytes each) per batch sent along with a copy.
 REQUEST_BATCH = 1000
 BATCH_BYTES = 512 * 1024

@@ -113,7 +113,7 @@ class ECSConfig:
     replace_failed: str = "off"
     #: on: a join's or a leave's copies run beside its local moves (the change ends sooner, and
     #: the writes going on meanwhile wait longer for CPUs); off: one bulk step at a time
-    copies_beside_moves: str = "off"
+    copies_beside_moves: str = "on"
 
     def validated(self) -> ECSConfig:
         if self.heartbeat_interval <= 0:

@@ -312,9 +312,9 @@ def test_replace_failed_is_on_or_off_and_needs_a_launcher(tmp_path):
 
 
 def test_copies_beside_moves_is_on_or_off(tmp_path):
-    assert config_from(tmp_path, "").copies_beside_moves == "off"
-    assert config_from(tmp_path, "copies-beside-moves: on\n").copies_beside_moves == "on"
+    assert config_from(tmp_path, "").copies_beside_moves == "on"
+    assert config_from(tmp_path, "copies-beside-moves: off\n").copies_beside_moves == "off"
     assert "copies-beside-moves" in error_of(tmp_path, "copies-beside-moves: fast\n")
     options = Options()
-    options.parseOptions(["--copies-beside-moves", "on"])
-    assert options.config.copies_beside_moves == "on"
+    options.parseOptions(["--copies-beside-moves", "off"])
+    assert options.config.copies_beside_moves == "off"

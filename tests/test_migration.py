@@ -161,7 +161,8 @@ def test_the_default_bounds_cut_large_values_into_small_batches(stores):
     assert sum(len(b) for b in batches) == 12
     per_batch = -(-migration.BATCH_BYTES // (MAX_VALUE_BYTES + 6))
     assert all(len(b) <= per_batch for b in batches)
-    assert len(batches) == -(-12 // per_batch)
+    # (an image holds a run under the bound, found by halving: at most twice as many)
+    assert -(-12 // per_batch) <= len(batches) <= 2 * -(-12 // per_batch)
 
 
 # -- copy_range over the wire ---------------------------------------------------------------------

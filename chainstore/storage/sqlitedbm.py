@@ -658,17 +658,18 @@ class SQLiteDBM:
     def export_page(self, start: int, end: int, cursor: Any, limit: int,
                     max_bytes: int | None = None) -> tuple[bytes | None, int, int, Any] | None:
         """The next page of the ring range (start, end] (at most C{limit} rows, as
-        L{range_page} reads it) as a database image (L{IMAGE_TABLE}, rows with their homes):
-        (image, rows, bytes of their keys and values, cursor after it), the image None and
-        the rows 0 when nothing is left. Made inside SQLite, no row read into Python. None
-        when the page must be read with L{range_page} instead (spilled rows, a home at an end
-        of the range, C{max_bytes} reached: L{_run}). Commits the open group transaction
-        first: nothing uncommitted leaves the server."""
+        L{range_page} reads it, or fewer: a run under C{max_bytes}) as a database image
+        (L{IMAGE_TABLE}, rows with their homes): (image, rows, bytes of their keys and values,
+        cursor after it), the image None and the rows 0 when nothing is left. Made inside
+        SQLite, no row read into Python. None when the page must be read with L{range_page}
+        instead (spilled rows, a home at an end of the range, a single row of C{max_bytes}:
+        L{_run}). Commits the open group transaction first: nothing uncommitted leaves the
+        server."""
         if self._spill:
             return None
         self.commit()
         conn = self._conn
-        found = _run(conn, "", start, end, cursor, limit, max_bytes)
+        found = _run(conn, "", start, end, cursor, limit, max_bytes, shrink=True)
         if found is None or not found[2]:
             return None if found is None else (None, 0, 0, found[4])
         first, until, count, size, after = found
@@ -771,15 +772,17 @@ def _spans(start: int, end: int) -> list[tuple[int, int, int | None, int | None]
 
 
 def _run(conn: sqlite3.Connection, schema: str, start: int, end: int, cursor: Any, limit: int,
-         max_bytes: int | None) -> tuple[int, int, int, int, Any] | None:
+         max_bytes: int | None, shrink: bool = False) -> tuple[int, int, int, int, Any] | None:
     """The next page of the ring range (start, end] of C{schema}'s kv, as L{SQLiteDBM._page}
     would read it, found without reading its rows: (first home, last home, rows, bytes of
     their keys and values, cursor after it), rows 0 when nothing is left. None when it cannot
     be found so, and the caller must read the page row by row: when the page holds a home at
     an end of the range (there the keys' exact positions decide, see L{SQLiteDBM._page}), or
-    when it reaches C{max_bytes} (the rows decide where it ends). The caller makes sure no
-    spilled row may be in the range: then homes are unique, and a page is the run of homes
-    from after the cursor's to its C{limit}-th."""
+    when it reaches C{max_bytes} (the rows decide where it ends) unless C{shrink}: then the
+    page is the longest run of at most C{limit} rows found, halving, to hold fewer bytes (a
+    prefix of L{SQLiteDBM._page}'s). The caller makes sure no spilled row may be in the range:
+    then homes are unique, and a page is the run of homes from after the cursor's to its
+    C{limit}-th."""
     spans = _spans(start, end)
     place, last = cursor if cursor is not None else (0, None)
     while True:
@@ -790,19 +793,24 @@ def _run(conn: sqlite3.Connection, schema: str, start: int, end: int, cursor: An
         first = low if last is None else last[0] + 1
         if above is not None and first <= low:
             return None
-        row = conn.execute(f"SELECT p FROM {schema}kv WHERE p >= ? AND p <= ? ORDER BY p "
-                           "LIMIT 1 OFFSET ?", (first, high, limit - 1)).fetchone()
-        until = high if row is None else row[0]
-        if upto is not None and until >= high:
-            return None
-        count, size = conn.execute(
-            f"SELECT count(*), total(length(k) + length(v)) FROM {schema}kv "
-            "WHERE p >= ? AND p <= ?", (first, until)).fetchone()
+        while True:
+            row = conn.execute(f"SELECT p FROM {schema}kv WHERE p >= ? AND p <= ? ORDER BY p "
+                               "LIMIT 1 OFFSET ?", (first, high, limit - 1)).fetchone()
+            until = high if row is None else row[0]
+            if upto is not None and until >= high:
+                return None
+            count, size = conn.execute(
+                f"SELECT count(*), total(length(k) + length(v)) FROM {schema}kv "
+                "WHERE p >= ? AND p <= ?", (first, until)).fetchone()
+            if not count or max_bytes is None or size < max_bytes:
+                break
+            if not shrink or limit == 1:
+                return None
+            # (at least halved: a few queries even for rows of very uneven sizes)
+            limit = max(1, limit * max_bytes // (2 * int(size)))
         if count:
             break
         place, last = place + 1, None
-    if max_bytes is not None and size >= max_bytes:
-        return None
     if row is None:
         after = (place + 1, None) if place + 1 < len(spans) else None
     else:

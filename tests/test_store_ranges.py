@@ -882,6 +882,29 @@ def test_a_page_of_big_values_is_exported_as_a_shorter_run(tmp_path):
         db.close()
 
 
+def test_an_image_past_its_byte_bound_is_made_again_of_half_the_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlitedbm, "IMAGE_BYTES", 40_000)
+    db = sqlitedbm.open(tmp_path / "s.sqlite")
+    try:
+        values = {k: bytes([i % 251]) * 900 for i, k in enumerate(keys(300))}
+        db.update_many(list(values.items()))
+        cursor, seen, counts = None, [], []
+        while True:
+            # (64 rows of 900 bytes are under the bound of keys and values, not of the image)
+            image, count, size, cursor = db.export_page(0, 0, cursor, 64, max_bytes=80_000)
+            assert len(image) <= 40_000
+            pairs = sqlitedbm.image_pairs(image)
+            assert len(pairs) == count and size == sum(len(k) + len(v) for k, v in pairs)
+            seen.extend(pairs)
+            counts.append(count)
+            if cursor is None:
+                break
+        assert dict(seen) == values and len(seen) == len(values)
+        assert max(counts) < 64
+    finally:
+        db.close()
+
+
 def test_a_page_with_spilled_rows_or_an_end_home_is_not_exported(tmp_path):
     with coarse_homes(bits=6):
         db = sqlitedbm.open(tmp_path / "s.sqlite")

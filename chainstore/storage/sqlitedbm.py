@@ -90,6 +90,12 @@ _COPY_RUN = ("INSERT INTO kv (p, k, v) SELECT p, k, v FROM source.kv WHERE p >= 
 # pair cost about 8 us of CPU over both ends; as an image about 2 (docs/DESIGN.md, "Where a
 # copy's time goes").
 IMAGE_TABLE = f"CREATE TABLE kv {_COLUMNS}"
+# The most bytes an image may take. SQLite's pages hold a run's rows with room to spare (about
+# 150 bytes per 100-byte pair, more for some sizes of values), so an image of a page under the
+# byte bound of a batch (512 KiB of keys and values) may be larger still; past this it is made
+# again of half the rows, and a copy's box stays under 700,000 bytes, as one of pairs does, far
+# below the 1 MiB a server's listener takes (docs/DESIGN.md, "Bounds per connection").
+IMAGE_BYTES = 640 * 1024
 _COPY_IMAGE = ("INSERT INTO kv (p, k, v) SELECT p, k, v FROM incoming.kv ORDER BY p "
                "ON CONFLICT (p) DO UPDATE SET v = excluded.v WHERE k = excluded.k")
 _FIND = {column: (f"SELECT {column} FROM kv WHERE p = ? AND k = ?",
@@ -663,25 +669,28 @@ class SQLiteDBM:
         cursor after it), the image None and the rows 0 when nothing is left. Made inside
         SQLite, no row read into Python. None when the page must be read with L{range_page}
         instead (spilled rows, a home at an end of the range, a single row of C{max_bytes}:
-        L{_run}). Commits the open group transaction first: nothing uncommitted leaves the
-        server."""
+        L{_run}). An image over L{IMAGE_BYTES} is made again of half the rows. Commits the
+        open group transaction first: nothing uncommitted leaves the server."""
         if self._spill:
             return None
         self.commit()
         conn = self._conn
-        found = _run(conn, "", start, end, cursor, limit, max_bytes, shrink=True)
-        if found is None or not found[2]:
-            return None if found is None else (None, 0, 0, found[4])
-        first, until, count, size, after = found
-        conn.execute("ATTACH DATABASE ':memory:' AS outbox")
-        try:
-            conn.execute(f"CREATE TABLE outbox.kv {_COLUMNS}")
-            conn.execute("INSERT INTO outbox.kv SELECT p, k, v FROM kv WHERE p >= ? AND p <= ?",
-                         (first, until))
-            image = conn.serialize(name="outbox")
-        finally:
-            conn.execute("DETACH DATABASE outbox")
-        return image, count, size, after
+        while True:
+            found = _run(conn, "", start, end, cursor, limit, max_bytes, shrink=True)
+            if found is None or not found[2]:
+                return None if found is None else (None, 0, 0, found[4])
+            first, until, count, size, after = found
+            conn.execute("ATTACH DATABASE ':memory:' AS outbox")
+            try:
+                conn.execute(f"CREATE TABLE outbox.kv {_COLUMNS}")
+                conn.execute("INSERT INTO outbox.kv SELECT p, k, v FROM kv "
+                             "WHERE p >= ? AND p <= ?", (first, until))
+                image = conn.serialize(name="outbox")
+            finally:
+                conn.execute("DETACH DATABASE outbox")
+            if len(image) <= IMAGE_BYTES or count == 1:
+                return image, count, size, after
+            limit = count // 2
 
     def import_image(self, image: bytes) -> int:
         """Write the pairs of a database image made by L{export_page} (another server's, so

@@ -158,8 +158,11 @@ def test_a_page_moved_between_files_is_the_page_read_on_both_backends(
         a_page_moved_is_the_page_read(tmp_path_factory, present, rng, limit, max_bytes)
 
 
-def a_page_moved_is_the_page_read(tmp_path_factory, present, rng, limit, max_bytes):
-    where = tmp_path_factory.mktemp("moves")
+def source_and_target(where: Any, present: set[bytes]) -> Iterator[tuple[Any, Any, Any]]:
+    """For each backend in turn: a source holding C{present} (each key's value the key three
+    times), a target holding three of them with other values and a key of its own, and a
+    check, given the range copied, that the target holds the source's pairs in it and its
+    own others."""
     items = {k: k * 3 for k in present}
     for make in (lambda name: sqlitedbm.open(where / f"{name}.sqlite"),
                  lambda name: DumbDBM(str(where / name))):
@@ -169,26 +172,37 @@ def a_page_moved_is_the_page_read(tmp_path_factory, present, rng, limit, max_byt
             # a key the target holds already is overwritten; one outside the range stays
             target.update_many([(k, b"old") for k in list(items)[:3]] + [(b"\xff" * 9, b"x")])
             before = {k: target.get(k) for k in [*items, b"\xff" * 9]}
-            read, moved, cursor = [], [], None
-            while True:
-                page, _ = source.range_page(rng.start, rng.end, cursor, limit, True, max_bytes)
-                copied, cursor = target.move_page(source, rng.start, rng.end, cursor, limit,
-                                                  max_bytes)
-                read.append(sorted(k for k, _ in page))
-                moved.append(copied)
-                if cursor is None:
-                    break
-            # page for page what range_page reads (and the same cursors)
-            assert moved == [len(page) for page in read]
-            in_range = {k for k in items if position(k) in rng}
-            assert sorted(k for page in read for k in page) == sorted(in_range)
-            for key, old in before.items():
-                assert target.get(key) == (items[key] if key in in_range else old)
-            assert len(target) == len({k for k, v in before.items() if v is not None}
-                                      | in_range)
+
+            def copied(rng: KeyRange) -> None:
+                in_range = {k for k in items if position(k) in rng}
+                for key, old in before.items():
+                    assert target.get(key) == (items[key] if key in in_range else old)
+                assert len(target) == len({k for k, v in before.items() if v is not None}
+                                          | in_range)
+
+            yield source, target, copied
         finally:
             source.close()
             target.close()
+
+
+def a_page_moved_is_the_page_read(tmp_path_factory, present, rng, limit, max_bytes):
+    where = tmp_path_factory.mktemp("moves")
+    for source, target, copied in source_and_target(where, present):
+        read, moved, cursor = [], [], None
+        while True:
+            page, _ = source.range_page(rng.start, rng.end, cursor, limit, True, max_bytes)
+            count, cursor = target.move_page(source, rng.start, rng.end, cursor, limit,
+                                             max_bytes)
+            read.append(sorted(k for k, _ in page))
+            moved.append(count)
+            if cursor is None:
+                break
+        # page for page what range_page reads (and the same cursors)
+        assert moved == [len(page) for page in read]
+        assert sorted(k for page in read for k in page) == \
+            sorted(k for k in present if position(k) in rng)
+        copied(rng)
 
 
 @settings(max_examples=40, deadline=None)
@@ -780,54 +794,37 @@ def test_a_page_exported_and_imported_is_the_page_read_on_both_backends(
 
 def a_page_exported_is_the_page_read(tmp_path_factory, present, rng, limit, max_bytes):
     where = tmp_path_factory.mktemp("images")
-    items = {k: k * 3 for k in present}
-    for make in (lambda name: sqlitedbm.open(where / f"{name}.sqlite"),
-                 lambda name: DumbDBM(str(where / name))):
-        source, target = make("source"), make("target")
-        try:
-            source.update_many(list(items.items()))
-            # a key the target holds already is overwritten; one outside the range stays
-            target.update_many([(k, b"old") for k in list(items)[:3]] + [(b"\xff" * 9, b"x")])
-            before = {k: target.get(k) for k in [*items, b"\xff" * 9]}
-            copied, cursor, exported = [], None, 0
-            while True:
-                page, after = source.range_page(rng.start, rng.end, cursor, limit, True,
-                                                max_bytes)
-                found = source.export_page(rng.start, rng.end, cursor, limit, max_bytes)
-                if found is None:
-                    # (read as pairs, as migration.batches does)
-                    target.update_many(page)
-                    copied.extend(k for k, _ in page)
-                    cursor = after
+    for source, target, copied in source_and_target(where, present):
+        sent, cursor, exported = [], None, 0
+        while True:
+            page, after = source.range_page(rng.start, rng.end, cursor, limit, True, max_bytes)
+            found = source.export_page(rng.start, rng.end, cursor, limit, max_bytes)
+            if found is None:
+                # (read as pairs, as migration.batches does)
+                target.update_many(page)
+                cursor = after
+            else:
+                image, count, size, cursor = found
+                if count < len(page):
+                    # a run of fewer rows, under the byte bound: the start of the page
+                    assert max_bytes is not None and 0 < size < max_bytes
+                    page = page[:count]
                 else:
-                    image, count, size, cursor = found
-                    if count < len(page):
-                        # a run of fewer rows, under the byte bound: the start of the page
-                        assert max_bytes is not None and 0 < size < max_bytes
-                        page = page[:count]
-                    else:
-                        # page for page what range_page reads (and the same cursor)
-                        assert cursor == after and count == len(page)
-                    assert size == sum(len(k) + len(v) for k, v in page)
-                    assert (image is None) == (count == 0)
-                    if image is not None:
-                        assert sorted(sqlitedbm.image_pairs(image)) == sorted(page)
-                        assert target.import_image(image) == count
-                        exported += 1
-                    copied.extend(k for k, _ in page)
-                if cursor is None:
-                    break
-            in_range = {k for k in items if position(k) in rng}
-            assert sorted(copied) == sorted(in_range)
-            for key, old in before.items():
-                assert target.get(key) == (items[key] if key in in_range else old)
-            assert len(target) == len({k for k, v in before.items() if v is not None}
-                                      | in_range)
-            if isinstance(source, DumbDBM):
-                assert exported == 0
-        finally:
-            source.close()
-            target.close()
+                    # page for page what range_page reads (and the same cursor)
+                    assert cursor == after and count == len(page)
+                assert size == sum(len(k) + len(v) for k, v in page)
+                assert (image is None) == (count == 0)
+                if image is not None:
+                    assert sorted(sqlitedbm.image_pairs(image)) == sorted(page)
+                    assert target.import_image(image) == count
+                    exported += 1
+            sent.extend(k for k, _ in page)
+            if cursor is None:
+                break
+        assert sorted(sent) == sorted(k for k in present if position(k) in rng)
+        copied(rng)
+        if isinstance(source, DumbDBM):
+            assert exported == 0
 
 
 def test_a_page_is_exported_and_imported_inside_sqlite_and_leaves_nothing_attached(tmp_path):

@@ -27,6 +27,7 @@ import hashlib
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from itertools import groupby
 from operator import itemgetter
 from typing import Any
@@ -86,9 +87,9 @@ _COPY_RUN = ("INSERT INTO kv (p, k, v) SELECT p, k, v FROM source.kv WHERE p >= 
              "ORDER BY p ON CONFLICT (p) DO UPDATE SET v = excluded.v WHERE k = excluded.k")
 # A range copy's batch between servers: a database image (Connection.serialize) of this one
 # table, rows with their homes, made and written inside SQLite (SQLiteDBM.export_page and
-# import_image). Read into Python, encoded, sent, decoded and written with executemany, a
-# pair cost about 8 us of CPU over both ends; as an image about 2 (docs/DESIGN.md, "Where a
-# copy's time goes").
+# import_image). Read into Python, packed, unpacked and written with executemany, a 100-byte
+# pair cost about 3.8 us of CPU over both ends; as an image about 2.2 (docs/DESIGN.md, "A
+# copy's batch is a database image").
 IMAGE_TABLE = f"CREATE TABLE kv {_COLUMNS}"
 # The most bytes an image may take. SQLite's pages hold a run's rows with room to spare (about
 # 150 bytes per 100-byte pair, more for some sizes of values), so an image of a page under the
@@ -595,29 +596,41 @@ class SQLiteDBM:
         must be another file."""
         if source.path == self.path:
             raise ValueError("a store cannot move a range into itself")
-        self.commit()
-        conn = self._conn
-        # Attached for this page only: nothing is left attached between reactor turns, when
-        # the group transaction (apply_one) may be open on this connection.
-        conn.execute("ATTACH DATABASE ? AS source", (source.path,))
-        try:
+        with self._attached(source.path, "source") as conn:
             if not (source._spill or self._spill):
                 moved = self._move_run(conn, start, end, cursor, limit, max_bytes)
                 if moved is not None:
                     return moved
             rows, cursor, whole = self._page(conn, "source.", source._spill, start, end,
                                              cursor, limit, max_bytes, False)
-            conn.execute("BEGIN")
-            try:
+            with self._transaction(conn):
                 self._copy_rows(conn, rows, whole and not source._spill)
-                conn.execute("COMMIT")
-            except BaseException:
-                self._rollback()
-                raise
+        return len(rows), cursor
+
+    @contextmanager
+    def _attached(self, path: str, name: str) -> Iterator[sqlite3.Connection]:
+        """This file's connection, with C{path} attached as C{name} for one page's work (the
+        group transaction committed first): nothing stays attached between reactor turns,
+        when the group transaction (apply_one) may be open on the connection."""
+        self.commit()
+        conn = self._conn
+        conn.execute(f"ATTACH DATABASE ? AS {name}", (path,))
+        try:
+            yield conn
         finally:
             if not conn.in_transaction:
-                conn.execute("DETACH DATABASE source")
-        return len(rows), cursor
+                conn.execute(f"DETACH DATABASE {name}")
+
+    @contextmanager
+    def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """One transaction around the block: committed, or rolled back if it raises."""
+        conn.execute("BEGIN")
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
 
     def _move_run(self, conn: sqlite3.Connection, start: int, end: int, cursor: Any,
                   limit: int, max_bytes: int | None) -> tuple[int, Any] | None:
@@ -673,21 +686,16 @@ class SQLiteDBM:
         open group transaction first: nothing uncommitted leaves the server."""
         if self._spill:
             return None
-        self.commit()
-        conn = self._conn
         while True:
-            found = _run(conn, "", start, end, cursor, limit, max_bytes, shrink=True)
-            if found is None or not found[2]:
-                return None if found is None else (None, 0, 0, found[4])
-            first, until, count, size, after = found
-            conn.execute("ATTACH DATABASE ':memory:' AS outbox")
-            try:
+            with self._attached(":memory:", "outbox") as conn:
+                found = _run(conn, "", start, end, cursor, limit, max_bytes, shrink=True)
+                if found is None or not found[2]:
+                    return None if found is None else (None, 0, 0, found[4])
+                first, until, count, size, after = found
                 conn.execute(f"CREATE TABLE outbox.kv {_COLUMNS}")
                 conn.execute("INSERT INTO outbox.kv SELECT p, k, v FROM kv "
                              "WHERE p >= ? AND p <= ?", (first, until))
                 image = conn.serialize(name="outbox")
-            finally:
-                conn.execute("DETACH DATABASE outbox")
             if len(image) <= IMAGE_BYTES or count == 1:
                 return image, count, size, after
             limit = count // 2
@@ -698,13 +706,9 @@ class SQLiteDBM:
         one transaction, a key here already overwritten; how many. Inside SQLite, values
         never read into Python, unless this file has spilled rows or a key here is at a
         copied key's home: then pair by pair."""
-        self.commit()
-        conn = self._conn
-        conn.execute("ATTACH DATABASE ':memory:' AS incoming")
-        try:
+        with self._attached(":memory:", "incoming") as conn:
             count = _check_image(conn, "incoming", image)
-            conn.execute("BEGIN")
-            try:
+            with self._transaction(conn):
                 if self._spill or conn.execute(_COPY_IMAGE).rowcount != count:
                     # Spilled rows here, or a key here at a copied key's home: pair by pair.
                     conn.execute("ROLLBACK")
@@ -712,13 +716,6 @@ class SQLiteDBM:
                     for at, key, value in conn.execute(
                             "SELECT p, k, v FROM incoming.kv").fetchall():
                         self._put(conn, key, value, at)
-                conn.execute("COMMIT")
-            except BaseException:
-                self._rollback()
-                raise
-        finally:
-            if not conn.in_transaction:
-                conn.execute("DETACH DATABASE incoming")
         return count
 
     def drop_page(self, start: int, end: int, cursor: Any, limit: int) -> tuple[int, Any]:

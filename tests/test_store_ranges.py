@@ -858,48 +858,43 @@ def test_a_page_is_exported_and_imported_inside_sqlite_and_leaves_nothing_attach
         target.close()
 
 
-def test_a_page_of_big_values_is_exported_as_a_shorter_run(tmp_path):
-    db = sqlitedbm.open(tmp_path / "s.sqlite")
+def export_all(path: Any, values: dict[bytes, bytes], limit: int,
+               max_bytes: int) -> list[tuple[int, int]]:
+    """Export every page of a store holding C{values}, the whole ring, checking each image
+    holds its pairs, their bytes and no more than C{max_bytes} of them, and that the pages
+    hold every pair once; (image bytes, pairs) of each."""
+    db = sqlitedbm.open(path)
     try:
-        values = {k: bytes([i % 251]) * (100 + 37 * (i % 50)) for i, k in enumerate(keys(300))}
         db.update_many(list(values.items()))
-        cursor, seen, counts = None, [], []
+        cursor, seen, made = None, [], []
         while True:
-            image, count, size, cursor = db.export_page(0, 0, cursor, 64, max_bytes=20_000)
+            image, count, size, cursor = db.export_page(0, 0, cursor, limit, max_bytes)
             pairs = sqlitedbm.image_pairs(image)
-            assert len(pairs) == count and 0 < size < 20_000
+            assert len(pairs) == count and 0 < size < max_bytes
             assert size == sum(len(k) + len(v) for k, v in pairs)
             seen.extend(pairs)
-            counts.append(count)
+            made.append((len(image), count))
             if cursor is None:
                 break
         assert dict(seen) == values and len(seen) == len(values)
-        assert max(counts) < 64 and len(counts) > 300 // 64
+        return made
     finally:
         db.close()
+
+
+def test_a_page_of_big_values_is_exported_as_a_shorter_run(tmp_path):
+    values = {k: bytes([i % 251]) * (100 + 37 * (i % 50)) for i, k in enumerate(keys(300))}
+    counts = [count for _, count in export_all(tmp_path / "s.sqlite", values, 64, 20_000)]
+    assert max(counts) < 64 and len(counts) > 300 // 64
 
 
 def test_an_image_past_its_byte_bound_is_made_again_of_half_the_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(sqlitedbm, "IMAGE_BYTES", 40_000)
-    db = sqlitedbm.open(tmp_path / "s.sqlite")
-    try:
-        values = {k: bytes([i % 251]) * 900 for i, k in enumerate(keys(300))}
-        db.update_many(list(values.items()))
-        cursor, seen, counts = None, [], []
-        while True:
-            # (64 rows of 900 bytes are under the bound of keys and values, not of the image)
-            image, count, size, cursor = db.export_page(0, 0, cursor, 64, max_bytes=80_000)
-            assert len(image) <= 40_000
-            pairs = sqlitedbm.image_pairs(image)
-            assert len(pairs) == count and size == sum(len(k) + len(v) for k, v in pairs)
-            seen.extend(pairs)
-            counts.append(count)
-            if cursor is None:
-                break
-        assert dict(seen) == values and len(seen) == len(values)
-        assert max(counts) < 64
-    finally:
-        db.close()
+    values = {k: bytes([i % 251]) * 900 for i, k in enumerate(keys(300))}
+    # (64 rows of 900 bytes are under the bound of keys and values, not of the image)
+    made = export_all(tmp_path / "s.sqlite", values, 64, 80_000)
+    assert all(size <= 40_000 for size, _ in made)
+    assert max(count for _, count in made) < 64
 
 
 def test_a_page_with_spilled_rows_or_an_end_home_is_not_exported(tmp_path):

@@ -7,9 +7,18 @@ head, the next their middle, the last their tail, and each process's CPU time (`
 put is that role's cost, with the kernel's share of it and the process's wake-ups (voluntary
 context switches) and preemptions per put. A single server (``SingleSystem``) takes the same
 puts for comparison.
-With ``--py-spy DIR`` every server process is also sampled by py-spy (``pip install py-spy``;
-not a dependency of the project) while the puts run, and the functions with the most samples
-of each role are listed (raw collapsed stacks are kept in DIR).
+With ``--py-spy DIR`` every server process, the single server's too, is also sampled by py-spy
+(``pip install py-spy``; not a dependency of the project) while the puts run. Only samples of a
+process holding the GIL count (``--gil``): the Python it runs, not a process blocked or
+preempted inside a system call (on two CPUs a sender is often preempted in ``send()`` by the
+receiver its send woke, which plain sampling counted as time spent sending). py-spy stops a
+process for each sample, which slows the run a little; sampled without stopping, its test of
+the GIL missed about half of the Python (36% of a chain server's CPU, where ``perf`` finds 72%
+in the interpreter). Each sample stands for 1/rate s of Python, so the report gives each role's
+microseconds of Python per put,
+split by the layer whose code was running (L{LAYERS}: the reactor, TLS, AMP's framing and
+dispatch, Deferreds, the chain, the node, storage), beside the single server's, and the
+functions with the most samples of each role (raw collapsed stacks are kept in DIR).
 """
 
 from __future__ import annotations
@@ -109,25 +118,88 @@ async def put_loop(reactor: Any, system: Any, conn: Any, keys: list[bytes], valu
 
 def sample(pids: dict[str, int], seconds: float, out: Path, tag: str,
            rate: int) -> list[subprocess.Popen[bytes]]:
-    """Start py-spy on each process for C{seconds} (raw collapsed stacks, one file per role)."""
+    """Start py-spy on each process for C{seconds} (raw collapsed stacks, one file per role),
+    counting only the samples that hold the GIL (the process stopped for each: see above)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     return [subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
-                              "--rate", str(rate), "--format", "raw", "--nonblocking",
+                              "--rate", str(rate), "--format", "raw", "--gil",
                               "-o", str(out / f"{tag}-{role}.txt")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for role, pid in pids.items()]
+
+
+# Where the Python of a put runs, by the file of the innermost frame of a sample (first match).
+LAYERS = (
+    ("TLS", ("twisted/protocols/tls.py", "OpenSSL/")),
+    ("AMP", ("twisted/protocols/amp.py", "twisted/protocols/basic.py",
+             "twisted/protocols/policies.py", "chainstore/bounds.py", "chainstore/roles.py",
+             "chainstore/control.py")),
+    ("Deferreds", ("twisted/internet/defer.py",)),
+    ("reactor", ("twisted/internet/", "twisted/python/")),
+    ("chain", ("chainstore/chain.py", "chainstore/craq.py", "chainstore/peers.py")),
+    ("node", ("chainstore/node.py", "chainstore/amp_server.py", "chainstore/metrics.py",
+              "chainstore/cache.py")),
+    ("storage", ("chainstore/storage/",)),
+)
+
+
+def layer_of(frame: str) -> str:
+    """The layer (L{LAYERS}, else "other") of a py-spy frame, C{function (path:line)}."""
+    where = frame.rpartition("(")[2]
+    for layer, places in LAYERS:
+        if any(place in where for place in places):
+            return layer
+    return "other"
+
+
+def samples_of(path: Path) -> list[tuple[list[str], int]]:
+    """The stacks (outermost frame first) and their sample counts in a raw py-spy file."""
+    stacks = []
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if stack and n.isdigit():
+            stacks.append((stack.split(";"), int(n)))
+    return stacks
+
+
+def python_per_put(path: Path, rate: int, puts: int) -> dict[str, float]:
+    """Microseconds of Python per put in each layer (and C{"all"}) from a py-spy file of
+    C{rate} samples a second taken while C{puts} puts ran."""
+    per_sample = 1e6 / rate / max(puts, 1)
+    spent: Counter[str] = Counter()
+    for frames, n in samples_of(path):
+        spent[layer_of(frames[-1])] += n
+    result = {layer: spent[layer] * per_sample for layer, _ in LAYERS}
+    result["other"] = spent["other"] * per_sample
+    result["all"] = sum(spent.values()) * per_sample
+    return result
 
 
 def top_functions(path: Path, count: int) -> list[tuple[float, str]]:
     """The functions with the most samples at the top of the stack (share of all samples)."""
     own: Counter[str] = Counter()
     total = 0
-    for line in path.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
-        frame = stack.rsplit(";", 1)[-1]
-        own[frame] += int(n)
-        total += int(n)
+    for frames, n in samples_of(path):
+        own[frames[-1]] += n
+        total += n
     return [(n / total, frame) for frame, n in own.most_common(count)] if total else []
+
+
+def python_table(out: Path, size: int, rate: int, puts: int, single_puts: int) -> list[str]:
+    """The report's lines of Python per put by layer, each role and the single server."""
+    missing = [role for role in (*ROLES, "single") if not (out / f"{size}-{role}.txt").exists()]
+    if missing:
+        # (py-spy could not attach: it needs ptrace rights over the servers)
+        return [f"  py-spy, {size} B: no samples of {', '.join(missing)}"]
+    columns = {role: python_per_put(out / f"{size}-{role}.txt", rate, puts) for role in ROLES}
+    columns["chain"] = {layer: sum(c[layer] for c in columns.values())
+                        for layer in columns["head"]}
+    columns["single"] = python_per_put(out / f"{size}-single.txt", rate, single_puts)
+    lines = [f"  py-spy, {size} B: us of Python per put (samples holding the GIL), by layer",
+             "    layer      " + "".join(f"{name:>9}" for name in columns)]
+    for layer in columns["head"]:
+        lines.append(f"    {layer:<10} " + "".join(f"{c[layer]:>9.1f}" for c in columns.values()))
+    return lines
 
 
 async def measure(reactor: Any, args: argparse.Namespace, workdir: Path) -> list[str]:
@@ -169,12 +241,16 @@ async def measure(reactor: Any, args: argparse.Namespace, workdir: Path) -> list
             sent_after = await writes_per_batch(router)
             for spy in spies:
                 spy.wait()
+            s_spies = (sample({"single": single.pids[0]}, args.seconds, args.py_spy,
+                              f"{size}", args.rate) if args.py_spy else [])
             s_before = activity(single.pids[0])
             s_start = time.monotonic()
             s_done = await put_loop(reactor, single, single_conn, keys, value, args.inflight,
                                     args.seconds)
             s_elapsed = time.monotonic() - s_start
             s_spent = activity(single.pids[0]) - s_before
+            for spy in s_spies:
+                spy.wait()
             for role in ROLES:
                 lines.append(f"{size:>7}  {role:<6} {done / elapsed:>7,.0f}  "
                              f"{per_put(spent[role], done)}")
@@ -191,7 +267,10 @@ async def measure(reactor: Any, args: argparse.Namespace, workdir: Path) -> list
             lines.append(f"         {writes / max(batches, 1):.1f} writes per batch "
                          f"({batches} batches)")
             if args.py_spy:
+                lines.extend(python_table(args.py_spy, size, args.rate, done, s_done))
                 for role in ROLES:
+                    if not (args.py_spy / f"{size}-{role}.txt").exists():
+                        continue
                     lines.append(f"  py-spy, {role}, {size} B: most samples on top of the stack")
                     for share, frame in top_functions(args.py_spy / f"{size}-{role}.txt",
                                                       args.top):
@@ -214,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all-ranges", action="store_true",
                         help="put to keys of every range (each server in every role at once)")
     parser.add_argument("--py-spy", type=Path, metavar="DIR",
-                        help="sample every server with py-spy, keep its stacks in DIR")
+                        help="sample every server (the single one too) with py-spy, keep its "
+                             "stacks in DIR")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=15, help="functions listed per role")
     args = parser.parse_args(argv)

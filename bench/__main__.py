@@ -40,6 +40,7 @@ from typing import Any
 
 import twisted
 
+from bench.cpu_limit import CpuLimitError, CpuLimits
 from bench.driver import INTERRUPTED, interrupt_on_sigterm, log, run_reactor
 from bench.peers import (EtcdSystem, RedisSystem, ensure_installed, program_version,
                          run_redis_benchmark)
@@ -160,6 +161,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="do not run redis-benchmark beside the load generator")
     parser.add_argument("--no-install", action="store_true",
                         help="do not apt-get install missing Redis or etcd packages")
+    parser.add_argument("--server-cpus", metavar="N", type=_positive(float), default=None,
+                        help="limit each server process of every system to N CPUs (a cgroup "
+                             "CPU quota each; root only), as if each ran on a machine of its "
+                             "own; the load generator is not limited [default: no limit]")
     args = parser.parse_args(argv)
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
@@ -243,6 +248,13 @@ def _machine_line(machine: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    limits = None
+    if args.server_cpus is not None:
+        try:
+            limits = CpuLimits(args.server_cpus)
+        except CpuLimitError as e:
+            log(f"--server-cpus: {e}")
+            return 2
     # SIGTERM while the servers start (before the reactor's own handler) must still stop them.
     interrupt_on_sigterm()
     settings = args.settings
@@ -262,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
                 system.start()
                 log(f"started {system.name} pid {','.join(map(str, system.pids))} "
                     "on %s:%d" % system.address)
+                if limits is not None:
+                    for i, pid in enumerate(system.serving_pids, 1):
+                        limits.limit(f"{system.name}-{i}", pid)
             log(f"measuring: workloads {','.join(settings.workloads)}, keys "
                 f"{','.join(settings.distributions)}, values {settings.value_sizes} B, "
                 f"{settings.records} records, in flight {settings.inflight}, "
@@ -275,22 +290,30 @@ def main(argv: list[str] | None = None) -> int:
             # Ctrl-C or SIGTERM before the reactor runs (while starting the servers); once it
             # runs, the reactor's own handlers stop it and run_reactor reports that instead.
             done = False
+        except CpuLimitError as e:
+            log(f"--server-cpus: {e}; every server process was stopped")
+            return 1
         finally:
             for system in reversed(systems):
                 system.stop()
+            if limits is not None:
+                limits.release()
     if not done:
         log("interrupted: every server process was stopped")
         return INTERRUPTED
 
     machine["load_average_before"] = load_before
     machine["load_average_after"] = _load_average()
+    machine["server_cpus"] = args.server_cpus
+    limited = ("" if args.server_cpus is None else
+               f" (each server process limited to {args.server_cpus:g} CPUs)")
     rows = summarize(measurements)
     print(f"chainstore YCSB-style benchmark of {', '.join(names) or 'nothing'}: "
           f"{settings.records} records loaded per value size, {settings.repeat} repetitions "
           f"of {settings.ops} ops (cap {settings.seconds}s each), systems' order rotating; "
-          f"load generator and servers share {_machine_line(machine)}; 1/5/15-minute load "
-          f"average {load_before} before, {machine['load_average_after']} after (other work "
-          "on the machine skews every figure)")
+          f"load generator and servers share {_machine_line(machine)}{limited}; 1/5/15-minute "
+          f"load average {load_before} before, {machine['load_average_after']} after (other "
+          "work on the machine skews every figure)")
     for name, why in missing.items():
         print(f"MISSING: {name} was not measured: {why}")
     print(format_table(rows))

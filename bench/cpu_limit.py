@@ -1,6 +1,6 @@
 """Each serving process of a system on a CPU budget of its own, as if on a machine of its own.
 
-On this machine every server shares the same CPUs, so a server that takes more than its share of
+On one machine every server shares the same CPUs, so a server that takes more than its share of
 the work (the tail of a hot key) borrows the others' idle time, and spreading work over the
 servers cannot show what it gains where each server has CPUs of its own, as the users' servers
 do. ``python -m bench --server-cpus N`` puts each serving process of every system (the chain's

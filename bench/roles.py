@@ -15,10 +15,10 @@ receiver its send woke, which plain sampling counted as time spent sending). py-
 process for each sample, which slows the run a little; sampled without stopping, its test of
 the GIL missed about half of the Python (36% of a chain server's CPU, where ``perf`` finds 72%
 in the interpreter). Each sample stands for 1/rate s of Python, so the report gives each role's
-microseconds of Python per put,
-split by the layer whose code was running (L{LAYERS}: the reactor, TLS, AMP's framing and
-dispatch, Deferreds, the chain, the node, storage), beside the single server's, and the
-functions with the most samples of each role (raw collapsed stacks are kept in DIR).
+microseconds of Python per put, split by the layer whose code was running (L{LAYERS}: the
+reactor, TLS, AMP's framing and dispatch, Deferreds, the chain, the node, storage), beside the
+single server's, and the functions with the most samples of each role (raw collapsed stacks
+are kept in DIR).
 """
 
 from __future__ import annotations

@@ -18,7 +18,10 @@ cannot run here). What the tests prove:
   even to requests that were waiting in its sockets while it was stopped;
 - with three servers and no free slot, a SIGKILLed server leaves chains of two: the ECS reports
   the ring degraded (``ecsclient status``), reads and writes keep working, nothing acknowledged
-  is lost, and the two replicas of every range agree.
+  is lost, and the two replicas of every range agree;
+- the same with ``replace-failed: on``: the ECS launches the killed server's slot again after
+  the repair and it joins empty while the writes go on; chains of three are back, nothing
+  acknowledged is lost, and the three replicas of every range agree.
 """
 
 from __future__ import annotations
@@ -282,11 +285,11 @@ class Cluster:
         self.agents: list[Agent] = []
         self.paused: list[int] = []
 
-    def start(self, slots: int, initial: int) -> dict[str, Any]:
+    def start(self, slots: int, initial: int, **options: Any) -> dict[str, Any]:
         path = write_ecs_config(self.workdir, slots=slots, initial_nodes=initial,
                                 replication=REPLICATION, heartbeat_interval=HEARTBEAT,
                                 failure_timeout=FAILURE_TIMEOUT, cache_size=100,
-                                register_timeout=20.0)
+                                register_timeout=20.0, **options)
         self.ecs = ECSProcess(self.workdir, config_path=path).start()
         self.ecs.wait_ready(timeout=30.0)
         return self.wait(lambda s: s["serving"] and len(s["ring"]) == initial
@@ -738,3 +741,49 @@ def test_a_failure_without_a_spare_serves_on_chains_of_two(cluster, capsys):
     assert stored == {k.encode(): v for k, v in {**data, **values}.items() if v is not None}
     with capsys.disabled():
         print(f"\ndegraded: {json.dumps({**report, 'counts': counts, 'replicas': replicas})}")
+
+
+def test_with_replace_failed_a_killed_server_comes_back_empty_under_writes_and_nothing_is_lost(
+        cluster, capsys):
+    # replace-failed on and no free slot: after the repair the ECS launches the failed slot
+    # again, and the server joins empty (its old files would hold a chain that went on without
+    # it), filled by the join's copies while the writers go on.
+    status = cluster.start(slots=3, initial=3, replace_failed="on")
+    addresses = cluster.amp_addresses(status)
+    agent = cluster.agent(addresses)
+    data = {f"rep{i}": f"value {i}".encode() for i in range(150)}
+    agent.put(data)
+    writers = [cluster.writer(w, [f"w{w}k{i}" for i in range(20)], addresses) for w in range(2)]
+    wait_progress(writers, 20, 20.0, "before the failure")
+
+    victim = ring_of(status).nodes[1].name
+    old_pid = cluster.pid_of(victim)
+    killed_at, epoch = time.monotonic(), status["epoch"]
+    os.kill(old_pid, signal.SIGKILL)
+    # (the repair and the join are two ring changes; the state between them may not be seen)
+    status = cluster.wait(lambda s: s["epoch"] >= epoch + 2 and len(s["ring"]) == REPLICATION
+                          and victim in s["ring"] and not s["degraded"] and not s["dead"]
+                          and s["operation"] is None and all_connected(s),
+                          REPAIR_BOUND, f"{victim} replaced")
+    assert cluster.pid_of(victim) != old_pid
+    replaced_in = round(time.monotonic() - killed_at, 2)
+    wait_progress(writers, 20, 20.0, "after the replacement")
+
+    for w in writers:
+        w.ask_to_stop()
+    logs = [w.wait(CLIENT_DEADLINE + 10.0) for w in writers]
+    ring = ring_of(status)
+    assert ring.chain_length == REPLICATION
+    wait_quiescent(ring)
+    assert agent.get(list(data)) == data
+    values = agent.get([k for w in writers for k in w.keys])
+    counts = check_acknowledged(logs, values)
+    final = cluster.status()
+    assert final["epoch"] == status["epoch"], "the ring changed during the checks"
+    cluster.shut_down(final)
+    # Every replica of every range, the replaced server's three included, holds the same.
+    replicas, stored = check_replicas(cluster, ring)
+    assert stored == {k.encode(): v for k, v in {**data, **values}.items() if v is not None}
+    with capsys.disabled():
+        report = {"seconds": replaced_in, "counts": counts, "replicas": replicas}
+        print(f"\nreplaced: {json.dumps(report)}")

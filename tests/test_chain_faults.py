@@ -570,6 +570,42 @@ def kill_and_repair(cluster: Cluster, victim: str, role: str, report: dict[str, 
     return status
 
 
+def three_under_writes(cluster: Cluster, prefix: str, **options: Any) -> \
+        tuple[dict[str, Any], Agent, dict[str, bytes], list[Writer]]:
+    """Three servers and no free slot, 150 keys put through an agent, two writers writing
+    (20 acknowledged writes each already): (status, agent, the keys put, writers)."""
+    status = cluster.start(slots=3, initial=3, **options)
+    addresses = cluster.amp_addresses(status)
+    agent = cluster.agent(addresses)
+    data = {f"{prefix}{i}": f"value {i}".encode() for i in range(150)}
+    agent.put(data)
+    writers = [cluster.writer(w, [f"w{w}k{i}" for i in range(20)], addresses) for w in range(2)]
+    wait_progress(writers, 20, 20.0, "before the failure")
+    return status, agent, data, writers
+
+
+def stop_and_check(cluster: Cluster, status: dict[str, Any], agent: Agent,
+                   data: dict[str, bytes], writers: list[Writer],
+                   chain_length: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Stop the writers; check that nothing they had acknowledged is lost, then, after a clean
+    shutdown, that the replicas of every range agree and hold exactly C{data} and what the
+    writers left. (counts, replicas)."""
+    for w in writers:
+        w.ask_to_stop()
+    logs = [w.wait(CLIENT_DEADLINE + 10.0) for w in writers]
+    ring = ring_of(status)
+    assert ring.chain_length == chain_length
+    wait_quiescent(ring)
+    values = agent.get([k for w in writers for k in w.keys])
+    counts = check_acknowledged(logs, values)
+    final = cluster.status()
+    assert final["epoch"] == status["epoch"], "the ring changed during the checks"
+    cluster.shut_down(final)
+    replicas, stored = check_replicas(cluster, ring)
+    assert stored == {k.encode(): v for k, v in {**data, **values}.items() if v is not None}
+    return counts, replicas
+
+
 # -- the tests ---------------------------------------------------------------------------------------
 
 
@@ -703,13 +739,7 @@ def test_a_paused_tail_never_answers_an_old_value_when_it_wakes(cluster, capsys)
 
 
 def test_a_failure_without_a_spare_serves_on_chains_of_two(cluster, capsys):
-    status = cluster.start(slots=3, initial=3)
-    addresses = cluster.amp_addresses(status)
-    agent = cluster.agent(addresses)
-    data = {f"deg{i}": f"value {i}".encode() for i in range(150)}
-    agent.put(data)
-    writers = [cluster.writer(w, [f"w{w}k{i}" for i in range(20)], addresses) for w in range(2)]
-    wait_progress(writers, 20, 20.0, "before the failure")
+    status, agent, data, writers = three_under_writes(cluster, "deg")
 
     victim = ring_of(status).nodes[1].name
     report: dict[str, Any] = {}
@@ -728,17 +758,7 @@ def test_a_failure_without_a_spare_serves_on_chains_of_two(cluster, capsys):
     agent.put(data)
     assert agent.get(list(data)) == data
 
-    for w in writers:
-        w.ask_to_stop()
-    logs = [w.wait(CLIENT_DEADLINE + 10.0) for w in writers]
-    ring = ring_of(status)
-    assert ring.chain_length == 2
-    wait_quiescent(ring)
-    values = agent.get([k for w in writers for k in w.keys])
-    counts = check_acknowledged(logs, values)
-    cluster.shut_down(cluster.status())
-    replicas, stored = check_replicas(cluster, ring)
-    assert stored == {k.encode(): v for k, v in {**data, **values}.items() if v is not None}
+    counts, replicas = stop_and_check(cluster, status, agent, data, writers, chain_length=2)
     with capsys.disabled():
         print(f"\ndegraded: {json.dumps({**report, 'counts': counts, 'replicas': replicas})}")
 
@@ -748,13 +768,7 @@ def test_with_replace_failed_a_killed_server_comes_back_empty_under_writes_and_n
     # replace-failed on and no free slot: after the repair the ECS launches the failed slot
     # again, and the server joins empty (its old files would hold a chain that went on without
     # it), filled by the join's copies while the writers go on.
-    status = cluster.start(slots=3, initial=3, replace_failed="on")
-    addresses = cluster.amp_addresses(status)
-    agent = cluster.agent(addresses)
-    data = {f"rep{i}": f"value {i}".encode() for i in range(150)}
-    agent.put(data)
-    writers = [cluster.writer(w, [f"w{w}k{i}" for i in range(20)], addresses) for w in range(2)]
-    wait_progress(writers, 20, 20.0, "before the failure")
+    status, agent, data, writers = three_under_writes(cluster, "rep", replace_failed="on")
 
     victim = ring_of(status).nodes[1].name
     old_pid = cluster.pid_of(victim)
@@ -769,21 +783,9 @@ def test_with_replace_failed_a_killed_server_comes_back_empty_under_writes_and_n
     replaced_in = round(time.monotonic() - killed_at, 2)
     wait_progress(writers, 20, 20.0, "after the replacement")
 
-    for w in writers:
-        w.ask_to_stop()
-    logs = [w.wait(CLIENT_DEADLINE + 10.0) for w in writers]
-    ring = ring_of(status)
-    assert ring.chain_length == REPLICATION
-    wait_quiescent(ring)
     assert agent.get(list(data)) == data
-    values = agent.get([k for w in writers for k in w.keys])
-    counts = check_acknowledged(logs, values)
-    final = cluster.status()
-    assert final["epoch"] == status["epoch"], "the ring changed during the checks"
-    cluster.shut_down(final)
     # Every replica of every range, the replaced server's three included, holds the same.
-    replicas, stored = check_replicas(cluster, ring)
-    assert stored == {k.encode(): v for k, v in {**data, **values}.items() if v is not None}
+    counts, replicas = stop_and_check(cluster, status, agent, data, writers, REPLICATION)
     with capsys.disabled():
         report = {"seconds": replaced_in, "counts": counts, "replicas": replicas}
         print(f"\nreplaced: {json.dumps(report)}")

@@ -96,15 +96,17 @@ def range_keys(ring: Any, index: int | None, count: int) -> list[bytes]:
     return keys[:count]
 
 
-async def writes_per_batch(router: Any) -> dict[str, tuple[int, int, int]]:
-    """Per server: (batches sent, writes they carried, Relay boxes sent), from its C{Stats}."""
+async def writes_per_batch(router: Any) -> dict[str, tuple[int, int, int, int]]:
+    """Per server: (batches sent, writes they carried, Relay boxes sent, sections they
+    carried), from its C{Stats}."""
     sent = {}
     for name, conn in router.conns.items():
         stats = json.loads((await conn.callRemote(protocol.Stats))["stats"])
         chains = [v for k, v in stats.items() if k.endswith("_chain")]
         sent[name] = (sum(c["batches_sent"] for c in chains),
                       sum(c["writes_sent"] for c in chains),
-                      stats.get("relay", {}).get("boxes_sent", 0))
+                      stats.get("relay", {}).get("boxes_sent", 0),
+                      stats.get("relay", {}).get("sections_sent", 0))
     return sent
 
 
@@ -263,7 +265,9 @@ async def measure(reactor: Any, args: argparse.Namespace, workdir: Path) -> list
             batches = sum(sent_after[n][0] - sent_before[n][0] for n in sent_after)
             writes = sum(sent_after[n][1] - sent_before[n][1] for n in sent_after)
             boxes = sum(sent_after[n][2] - sent_before[n][2] for n in sent_after)
-            lines.append(f"         {boxes / max(done, 1):.2f} server boxes per put")
+            sections = sum(sent_after[n][3] - sent_before[n][3] for n in sent_after)
+            lines.append(f"         {boxes / max(done, 1):.2f} server boxes per put, "
+                         f"{sections / max(boxes, 1):.2f} sections per box")
             lines.append(f"         {writes / max(batches, 1):.1f} writes per batch "
                          f"({batches} batches)")
             if args.py_spy:

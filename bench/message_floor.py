@@ -199,14 +199,14 @@ def twisted_run(files: TLSFiles | None, serve: bool, port: int = 0, round_trips:
 # -- the two processes ---------------------------------------------------------------------------
 
 def serve(mode: str, pki_dir: str) -> None:
-    files = make_or_load(mode, pki_dir)
+    files = files_for(mode, pki_dir)
     if mode.startswith("twisted"):
         twisted_run(files, serve=True)
     else:
         std_serve(files)
 
 
-def make_or_load(mode: str, pki_dir: str) -> TLSFiles | None:
+def files_for(mode: str, pki_dir: str) -> TLSFiles | None:
     return TLSFiles.in_dir(pki_dir, "floor") if mode.endswith("tls") else None
 
 
@@ -248,7 +248,7 @@ def measure(mode: str, pki_dir: str, round_trips: int, size: int) -> Result:
 
 
 def dial(mode: str, pki_dir: str, port: int, round_trips: int, size: int) -> None:
-    files = make_or_load(mode, pki_dir)
+    files = files_for(mode, pki_dir)
     if mode.startswith("twisted"):
         cpu, wall = twisted_run(files, serve=False, port=port, round_trips=round_trips,
                                 size=size)

@@ -215,13 +215,13 @@ def spawn(*arguments: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, text=True)
 
 
-def answer(process: subprocess.Popen[str], word: str, mode: str) -> list[str]:
-    """The values of the line C{word ...} C{process} prints; RuntimeError if it prints none."""
+def answer(process: subprocess.Popen[str], word: str, name: str) -> list[str]:
+    """The values of the line C{word ...} C{process} prints; RuntimeError naming the process
+    (C{name}) if it prints none."""
     assert process.stdout is not None
     line = process.stdout.readline().split()
     if not line or line[0] != word:
-        raise RuntimeError(f"the {mode} {'echo' if word == 'ready' else 'client'} process "
-                           f"failed (it printed no {word!r} line)")
+        raise RuntimeError(f"the {name} process failed (it printed no {word!r} line)")
     return line[1:]
 
 
@@ -230,11 +230,11 @@ def measure(mode: str, pki_dir: str, round_trips: int, size: int) -> Result:
     runs once per process)."""
     processes = [spawn("--serve", mode, "--pki", pki_dir)]
     try:
-        (port,) = answer(processes[0], "ready", mode)
+        (port,) = answer(processes[0], "ready", f"{mode} echo")
         processes.append(spawn("--dial", mode, "--pki", pki_dir, "--port", port,
                                "--round-trips", str(round_trips), "--size", str(size)))
-        client_cpu, wall = map(float, answer(processes[1], "result", mode))
-        (server_cpu,) = map(float, answer(processes[0], "cpu", mode))
+        client_cpu, wall = map(float, answer(processes[1], "result", f"{mode} client"))
+        (server_cpu,) = map(float, answer(processes[0], "cpu", f"{mode} echo"))
         for process in processes:
             process.wait(timeout=30)
     finally:
